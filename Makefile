@@ -1,0 +1,32 @@
+# Set-up and the two commands of the README. Everything goes into .venv, pinned by
+# constraints/py3XX.txt (Python 3.11 -> jax 0.10.x, Python 3.12 -> jax 0.11.x).
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PYVER  := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
+CONSTRAINTS = constraints/py$(PYVER).txt
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	@test -f $(CONSTRAINTS) || { echo "Python $(PYVER) is not supported: use 3.11 or 3.12" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# The main job on its embedded default.
+demo: install
+	$(PY) -m experiments.optim_demo --workdir=runs/optim_demo
+
+# The whole test suite (8 forced host CPU devices, see tests/conftest.py).
+test: install
+	$(PY) -m pytest -n 2 --dist loadfile -q
+
+bench: install
+	$(PY) -m benchmarks.optim_step
+
+clean:
+	rm -rf $(VENV) runs

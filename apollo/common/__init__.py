@@ -1,0 +1,1 @@
+"""Mesh/sharding, checkpointing and metrics shared by the lm and agents trainers."""
