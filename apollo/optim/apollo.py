@@ -1,0 +1,341 @@
+"""The Apollo optimizer as optax gradient transformations.
+
+Apollo (Ma, 2020) is an adaptive parameter-wise diagonal quasi-Newton method. For
+each parameter tensor it keeps a bias-corrected moving average of the gradient `m`,
+a diagonal Hessian approximation `B` updated by a weak secant condition, and the
+previous update direction `d`. The update direction is `m / rectify(B)`.
+
+This module restates the author's reference PyTorch implementation
+(github.com/XuezheMax/apollo, optim/apollo.py, the sigma = 0.01 version) number for
+number. Every reduction (the 4-norm of `d`, the secant coefficient, the belief
+rebound, the 'stable' decay's mean) is over ONE tensor, never over the whole tree:
+that is what "parameter-wise" means. Under sharding these reductions become
+cross-device reductions and the answer does not change.
+
+Composition follows optax: `scale_by_apollo` produces the direction `d` (including
+decoupled or stable weight decay, because `d` feeds the next curvature update), and
+`apollo` chains it with the built-in linear warmup and the learning rate.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
+
+REBOUNDS = ("constant", "belief")
+WEIGHT_DECAY_TYPES = ("L2", "decoupled", "stable")
+
+
+class ScaleByApolloState(NamedTuple):
+  """State of `scale_by_apollo`: three tensors per parameter, like the reference."""
+
+  count: jax.Array  # int32, updates applied so far (saturating).
+  mu: optax.Updates  # `m`: moving average of the gradient, already bias-corrected.
+  curvature: optax.Updates  # `B`: diagonal Hessian approximation (tracks lr * H).
+  direction: optax.Updates  # `d`: previous direction, before the learning rate.
+
+
+def _is_number(x: Any) -> bool:
+  """True for Python numbers; False for arrays and tracers (inject_hyperparams)."""
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _validate(**hparams) -> None:
+  """Raises ValueError naming the argument; skips values that are arrays or tracers.
+
+  `optax.inject_hyperparams` calls the factory again with traced hyperparameters,
+  so only concrete Python numbers can be checked (they were checked at
+  construction already).
+  """
+  lr = hparams.get("learning_rate")
+  if _is_number(lr) and lr <= 0:
+    raise ValueError(f"learning_rate must be > 0, got {lr}.")
+  beta = hparams["beta"]
+  if _is_number(beta) and not 0.0 <= beta < 1.0:
+    raise ValueError(f"beta must be in [0, 1), got {beta}.")
+  for name in ("eps", "weight_decay", "sigma"):
+    value = hparams[name]
+    if _is_number(value) and value < 0:
+      raise ValueError(f"{name} must be >= 0, got {value}.")
+  if _is_number(hparams["sigma"]) and hparams["sigma"] == 0:
+    raise ValueError("sigma must be > 0 (it is the rectification floor).")
+  warmup = hparams.get("warmup")
+  if _is_number(warmup) and warmup < 0:
+    raise ValueError(f"warmup must be >= 0, got {warmup}.")
+  init_lr = hparams.get("init_lr")
+  if _is_number(init_lr):
+    if init_lr < 0:
+      raise ValueError(f"init_lr must be >= 0, got {init_lr}.")
+    if _is_number(lr) and init_lr > lr:
+      raise ValueError(f"init_lr must be <= learning_rate, got {init_lr} > {lr}.")
+  if hparams["rebound"] not in REBOUNDS:
+    raise ValueError(f"rebound must be one of {REBOUNDS}, got {hparams['rebound']!r}.")
+  wd_type = hparams["weight_decay_type"]
+  if wd_type is not None and wd_type not in WEIGHT_DECAY_TYPES:
+    raise ValueError(
+        f"weight_decay_type must be one of {WEIGHT_DECAY_TYPES} or None, got {wd_type!r}."
+    )
+
+
+def _default_weight_decay_type(rebound: str, weight_decay_type: Optional[str]) -> str:
+  if weight_decay_type is not None:
+    return weight_decay_type
+  return "L2" if rebound == "constant" else "decoupled"
+
+
+def _decay_rates(weight_decay, mask: MaskOrFn, params) -> Any:
+  """Per-leaf weight decay: `weight_decay` where the mask is True, else 0."""
+  if mask is None:
+    return jax.tree.map(lambda _: weight_decay, params)
+  mask_tree = mask(params) if callable(mask) else mask
+  return jax.tree.map(lambda _, keep: weight_decay if keep else 0.0, params, mask_tree)
+
+
+def scale_by_apollo(
+    beta: float = 0.9,
+    eps: float = 1e-4,
+    rebound: str = "constant",
+    weight_decay: float = 0.0,
+    weight_decay_type: Optional[str] = None,
+    mask: MaskOrFn = None,
+    sigma: float = 0.01,
+    state_dtype: Optional[jnp.dtype] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Rescales updates by Apollo's rectified diagonal quasi-Newton preconditioner.
+
+  For each parameter tensor :math:`\theta` with gradient :math:`g`, at step
+  :math:`t` (sums and norms over this tensor only):
+
+  .. math::
+
+    \alpha_t &= (1 - \beta) / (1 - \beta^t) \\
+    \delta_t &= g_t - m_{t-1}, \quad m_t = m_{t-1} + \alpha_t \delta_t \\
+    D_t &= \|d_{t-1}\|_4 + \epsilon', \quad u = d_{t-1} / D_t \\
+    B_t &= B_{t-1} - \left(\alpha_t \frac{\langle \delta_t, u\rangle}{D_t}
+           + \langle B_{t-1}, u^2 \rangle\right) u^2 \\
+    d_t &= m_t / \mathrm{rectify}(B_t)
+
+  with `'constant'` rebound: :math:`\mathrm{rectify}(B) = \max(|B|, \sigma)`,
+  :math:`\epsilon' = \epsilon / \sigma`; with `'belief'` rebound:
+  :math:`\mathrm{rectify}(B) = \max(|B|, \|\delta_t\|_\infty) + \epsilon/\alpha_t`,
+  :math:`\epsilon' = \epsilon`. Weight decay: `'L2'` adds :math:`wd\,\theta` to
+  :math:`g` first; `'decoupled'` adds :math:`wd\,\theta` to :math:`d_t`;
+  `'stable'` adds :math:`wd\,\theta / \mathrm{mean}(\mathrm{rectify}(B_t))`. The
+  returned update is :math:`d_t` (apply a negative learning rate after it).
+
+  Args:
+    beta: moving-average coefficient, in [0, 1).
+    eps: term added to the denominators, >= 0.
+    rebound: 'constant' (rectify at `sigma`) or 'belief' (rectify at the
+      inf-norm of the gradient's deviation from its average).
+    weight_decay: decay coefficient, >= 0.
+    weight_decay_type: 'L2', 'decoupled' or 'stable'; None picks the reference's
+      default: 'L2' for 'constant' rebound, 'decoupled' for 'belief'.
+    mask: a tree of booleans with the params' structure (or a function of the
+      params returning one) saying which leaves are decayed, like `optax.adamw`.
+    sigma: the rectification floor of 'constant' rebound (0.01 in the reference).
+    state_dtype: dtype of `m`, `B` and `d`; None keeps each parameter's dtype.
+      The arithmetic runs in (at least) float32 and is cast back.
+
+  Returns:
+    A `GradientTransformationExtraArgs`; its `update` needs `params` whenever
+    weight decay is used.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from apollo.optim import scale_by_apollo
+    >>> tx = optax.chain(scale_by_apollo(), optax.scale_by_learning_rate(0.01))
+    >>> params = {'w': jnp.ones(3)}
+    >>> updates, state = tx.update({'w': jnp.ones(3)}, tx.init(params), params)
+
+  References:
+    Ma, "Apollo: An Adaptive Parameter-wise Diagonal Quasi-Newton Method for
+    Nonconvex Stochastic Optimization", arXiv 2009.13586, 2020.
+  """
+  _validate(
+      beta=beta, eps=eps, rebound=rebound, weight_decay=weight_decay,
+      weight_decay_type=weight_decay_type, sigma=sigma,
+  )
+  decay_type = _default_weight_decay_type(rebound, weight_decay_type)
+  # A Python 0 switches decay off statically; a traced value (inject_hyperparams)
+  # keeps the decay path so that it can be scheduled.
+  decays = not (_is_number(weight_decay) and weight_decay == 0)
+
+  def init_fn(params):
+    def zeros(p):
+      return jnp.zeros_like(p, dtype=state_dtype or p.dtype)
+
+    return ScaleByApolloState(
+        count=jnp.zeros([], jnp.int32),
+        mu=jax.tree.map(zeros, params),
+        curvature=jax.tree.map(zeros, params),
+        direction=jax.tree.map(zeros, params),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if decays and params is None:
+      raise ValueError("scale_by_apollo needs `params` when weight_decay is used.")
+    count = optax.safe_increment(state.count)
+    # Bias correction in float32 whatever the state's dtype.
+    t = count.astype(jnp.float32)
+    alpha = (1.0 - beta) / (1.0 - jnp.asarray(beta, jnp.float32) ** t)
+    if rebound == "constant":
+      eps_norm = eps / sigma
+    else:
+      eps_norm = eps
+
+    def leaf(g, m, b, d, p, wd):
+      # Low-precision params and states compute in float32; float64 stays float64.
+      f32 = jnp.promote_types(jnp.float32, g.dtype)
+      g, m, b, d = g.astype(f32), m.astype(f32), b.astype(f32), d.astype(f32)
+      if decays and decay_type == "L2":
+        g = g + wd * p.astype(f32)
+      delta = g - m
+      m_new = m + alpha * delta
+      # The secant update needs three sums over the OLD direction; written as
+      # sums of products so that XLA reads (delta, B, d) once for all three.
+      d_sq = d * d
+      norm = jnp.sqrt(jnp.sqrt(jnp.sum(d_sq * d_sq))) + eps_norm
+      inv_norm_sq = 1.0 / (norm * norm)
+      coeff = (-alpha * jnp.sum(delta * d) - jnp.sum(b * d_sq)) * inv_norm_sq
+      b_new = b + (coeff * inv_norm_sq) * d_sq
+      if rebound == "constant":
+        den = jnp.maximum(jnp.abs(b_new), sigma)
+      else:
+        den = jnp.maximum(jnp.abs(b_new), jnp.max(jnp.abs(delta))) + eps / alpha
+      d_new = m_new / den
+      if decays and decay_type == "decoupled":
+        d_new = d_new + wd * p.astype(f32)
+      elif decays and decay_type == "stable":
+        d_new = d_new + (wd / jnp.mean(den)) * p.astype(f32)
+      return m_new, b_new, d_new
+
+    if decays:
+      rates = _decay_rates(weight_decay, mask, params)
+    else:
+      params = rates = updates  # Placeholders: `leaf` reads neither without decay.
+    out = jax.tree.map(leaf, updates, state.mu, state.curvature, state.direction, params, rates)
+    m_new, b_new, d_new = (jax.tree.map(lambda _, o: o[i], updates, out) for i in range(3))
+    cast_like = lambda new, old: jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
+    new_updates = cast_like(d_new, updates)
+    new_state = ScaleByApolloState(
+        count=count,
+        mu=cast_like(m_new, state.mu),
+        curvature=cast_like(b_new, state.curvature),
+        direction=cast_like(d_new, state.direction),
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def apollo_learning_rate(
+    learning_rate: ScalarOrSchedule,
+    warmup: int = 500,
+    init_lr: Optional[float] = None,
+) -> optax.Schedule:
+  """Apollo's learning rate: a linear warmup from `init_lr`, then `learning_rate`.
+
+  At update count `c` (0 for the first update), with `base = learning_rate(c)` for
+  a schedule or the constant `learning_rate`:
+
+    lr(c) = init_lr + (base - init_lr) * c / warmup   if c < warmup
+    lr(c) = base                                      otherwise
+
+  `init_lr=None` means `base / 1000` (the reference's `lr / 1000`), so with a
+  schedule the warmup ramps from a thousandth of the schedule's current value up
+  to the schedule itself. With a constant rate this is exactly the reference. With
+  `warmup=0` the learning rate (or the schedule) decides alone from step one.
+  """
+  _validate(
+      learning_rate=None if callable(learning_rate) else learning_rate,
+      warmup=warmup, init_lr=init_lr, beta=0.0, eps=0.0, weight_decay=0.0,
+      sigma=1.0, rebound="constant", weight_decay_type=None,
+  )
+
+  def schedule(count):
+    base = learning_rate(count) if callable(learning_rate) else learning_rate
+    start = base / 1000.0 if init_lr is None else init_lr
+    progress = count / jnp.maximum(warmup, 1)
+    return jnp.where(count < warmup, start + (base - start) * progress, base)
+
+  return schedule
+
+
+def apollo(
+    learning_rate: ScalarOrSchedule,
+    beta: float = 0.9,
+    eps: float = 1e-4,
+    rebound: str = "constant",
+    warmup: int = 500,
+    init_lr: Optional[float] = None,
+    weight_decay: float = 0.0,
+    weight_decay_type: Optional[str] = None,
+    mask: MaskOrFn = None,
+    sigma: float = 0.01,
+    state_dtype: Optional[jnp.dtype] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""The Apollo optimizer (Ma, 2020), with the reference's defaults.
+
+  `apollo = chain(scale_by_apollo(...), scale_by_learning_rate(warmup_schedule))`:
+  the direction :math:`d_t` of `scale_by_apollo` (see its docstring for the exact
+  rule, including where weight decay enters) times :math:`-\mathrm{lr}_t`, where
+  :math:`\mathrm{lr}_t` is the built-in linear warmup of `apollo_learning_rate`.
+
+  Args:
+    learning_rate: the peak learning rate (the reference suggests 0.01 to start,
+      0.1 for LSTM LMs and Transformer NMT), or an optax schedule of the update
+      count. With a schedule, the built-in warmup ramps up to the schedule's
+      current value; pass `warmup=0` to let the schedule decide alone.
+    beta: moving-average coefficient, in [0, 1).
+    eps: term added to the denominators, >= 0.
+    rebound: 'constant' or 'belief'.
+    warmup: number of linear-warmup updates, >= 0 (the author advises >= 100).
+    init_lr: learning rate at the first update; None means learning_rate / 1000.
+    weight_decay: decay coefficient, >= 0.
+    weight_decay_type: 'L2', 'decoupled' or 'stable'; None means 'L2' for
+      'constant' rebound and 'decoupled' for 'belief' (the reference's default).
+    mask: which leaves are decayed: a tree of booleans or a function of the
+      params returning one (as in `optax.adamw`).
+    sigma: the rectification floor of 'constant' rebound.
+    state_dtype: dtype of the optimizer state; None keeps the params' dtypes.
+
+  Returns:
+    A `GradientTransformationExtraArgs`. With `optax.inject_hyperparams`, pass
+    `static_args=('rebound', 'weight_decay_type', 'mask', 'state_dtype')`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from apollo.optim import apollo
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0), apollo(0.01, warmup=100))
+    >>> params = {'w': jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(lambda p: jnp.sum(p['w'] ** 2))(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Ma, "Apollo: An Adaptive Parameter-wise Diagonal Quasi-Newton Method for
+    Nonconvex Stochastic Optimization", arXiv 2009.13586, 2020.
+  """
+  _validate(
+      learning_rate=None if callable(learning_rate) else learning_rate,
+      beta=beta, eps=eps, rebound=rebound, warmup=warmup, init_lr=init_lr,
+      weight_decay=weight_decay, weight_decay_type=weight_decay_type, sigma=sigma,
+  )
+  return optax.chain(
+      scale_by_apollo(
+          beta=beta, eps=eps, rebound=rebound, weight_decay=weight_decay,
+          weight_decay_type=weight_decay_type, mask=mask, sigma=sigma,
+          state_dtype=state_dtype,
+      ),
+      optax.scale_by_learning_rate(apollo_learning_rate(learning_rate, warmup, init_lr)),
+  )
