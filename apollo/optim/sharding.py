@@ -80,6 +80,9 @@ def init_sharded(
     >>> params = jax.device_put(params, NamedSharding(mesh, P('fsdp')))
     >>> opt_state = init_sharded(apollo(1e-2), params)
   """
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
+    # Inside jit or eval_shape: the enclosing computation decides placement.
+    return optimizer.init(params)
   shardings = state_shardings(optimizer, params, mesh)
   if all(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
     return jax.jit(optimizer.init, out_shardings=shardings)(params)

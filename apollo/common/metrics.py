@@ -1,0 +1,105 @@
+"""Metrics for every trainer: JSON lines + TensorBoard, progress with throughput and ETA.
+
+One writer, on process 0 only. Each call to `MetricsWriter.write` appends one JSON
+object per line to `<workdir>/metrics.jsonl` ({"step": ..., "split": ..., name:
+value, ...}) and the same scalars to TensorBoard event files under
+`<workdir>/tensorboard` (tensorboardX, no TensorFlow needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Mapping, Optional
+
+import jax
+import numpy as np
+from absl import logging
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; training stops instead of saving garbage."""
+
+
+def check_finite(metrics: Mapping[str, float], step: int, keys=("loss",)) -> None:
+  """Raises NonFiniteLossError naming the step and the metric."""
+  for key in keys:
+    if key in metrics and not math.isfinite(float(metrics[key])):
+      raise NonFiniteLossError(
+          f"{key} is {metrics[key]} at step {step}; stopping. The last checkpoint "
+          "before this step is intact: lower the learning rate or check the data, then resume."
+      )
+
+
+class MetricsWriter:
+  """Appends scalars to metrics.jsonl and TensorBoard; a no-op on other processes."""
+
+  def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+    self._tb = None
+    if not self.enabled:
+      return
+    os.makedirs(os.fspath(workdir), exist_ok=True)
+    self._file = open(self.path, "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # Imported here: heavy, and optional.
+
+      self._tb = SummaryWriter(os.path.join(os.fspath(workdir), "tensorboard"))
+
+  def write(self, step: int, scalars: Mapping[str, float], split: str = "train") -> None:
+    if not self.enabled:
+      return
+    values = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    self._file.write(json.dumps({"step": int(step), "split": split, **values}) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for name, value in values.items():
+        self._tb.add_scalar(f"{split}/{name}", value, int(step))
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+def read_metrics(workdir: str | os.PathLike, split: Optional[str] = None) -> list[dict]:
+  """All rows of `<workdir>/metrics.jsonl` (optionally of one split)."""
+  path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+  with open(path, encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if split is None or r["split"] == split]
+
+
+class Progress:
+  """Throughput and ETA of a loop, logged every `every` steps.
+
+  Example line: `step 120/1000 (12.0%) | loss 3.412 | 5,310 tokens/s | ETA 0:02:45`.
+  """
+
+  def __init__(self, total_steps: int, start_step: int = 0, unit: str = "tokens", every: int = 10):
+    self.total, self.unit, self.every = total_steps, unit, every
+    self._t0, self._step0, self._units = time.perf_counter(), start_step, 0.0
+
+  def update(self, step: int, units: float, scalars: Mapping[str, float] = ()) -> Optional[str]:
+    """Counts `units` done by `step`; returns (and logs) the line when due."""
+    self._units += units
+    if step % self.every and step != self.total:
+      return None
+    elapsed = max(time.perf_counter() - self._t0, 1e-9)
+    rate = self._units / elapsed
+    steps_done = max(step - self._step0, 1)
+    eta = elapsed / steps_done * (self.total - step)
+    parts = [f"step {step}/{self.total} ({100 * step / self.total:.1f}%)"]
+    parts += [f"{k} {float(v):.4g}" for k, v in dict(scalars).items()]
+    parts += [f"{rate:,.0f} {self.unit}/s", f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"]
+    line = " | ".join(parts)
+    logging.info(line)
+    return line
+
+  @property
+  def rate(self) -> float:
+    return self._units / max(time.perf_counter() - self._t0, 1e-9)
