@@ -1,0 +1,169 @@
+"""S-MLM: selective masked language modelling over POS-chosen words.
+
+APOLLO masks only words whose prediction needs reasoning. OUR documented
+defaults (the paper's exact set could not be checked): the candidates are verbs
+(Penn tags VB*), adjectives (JJ*), adverbs (RB*) and the logical keywords
+themselves; the budget is 15% of the sequence's tokens, taken from candidates
+only; a chosen word is replaced 80% of the time by `<mask>`, 10% by random
+tokens and 10% left as is.
+
+Masking works on subword tokens but chooses whole words: all subword tokens of
+a chosen word are targets together and share one 80/10/10 draw (OUR choice:
+per-word, so a half-masked word never leaks its other half). Words are drawn in
+a random order and taken while they fit in the remaining budget (as in BERT's
+whole-word masking); if that leaves the budget short, the shortest word left is
+added, so the targets exceed the budget by less than one word at most.
+
+A sentence whose candidate tokens are fewer than the budget gets all of them
+(possibly none) and is flagged `too_few_candidates`: there is no silent
+fallback to random non-candidate tokens; the pipeline reports the flag per
+example so the trainer can count it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+
+import numpy as np
+
+from apollo.lm import keywords as keywords_lib
+from apollo.lm import tagging
+
+IGNORE_LABEL = -100  # Label of a position that is not a masked-LM target.
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingConfig:
+  mask_ratio: float = 0.15  # Target tokens per (non-special) token.
+  candidate_tag_prefixes: tuple[str, ...] = ("VB", "JJ", "RB")  # Penn tag prefixes.
+  mask_keywords: bool = True  # Logical keywords are candidates too.
+  mask_token_prob: float = 0.8  # Chosen word -> <mask> tokens.
+  random_token_prob: float = 0.1  # Chosen word -> random tokens (rest: kept).
+
+  def __post_init__(self):
+    if not 0.0 < self.mask_ratio <= 1.0:
+      raise ValueError(f"mask_ratio must be in (0, 1], got {self.mask_ratio}.")
+    if self.mask_token_prob + self.random_token_prob > 1.0:
+      raise ValueError("mask_token_prob + random_token_prob must be <= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedTokens:
+  input_ids: np.ndarray  # [T] int32, the corrupted tokens.
+  labels: np.ndarray  # [T] int32, original id at targets, IGNORE_LABEL elsewhere.
+  budget: int  # Target tokens wanted: round(mask_ratio * T), at least 1.
+  too_few_candidates: bool  # The candidates hold fewer than `budget` tokens.
+
+
+def candidate_words(words: Sequence[tagging.Word], tags: Sequence[str],
+                    keyword_matches: Sequence[keywords_lib.KeywordMatch],
+                    config: MaskingConfig) -> list[int]:
+  """Indices of the words that may be masked: POS-selected or keyword words."""
+  chosen = set()
+  for i, tag in enumerate(tags):
+    if tag.startswith(tuple(config.candidate_tag_prefixes)):
+      chosen.add(i)
+  if config.mask_keywords:
+    for match in keyword_matches:
+      for i, w in enumerate(words):
+        if w.start < match.end and w.end > match.start:
+          chosen.add(i)
+  return sorted(chosen)
+
+
+def tokens_to_words(token_offsets: Sequence[tuple[int, int]],
+                    words: Sequence[tagging.Word]) -> np.ndarray:
+  """For each token, the index of the word it overlaps most (-1: none).
+
+  Byte-level BPE and our word split disagree at the edges ("doesn" + "'t" vs
+  "does" + "n't"); the largest character overlap decides.
+  """
+  result = np.full(len(token_offsets), -1, dtype=np.int32)
+  first = 0
+  for t, (start, end) in enumerate(token_offsets):
+    while first < len(words) and words[first].end <= start:
+      first += 1  # Both lists are sorted by position: a two-pointer sweep.
+    best, best_overlap = -1, 0
+    i = first
+    while i < len(words) and words[i].start < end:
+      overlap = min(end, words[i].end) - max(start, words[i].start)
+      if overlap > best_overlap:
+        best, best_overlap = i, overlap
+      i += 1
+    if best < 0 and first < len(words) and words[first].start == end:
+      best = first  # An empty/space-only token ("Ġ" before "ran") joins the next word.
+    result[t] = best
+  return result
+
+
+def mask_selected_words(
+    token_ids: np.ndarray, token_words: np.ndarray,
+    candidates: Sequence[int], rng: np.random.Generator, config: MaskingConfig,
+    mask_id: int, vocab_size: int, special_ids: Sequence[int]) -> MaskedTokens:
+  """Applies S-MLM to one sentence's tokens (no special tokens in `token_ids`).
+
+  Args:
+    token_ids: [T] token ids of the sentence.
+    token_words: [T] word index of each token (`tokens_to_words`), -1 for none.
+    candidates: indices of the words that may be masked.
+    rng: the only source of randomness (determinism per seed).
+    config: ratio and 80/10/10 probabilities.
+    mask_id: id of `<mask>`.
+    vocab_size: random replacements are drawn from `[0, vocab_size)`...
+    special_ids: ...minus these ids.
+
+  Returns:
+    The corrupted ids, the labels and the too-few-candidates flag.
+  """
+  token_ids = np.asarray(token_ids, dtype=np.int32)
+  num_tokens = len(token_ids)
+  budget = max(1, int(round(config.mask_ratio * num_tokens)))
+  tokens_of_word: dict[int, list[int]] = {}
+  for t, w in enumerate(token_words):
+    if w >= 0:
+      tokens_of_word.setdefault(int(w), []).append(t)
+  words = [w for w in candidates if w in tokens_of_word]  # Drop truncated words.
+
+  chosen_words, num_chosen = [], 0
+  order = [words[k] for k in rng.permutation(len(words))]
+  for w in order:
+    size = len(tokens_of_word[w])
+    if num_chosen + size <= budget:
+      chosen_words.append(w)
+      num_chosen += size
+    if num_chosen == budget:
+      break
+  if num_chosen < budget:
+    # Every word left is longer than the budget still open; take the shortest
+    # (ties: the random order) so a sentence with enough candidate tokens always
+    # reaches its budget, overshooting by less than one word.
+    left = [w for w in order if w not in chosen_words]
+    if left:
+      shortest = min(left, key=lambda w: len(tokens_of_word[w]))
+      chosen_words.append(shortest)
+      num_chosen += len(tokens_of_word[shortest])
+
+  input_ids = token_ids.copy()
+  labels = np.full(num_tokens, IGNORE_LABEL, dtype=np.int32)
+  for w in sorted(chosen_words):  # Sorted: the draws do not depend on set order.
+    positions = tokens_of_word[w]
+    labels[positions] = token_ids[positions]
+    u = rng.random()
+    if u < config.mask_token_prob:
+      input_ids[positions] = mask_id
+    elif u < config.mask_token_prob + config.random_token_prob:
+      input_ids[positions] = _random_tokens(rng, len(positions), vocab_size,
+                                            special_ids)
+  too_few = sum(len(tokens_of_word[w]) for w in words) < budget
+  return MaskedTokens(input_ids, labels, budget, too_few)
+
+
+def _random_tokens(rng: np.random.Generator, n: int, vocab_size: int,
+                   special_ids: Sequence[int]) -> np.ndarray:
+  """`n` ids drawn uniformly from the vocabulary minus the special tokens."""
+  special = np.asarray(special_ids)
+  ids = rng.integers(0, vocab_size, size=n)
+  while (bad := np.isin(ids, special)).any():  # Rejection: specials are few.
+    ids[bad] = rng.integers(0, vocab_size, size=int(bad.sum()))
+  return ids

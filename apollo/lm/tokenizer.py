@@ -1,0 +1,115 @@
+"""RoBERTa-style byte-level BPE tokenizer: train offline, or load local files.
+
+APOLLO continues the pretraining of RoBERTa, whose tokenizer is a byte-level
+BPE with special tokens `<s> <pad> </s> <unk> <mask>`. Without network access
+there are two ways to get one:
+
+* `train_bpe_tokenizer` trains a byte-level BPE with the `tokenizers` library on
+  the selected sentences (offline; the special tokens get ids 0-4 in that
+  order, as in RoBERTa), and saves `tokenizer.json` (plus `vocab.json` and
+  `merges.txt`, the GPT-2/RoBERTa file pair).
+* `load_tokenizer` reads a local `tokenizer.json`, or a `vocab.json` +
+  `merges.txt` pair (e.g. the files of a RoBERTa checkpoint). A RoBERTa vocab
+  puts `<mask>` at 50264, so ids are looked up, never assumed: `special_ids`.
+
+The pipeline encodes with `add_special_tokens=False` and adds `<s>`/`</s>`
+itself, so the same code serves trained and loaded tokenizers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+import dataclasses
+import os
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # Ids 0-4 when trained.
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  bos: int  # <s>
+  pad: int  # <pad>
+  eos: int  # </s>
+  unk: int  # <unk>
+  mask: int  # <mask>
+
+  def as_tuple(self) -> tuple[int, ...]:
+    return (self.bos, self.pad, self.eos, self.unk, self.mask)
+
+
+def special_ids(tokenizer: tokenizers.Tokenizer) -> SpecialIds:
+  """Looks up the five special tokens; a missing one is an error naming it."""
+  ids = []
+  for token in SPECIAL_TOKENS:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+      raise ValueError(f"The tokenizer has no {token!r} token; APOLLO needs "
+                       f"all of {SPECIAL_TOKENS}.")
+    ids.append(token_id)
+  return SpecialIds(*ids)
+
+
+def _add_roberta_pieces(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  tokenizer.post_processor = processors.RobertaProcessing(
+      ("</s>", tokenizer.token_to_id("</s>")),
+      ("<s>", tokenizer.token_to_id("<s>")),
+      trim_offsets=True, add_prefix_space=False)
+  return tokenizer
+
+
+def train_bpe_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 8192,
+                        min_frequency: int = 2) -> tokenizers.Tokenizer:
+  """Trains a byte-level BPE on `texts`; writes `out_dir/tokenizer.json`.
+
+  Args:
+    texts: training text, streamed (e.g. `selection.iter_records` texts).
+    out_dir: where `tokenizer.json`, `vocab.json` and `merges.txt` go.
+    vocab_size: target vocabulary size, special tokens and the 256 byte
+      symbols included.
+    min_frequency: a merge must occur this often.
+
+  Returns:
+    The trained tokenizer, special tokens at ids 0-4.
+  """
+  tokenizer = tokenizers.Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, min_frequency=min_frequency,
+      special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+      # Every byte is in the vocabulary, so no text is ever out of vocabulary.
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tokenizer.train_from_iterator(texts, trainer=trainer)
+  _add_roberta_pieces(tokenizer)
+  os.makedirs(out_dir, exist_ok=True)
+  tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+  tokenizer.model.save(out_dir)  # vocab.json + merges.txt
+  return tokenizer
+
+
+def load_tokenizer(path: str) -> tokenizers.Tokenizer:
+  """Loads `tokenizer.json`, or a directory holding it or vocab.json + merges.txt.
+
+  Raises:
+    FileNotFoundError: naming the path(s) that were looked for.
+  """
+  if os.path.isfile(path):
+    return tokenizers.Tokenizer.from_file(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"No tokenizer at {path} (expected tokenizer.json "
+                            f"or a directory with vocab.json + merges.txt).")
+  tokenizer_json = os.path.join(path, "tokenizer.json")
+  if os.path.isfile(tokenizer_json):
+    return tokenizers.Tokenizer.from_file(tokenizer_json)
+  vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+  missing = [p for p in (vocab, merges) if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f"No tokenizer in {path}: neither {tokenizer_json} "
+                            f"nor {' and '.join(missing)} exist.")
+  tokenizer = tokenizers.Tokenizer(models.BPE.from_file(vocab, merges))
+  special_ids(tokenizer)  # Fail early, naming the missing token.
+  return _add_roberta_pieces(tokenizer)

@@ -1,0 +1,41 @@
+"""Shared tiny corpora for the APOLLO data tests (selection, tokenizer, pipeline)."""
+
+import os
+
+from apollo.lm import generated_corpus
+from apollo.lm import selection
+from apollo.lm import text_sources
+from apollo.lm import tokenizer as tokenizer_lib
+
+# A hand-written mini corpus whose counts are known (see test_selection.py).
+MINI_CORPUS = """\
+It rained, so the match was cancelled. The players went home.
+If the pitch dries, the match will be replayed on Sunday.
+
+The stadium holds ten thousand people. Tickets cost twelve euros.
+Although tickets were cheap, the stands were NOT full. As a result the club lost money.
+
+Nothing logical here at all. Just plain words in a row.
+"""
+
+
+def write_mini_corpus(directory: str) -> str:
+  path = os.path.join(directory, "mini.txt")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(MINI_CORPUS)
+  return path
+
+
+def make_generated_shards(out_dir: str, num_documents: int = 120,
+                          docs_per_shard: int = 40) -> selection.SelectionCounts:
+  source = text_sources.GeneratedSource(
+      generated_corpus.GeneratedCorpusConfig(num_documents=num_documents, seed=3))
+  return selection.run_selection(
+      source, out_dir,
+      selection.SelectionConfig(docs_per_shard=docs_per_shard, num_workers=1))
+
+
+def train_small_tokenizer(shard_dir: str, out_dir: str):
+  return tokenizer_lib.train_bpe_tokenizer(
+      (r["text"] for r in selection.iter_records(shard_dir)), out_dir,
+      vocab_size=400)
