@@ -1,0 +1,598 @@
+"""A RoBERTa-style encoder in Flax NNX, with the heads APOLLO needs.
+
+The trunk reproduces Hugging Face's ``RobertaModel`` exactly (post-LN layers, exact
+erf GELU, RoBERTa's padding-offset position ids), so pretrained RoBERTa weights load
+unchanged through :mod:`apollo.lm.hf_import`.
+
+Modules:
+
+* :class:`Encoder`: embeddings + transformer layers (+ optional pooler), the trunk.
+* :class:`PretrainingModel`: encoder + S-MLM head + E-CLS head (continued pretraining).
+* :class:`MultipleChoiceModel`: encoder with pooler + one score per choice
+  (ReClor / LogiQA fine-tuning), like ``RobertaForMultipleChoice``.
+
+Every parameter carries *logical* axis names ('vocab', 'embed', 'mlp', 'heads',
+'kv', 'position', or None for replicated) as NNX ``out_sharding`` metadata; a table
+of rules (:data:`LOGICAL_AXIS_RULES`) maps them to the mesh axes
+('data', 'fsdp', 'tensor'). :func:`create_sharded_model` builds a sharded model::
+
+    make = lambda: PretrainingModel(config, rngs=nnx.Rngs(0))
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
+    specs = logical_partition_specs(abstract_state, LOGICAL_AXIS_RULES)
+    state = jax.jit(lambda: nnx.state(make()),
+                    out_shardings=named_shardings(specs, mesh))()
+    model = nnx.merge(graphdef, state)
+
+The forward pass needs no annotations on a mesh with ``AxisType.Auto`` axes (the
+compiler places the collectives). On an ``AxisType.Explicit`` mesh, run it inside
+``jax.sharding.auto_axes(forward, out_sharding=...)``; both are tested.
+
+Dropout is stateless at construction: the model holds only ``nnx.Param`` s, and the
+caller passes ``deterministic=False, rngs=key`` (a PRNG key, e.g.
+``jax.random.fold_in(rng, step)``) when training, so a train step stays a pure
+function of (params, batch, key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+# Logical axis name -> mesh axis (None = replicated). 'embed' is split over 'fsdp'
+# (ZeRO-3 style parameter sharding); vocabulary, MLP and heads are split over
+# 'tensor' (Megatron-style tensor parallelism). The head dimension ('kv') and the
+# position table are small and stay replicated.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("position", None),
+)
+
+
+# -----------------------------------------------------------------------------
+# Config
+# -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Hyperparameters of the RoBERTa-style encoder (names follow HF's RobertaConfig)."""
+
+  vocab_size: int = 50265  # Rows of the (tied) word embedding / MLM output.
+  hidden_size: int = 768  # Model width ('embed').
+  num_layers: int = 12  # Transformer layers.
+  num_heads: int = 12  # Attention heads; hidden_size must be divisible by it.
+  intermediate_size: int = 3072  # Feed-forward width ('mlp').
+  # RoBERTa reserves positions 0..pad_token_id, so 514 = 512 usable positions.
+  max_position_embeddings: int = 514
+  type_vocab_size: int = 1  # RoBERTa has a single token type.
+  layer_norm_eps: float = 1e-5
+  hidden_dropout_rate: float = 0.1  # Embeddings, residual branches, heads.
+  attention_dropout_rate: float = 0.1  # On the attention probabilities.
+  # Dropout inside the E-CLS head; None = hidden_dropout_rate (HF classifier_dropout).
+  classifier_dropout_rate: float | None = None
+  pad_token_id: int = 1  # RoBERTa: <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4.
+  initializer_range: float = 0.02  # Std of the normal init of weights (as HF).
+  num_ecls_labels: int = 2  # E-CLS: 0 = entailment-type, 1 = contradiction-type.
+  dtype: Any = jnp.float32  # Compute dtype (float32 or bfloat16).
+  param_dtype: Any = jnp.float32  # Parameter storage dtype; keep float32.
+
+  def __post_init__(self):
+    # Accept 'bfloat16' etc. from flags/config files; store canonical numpy dtypes.
+    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+    object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"hidden_size={self.hidden_size} is not divisible by "
+          f"num_heads={self.num_heads}."
+      )
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def max_sequence_length(self) -> int:
+    """Longest input the position table supports (positions start after pad)."""
+    return self.max_position_embeddings - self.pad_token_id - 1
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # For unit tests and CPU quickstarts.
+    "tiny": dict(
+        vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
+        intermediate_size=128, max_position_embeddings=130,
+    ),
+    # A few-minute CPU/GPU scale model that still has a real vocabulary.
+    "small": dict(
+        vocab_size=50265, hidden_size=256, num_layers=4, num_heads=4,
+        intermediate_size=1024, max_position_embeddings=514,
+    ),
+    # roberta-base.
+    "base": dict(
+        vocab_size=50265, hidden_size=768, num_layers=12, num_heads=12,
+        intermediate_size=3072, max_position_embeddings=514,
+    ),
+    # roberta-large (the APOLLO paper's backbone).
+    "large": dict(
+        vocab_size=50265, hidden_size=1024, num_layers=24, num_heads=16,
+        intermediate_size=4096, max_position_embeddings=514,
+    ),
+}
+
+PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)
+
+
+def get_config(name: str, **overrides: Any) -> EncoderConfig:
+  """Returns a preset ('tiny', 'small', 'base', 'large') with fields overridden.
+
+  Example: ``get_config('large', dtype='bfloat16', vocab_size=50265)``.
+  """
+  if name not in _PRESETS:
+    raise ValueError(f"Unknown encoder preset {name!r}; choose from {PRESET_NAMES}.")
+  return EncoderConfig(**{**_PRESETS[name], **overrides})
+
+
+# -----------------------------------------------------------------------------
+# Sharding helpers
+# -----------------------------------------------------------------------------
+
+
+def _logical(init: Callable, axes: Sequence[str | None]) -> Callable:
+  """Wraps an initializer so the created Param carries logical axis names.
+
+  ``eager_sharding=False`` keeps construction mesh-free (flax would otherwise try
+  to place the value on a mesh the moment it is created); sharded creation goes
+  through :func:`create_sharded_model` instead.
+  """
+  return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
+
+
+def logical_partition_specs(
+    state: Any, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES
+) -> Any:
+  """Maps a (possibly abstract) model state to mesh ``PartitionSpec`` s.
+
+  Args:
+    state: an ``nnx.State`` (e.g. from ``nnx.split(nnx.eval_shape(...))``) whose
+      Params carry logical ``out_sharding`` metadata.
+    rules: (logical name, mesh axis or None) pairs. Names without a rule are left
+      as they are, so a mesh axis name may be used directly.
+
+  Returns:
+    A pytree with the structure of ``state`` whose leaves are ``PartitionSpec`` s,
+    usable as ``out_shardings``/``in_shardings`` (after wrapping in
+    ``NamedSharding``).
+  """
+  # flax resolves logical names through the context rules inside get_partition_spec.
+  with nn.logical_axis_rules(tuple(rules)):
+    specs = nnx.get_partition_spec(state)
+  return jax.tree.map(
+      lambda x: x.get_value() if isinstance(x, nnx.Variable) else x,
+      specs,
+      is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
+
+
+def named_shardings(specs: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Wraps every ``PartitionSpec`` leaf of ``specs`` in a ``NamedSharding`` on mesh."""
+  return jax.tree.map(
+      lambda p: NamedSharding(mesh, p),
+      specs,
+      is_leaf=lambda x: isinstance(x, PartitionSpec),
+  )
+
+
+def create_sharded_model(
+    make_model: Callable[[], nnx.Module],
+    mesh: jax.sharding.Mesh | None,
+    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+) -> nnx.Module:
+  """Builds a model whose parameters are created directly in their shards.
+
+  The model is first traced abstractly (no memory), its logical axes are mapped to
+  mesh axes by ``rules``, and the initializer is compiled with those output
+  shardings, so no device ever holds the full unsharded parameters.
+
+  Args:
+    make_model: zero-argument constructor, e.g.
+      ``lambda: PretrainingModel(config, rngs=nnx.Rngs(0))``.
+    mesh: the device mesh; None builds on the default device (still through one
+      compiled initializer, which is much faster than eager op-by-op init).
+    rules: logical-to-mesh axis rules.
+
+  Returns:
+    The model, with every Param a ``jax.Array`` sharded on ``mesh``. Values equal
+    those of ``make_model()`` (same keys, same initializers).
+  """
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
+  shardings = None
+  if mesh is not None:
+    shardings = named_shardings(logical_partition_specs(abstract_state, rules), mesh)
+  state = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+# -----------------------------------------------------------------------------
+
+
+def roberta_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
+  """RoBERTa's position ids: pad tokens get ``pad_token_id``, others count from it.
+
+  Matches HF ``create_position_ids_from_input_ids``: the first real token is at
+  ``pad_token_id + 1``, and padding anywhere in the sequence does not advance
+  the count.
+  """
+  is_token = (input_ids != pad_token_id).astype(jnp.int32)
+  return jnp.cumsum(is_token, axis=-1) * is_token + pad_token_id
+
+
+def _dropout_rngs(rngs: nnx.Rngs | jax.Array | None) -> nnx.Rngs | None:
+  # A bare key would give every dropout layer the same mask; an Rngs object hands
+  # each call a fresh key.
+  if rngs is None or isinstance(rngs, nnx.Rngs):
+    return rngs
+  return nnx.Rngs(dropout=rngs)
+
+
+class Embeddings(nnx.Module):
+  """Word + position + token-type embeddings, LayerNorm, dropout (RobertaEmbeddings)."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    c = config
+    init = nnx.initializers.normal(c.initializer_range)
+    common = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+    self.word_embeddings = nnx.Embed(
+        c.vocab_size, c.hidden_size,
+        embedding_init=_logical(init, ("vocab", "embed")), **common)
+    self.position_embeddings = nnx.Embed(
+        c.max_position_embeddings, c.hidden_size,
+        embedding_init=_logical(init, ("position", "embed")), **common)
+    self.token_type_embeddings = nnx.Embed(
+        c.type_vocab_size, c.hidden_size,
+        embedding_init=_logical(init, (None, "embed")), **common)
+    self.layer_norm = _layer_norm(c, rngs)
+    self.dropout = nnx.Dropout(c.hidden_dropout_rate)
+
+  def __call__(self, input_ids, token_type_ids=None, *, deterministic=True, rngs=None):
+    c = self.config
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    position_ids = roberta_position_ids(input_ids, c.pad_token_id)
+    x = (
+        self.word_embeddings(input_ids)
+        + self.token_type_embeddings(token_type_ids)
+        + self.position_embeddings(position_ids)
+    )
+    x = self.layer_norm(x)
+    return self.dropout(x, deterministic=deterministic, rngs=rngs)
+
+
+def _layer_norm(c: EncoderConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # Vectors of width 'embed' are replicated: sharding them saves nothing and would
+  # cost a gather per use. Exact (two-pass) variance to match PyTorch's LayerNorm.
+  return nnx.LayerNorm(
+      c.hidden_size, epsilon=c.layer_norm_eps, use_fast_variance=False,
+      dtype=c.dtype, param_dtype=c.param_dtype,
+      scale_init=_logical(nnx.initializers.ones_init(), (None,)),
+      bias_init=_logical(nnx.initializers.zeros_init(), (None,)),
+      rngs=rngs)
+
+
+def _dense(
+    c: EncoderConfig,
+    in_features: int,
+    out_features: int,
+    axes: tuple[str | None, str | None],
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+  """A Linear layer with HF's init and logical names ``axes`` for its kernel.
+
+  The bias follows the output axis, except that 'embed'-wide biases are replicated
+  like the LayerNorms.
+  """
+  bias_axis = None if axes[1] == "embed" else axes[1]
+  return nnx.Linear(
+      in_features, out_features, dtype=c.dtype, param_dtype=c.param_dtype,
+      kernel_init=_logical(nnx.initializers.normal(c.initializer_range), axes),
+      bias_init=_logical(nnx.initializers.zeros_init(), (bias_axis,)),
+      rngs=rngs)
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head self-attention followed by the output projection (no residual/LN).
+
+  Projections keep heads as their own axis (kernel [embed, heads, kv]) so tensor
+  parallelism splits whole heads.
+  """
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    c = config
+    init = nnx.initializers.normal(c.initializer_range)
+    heads = (c.num_heads, c.head_dim)
+
+    def projection():
+      return nnx.LinearGeneral(
+          c.hidden_size, heads, dtype=c.dtype, param_dtype=c.param_dtype,
+          kernel_init=_logical(init, ("embed", "heads", "kv")),
+          bias_init=_logical(nnx.initializers.zeros_init(), ("heads", "kv")),
+          rngs=rngs)
+
+    self.query = projection()
+    self.key = projection()
+    self.value = projection()
+    self.output = nnx.LinearGeneral(
+        heads, c.hidden_size, axis=(-2, -1), dtype=c.dtype,
+        param_dtype=c.param_dtype,
+        kernel_init=_logical(init, ("heads", "kv", "embed")),
+        bias_init=_logical(nnx.initializers.zeros_init(), (None,)),
+        rngs=rngs)
+    self.dropout = nnx.Dropout(c.attention_dropout_rate)
+
+  def __call__(self, x, mask, *, deterministic=True, rngs=None):
+    """x: [B, L, embed]; mask: bool [B, 1, 1, L], True where a key may be attended."""
+    q, k, v = self.query(x), self.key(x), self.value(x)  # [B, L, heads, kv]
+    q = q / jnp.sqrt(self.config.head_dim).astype(q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    # Softmax in float32 whatever the compute dtype: bf16 logits lose the small
+    # differences between attention scores.
+    logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = self.dropout(probs, deterministic=deterministic, rngs=rngs)
+    context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return self.output(context)
+
+
+class TransformerLayer(nnx.Module):
+  """One post-LN encoder layer, as HF's RobertaLayer.
+
+  ``h = LN(x + Drop(Attn(x)))``; ``out = LN(h + Drop(W2 gelu(W1 h)))``.
+  """
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.attention = SelfAttention(c, rngs=rngs)
+    self.attention_layer_norm = _layer_norm(c, rngs)
+    self.intermediate = _dense(c, c.hidden_size, c.intermediate_size,
+                               ("embed", "mlp"), rngs)
+    self.output = _dense(c, c.intermediate_size, c.hidden_size, ("mlp", "embed"),
+                         rngs)
+    self.output_layer_norm = _layer_norm(c, rngs)
+    self.dropout = nnx.Dropout(c.hidden_dropout_rate)
+
+  def __call__(self, x, mask, *, deterministic=True, rngs=None):
+    drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)
+    attended = self.attention(x, mask, deterministic=deterministic, rngs=rngs)
+    x = self.attention_layer_norm(x + drop(attended))
+    # HF's "gelu" is the exact erf form, not the tanh approximation.
+    y = self.output(jax.nn.gelu(self.intermediate(x), approximate=False))
+    return self.output_layer_norm(x + drop(y))
+
+
+class Pooler(nnx.Module):
+  """dense + tanh on the first (``<s>``) token, as HF's RobertaPooler."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.dense = _dense(c, c.hidden_size, c.hidden_size, ("embed", "mlp"), rngs)
+
+  def __call__(self, hidden_states):
+    return jnp.tanh(self.dense(hidden_states[..., 0, :]))
+
+
+class Encoder(nnx.Module):
+  """The RoBERTa trunk: embeddings, ``num_layers`` post-LN layers, optional pooler.
+
+  Attributes:
+    embeddings: :class:`Embeddings` (``word_embeddings`` is tied to the MLM decoder).
+    layers: ``nnx.List`` of :class:`TransformerLayer`.
+    pooler: :class:`Pooler`, or None when built with ``add_pooler=False`` (as HF's
+      ``RobertaForMaskedLM``, which has no pooler).
+  """
+
+  def __init__(self, config: EncoderConfig, *, add_pooler: bool = True,
+               rngs: nnx.Rngs):
+    self.config = config
+    self.embeddings = Embeddings(config, rngs=rngs)
+    self.layers = nnx.List(
+        [TransformerLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.pooler = Pooler(config, rngs=rngs) if add_pooler else None
+
+  def __call__(
+      self,
+      input_ids: jax.Array,
+      attention_mask: jax.Array | None = None,
+      token_type_ids: jax.Array | None = None,
+      *,
+      deterministic: bool = True,
+      rngs: nnx.Rngs | jax.Array | None = None,
+  ) -> jax.Array:
+    """Encodes a batch of token ids.
+
+    Args:
+      input_ids: int [B, L].
+      attention_mask: [B, L], 1 (or True) for real tokens, 0 for padding. Defaults
+        to ``input_ids != pad_token_id``.
+      token_type_ids: int [B, L]; defaults to zeros.
+      deterministic: if False, dropout is applied (needs ``rngs``).
+      rngs: ``nnx.Rngs`` with a 'dropout' stream, or a PRNG key.
+
+    Returns:
+      Hidden states [B, L, hidden_size] in the compute dtype.
+    """
+    c = self.config
+    rngs = _dropout_rngs(rngs)
+    if input_ids.shape[-1] > c.max_sequence_length:
+      raise ValueError(
+          f"Sequence length {input_ids.shape[-1]} exceeds the position table "
+          f"({c.max_sequence_length} tokens).")
+    if attention_mask is None:
+      attention_mask = input_ids != c.pad_token_id
+    mask = attention_mask.astype(bool)[:, None, None, :]
+    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic,
+                        rngs=rngs)
+    for layer in self.layers:
+      x = layer(x, mask, deterministic=deterministic, rngs=rngs)
+    return x
+
+
+# -----------------------------------------------------------------------------
+# Heads and task models
+# -----------------------------------------------------------------------------
+
+
+class MLMHead(nnx.Module):
+  """HF RobertaLMHead: dense, GELU, LayerNorm, then the tied word-embedding decoder.
+
+  The decoder weight is the encoder's word embedding (passed at call time, so the
+  head owns only ``dense``, ``layer_norm`` and the output ``bias``).
+  """
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.dense = _dense(c, c.hidden_size, c.hidden_size, ("embed", "mlp"), rngs)
+    self.layer_norm = _layer_norm(c, rngs)
+    self.bias = nnx.Param(
+        _logical(nnx.initializers.zeros_init(), ("vocab",))(
+            rngs.params(), (c.vocab_size,), c.param_dtype))
+
+  def __call__(self, hidden_states, word_embeddings: nnx.Embed):
+    x = jax.nn.gelu(self.dense(hidden_states), approximate=False)
+    x = self.layer_norm(x)
+    logits = word_embeddings.attend(x)
+    return logits + self.bias[...].astype(logits.dtype)
+
+
+class ClassificationHead(nnx.Module):
+  """HF RobertaClassificationHead on ``<s>``: dropout, dense, tanh, dropout, out_proj."""
+
+  def __init__(self, config: EncoderConfig, num_labels: int, *, rngs: nnx.Rngs):
+    c = config
+    rate = (c.hidden_dropout_rate if c.classifier_dropout_rate is None
+            else c.classifier_dropout_rate)
+    self.dense = _dense(c, c.hidden_size, c.hidden_size, ("embed", "mlp"), rngs)
+    self.out_proj = _dense(c, c.hidden_size, num_labels, ("mlp", None), rngs)
+    self.dropout = nnx.Dropout(rate)
+
+  def __call__(self, hidden_states, *, deterministic=True, rngs=None):
+    drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)
+    x = drop(hidden_states[:, 0, :])
+    x = drop(jnp.tanh(self.dense(x)))
+    return self.out_proj(x)
+
+
+class PretrainingOutput(NamedTuple):
+  """Outputs of :class:`PretrainingModel` (a pytree, so it can leave ``jax.jit``)."""
+
+  mlm_logits: jax.Array  # [B, L, vocab] or [B, M, vocab] with mlm_positions.
+  ecls_logits: jax.Array  # [B, num_ecls_labels].
+
+
+class PretrainingModel(nnx.Module):
+  """Encoder + S-MLM head + E-CLS head for APOLLO continued pretraining.
+
+  Parameter layout mirrors HF: ``encoder`` <-> ``roberta.*``, ``mlm_head`` <->
+  ``lm_head.*``, ``ecls_head`` <-> ``classifier.*`` (RobertaClassificationHead).
+  """
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    # No pooler, as RobertaForMaskedLM: neither loss uses it.
+    self.encoder = Encoder(config, add_pooler=False, rngs=rngs)
+    self.mlm_head = MLMHead(config, rngs=rngs)
+    self.ecls_head = ClassificationHead(config, config.num_ecls_labels, rngs=rngs)
+
+  def __call__(
+      self,
+      input_ids: jax.Array,
+      attention_mask: jax.Array | None = None,
+      token_type_ids: jax.Array | None = None,
+      *,
+      mlm_positions: jax.Array | None = None,
+      deterministic: bool = True,
+      rngs: nnx.Rngs | jax.Array | None = None,
+  ) -> PretrainingOutput:
+    """Runs the encoder once and both heads.
+
+    Args:
+      input_ids, attention_mask, token_type_ids: as :meth:`Encoder.__call__`.
+      mlm_positions: optional int [B, M] token positions; if given, MLM logits are
+        computed only there ([B, M, vocab]), which saves the [B, L, vocab] matmul
+        when few tokens are masked.
+      deterministic, rngs: dropout control, as :meth:`Encoder.__call__`.
+
+    Returns:
+      :class:`PretrainingOutput` (mlm_logits, ecls_logits), float in compute dtype.
+    """
+    rngs = _dropout_rngs(rngs)
+    hidden = self.encoder(input_ids, attention_mask, token_type_ids,
+                          deterministic=deterministic, rngs=rngs)
+    mlm_hidden = hidden
+    if mlm_positions is not None:
+      mlm_hidden = jnp.take_along_axis(hidden, mlm_positions[..., None], axis=1)
+    mlm_logits = self.mlm_head(mlm_hidden, self.encoder.embeddings.word_embeddings)
+    ecls_logits = self.ecls_head(hidden, deterministic=deterministic, rngs=rngs)
+    return PretrainingOutput(mlm_logits=mlm_logits, ecls_logits=ecls_logits)
+
+
+class MultipleChoiceModel(nnx.Module):
+  """Encoder with pooler + a linear scorer per choice, as RobertaForMultipleChoice.
+
+  Parameter layout: ``encoder`` <-> ``roberta.*`` (pooler included),
+  ``scorer`` <-> ``classifier.*``.
+  """
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = config
+    self.encoder = Encoder(c, add_pooler=True, rngs=rngs)
+    self.dropout = nnx.Dropout(c.hidden_dropout_rate)
+    self.scorer = _dense(c, c.hidden_size, 1, ("mlp", None), rngs)
+
+  def __call__(
+      self,
+      input_ids: jax.Array,
+      attention_mask: jax.Array | None = None,
+      token_type_ids: jax.Array | None = None,
+      *,
+      deterministic: bool = True,
+      rngs: nnx.Rngs | jax.Array | None = None,
+  ) -> jax.Array:
+    """Scores each choice.
+
+    Args:
+      input_ids: int [B, num_choices, L]; attention_mask / token_type_ids the same
+        shape (or None).
+      deterministic, rngs: dropout control, as :meth:`Encoder.__call__`.
+
+    Returns:
+      Logits [B, num_choices] (softmax over choices gives the answer distribution).
+    """
+    rngs = _dropout_rngs(rngs)
+    batch, num_choices, length = input_ids.shape
+    flat = lambda a: None if a is None else a.reshape(batch * num_choices, length)
+    hidden = self.encoder(flat(input_ids), flat(attention_mask),
+                          flat(token_type_ids), deterministic=deterministic,
+                          rngs=rngs)
+    pooled = self.encoder.pooler(hidden)
+    pooled = self.dropout(pooled, deterministic=deterministic, rngs=rngs)
+    return self.scorer(pooled).reshape(batch, num_choices)
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of scalar parameters (``nnx.Param`` only)."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
