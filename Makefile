@@ -19,7 +19,7 @@ install: $(VENV)/.installed
 
 # The main job on its embedded default.
 demo: install
-	$(PY) -m experiments.optim_demo --workdir=runs/optim_demo
+	$(PY) -m experiments.optim_demo --flagfile=experiments/flags/optim_demo.flags
 
 # The whole test suite (8 forced host CPU devices, see tests/conftest.py).
 test: install
