@@ -204,7 +204,7 @@ def load_hf_state_dict(
 
 
 @dataclasses.dataclass(frozen=True)
-class _Tensor:
+class HFTensor:
   """One of our Params and how it is laid out in a HF state dict.
 
   kind: 'plain' (same layout), 'bias' (ours may split heads; HF is flat) or
@@ -243,21 +243,21 @@ class _Tensor:
 
 
 def _linear(name: str, layer: nnx.Module, num_in: int = 1, required: bool = True):
-  yield _Tensor(f"{name}.weight", layer.kernel, "kernel", num_in, required)
-  yield _Tensor(f"{name}.bias", layer.bias, "bias", required=required)
+  yield HFTensor(f"{name}.weight", layer.kernel, "kernel", num_in, required)
+  yield HFTensor(f"{name}.bias", layer.bias, "bias", required=required)
 
 
 def _layer_norm(name: str, norm: nnx.LayerNorm, required: bool = True):
-  yield _Tensor(f"{name}.weight", norm.scale, required=required)
-  yield _Tensor(f"{name}.bias", norm.bias, required=required)
+  yield HFTensor(f"{name}.weight", norm.scale, required=required)
+  yield HFTensor(f"{name}.bias", norm.bias, required=required)
 
 
-def _encoder_tensors(encoder: Encoder, prefix: str) -> Iterator[_Tensor]:
+def _encoder_tensors(encoder: Encoder, prefix: str) -> Iterator[HFTensor]:
   emb = encoder.embeddings
   p = prefix + "embeddings."
-  yield _Tensor(p + "word_embeddings.weight", emb.word_embeddings.embedding)
-  yield _Tensor(p + "position_embeddings.weight", emb.position_embeddings.embedding)
-  yield _Tensor(p + "token_type_embeddings.weight", emb.token_type_embeddings.embedding)
+  yield HFTensor(p + "word_embeddings.weight", emb.word_embeddings.embedding)
+  yield HFTensor(p + "position_embeddings.weight", emb.position_embeddings.embedding)
+  yield HFTensor(p + "token_type_embeddings.weight", emb.token_type_embeddings.embedding)
   yield from _layer_norm(p + "LayerNorm", emb.layer_norm)
   for i, layer in enumerate(encoder.layers):
     p = f"{prefix}encoder.layer.{i}."
@@ -275,7 +275,7 @@ def _encoder_tensors(encoder: Encoder, prefix: str) -> Iterator[_Tensor]:
     yield from _linear(prefix + "pooler.dense", encoder.pooler.dense, required=False)
 
 
-def _model_tensors(model: nnx.Module, encoder_prefix: str) -> list[_Tensor]:
+def _model_tensors(model: nnx.Module, encoder_prefix: str) -> list[HFTensor]:
   """Every Param of ``model`` with its HF name (the full, bijective correspondence)."""
   if isinstance(model, Encoder):
     return list(_encoder_tensors(model, encoder_prefix))
@@ -284,7 +284,7 @@ def _model_tensors(model: nnx.Module, encoder_prefix: str) -> list[_Tensor]:
     head = model.mlm_head
     tensors += _linear("lm_head.dense", head.dense, required=False)
     tensors += _layer_norm("lm_head.layer_norm", head.layer_norm, required=False)
-    tensors.append(_Tensor("lm_head.bias", head.bias, required=False))
+    tensors.append(HFTensor("lm_head.bias", head.bias, required=False))
     tensors += _linear("classifier.dense", model.ecls_head.dense, required=False)
     tensors += _linear("classifier.out_proj", model.ecls_head.out_proj, required=False)
   elif isinstance(model, MultipleChoiceModel):
@@ -365,7 +365,7 @@ def import_hf_state_dict(
   if isinstance(model, PretrainingModel):
     tensors, tied = _resolve_tied_lm_head(tensors, source)
   expected = _model_tensors(model, _encoder_prefix(names))
-  new_values: list[tuple[_Tensor, np.ndarray]] = []
+  new_values: list[tuple[HFTensor, np.ndarray]] = []
   for t in expected:
     if t.hf_name not in tensors:
       if t.required or strict:

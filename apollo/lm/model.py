@@ -148,7 +148,7 @@ def get_config(name: str, **overrides: Any) -> EncoderConfig:
 # -----------------------------------------------------------------------------
 
 
-def _logical(init: Callable, axes: Sequence[str | None]) -> Callable:
+def logical_init(init: Callable, axes: Sequence[str | None]) -> Callable:
   """Wraps an initializer so the created Param carries logical axis names.
 
   ``eager_sharding=False`` keeps construction mesh-free (flax would otherwise try
@@ -257,13 +257,13 @@ class Embeddings(nnx.Module):
     common = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
     self.word_embeddings = nnx.Embed(
         c.vocab_size, c.hidden_size,
-        embedding_init=_logical(init, ("vocab", "embed")), **common)
+        embedding_init=logical_init(init, ("vocab", "embed")), **common)
     self.position_embeddings = nnx.Embed(
         c.max_position_embeddings, c.hidden_size,
-        embedding_init=_logical(init, ("position", "embed")), **common)
+        embedding_init=logical_init(init, ("position", "embed")), **common)
     self.token_type_embeddings = nnx.Embed(
         c.type_vocab_size, c.hidden_size,
-        embedding_init=_logical(init, (None, "embed")), **common)
+        embedding_init=logical_init(init, (None, "embed")), **common)
     self.layer_norm = _layer_norm(c, rngs)
     self.dropout = nnx.Dropout(c.hidden_dropout_rate)
 
@@ -287,8 +287,8 @@ def _layer_norm(c: EncoderConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(
       c.hidden_size, epsilon=c.layer_norm_eps, use_fast_variance=False,
       dtype=c.dtype, param_dtype=c.param_dtype,
-      scale_init=_logical(nnx.initializers.ones_init(), (None,)),
-      bias_init=_logical(nnx.initializers.zeros_init(), (None,)),
+      scale_init=logical_init(nnx.initializers.ones_init(), (None,)),
+      bias_init=logical_init(nnx.initializers.zeros_init(), (None,)),
       rngs=rngs)
 
 
@@ -307,8 +307,8 @@ def _dense(
   bias_axis = None if axes[1] == "embed" else axes[1]
   return nnx.Linear(
       in_features, out_features, dtype=c.dtype, param_dtype=c.param_dtype,
-      kernel_init=_logical(nnx.initializers.normal(c.initializer_range), axes),
-      bias_init=_logical(nnx.initializers.zeros_init(), (bias_axis,)),
+      kernel_init=logical_init(nnx.initializers.normal(c.initializer_range), axes),
+      bias_init=logical_init(nnx.initializers.zeros_init(), (bias_axis,)),
       rngs=rngs)
 
 
@@ -328,8 +328,8 @@ class SelfAttention(nnx.Module):
     def projection():
       return nnx.LinearGeneral(
           c.hidden_size, heads, dtype=c.dtype, param_dtype=c.param_dtype,
-          kernel_init=_logical(init, ("embed", "heads", "kv")),
-          bias_init=_logical(nnx.initializers.zeros_init(), ("heads", "kv")),
+          kernel_init=logical_init(init, ("embed", "heads", "kv")),
+          bias_init=logical_init(nnx.initializers.zeros_init(), ("heads", "kv")),
           rngs=rngs)
 
     self.query = projection()
@@ -338,8 +338,8 @@ class SelfAttention(nnx.Module):
     self.output = nnx.LinearGeneral(
         heads, c.hidden_size, axis=(-2, -1), dtype=c.dtype,
         param_dtype=c.param_dtype,
-        kernel_init=_logical(init, ("heads", "kv", "embed")),
-        bias_init=_logical(nnx.initializers.zeros_init(), (None,)),
+        kernel_init=logical_init(init, ("heads", "kv", "embed")),
+        bias_init=logical_init(nnx.initializers.zeros_init(), (None,)),
         rngs=rngs)
     self.dropout = nnx.Dropout(c.attention_dropout_rate)
 
@@ -467,7 +467,7 @@ class MLMHead(nnx.Module):
     self.dense = _dense(c, c.hidden_size, c.hidden_size, ("embed", "mlp"), rngs)
     self.layer_norm = _layer_norm(c, rngs)
     self.bias = nnx.Param(
-        _logical(nnx.initializers.zeros_init(), ("vocab",))(
+        logical_init(nnx.initializers.zeros_init(), ("vocab",))(
             rngs.params(), (c.vocab_size,), c.param_dtype))
 
   def __call__(self, hidden_states, word_embeddings: nnx.Embed):
