@@ -1,0 +1,70 @@
+"""Shared helpers of the agent tests: bounded waiting and controllable backends."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from apollo.agents import backends
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.005) -> Any:
+  """Polls `predicate` until truthy; fails the test after `timeout` seconds."""
+  deadline = time.monotonic() + timeout
+  while True:
+    value = predicate()
+    if value:
+      return value
+    if time.monotonic() > deadline:
+      raise AssertionError(f'condition not met within {timeout}s')
+    time.sleep(interval)
+
+
+class GatedBackend:
+  """Wraps a backend; each model call waits for a permit from the test."""
+
+  def __init__(self, inner: Any):
+    self.inner = inner
+    self.name = 'gated'
+    self.permits = threading.Semaphore(0)
+    self.calls = 0
+    self.entered = threading.Event()
+
+  def release(self, n: int = 1) -> None:
+    for _ in range(n):
+      self.permits.release()
+
+  def complete(self, messages: Sequence[Mapping[str, str]], tools: Any) -> backends.ModelResponse:
+    self.entered.set()
+    assert self.permits.acquire(timeout=30), 'test never released the model call'
+    self.calls += 1
+    return self.inner.complete(messages, tools)
+
+  def snapshot(self) -> dict[str, Any]:
+    return self.inner.snapshot()
+
+  def restore(self, state: Mapping[str, Any]) -> None:
+    self.inner.restore(state)
+
+
+class ListBackend:
+  """Returns canned responses in order (then repeats the last)."""
+
+  name = 'list'
+
+  def __init__(self, responses: Sequence[str]):
+    self.responses = list(responses)
+    self.seen: list[list[dict[str, str]]] = []
+
+  def complete(self, messages, tools):
+    del tools
+    self.seen.append([dict(m) for m in messages])
+    text = self.responses[min(len(self.seen) - 1, len(self.responses) - 1)]
+    return backends.ModelResponse(text=text, prompt_tokens=1, completion_tokens=1)
+
+  def snapshot(self):
+    return {'n': len(self.seen)}
+
+  def restore(self, state):
+    del state
