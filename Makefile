@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 PYVER  := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
 CONSTRAINTS = constraints/py$(PYVER).txt
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	@test -f $(CONSTRAINTS) || { echo "Python $(PYVER) is not supported: use 3.11 or 3.12" >&2; exit 1; }
@@ -21,8 +21,15 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m experiments.optim_demo --flagfile=experiments/flags/optim_demo.flags
 
+# The console's browser test drives Debian's chromium (no browser download);
+# where it cannot be installed the test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "chromium unavailable: the console browser test will be skipped"
+
 # The whole test suite (8 forced host CPU devices, see tests/conftest.py).
-test: install
+test: install browser
 	$(PY) -m pytest -n 2 --dist loadfile -q
 
 bench: install

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -197,7 +198,13 @@ def register_backend(name: str, factory: Callable[..., Backend]) -> None:
   BACKEND_FACTORIES[name] = factory
 
 
+# Backends with heavy imports (jax, flax) register themselves when first asked for.
+_LAZY_BACKENDS = {'flax': 'apollo.agents.flax_backend'}
+
+
 def make_backend(name: str, seed: int, **options: Any) -> Backend:
+  if name not in BACKEND_FACTORIES and name in _LAZY_BACKENDS:
+    importlib.import_module(_LAZY_BACKENDS[name])
   if name not in BACKEND_FACTORIES:
     raise ValueError(f'unknown backend {name!r}; known: {sorted(BACKEND_FACTORIES)}')
   return BACKEND_FACTORIES[name](seed=seed, **options)
