@@ -19,7 +19,7 @@ install: $(VENV)/.installed
 
 # The main job on its embedded default.
 demo: install
-	$(PY) -m experiments.optim_demo --flagfile=experiments/flags/optim_demo.flags
+	$(PY) -m experiments.pretrain --flagfile=experiments/flags/quickstart.flags
 
 # The console's browser test drives Debian's chromium (no browser download);
 # where it cannot be installed the test is skipped and says why.

@@ -1,0 +1,708 @@
+"""APOLLO continued pretraining: S-MLM + lambda * E-CLS, resumable from a workdir.
+
+`train_and_evaluate(config, workdir)` is the whole job (config:
+`experiments/configs/pretrain.py`; entry point: `experiments/pretrain.py`):
+
+1. Data: the selected-sentence shards of `config.data.shard_dir`, or, when it is
+   empty, the embedded generated corpus selected into `workdir/data/sentences`
+   (idempotent: a restarted job reuses or resumes it); a tokenizer from
+   `config.data.tokenizer_path` (or the `init_from_hf` directory), or a BPE trained
+   once into `workdir/data/tokenizer`.
+2. Mesh ('data', 'fsdp', 'tensor') from `config.mesh`, with **Auto** axis types: the
+   forward needs no `auto_axes` wrapper, the compiler places the collectives from
+   the parameters' and the batch's shardings (which `jax.jit`'s `out_shardings` pin).
+3. State `{params, opt_state, step, rng}`: params are a pure dict
+   (`nnx.to_pure_dict`) created directly in their shards (`create_sharded_model`,
+   or `hf_import.from_pretrained(mesh=...)`), the optimizer state too
+   (`apollo.optim.init_sharded`); `step` counts updates, `rng` is the base dropout
+   key (folded with the step, so dropout is a pure function of the state).
+4. `train_step` (module level, pure, jitted once with the state donated) and
+   `eval_step`; metrics come back as sums and counts and are reduced on the host.
+5. Checkpoints (`apollo.common.checkpoint`) every `checkpoint_every` steps, at the
+   end and on SIGTERM, holding the state and the train iterator's state, so a
+   resumed run sees exactly the batches an uninterrupted one would have seen.
+   A non-finite loss raises `NonFiniteLossError` before anything of that step is
+   saved; earlier checkpoints are left intact (in-flight saves are waited for).
+
+Loss (weights are OUR documented defaults): the S-MLM cross-entropy averaged over
+the target tokens of the batch, plus `ecls_weight` times the E-CLS cross-entropy
+averaged over the (non-padding) examples. S-MLM logits are computed only at the
+`mlm_max_predictions` target positions of each row (no [B, L, vocab] matmul).
+
+Logged (metrics.jsonl, TensorBoard, the progress line): loss, mlm_loss, mlm_acc,
+ecls_loss, ecls_acc, learning_rate, grad_norm (before clipping), update_norm,
+tokens_per_s (padded tokens, B * L, per second), mlm_dropped_targets; eval:
+mlm_loss, mlm_acc, ecls_loss, ecls_acc and E-CLS accuracy per perturbation kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from apollo import optim as apollo_optim
+from apollo.common import checkpoint as checkpoint_lib
+from apollo.common import mesh as mesh_lib
+from apollo.common import metrics as metrics_lib
+from apollo.lm import contradiction
+from apollo.lm import generated_corpus
+from apollo.lm import hf_import
+from apollo.lm import model as model_lib
+from apollo.lm import pretrain_data
+from apollo.lm import selection
+from apollo.lm import tagging
+from apollo.lm import text_sources
+from apollo.lm import tokenizer as tokenizer_lib
+
+OPTIMIZERS = ("apollo", "adamw", "adam", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
+# Model fields that decide parameter shapes: a workdir may only be resumed with these.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                "num_ecls_labels")
+# Keys the device needs; the rest of a batch stays on the host.
+_DEVICE_KEYS = ("input_ids", "attention_mask", "mlm_labels", "mlm_weights",
+                "ecls_label", "ecls_perturbation", "example_mask")
+_VOCAB_MULTIPLE = 128  # A trained tokenizer's vocabulary is padded up to this.
+
+
+# -----------------------------------------------------------------------------
+# Optimizer and learning rate
+# -----------------------------------------------------------------------------
+
+
+def decay_mask(params: Any) -> Any:
+  """True for weight matrices and embeddings; False for biases and LayerNorm scales."""
+  def decays(path, _):
+    name = getattr(path[-1], "key", None)
+    return name in ("kernel", "embedding")
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, train_steps: int
+                           ) -> tuple[optax.Schedule, optax.Schedule]:
+  """(schedule after warmup, full schedule with warmup) of the update count.
+
+  The decay (constant / cosine / linear to `end_lr_fraction * peak`) runs over the
+  updates after warmup. Warmup: Apollo's own (from peak / 1000, see
+  `apollo.optim.apollo_learning_rate`); for the others a linear ramp from 0.
+  """
+  if opt.schedule not in SCHEDULES:
+    raise ValueError(f"Unknown --config.optimizer.schedule={opt.schedule!r}; "
+                     f"choose from {SCHEDULES}.")
+  peak, warmup = float(opt.learning_rate), int(opt.warmup_steps)
+  end = peak * float(opt.end_lr_fraction)
+  decay_steps = max(int(train_steps) - warmup, 1)
+  if opt.schedule == "constant":
+    decay = optax.constant_schedule(peak)
+  elif opt.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=float(opt.end_lr_fraction))
+  else:
+    decay = optax.linear_schedule(peak, end, decay_steps)
+
+  def after_warmup(count):
+    return decay(jnp.maximum(count - warmup, 0))
+
+  if opt.name == "apollo":
+    return after_warmup, apollo_optim.apollo_learning_rate(after_warmup, warmup)
+
+  def with_warmup(count):
+    ramp = peak * count / max(warmup, 1)
+    return jnp.where(count < warmup, ramp, after_warmup(count))
+
+  return after_warmup, with_warmup
+
+
+def build_optimizer(opt: ml_collections.ConfigDict, train_steps: int
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer named by `opt.name`, after global-norm clipping; and its lr schedule.
+
+  Weight decay never touches biases or LayerNorm parameters (`decay_mask`).
+  """
+  if opt.name not in OPTIMIZERS:
+    raise ValueError(f"Unknown --config.optimizer.name={opt.name!r}; choose from {OPTIMIZERS}.")
+  after_warmup, lr = learning_rate_schedule(opt, train_steps)
+  wd = float(opt.weight_decay)
+  if opt.name == "apollo":
+    core = apollo_optim.apollo(
+        after_warmup, beta=opt.apollo_beta, eps=opt.apollo_eps, rebound=opt.apollo_rebound,
+        warmup=int(opt.warmup_steps), weight_decay=wd,
+        weight_decay_type=opt.apollo_weight_decay_type, mask=decay_mask)
+  elif opt.name == "adamw":
+    core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=wd, mask=decay_mask)
+  else:
+    # Adam and SGD take weight decay as an L2 term added to the gradient.
+    base = (optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps) if opt.name == "adam"
+            else optax.sgd(lr, momentum=float(opt.momentum) or None))
+    core = optax.chain(optax.add_decayed_weights(wd, decay_mask), base) if wd else base
+  if opt.grad_clip_norm and opt.grad_clip_norm > 0:
+    core = optax.chain(optax.clip_by_global_norm(float(opt.grad_clip_norm)), core)
+  return core, lr
+
+
+# -----------------------------------------------------------------------------
+# Loss and steps (pure functions)
+# -----------------------------------------------------------------------------
+
+
+def objective_sums(model: model_lib.PretrainingModel, batch: Mapping[str, jax.Array],
+                   max_predictions: int, *, deterministic: bool = True,
+                   rngs: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+  """Runs the model once; returns sums and counts of both objectives (float32).
+
+  S-MLM logits are computed at `max_predictions` positions per row: the target
+  positions first (in order), then filler positions of weight 0. Targets beyond
+  `max_predictions` in a row are counted in `mlm_dropped_targets`.
+  """
+  weights = batch["mlm_weights"].astype(jnp.float32)
+  length = weights.shape[1]
+  num = length if max_predictions <= 0 else min(max_predictions, length)
+  # Targets score in (1, 2], the rest in (-1, 0]; earlier positions first.
+  score = 2.0 * weights - jnp.arange(length, dtype=jnp.float32) / length
+  _, positions = jax.lax.top_k(score, num)
+  out = model(batch["input_ids"], batch["attention_mask"], mlm_positions=positions,
+              deterministic=deterministic, rngs=rngs)
+
+  labels = jnp.take_along_axis(batch["mlm_labels"], positions, axis=1)
+  mlm_w = jnp.take_along_axis(weights, positions, axis=1)
+  labels = jnp.where(mlm_w > 0, labels, 0)  # -100 filler -> any valid id, weight 0.
+  mlm_logits = out.mlm_logits.astype(jnp.float32)
+  mlm_nll = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, labels)
+  mlm_hit = (jnp.argmax(mlm_logits, -1) == labels).astype(jnp.float32)
+
+  example_w = batch["example_mask"].astype(jnp.float32)
+  ecls_logits = out.ecls_logits.astype(jnp.float32)
+  ecls_nll = optax.softmax_cross_entropy_with_integer_labels(ecls_logits, batch["ecls_label"])
+  ecls_hit = (jnp.argmax(ecls_logits, -1) == batch["ecls_label"]).astype(jnp.float32)
+  kinds = jax.nn.one_hot(batch["ecls_perturbation"], len(contradiction.PERTURBATION_IDS))
+  kinds = kinds * example_w[:, None]
+  return dict(
+      mlm_loss_sum=jnp.sum(mlm_nll * mlm_w), mlm_correct=jnp.sum(mlm_hit * mlm_w),
+      mlm_count=jnp.sum(mlm_w), mlm_dropped_targets=jnp.sum(weights) - jnp.sum(mlm_w),
+      ecls_loss_sum=jnp.sum(ecls_nll * example_w), ecls_correct=jnp.sum(ecls_hit * example_w),
+      ecls_count=jnp.sum(example_w),
+      ecls_correct_by_kind=jnp.sum(kinds * ecls_hit[:, None], axis=0),
+      ecls_count_by_kind=jnp.sum(kinds, axis=0))
+
+
+def total_loss(sums: Mapping[str, jax.Array], ecls_weight: float) -> jax.Array:
+  """Mean S-MLM cross-entropy over targets + ecls_weight * mean E-CLS cross-entropy."""
+  mlm = sums["mlm_loss_sum"] / jnp.maximum(sums["mlm_count"], 1.0)
+  ecls = sums["ecls_loss_sum"] / jnp.maximum(sums["ecls_count"], 1.0)
+  return mlm + ecls_weight * ecls
+
+
+def train_step(state: dict[str, Any], batch: Mapping[str, jax.Array], *,
+               graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+               lr_schedule: optax.Schedule, ecls_weight: float, max_predictions: int
+               ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """One update. A pure function of (state, batch); dropout key = fold_in(rng, step).
+
+  Args:
+    state: {'params': pure dict, 'opt_state', 'step': int32, 'rng': uint32 key}.
+    batch: device arrays of `pretrain_data` (keys in `_DEVICE_KEYS`).
+    graphdef, optimizer, lr_schedule, ecls_weight, max_predictions: static, bound
+      with functools.partial before `jax.jit`.
+
+  Returns:
+    (new state, metrics): objective sums and counts, plus loss, grad_norm (before
+    clipping), update_norm and the learning rate of this update.
+  """
+  step = state["step"]
+  dropout_key = jax.random.fold_in(state["rng"], step)
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params)
+    sums = objective_sums(model, batch, max_predictions, deterministic=False,
+                          rngs=dropout_key)
+    return total_loss(sums, ecls_weight), sums
+
+  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  new_state = dict(params=params, opt_state=opt_state, step=step + 1, rng=state["rng"])
+  metrics = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads),
+                 update_norm=optax.tree.norm(updates),
+                 learning_rate=jnp.asarray(lr_schedule(step), jnp.float32))
+  return new_state, metrics
+
+
+def eval_step(params: Any, batch: Mapping[str, jax.Array], *, graphdef: nnx.GraphDef,
+              max_predictions: int) -> dict[str, jax.Array]:
+  """Objective sums and counts on one held-out batch (no dropout)."""
+  return objective_sums(nnx.merge(graphdef, params), batch, max_predictions)
+
+
+# -----------------------------------------------------------------------------
+# Host-side metric reduction
+# -----------------------------------------------------------------------------
+
+
+class _MetricAccumulator:
+  """Adds per-step sums on the host; `summary()` turns them into means."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self) -> None:
+    self.sums: dict[str, np.ndarray] = {}
+    self.steps = 0
+    self.last: dict[str, float] = {}
+
+  def add(self, metrics: Mapping[str, np.ndarray]) -> None:
+    for key, value in metrics.items():
+      self.sums[key] = self.sums.get(key, 0.0) + np.asarray(value, np.float64)
+    self.last = {k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0}
+    self.steps += 1
+
+  def summary(self) -> dict[str, float]:
+    s, out = self.sums, {}
+    if not s:
+      return out
+    out["mlm_loss"] = float(s["mlm_loss_sum"] / max(s["mlm_count"], 1.0))
+    out["mlm_acc"] = float(s["mlm_correct"] / max(s["mlm_count"], 1.0))
+    out["ecls_loss"] = float(s["ecls_loss_sum"] / max(s["ecls_count"], 1.0))
+    out["ecls_acc"] = float(s["ecls_correct"] / max(s["ecls_count"], 1.0))
+    out["mlm_targets"] = float(s["mlm_count"])
+    out["mlm_dropped_targets"] = float(s["mlm_dropped_targets"])
+    for name, index in contradiction.PERTURBATION_IDS.items():
+      count = float(s["ecls_count_by_kind"][index])
+      if count:
+        label = "original" if name == "none" else name
+        out[f"ecls_acc_{label}"] = float(s["ecls_correct_by_kind"][index]) / count
+    for key in ("loss", "grad_norm", "update_norm"):
+      if key in s:
+        out[key] = float(s[key] / self.steps)
+    if "learning_rate" in self.last:
+      out["learning_rate"] = self.last["learning_rate"]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Set-up: data, tokenizer, model config, workdir checks
+# -----------------------------------------------------------------------------
+
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str):
+  """(shard_dir, tokenizer): prepared inside `workdir/data` when the config says so.
+
+  Raises:
+    ValueError: unknown tagger.
+    FileNotFoundError: a shard dir or tokenizer path that does not exist (named).
+  """
+  d = config.data
+  if d.tagger not in tagging.TAGGERS:
+    raise ValueError(f"Unknown --config.data.tagger={d.tagger!r}; expected one of "
+                     f"{tagging.TAGGERS}.")
+  if d.shard_dir:
+    shard_dir = d.shard_dir
+    if not selection.list_shards(shard_dir):
+      raise FileNotFoundError(
+          f"--config.data.shard_dir={shard_dir} holds no sentences*.array_record shards; "
+          f"prepare it with `python -m experiments.select_sentences --out_dir={shard_dir}`.")
+  else:
+    shard_dir = os.path.join(workdir, "data", "sentences")
+    if _is_main():
+      source = text_sources.GeneratedSource(generated_corpus.GeneratedCorpusConfig(
+          num_documents=d.generated_documents, seed=d.generated_seed))
+      counts = selection.run_selection(
+          source, shard_dir, selection.SelectionConfig(num_workers=d.selection_workers))
+      logging.info("Generated corpus: %d documents, %d logic sentences in %s.",
+                   counts.documents_read, counts.sentences_kept, shard_dir)
+    _sync("apollo_pretrain_selection")
+
+  tokenizer_path = d.tokenizer_path or config.init_from_hf
+  if tokenizer_path:
+    try:
+      tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
+    except FileNotFoundError as e:
+      flag = "--config.data.tokenizer_path" if d.tokenizer_path else "--config.init_from_hf"
+      raise FileNotFoundError(f"{flag}={tokenizer_path}: {e}") from e
+  else:
+    tokenizer_dir = os.path.join(workdir, "data", "tokenizer")
+    tokenizer_json = os.path.join(tokenizer_dir, "tokenizer.json")
+    if _is_main() and not os.path.isfile(tokenizer_json):
+      # Train into a temporary directory and rename: a crash never leaves half a tokenizer.
+      tmp = tokenizer_dir + ".tmp"
+      tokenizer_lib.train_bpe_tokenizer(
+          (r["text"] for r in selection.iter_records(shard_dir)), tmp,
+          vocab_size=d.tokenizer_vocab_size)
+      os.replace(tmp, tokenizer_dir)
+    _sync("apollo_pretrain_tokenizer")
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_json)
+  tokenizer_lib.special_ids(tokenizer)  # A missing special token is an error naming it.
+  return shard_dir, tokenizer
+
+
+def model_config_from(config: ml_collections.ConfigDict, vocab_size: int
+                      ) -> model_lib.EncoderConfig:
+  """The encoder config: from `init_from_hf`'s config.json, or the preset + overrides."""
+  m = config.model
+  common = dict(hidden_dropout_rate=m.hidden_dropout_rate,
+                attention_dropout_rate=m.attention_dropout_rate, dtype=m.dtype)
+  if config.init_from_hf:
+    path = os.path.join(config.init_from_hf, hf_import.CONFIG_NAME)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"--config.init_from_hf={config.init_from_hf}: no {path}.")
+    model_config = hf_import.config_from_hf(config.init_from_hf, **common)
+    if vocab_size > model_config.vocab_size:
+      raise ValueError(f"The tokenizer has {vocab_size} tokens but {path} only "
+                       f"{model_config.vocab_size} embeddings.")
+  else:
+    overrides = {k: m[k] for k in ("hidden_size", "num_layers", "num_heads",
+                                   "intermediate_size") if m[k] > 0}
+    padded = -(-vocab_size // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
+    model_config = model_lib.get_config(m.preset, vocab_size=padded, **overrides, **common)
+  if config.data.max_len > model_config.max_sequence_length:
+    raise ValueError(f"--config.data.max_len={config.data.max_len} exceeds the model's "
+                     f"{model_config.max_sequence_length} positions.")
+  return model_config
+
+
+def _model_config_json(model_config: model_lib.EncoderConfig) -> dict:
+  return {k: (str(v) if k in ("dtype", "param_dtype") else v)
+          for k, v in dataclasses.asdict(model_config).items()}
+
+
+def _write_json_atomically(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def check_saved_config(workdir: str, model_config: model_lib.EncoderConfig) -> None:
+  """Refuses a workdir whose `config.json` records other model shapes.
+
+  Raises:
+    ValueError: naming `workdir/config.json` and each differing field.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return
+  resolved = _model_config_json(model_config)
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f).get("model_resolved", {})
+  diffs = {k: (saved.get(k), resolved[k]) for k in SHAPE_FIELDS if saved.get(k) != resolved[k]}
+  if diffs:
+    lines = ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in diffs.items())
+    raise ValueError(
+        f"{path} belongs to a run with other model shapes ({lines}); its checkpoints "
+        f"cannot be resumed with this config. Use a new --workdir or the saved config.")
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict,
+                 model_config: model_lib.EncoderConfig) -> None:
+  """Records the config of this run (and the resolved model config) in workdir/config.json."""
+  if _is_main():
+    _write_json_atomically(os.path.join(workdir, "config.json"),
+                           dict(config=json.loads(config.to_json_best_effort()),
+                                model_resolved=_model_config_json(model_config)))
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+  """'encoder/layers/0/attention/query/kernel' -> shape (dict keys compared as strings)."""
+  def name(entry):
+    for attr in ("key", "idx", "name"):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+  return {"/".join(name(e) for e in path): tuple(getattr(x, "shape", None) or ())
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_checkpoint_shapes(ckpt: checkpoint_lib.Checkpointer, abstract_state: Any) -> None:
+  """The latest checkpoint's parameter shapes must equal the config's (checked before restoring).
+
+  Restoring a mismatched checkpoint would fail and set it aside as damaged; this
+  reports the mismatch instead and leaves the checkpoint alone.
+  """
+  step = ckpt.latest_step()
+  if step is None:
+    return
+  import orbax.checkpoint as ocp
+  path = os.path.join(ckpt.directory, str(step), "state")
+  try:
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Could not read the metadata of %s (%s); restoring will tell.", path, e)
+    return
+  saved = _shapes_by_path(tree.get("params", {}) if isinstance(tree, Mapping) else {})
+  if not saved:
+    logging.warning("No parameter metadata in %s; restoring will tell.", path)
+    return
+  wanted = _shapes_by_path(abstract_state["params"])
+  diffs = [f"{k}: checkpoint {saved[k]} vs config {v}"
+           for k, v in wanted.items() if k in saved and saved[k] != v]
+  missing = [k for k in wanted if k not in saved]
+  if diffs or missing:
+    detail = "; ".join(diffs[:5] + [f"{k} missing" for k in missing[:5]])
+    raise ValueError(f"Checkpoint {os.path.dirname(path)} does not match the configured "
+                     f"model ({len(diffs)} parameter shape differences, {len(missing)} "
+                     f"missing parameters: {detail}). Use a new --workdir or the config it was "
+                     f"written with.")
+
+
+# -----------------------------------------------------------------------------
+# State creation
+# -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """Everything that stays fixed over a run: mesh, model structure, optimizer, shardings."""
+
+  mesh: jax.sharding.Mesh
+  model_config: model_lib.EncoderConfig
+  graphdef: nnx.GraphDef
+  optimizer: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  abstract_state: Any  # ShapeDtypeStructs carrying their NamedShardings.
+  state_shardings: Any
+
+
+def make_setup(config: ml_collections.ConfigDict, model_config: model_lib.EncoderConfig,
+               mesh: jax.sharding.Mesh) -> TrainSetup:
+  """Shapes and shardings of the state, computed abstractly (no memory used)."""
+  optimizer, lr_schedule = build_optimizer(config.optimizer, config.train_steps)
+  make_model = lambda: model_lib.PretrainingModel(model_config, rngs=nnx.Rngs(config.seed))
+  graphdef, abstract_nnx = nnx.split(nnx.eval_shape(make_model))
+  specs = nnx.to_pure_dict(model_lib.logical_partition_specs(abstract_nnx))
+  abstract_params = jax.tree.map(
+      lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
+      nnx.to_pure_dict(abstract_nnx), specs)
+  opt_shardings = apollo_optim.state_shardings(optimizer, abstract_params, mesh)
+  abstract_opt = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(optimizer.init, abstract_params), opt_shardings)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_state = dict(
+      params=abstract_params, opt_state=abstract_opt,
+      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+      rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
+  state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  return TrainSetup(mesh, model_config, graphdef, optimizer, lr_schedule,
+                    abstract_state, state_shardings)
+
+
+def init_state(config: ml_collections.ConfigDict, setup: TrainSetup) -> dict[str, Any]:
+  """A fresh state, every array created directly in its shards."""
+  if config.init_from_hf:
+    m = config.model
+    model, report = hf_import.from_pretrained(
+        config.init_from_hf, model_lib.PretrainingModel, seed=config.seed, mesh=setup.mesh,
+        hidden_dropout_rate=m.hidden_dropout_rate,
+        attention_dropout_rate=m.attention_dropout_rate, dtype=m.dtype)
+    logging.info("Imported %s: %s", config.init_from_hf, report.summary())
+  else:
+    model = model_lib.create_sharded_model(
+        lambda: model_lib.PretrainingModel(setup.model_config, rngs=nnx.Rngs(config.seed)),
+        setup.mesh)
+  params = nnx.to_pure_dict(nnx.state(model))
+  params = jax.device_put(params, setup.state_shardings["params"])
+  replicated = setup.state_shardings["step"]
+  return dict(
+      params=params,
+      opt_state=apollo_optim.init_sharded(setup.optimizer, params, setup.mesh),
+      step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+      rng=jax.device_put(jax.random.key_data(jax.random.PRNGKey(config.seed + 1)),
+                         replicated))
+
+
+# -----------------------------------------------------------------------------
+# The job
+# -----------------------------------------------------------------------------
+
+
+def _data_config(config: ml_collections.ConfigDict) -> pretrain_data.PretrainDataConfig:
+  d = config.data
+  hosts = jax.process_count()
+  if d.batch_size % hosts:
+    raise ValueError(f"--config.data.batch_size={d.batch_size} is not divisible by the "
+                     f"{hosts} processes.")
+  return pretrain_data.PretrainDataConfig(
+      max_len=d.max_len, batch_size=d.batch_size // hosts, seed=config.seed,
+      mask_ratio=d.mask_ratio, mask_pos_prefixes=tuple(d.mask_pos_prefixes),
+      mask_keywords=d.mask_keywords, perturbations=tuple(d.perturbations),
+      mlm_on_perturbed=d.mlm_on_perturbed, tagger=d.tagger,
+      eval_fraction=d.eval_fraction, read_threads=d.read_threads,
+      num_workers=d.num_workers)
+
+
+def _device_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  return mesh_lib.shard_batch({k: batch[k] for k in _DEVICE_KEYS}, mesh)
+
+
+def evaluate(config, setup: TrainSetup, eval_fn, params, shard_dir, tokenizer,
+             data_config) -> dict[str, float]:
+  """Mean objectives and accuracies over the held-out split (or `eval_batches` of it)."""
+  dataset = pretrain_data.make_pretrain_dataset(
+      shard_dir, tokenizer, data_config, split="eval",
+      shard_index=jax.process_index(), shard_count=jax.process_count())
+  acc = _MetricAccumulator()
+  for i, batch in enumerate(dataset):
+    if config.eval_batches and i >= config.eval_batches:
+      break
+    acc.add(jax.device_get(eval_fn(params, _device_batch(batch, setup.mesh))))
+  if not acc.steps:
+    raise ValueError(f"The held-out split of {shard_dir} is empty: raise "
+                     f"--config.data.eval_fraction (now {config.data.eval_fraction}).")
+  out = acc.summary()
+  out["loss"] = out["mlm_loss"] + config.ecls_weight * out["ecls_loss"]
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+  """Trains (or resumes) in `workdir` until `config.train_steps`; evaluates on the way.
+
+  Args:
+    config: see `experiments/configs/pretrain.py`.
+    workdir: checkpoints/, metrics.jsonl, tensorboard/, config.json and (for the
+      generated corpus) data/ go here; a rerun resumes from it.
+    on_step: called with the step number after each update is dispatched (tests
+      use it to send SIGTERM mid-run).
+
+  Returns:
+    {'step': last step, 'preempted': bool, 'train': last train summary,
+     'eval': last eval summary}.
+
+  Raises:
+    NonFiniteLossError: the loss became NaN/inf; nothing of that step is saved and
+      the earlier checkpoints are complete.
+    ValueError / FileNotFoundError: bad input, naming the flag or file.
+  """
+  mesh_lib.initialize_distributed()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  build_optimizer(config.optimizer, config.train_steps)  # Bad names fail before any work.
+  shard_dir, tokenizer = prepare_data(config, workdir)
+  model_config = model_config_from(config, tokenizer.get_vocab_size())
+  check_saved_config(workdir, model_config)
+  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                            axis_type="auto")
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.data.batch_size % batch_shards:
+    raise ValueError(f"--config.data.batch_size={config.data.batch_size} is not divisible "
+                     f"by data*fsdp={batch_shards}.")
+  logging.info("Mesh %s; model %s", mesh_lib.describe(mesh), model_config)
+  data_config = _data_config(config)
+  setup = make_setup(config, model_config, mesh)
+
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     max_to_keep=config.max_checkpoints)
+  writer = metrics_lib.MetricsWriter(workdir)
+  try:
+    check_checkpoint_shapes(ckpt, setup.abstract_state)
+    write_config(workdir, config, model_config)  # Only once the workdir is known to fit.
+    restored = ckpt.restore_latest(setup.abstract_state)
+    train_ds = pretrain_data.make_pretrain_dataset(
+        shard_dir, tokenizer, data_config, split="train",
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+    train_it = iter(train_ds)
+    if restored is not None:
+      state, start_step = restored.state, restored.step
+      if restored.data and "train_iterator" in restored.data:
+        train_it.set_state(restored.data["train_iterator"])
+      logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
+    else:
+      state, start_step = init_state(config, setup), 0
+    return _train_loop(config, setup, state, start_step, train_it, ckpt, writer,
+                       shard_dir, tokenizer, data_config, on_step)
+  finally:
+    ckpt.close()  # Waits for in-flight saves: earlier checkpoints are complete.
+    writer.close()
+
+
+def _train_loop(config, setup: TrainSetup, state, start_step, train_it, ckpt, writer,
+                shard_dir, tokenizer, data_config, on_step) -> dict[str, Any]:
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=setup.graphdef, optimizer=setup.optimizer,
+                        lr_schedule=setup.lr_schedule, ecls_weight=config.ecls_weight,
+                        max_predictions=config.mlm_max_predictions),
+      out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, PartitionSpec())),
+      donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=setup.graphdef,
+                                      max_predictions=config.mlm_max_predictions))
+  tokens_per_step = config.data.batch_size * config.data.max_len
+  progress = metrics_lib.Progress(config.train_steps, start_step, unit="tokens",
+                                  every=config.log_every)
+  window, window_start = _MetricAccumulator(), time.perf_counter()
+  result: dict[str, Any] = dict(step=start_step, preempted=False, train={}, eval={})
+  pending = None  # (step, metrics on device): read one step late, so steps pipeline.
+
+  def consume():
+    nonlocal pending, window_start
+    if pending is None:
+      return
+    step, metrics = pending
+    pending = None
+    metrics = jax.device_get(metrics)
+    # A finite loss with overflowing gradients would still poison the params.
+    metrics_lib.check_finite(metrics, step, keys=("loss", "grad_norm"))
+    window.add(metrics)
+    progress.update(step, tokens_per_step, {"loss": metrics["loss"]})
+    if step % config.log_every == 0 or step == config.train_steps:
+      summary = window.summary()
+      now = time.perf_counter()
+      summary["tokens_per_s"] = tokens_per_step * window.steps / max(now - window_start, 1e-9)
+      writer.write(step, summary, split="train")
+      result["train"] = summary
+      window.reset()
+      window_start = now
+
+  with checkpoint_lib.PreemptionGuard() as guard, jax.set_mesh(setup.mesh):
+    for step in range(start_step + 1, config.train_steps + 1):
+      batch = next(train_it)
+      data_state = train_it.get_state()  # The data position after this step's batch.
+      state, metrics = step_fn(state, _device_batch(batch, setup.mesh))
+      consume()  # The previous step's metrics, while this step runs.
+      pending = (step, metrics)
+      if on_step is not None:
+        on_step(step)
+      save = (step % config.checkpoint_every == 0 or step == config.train_steps
+              or guard.requested)
+      do_eval = step % config.eval_every == 0 or step == config.train_steps
+      if save or do_eval or step % config.log_every == 0:
+        consume()  # Checked finite before anything of this step is saved.
+      if do_eval:
+        result["eval"] = evaluate(config, setup, eval_fn, state["params"], shard_dir,
+                                  tokenizer, data_config)
+        writer.write(step, result["eval"], split="eval")
+        logging.info("eval at step %d: %s", step,
+                     " | ".join(f"{k} {v:.4g}" for k, v in result["eval"].items()))
+        window_start = time.perf_counter()  # Throughput counts training time only.
+      if save:
+        ckpt.save(step, state, data=dict(train_iterator=data_state, step=step))
+      result["step"] = step
+      if guard.requested:
+        logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume.",
+                        step, ckpt.directory)
+        result["preempted"] = True
+        break
+    consume()
+  return result

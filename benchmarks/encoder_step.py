@@ -1,0 +1,240 @@
+r"""Throughput and MFU of the APOLLO pretraining step (encoder + S-MLM + E-CLS + update).
+
+Times `apollo.lm.pretrain.train_step` (the trainer's own jitted, donated step) with
+Apollo and with AdamW on synthetic batches, and, when torch and transformers import,
+the same-size Hugging Face `RobertaForMaskedLM` + `RobertaClassificationHead` step
+with `torch.optim.AdamW` (same batch, length, MLM positions, loss): a table of
+tokens/s, model FLOP/s, MFU and the JAX/PyTorch ratio.
+
+  python -m benchmarks.encoder_step                       # small, batch 16 x 128
+  python -m benchmarks.encoder_step --size=base --batch_size=32 --seq_len=128
+  python -m benchmarks.encoder_step --size=large --dtype=bfloat16   # on a GPU/TPU
+
+FLOPs. "Model FLOPs" are counted analytically (as in the PaLM paper's MFU): per
+token and layer 2 * (4 d^2 + 2 d f) for the matmuls plus 4 L d for attention
+scores and values; the S-MLM head 2 (d^2 + d V) per predicted position (only the
+`mlm_max_predictions` positions are scored), the E-CLS head per sequence; a
+train step is 3x the forward. XLA's own count
+(`jit(...).lower(...).compile().cost_analysis()['flops']`) is printed beside it
+as a cross-check (it includes the optimizer and the elementwise work).
+
+Peak FLOP/s (`--peak_flops`, 0 = the platform default): on CPU the measured rate
+of a large jitted float32 matmul on this machine (so CPU MFU means "share of
+achievable matmul throughput"); on GPU/TPU the vendor's dense peak for the
+compute dtype, from the table `_PEAK_FLOPS` (H100/H200 SXM: 989 TFLOP/s bf16,
+494 TFLOP/s TF32 which XLA uses for float32 matmuls by default; A100: 312 / 156;
+TPU v4: 275, v5e: 197, v5p: 459, v6e: 918 bf16).
+
+Tokens/s counts all B * L positions (padding included; the synthetic batches
+have none). Only the CPU row of the PyTorch comparison is meaningful (torch here
+is the CPU build).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+
+from absl import app
+from absl import flags
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apollo.common import mesh as mesh_lib
+from apollo.lm import model as model_lib
+from apollo.lm import pretrain
+from experiments.configs import pretrain as pretrain_configs
+
+_SIZE = flags.DEFINE_enum("size", "small", list(model_lib.PRESET_NAMES), "Encoder preset.")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per step.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the warm-up steps).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation, caches).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_OPTIMIZERS = flags.DEFINE_list("optimizers", ["apollo", "adamw"], "JAX optimizers to time.")
+_TORCH = flags.DEFINE_bool("torch", True, "Also time transformers' RoBERTa if importable.")
+_PEAK = flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s for MFU; 0 = platform default.")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch threads; 0 = all cores.")
+
+# Dense peak FLOP/s by device kind substring: (bf16, float32-as-executed).
+_PEAK_FLOPS = {
+    "H100": (989e12, 494e12), "H200": (989e12, 494e12), "A100": (312e12, 156e12),
+    "TPU v4": (275e12, 275e12), "TPU v5 lite": (197e12, 197e12), "TPU v5e": (197e12, 197e12),
+    "TPU v5p": (459e12, 459e12), "TPU v6": (918e12, 918e12),
+}
+
+
+def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+  """Best FLOP/s of a jitted float32 n x n matmul (the CPU's achievable peak)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def peak_flops(dtype: str) -> tuple[float, str]:
+  if _PEAK.value > 0:
+    return _PEAK.value, "--peak_flops"
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return measured_matmul_flops(), "measured f32 matmul"
+  for key, (bf16, f32) in _PEAK_FLOPS.items():
+    if key.lower() in device.device_kind.lower():
+      return (bf16 if dtype == "bfloat16" else f32), f"{device.device_kind} spec"
+  raise ValueError(f"No peak FLOP/s known for {device.device_kind!r}: pass --peak_flops.")
+
+
+def model_flops_per_step(c: model_lib.EncoderConfig, batch: int, length: int,
+                         predictions: int) -> float:
+  """Analytic training FLOPs of one step (3x forward; see the module docstring)."""
+  d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
+  per_token_layer = 2 * (4 * d * d + 2 * d * f) + 4 * length * d
+  forward = batch * length * c.num_layers * per_token_layer
+  forward += batch * predictions * 2 * (d * d + d * v)  # S-MLM head at the targets.
+  forward += batch * 2 * (d * d + d * c.num_ecls_labels)  # E-CLS head on <s>.
+  return 3.0 * forward
+
+
+def synthetic_batch(c: model_lib.EncoderConfig, batch: int, length: int, predictions: int,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+  """Full-length sentences with `predictions` S-MLM targets each."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(5, c.vocab_size, size=(batch, length)).astype(np.int32)
+  ids[:, 0], ids[:, -1] = 0, 2
+  weights = np.zeros((batch, length), np.float32)
+  for row in range(batch):
+    weights[row, rng.choice(np.arange(1, length - 1), predictions, replace=False)] = 1.0
+  labels = np.where(weights > 0, ids, -100).astype(np.int32)
+  ids = np.where(weights > 0, 4, ids).astype(np.int32)  # <mask>
+  ecls = rng.integers(0, 2, size=batch).astype(np.int32)
+  return dict(input_ids=ids, attention_mask=np.ones_like(ids), mlm_labels=labels,
+              mlm_weights=weights, ecls_label=ecls, ecls_perturbation=ecls,
+              example_mask=np.ones(batch, np.int32))
+
+
+def time_jax(optimizer: str, model_config, batch_np, predictions: int):
+  """(seconds per step, XLA-counted FLOPs per step) of the trainer's jitted step."""
+  config = pretrain_configs.get_config("quickstart")
+  config.optimizer.name = optimizer
+  config.optimizer.learning_rate = 1e-2 if optimizer == "apollo" else 1e-4
+  config.train_steps = 1000
+  config.mlm_max_predictions = predictions
+  config.mesh.data = jax.device_count()
+  mesh = mesh_lib.make_mesh(jax.device_count(), 1, 1, axis_type="auto")
+  setup = pretrain.make_setup(config, model_config, mesh)
+  state = pretrain.init_state(config, setup)
+  step = jax.jit(
+      functools.partial(pretrain.train_step, graphdef=setup.graphdef,
+                        optimizer=setup.optimizer, lr_schedule=setup.lr_schedule,
+                        ecls_weight=1.0, max_predictions=predictions),
+      out_shardings=(setup.state_shardings, None), donate_argnums=0)
+  batch = mesh_lib.shard_batch(batch_np, mesh)
+  cost = step.lower(state, batch).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float((cost or {}).get("flops", float("nan")))
+  for _ in range(_WARMUP.value):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  t = time.perf_counter()
+  for _ in range(_STEPS.value):
+    state, metrics = step(state, batch)
+  jax.block_until_ready((state, metrics))
+  return (time.perf_counter() - t) / _STEPS.value, xla_flops
+
+
+def time_torch(model_config, batch_np, predictions: int):
+  """Seconds per step of transformers' RoBERTa with the same heads, loss and batch."""
+  import torch
+  import transformers
+  from transformers.models.roberta import modeling_roberta
+
+  torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count() or 1)
+  c = model_config
+  hf_config = transformers.RobertaConfig(
+      vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+      num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size,
+      max_position_embeddings=c.max_position_embeddings, type_vocab_size=1, pad_token_id=1,
+      num_labels=2)
+  mlm = transformers.RobertaForMaskedLM(hf_config).train()
+  ecls = modeling_roberta.RobertaClassificationHead(hf_config).train()
+  dtype = torch.bfloat16 if c.dtype == jnp.bfloat16 else torch.float32
+  mlm, ecls = mlm.to(dtype), ecls.to(dtype)
+  opt = torch.optim.AdamW(list(mlm.parameters()) + list(ecls.parameters()), lr=1e-4)
+  ids = torch.from_numpy(batch_np["input_ids"]).long()
+  mask = torch.from_numpy(batch_np["attention_mask"]).long()
+  weights = torch.from_numpy(batch_np["mlm_weights"])
+  positions = torch.argsort(-weights, dim=1, stable=True)[:, :predictions]
+  labels = torch.gather(torch.from_numpy(batch_np["mlm_labels"]).long(), 1, positions)
+  ecls_labels = torch.from_numpy(batch_np["ecls_label"]).long()
+
+  def step():
+    hidden = mlm.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
+    picked = torch.gather(hidden, 1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    mlm_logits = mlm.lm_head(picked).float()
+    loss = torch.nn.functional.cross_entropy(mlm_logits.reshape(-1, c.vocab_size),
+                                             labels.reshape(-1))
+    loss = loss + torch.nn.functional.cross_entropy(ecls(hidden).float(), ecls_labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(mlm.parameters()) + list(ecls.parameters()), 1.0)
+    opt.step()
+
+  for _ in range(_WARMUP.value):
+    step()
+  t = time.perf_counter()
+  for _ in range(_STEPS.value):
+    step()
+  return (time.perf_counter() - t) / _STEPS.value
+
+
+def main(argv):
+  del argv
+  batch, length = _BATCH.value, _SEQ_LEN.value
+  predictions = max(1, round(0.15 * (length - 2)))
+  model_config = model_lib.get_config(
+      _SIZE.value, dtype=_DTYPE.value,
+      max_position_embeddings=max(length + 2, model_lib.get_config(_SIZE.value).max_position_embeddings))
+  batch_np = synthetic_batch(model_config, batch, length, predictions)
+  tokens = batch * length
+  flops = model_flops_per_step(model_config, batch, length, predictions)
+  peak, peak_source = peak_flops(_DTYPE.value)
+  device = jax.devices()[0]
+  params = model_lib.count_params(nnx.eval_shape(
+      lambda: model_lib.PretrainingModel(model_config, rngs=nnx.Rngs(0))))
+  print(f"# APOLLO pretraining step: {_SIZE.value} encoder ({params / 1e6:.1f}M params), "
+        f"batch {batch} x {length}, {predictions} S-MLM positions/row, {_DTYPE.value}")
+  print(f"# device: {jax.device_count()} x {device.device_kind} ({device.platform}), "
+        f"{os.cpu_count()} CPU cores; peak {peak / 1e12:.3f} TFLOP/s ({peak_source}); "
+        f"model FLOPs/step {flops / 1e9:.2f} G (analytic, 6N-style)")
+  rows = []
+  for name in _OPTIMIZERS.value:
+    seconds, xla_flops = time_jax(name, model_config, batch_np, predictions)
+    rows.append((f"JAX/Flax NNX + {name}", seconds, xla_flops))
+  if _TORCH.value:
+    try:
+      seconds = time_torch(model_config, batch_np, predictions)
+      rows.append(("PyTorch transformers + AdamW", seconds, float("nan")))
+    except ImportError as e:
+      print(f"# PyTorch comparison skipped: {e}")
+  torch_rate = next((tokens / s for n, s, _ in rows if n.startswith("PyTorch")), None)
+  print("| step | ms/step | tokens/s | model TFLOP/s | MFU | XLA GFLOP/step | vs PyTorch |")
+  print("|---|---|---|---|---|---|---|")
+  for name, seconds, xla_flops in rows:
+    rate = tokens / seconds
+    ratio = f"{rate / torch_rate:.2f}x" if torch_rate else "-"
+    xla = "-" if math.isnan(xla_flops) else f"{xla_flops / 1e9:.2f}"
+    print(f"| {name} | {seconds * 1e3:.1f} | {rate:,.0f} | {flops / seconds / 1e12:.4f} | "
+          f"{100 * flops / seconds / peak:.1f}% | {xla} | {ratio} |")
+
+
+if __name__ == "__main__":
+  app.run(main)

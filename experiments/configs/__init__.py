@@ -1,0 +1,1 @@
+"""ml_collections config files for the experiments (`--config=experiments/configs/NAME.py:preset`)."""

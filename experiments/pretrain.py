@@ -1,0 +1,54 @@
+r"""APOLLO continued pretraining (S-MLM + E-CLS): a thin absl main over the trainer.
+
+  python -m experiments.pretrain --flagfile=experiments/flags/quickstart.flags
+  python -m experiments.pretrain --workdir=runs/pretrain \
+      --config=experiments/configs/pretrain.py:quickstart --config.train_steps=100
+
+Rerunning the same command resumes from `--workdir` (checkpoints, data position).
+Multi-host jobs call `jax.distributed.initialize()` when the launcher sets the
+usual variables (see `apollo.common.mesh.initialize_distributed`). The trainer is
+`apollo.lm.pretrain.train_and_evaluate`; the config fields and presets are in
+`experiments/configs/pretrain.py`.
+"""
+
+import logging as std_logging
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from apollo.lm import pretrain
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/pretrain.py:quickstart",
+    "Config file and preset (quickstart, base, large); override fields with --config.x=y.")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Checkpoints, metrics and prepared data go here.",
+                               required=True)
+
+
+class _QuietOrbax:
+  """Drops orbax's per-save INFO lines (dozens per checkpoint); its warnings stay."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  handler = logging.get_absl_handler()
+  for h in (handler, handler.python_handler):  # ABSLHandler hands records to the latter.
+    h.addFilter(_QuietOrbax())
+  result = pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train, evaluation = result["train"], result["eval"]
+  logging.info("Done at step %d%s.", result["step"], " (preempted)" if result["preempted"] else "")
+  print(f"step {result['step']}"
+        + (f" | train loss {train['loss']:.4f}" if train else "")
+        + (f" | eval mlm_acc {evaluation['mlm_acc']:.4f} ecls_acc {evaluation['ecls_acc']:.4f}"
+           if evaluation else ""))
+
+
+if __name__ == "__main__":
+  app.run(main)
