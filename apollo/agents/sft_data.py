@@ -1,0 +1,399 @@
+"""From masked trajectories to training samples (token ids + loss masks).
+
+Every stored action step holds the exact messages the model was sent and its
+exact response (`storage.StepRecord`), and the judging stage
+(`apollo.agents.judging`) gives every action a keep / mask verdict. This module
+renders those into samples for supervised fine-tuning with the policy's chat
+template (`chat_template.ChatTemplate.render(..., trainable=...)`):
+
+- `mode='per_step'`: one sample per kept action. Input: the exact stored
+  messages of step t, then the stored response as the only target. A masked
+  action gives no sample of its own but stays, untrained, in the context of
+  every later step that saw it.
+- `mode='per_segment'`: one sample per segment of the episode, a maximal run of
+  steps whose prompts extend one another (a context compression, stored as a
+  `summary` step, starts a new segment). The sample is the segment's final
+  conversation; every assistant turn of the segment's own steps is a target if
+  kept, masked actions stay as context, and turns carried over from before the
+  compression are context only (they were targets of the previous segment).
+  Token for token this is the union of the per-step samples of the segment, in
+  one sequence.
+
+Loss masks come from the chat template: only the content and the closing
+`<|im_end|>` of kept assistant turns are trained (the end-of-turn token is a
+target: it teaches the model to stop after one tool call); headers, the system
+prompt, observations, guidance and masked actions are not.
+
+Human messages (`human_messages`): 'keep' leaves the tagged
+`<human_guidance>` user messages in the context (the model learns to follow
+advice); 'remove' drops them (at test time no human speaks). The summaries'
+one-line reflections on the advice are the agent's own text and stay in both
+modes. Which is better is an experiment; `SampleStats` reports the tokens either
+way.
+
+Export: JSON lines (`write_jsonl` / `read_jsonl`) or ArrayRecord
+(`write_array_record` / `ArrayRecordSamples`, random access, one JSON record per
+sample, usable as a grain data source with `decode_record`).
+
+Baseline: `outcome_filter` keeps only sessions whose final score reaches a
+threshold, and `build_samples(..., all_trainable=True)` trains every action of
+them (rejection sampling, no judging).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from apollo.agents import chat_template as chat_template_lib
+from apollo.agents import guidance as guidance_lib
+from apollo.agents import judging
+from apollo.agents import labels as labels_lib
+from apollo.agents import storage as storage_lib
+
+MODES = ('per_step', 'per_segment')
+HUMAN_MESSAGE_MODES = ('keep', 'remove')
+
+Message = dict[str, str]
+
+
+@dataclasses.dataclass
+class Sample:
+  """One training sample; all arrays have one entry per token.
+
+  Attributes:
+    input_ids: int32 token ids.
+    loss_mask: bool; True on the targets (kept assistant content + `<|im_end|>`).
+    roles: int8 role id per token (`chat_template.ROLE_IDS`; guidance is 2).
+    segment_ids: int32 index of the message each token belongs to.
+    meta: session id, mode, the assistant turns' steps and verdicts, counts.
+  """
+
+  input_ids: np.ndarray
+  loss_mask: np.ndarray
+  roles: np.ndarray
+  segment_ids: np.ndarray
+  meta: dict[str, Any]
+
+  def __len__(self) -> int:
+    return len(self.input_ids)
+
+  def to_json(self) -> dict[str, Any]:
+    return {'input_ids': self.input_ids.tolist(),
+            'loss_mask': self.loss_mask.astype(np.int8).tolist(),
+            'roles': self.roles.tolist(), 'segment_ids': self.segment_ids.tolist(),
+            'meta': self.meta}
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any]) -> 'Sample':
+    return cls(input_ids=np.asarray(data['input_ids'], np.int32),
+               loss_mask=np.asarray(data['loss_mask'], bool),
+               roles=np.asarray(data['roles'], np.int8),
+               segment_ids=np.asarray(data['segment_ids'], np.int32),
+               meta=dict(data['meta']))
+
+
+@dataclasses.dataclass
+class SampleStats:
+  """What a build produced (and what it left out)."""
+
+  sessions: int = 0
+  actions: int = 0                  # action steps seen
+  masked_actions: int = 0           # ... judged 'mask' (not trained)
+  samples: int = 0
+  tokens: int = 0
+  target_tokens: int = 0
+  guidance_tokens: int = 0          # tokens of human messages kept in the contexts
+  guidance_messages_removed: int = 0
+  dropped_too_long: int = 0         # samples over max_tokens
+  masked_by_reason: collections.Counter = dataclasses.field(
+      default_factory=collections.Counter)
+
+  @property
+  def fraction_masked(self) -> float:
+    return self.masked_actions / self.actions if self.actions else 0.0
+
+  def to_json(self) -> dict[str, Any]:
+    data = dataclasses.asdict(self)
+    data['masked_by_reason'] = dict(self.masked_by_reason)
+    data['fraction_masked'] = self.fraction_masked
+    return data
+
+
+@dataclasses.dataclass
+class _Turn:
+  """A message of a sample's conversation; `step` is set for assistant turns."""
+
+  message: Message
+  step: int | None = None
+
+
+def _verdict_json(label: labels_lib.Label, all_labels: Sequence[labels_lib.Label]
+                  ) -> dict[str, Any]:
+  return {'verdict': label.verdict, 'reason': label.reason,
+          'labels': [[l.judge, l.verdict, l.reason] for l in all_labels]}
+
+
+def _segments(steps: Sequence[storage_lib.StepRecord]) -> list[list[storage_lib.StepRecord]]:
+  """Maximal runs of action steps whose prompts extend one another."""
+  segments: list[list[storage_lib.StepRecord]] = []
+  previous: storage_lib.StepRecord | None = None
+  for step in steps:
+    if step.kind != 'action':
+      previous = None  # a summary (compression) ends the segment
+      continue
+    extends = previous is not None and len(step.messages) > len(previous.messages) and (
+        step.messages[:len(previous.messages) + 1]
+        == previous.messages + [{'role': 'assistant', 'content': previous.response}])
+    if extends:
+      segments[-1].append(step)
+    else:
+      segments.append([step])
+    previous = step
+  return segments
+
+
+def _conversation(steps: Sequence[storage_lib.StepRecord]) -> list[_Turn]:
+  """The final conversation of a segment with each of its own responses tagged."""
+  last = steps[-1]
+  turns = [_Turn(dict(m)) for m in last.messages]
+  turns.append(_Turn({'role': 'assistant', 'content': last.response}))
+  for step in steps:
+    # Step s's response sits right after its prompt (the prompts extend each other).
+    position = len(step.messages)
+    assert turns[position].message == {'role': 'assistant', 'content': step.response}
+    turns[position].step = step.step_index
+  return turns
+
+
+class SampleBuilder:
+  """Renders stored sessions into `Sample`s.
+
+  Args:
+    store: the trajectory store.
+    template: the policy's chat template.
+    mode: 'per_step' or 'per_segment'.
+    human_messages: 'keep' or 'remove' the tagged guidance messages.
+    label_store: judge labels (`labels.LabelStore`); without one (or for steps it
+      has no label for) the store's `quality` / human flag decides.
+    all_trainable: train every action regardless of verdicts (outcome baseline).
+    max_tokens: drop samples longer than this (counted in the stats).
+    authoritative: judges whose label decides alone (`judging.combine`).
+  """
+
+  def __init__(self, store: storage_lib.TrajectoryStore,
+               template: chat_template_lib.ChatTemplate, *, mode: str = 'per_step',
+               human_messages: str = 'keep',
+               label_store: labels_lib.LabelStore | None = None,
+               all_trainable: bool = False, max_tokens: int | None = None,
+               authoritative: Sequence[str] = ('human',)):
+    if mode not in MODES:
+      raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    if human_messages not in HUMAN_MESSAGE_MODES:
+      raise ValueError(f'human_messages must be one of {HUMAN_MESSAGE_MODES}, '
+                       f'got {human_messages!r}')
+    self.store = store
+    self.template = template
+    self.mode = mode
+    self.human_messages = human_messages
+    self.label_store = label_store
+    self.all_trainable = all_trainable
+    self.max_tokens = max_tokens
+    self.authoritative = tuple(authoritative)
+    self.stats = SampleStats()
+
+  def verdicts(self, session_id: str
+               ) -> dict[int, tuple[labels_lib.Label, list[labels_lib.Label]]]:
+    """step -> (verdict, all labels) as this builder applies them."""
+    if self.all_trainable:
+      return {s.step_index: (labels_lib.Label(labels_lib.KEEP, 'outcome_filter', 'outcome'), [])
+              for s in self.store.get_steps(session_id, full=False) if s.kind == 'action'}
+    return judging.stored_verdicts(self.store, session_id, self.label_store,
+                                   self.authoritative)
+
+  def session_samples(self, session_id: str) -> Iterator[Sample]:
+    """The samples of one session, in step order."""
+    session = self.store.get_session(session_id)
+    if session is None:
+      raise KeyError(f'unknown session {session_id!r}')
+    verdicts = self.verdicts(session_id)
+    steps = self.store.get_steps(session_id)
+    self.stats.sessions += 1
+    for index, (label, _) in verdicts.items():
+      self.stats.actions += 1
+      if label.masked:
+        self.stats.masked_actions += 1
+        self.stats.masked_by_reason.update(label.reason_codes)
+    base = {'session_id': session_id, 'env_name': session.env_name, 'seed': session.seed,
+            'score': (session.result or {}).get('score'), 'mode': self.mode,
+            'human_messages': self.human_messages}
+    if self.mode == 'per_step':
+      for step in steps:
+        if step.kind != 'action' or verdicts[step.step_index][0].masked:
+          continue  # a masked action has no target of its own
+        turns = [_Turn(dict(m)) for m in step.messages]
+        turns.append(_Turn({'role': 'assistant', 'content': step.response}, step.step_index))
+        sample = self._render(turns, verdicts, base, only_steps={step.step_index})
+        if sample is not None:
+          sample.meta['step'] = step.step_index
+          yield sample
+    else:
+      for segment in _segments(steps):
+        own = {s.step_index for s in segment}
+        sample = self._render(_conversation(segment), verdicts, base, only_steps=own)
+        if sample is not None:
+          sample.meta['first_step'], sample.meta['last_step'] = min(own), max(own)
+          yield sample
+
+  def _render(self, turns: list[_Turn], verdicts: Mapping[int, tuple[labels_lib.Label, list]],
+              base: Mapping[str, Any], only_steps: set[int]) -> Sample | None:
+    if self.human_messages == 'remove':
+      kept = [t for t in turns if not guidance_lib.is_guidance_message(t.message)]
+      self.stats.guidance_messages_removed += len(turns) - len(kept)
+      turns = kept
+    targets = [t.step is not None and t.step in only_steps and not verdicts[t.step][0].masked
+               for t in turns]
+    if not any(targets):
+      return None  # every action of the segment was masked
+    rendered = self.template.render([t.message for t in turns], trainable=targets)
+    if self.max_tokens is not None and len(rendered) > self.max_tokens:
+      self.stats.dropped_too_long += 1
+      return None
+    steps = [t.step for t in turns if t.step is not None]
+    meta = dict(base)
+    meta.update(
+        steps=steps,
+        trainable_steps=[t.step for t, x in zip(turns, targets) if x],
+        masked_steps=[s for s in steps if verdicts[s][0].masked],
+        verdicts={str(s): _verdict_json(*verdicts[s]) for s in steps if s in only_steps},
+        num_tokens=len(rendered), num_target_tokens=int(rendered.loss_mask.sum()))
+    self.stats.samples += 1
+    self.stats.tokens += len(rendered)
+    self.stats.target_tokens += meta['num_target_tokens']
+    self.stats.guidance_tokens += int((rendered.roles == chat_template_lib.ROLE_GUIDANCE).sum())
+    return Sample(input_ids=rendered.ids, loss_mask=rendered.loss_mask, roles=rendered.roles,
+                  segment_ids=rendered.segments, meta=meta)
+
+  def build(self, session_ids: Iterable[str] | None = None) -> Iterator[Sample]:
+    """Samples of `session_ids` (default: every session in the store)."""
+    ids = (list(session_ids) if session_ids is not None
+           else [s.session_id for s in self.store.list_sessions()])
+    for session_id in ids:
+      yield from self.session_samples(session_id)
+
+
+def build_samples(store: storage_lib.TrajectoryStore, template: chat_template_lib.ChatTemplate,
+                  session_ids: Iterable[str] | None = None, **options: Any
+                  ) -> tuple[list[Sample], SampleStats]:
+  """All samples of `session_ids` at once, with their stats (see `SampleBuilder`)."""
+  builder = SampleBuilder(store, template, **options)
+  samples = list(builder.build(session_ids))
+  return samples, builder.stats
+
+
+def outcome_filter(store: storage_lib.TrajectoryStore, threshold: float,
+                   session_ids: Iterable[str] | None = None, score_key: str = 'score'
+                   ) -> list[str]:
+  """Sessions whose final result has `score_key` >= `threshold` (the baseline's data).
+
+  Sessions without a result (still running, failed) are left out.
+  """
+  sessions = (store.list_sessions() if session_ids is None
+              else [s for s in map(store.get_session, session_ids) if s is not None])
+  return [s.session_id for s in sessions
+          if s.result is not None and isinstance(s.result.get(score_key), (int, float))
+          and s.result[score_key] >= threshold]
+
+
+def build_outcome_baseline(store: storage_lib.TrajectoryStore,
+                           template: chat_template_lib.ChatTemplate, threshold: float,
+                           session_ids: Iterable[str] | None = None, **options: Any
+                           ) -> tuple[list[Sample], SampleStats]:
+  """Rejection-sampling baseline: every action of the sessions that reached `threshold`."""
+  kept = outcome_filter(store, threshold, session_ids)
+  return build_samples(store, template, kept, all_trainable=True, **options)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def encode_record(sample: Sample) -> bytes:
+  return json.dumps(sample.to_json(), separators=(',', ':')).encode()
+
+
+def decode_record(record: bytes) -> Sample:
+  return Sample.from_json(json.loads(record))
+
+
+def write_jsonl(samples: Iterable[Sample], path: str) -> int:
+  """One JSON object per line; written under a temporary name, then renamed."""
+  tmp = path + '.tmp'
+  count = 0
+  with open(tmp, 'w', encoding='utf-8') as f:
+    for sample in samples:
+      f.write(encode_record(sample).decode() + '\n')
+      count += 1
+  os.replace(tmp, path)
+  return count
+
+
+def read_jsonl(path: str) -> Iterator[Sample]:
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      if line.strip():
+        yield decode_record(line.encode())
+
+
+def write_array_record(samples: Iterable[Sample], path: str) -> int:
+  """One JSON record per sample (group_size:1: cheapest random access)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  tmp = path + '.tmp'
+  writer = array_record_module.ArrayRecordWriter(tmp, 'group_size:1')
+  count = 0
+  try:
+    for sample in samples:
+      writer.write(encode_record(sample))
+      count += 1
+  finally:
+    writer.close()
+  os.replace(tmp, path)
+  return count
+
+
+class ArrayRecordSamples:
+  """Random-access reader of a file written by `write_array_record`."""
+
+  def __init__(self, path: str):
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    self._reader = array_record_module.ArrayRecordReader(path)
+
+  def __len__(self) -> int:
+    return self._reader.num_records()
+
+  def __getitem__(self, index: int) -> Sample:
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    return decode_record(self._reader.read([index])[0])
+
+  def __iter__(self) -> Iterator[Sample]:
+    for i in range(len(self)):
+      yield self[i]
+
+  def close(self) -> None:
+    self._reader.close()
+
+  def __enter__(self) -> 'ArrayRecordSamples':
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
+
+def read_array_record(path: str) -> list[Sample]:
+  with ArrayRecordSamples(path) as reader:
+    return list(reader)
