@@ -42,11 +42,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 # Generic helpers shared with the encoder (logical names -> specs -> shardings).
-from apollo.lm.model import logical_init
+from apollo.common import mesh as mesh_lib
+from apollo.common.mesh import logical_init
+from apollo.common.mesh import named_shardings  # noqa: F401  (re-exported)
 from apollo.lm.model import count_params  # noqa: F401  (re-exported)
-from apollo.lm.model import create_sharded_model  # noqa: F401  (re-exported)
-from apollo.lm.model import logical_partition_specs  # noqa: F401  (re-exported)
-from apollo.lm.model import named_shardings  # noqa: F401  (re-exported)
 
 # Logical axis name -> mesh axis (None = replicated). As the encoder: 'embed' over
 # 'fsdp' (ZeRO-3 style), vocabulary / MLP / heads over 'tensor' (Megatron style).
@@ -61,6 +60,17 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("kv_heads", "tensor"),
     ("kv", None),
 )
+
+
+def logical_partition_specs(state: Any, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+  """`apollo.common.mesh.logical_partition_specs` with the decoder's rules by default."""
+  return mesh_lib.logical_partition_specs(state, rules)
+
+
+def create_sharded_model(make_model, mesh: jax.sharding.Mesh | None,
+                         rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> nnx.Module:
+  """`apollo.common.mesh.create_sharded_model` with the decoder's rules by default."""
+  return mesh_lib.create_sharded_model(make_model, mesh, rules)
 
 
 # -----------------------------------------------------------------------------
@@ -428,6 +438,7 @@ class Decoder(nnx.Module):
       positions: jax.Array | None = None,
       attention_mask: jax.Array | None = None,
       cache: KVCache | None = None,
+      segment_ids: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Next-token logits for every input position.
 
@@ -440,6 +451,9 @@ class Decoder(nnx.Module):
       cache: a :class:`KVCache`; the input is written at ``cache.index`` and
         attends to everything cached before it. None: plain causal attention
         over the input alone.
+      segment_ids: int [B, L] (no cache only): packed training rows; a token
+        attends only to earlier tokens of its own segment. Pass per-segment
+        ``positions`` with it (they restart at 0 in each segment).
 
     Returns:
       (logits [B, L, vocab] in the compute dtype, the updated cache or None).
@@ -456,7 +470,11 @@ class Decoder(nnx.Module):
     if cache is None:
       causal = jnp.tril(jnp.ones((length, length), bool))
       key_mask = causal[None] & attention_mask[:, None, :]
+      if segment_ids is not None:
+        key_mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
     else:
+      if segment_ids is not None:
+        raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache.")
       valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
       query_slot = cache.index + jnp.arange(length)
       causal = jnp.arange(cache.max_len)[None, :] <= query_slot[:, None]

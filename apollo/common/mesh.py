@@ -4,20 +4,23 @@ Every trainer runs on one mesh with axes ('data', 'fsdp', 'tensor'):
 - 'data': pure data parallelism (params replicated along it);
 - 'fsdp': data parallelism with params and optimizer state sharded along it;
 - 'tensor': tensor (model) parallelism inside layers.
-Parameters carry logical axis names ('embed', 'mlp', 'heads', 'vocab', ...); a
-list of rules maps each logical name to a mesh axis (or None: replicated), as in
-MaxText and the Flax examples. Batches are split over ('data', 'fsdp').
+Parameters carry logical axis names ('embed', 'mlp', 'heads', 'vocab', ...); each
+model's list of rules maps each logical name to a mesh axis (or None: replicated),
+as in MaxText and the Flax examples, and `create_sharded_model` creates the
+parameters directly in their shards. Batches are split over ('data', 'fsdp').
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 from absl import logging
+import flax.linen as nn
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -48,24 +51,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, axis_type: str = "
   if axis_type not in types:
     raise ValueError(f"axis_type must be 'explicit' or 'auto', got {axis_type!r}")
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(types[axis_type],) * 3)
-
-
-def logical_to_spec(logical_axes: Sequence[Optional[str]], rules: LogicalRules) -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec; unknown names stay replicated.
-
-  A mesh axis is used at most once per spec: a later dimension whose rule names
-  an axis already taken is replicated instead (e.g. ('embed', 'embed')).
-  """
-  table = dict(rules)
-  used, out = set(), []
-  for name in logical_axes:
-    target = table.get(name) if name is not None else None
-    axes = (target,) if isinstance(target, str) else tuple(target or ())
-    if any(a in used for a in axes):
-      axes = ()
-    used.update(axes)
-    out.append(axes[0] if len(axes) == 1 else (axes or None))
-  return PartitionSpec(*out)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -101,10 +86,62 @@ def describe(mesh: Mesh) -> str:
   return " x ".join(f"{name}={size}" for name, size in mesh.shape.items()) + f" ({jax.devices()[0].platform})"
 
 
-def tree_shardings(logical_axes_tree: Any, mesh: Mesh, rules: LogicalRules) -> Any:
-  """A tree of logical-axis tuples -> a tree of NamedShardings on `mesh`."""
+# -----------------------------------------------------------------------------
+# Logical axis names -> mesh shardings (flax's rules; shared by every model)
+# -----------------------------------------------------------------------------
+
+
+def logical_init(init: Callable, axes: Sequence[str | None]) -> Callable:
+  """Wraps an initializer so the created Param carries logical axis names.
+
+  ``eager_sharding=False`` keeps construction mesh-free (flax would otherwise try
+  to place the value on a mesh the moment it is created); sharded creation goes
+  through :func:`create_sharded_model` instead.
+  """
+  return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
+
+
+def logical_partition_specs(state: Any, rules: LogicalRules) -> Any:
+  """Maps a (possibly abstract) model state to mesh ``PartitionSpec`` s.
+
+  Args:
+    state: an ``nnx.State`` (e.g. from ``nnx.split(nnx.eval_shape(...))``) whose
+      Params carry logical ``out_sharding`` metadata.
+    rules: (logical name, mesh axis or None) pairs. Names without a rule are left
+      as they are, so a mesh axis name may be used directly.
+
+  Returns:
+    A pytree with the structure of ``state`` whose leaves are ``PartitionSpec`` s.
+  """
+  # flax resolves logical names through the context rules inside get_partition_spec.
+  with nn.logical_axis_rules(tuple(rules)):
+    specs = nnx.get_partition_spec(state)
   return jax.tree.map(
-      lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules)),
-      logical_axes_tree,
-      is_leaf=lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x),
+      lambda x: x.get_value() if isinstance(x, nnx.Variable) else x,
+      specs,
+      is_leaf=lambda x: isinstance(x, nnx.Variable),
   )
+
+
+def named_shardings(specs: Any, mesh: Mesh) -> Any:
+  """Wraps every ``PartitionSpec`` leaf of ``specs`` in a ``NamedSharding`` on mesh."""
+  return jax.tree.map(
+      lambda p: NamedSharding(mesh, p), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh | None,
+                         rules: LogicalRules) -> nnx.Module:
+  """Builds a model whose parameters are created directly in their shards.
+
+  The model is first traced abstractly (no memory), its logical axes are mapped to
+  mesh axes by ``rules``, and the initializer is compiled with those output
+  shardings, so no device ever holds the full unsharded parameters. With
+  ``mesh=None`` it builds on the default device (still one compiled initializer,
+  much faster than eager op-by-op init). Values equal those of ``make_model()``.
+  """
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
+  shardings = None
+  if mesh is not None:
+    shardings = named_shardings(logical_partition_specs(abstract_state, rules), mesh)
+  state = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)()
+  return nnx.merge(graphdef, state)

@@ -45,6 +45,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from apollo.common import mesh as mesh_lib
+from apollo.common.mesh import logical_init, named_shardings  # noqa: F401  (re-exported)
+
 # Logical axis name -> mesh axis (None = replicated). 'embed' is split over 'fsdp'
 # (ZeRO-3 style parameter sharding); vocabulary, MLP and heads are split over
 # 'tensor' (Megatron-style tensor parallelism). The head dimension ('kv') and the
@@ -148,79 +151,15 @@ def get_config(name: str, **overrides: Any) -> EncoderConfig:
 # -----------------------------------------------------------------------------
 
 
-def logical_init(init: Callable, axes: Sequence[str | None]) -> Callable:
-  """Wraps an initializer so the created Param carries logical axis names.
-
-  ``eager_sharding=False`` keeps construction mesh-free (flax would otherwise try
-  to place the value on a mesh the moment it is created); sharded creation goes
-  through :func:`create_sharded_model` instead.
-  """
-  return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
+def logical_partition_specs(state: Any, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+  """`apollo.common.mesh.logical_partition_specs` with the encoder's rules by default."""
+  return mesh_lib.logical_partition_specs(state, rules)
 
 
-def logical_partition_specs(
-    state: Any, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES
-) -> Any:
-  """Maps a (possibly abstract) model state to mesh ``PartitionSpec`` s.
-
-  Args:
-    state: an ``nnx.State`` (e.g. from ``nnx.split(nnx.eval_shape(...))``) whose
-      Params carry logical ``out_sharding`` metadata.
-    rules: (logical name, mesh axis or None) pairs. Names without a rule are left
-      as they are, so a mesh axis name may be used directly.
-
-  Returns:
-    A pytree with the structure of ``state`` whose leaves are ``PartitionSpec`` s,
-    usable as ``out_shardings``/``in_shardings`` (after wrapping in
-    ``NamedSharding``).
-  """
-  # flax resolves logical names through the context rules inside get_partition_spec.
-  with nn.logical_axis_rules(tuple(rules)):
-    specs = nnx.get_partition_spec(state)
-  return jax.tree.map(
-      lambda x: x.get_value() if isinstance(x, nnx.Variable) else x,
-      specs,
-      is_leaf=lambda x: isinstance(x, nnx.Variable),
-  )
-
-
-def named_shardings(specs: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Wraps every ``PartitionSpec`` leaf of ``specs`` in a ``NamedSharding`` on mesh."""
-  return jax.tree.map(
-      lambda p: NamedSharding(mesh, p),
-      specs,
-      is_leaf=lambda x: isinstance(x, PartitionSpec),
-  )
-
-
-def create_sharded_model(
-    make_model: Callable[[], nnx.Module],
-    mesh: jax.sharding.Mesh | None,
-    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
-) -> nnx.Module:
-  """Builds a model whose parameters are created directly in their shards.
-
-  The model is first traced abstractly (no memory), its logical axes are mapped to
-  mesh axes by ``rules``, and the initializer is compiled with those output
-  shardings, so no device ever holds the full unsharded parameters.
-
-  Args:
-    make_model: zero-argument constructor, e.g.
-      ``lambda: PretrainingModel(config, rngs=nnx.Rngs(0))``.
-    mesh: the device mesh; None builds on the default device (still through one
-      compiled initializer, which is much faster than eager op-by-op init).
-    rules: logical-to-mesh axis rules.
-
-  Returns:
-    The model, with every Param a ``jax.Array`` sharded on ``mesh``. Values equal
-    those of ``make_model()`` (same keys, same initializers).
-  """
-  graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
-  shardings = None
-  if mesh is not None:
-    shardings = named_shardings(logical_partition_specs(abstract_state, rules), mesh)
-  state = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)()
-  return nnx.merge(graphdef, state)
+def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: jax.sharding.Mesh | None,
+                         rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> nnx.Module:
+  """`apollo.common.mesh.create_sharded_model` with the encoder's rules by default."""
+  return mesh_lib.create_sharded_model(make_model, mesh, rules)
 
 
 # -----------------------------------------------------------------------------

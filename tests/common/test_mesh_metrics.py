@@ -6,6 +6,7 @@ import math
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from apollo.common import mesh as mesh_lib
@@ -26,12 +27,24 @@ def test_make_mesh_fills_the_remaining_axis():
     mesh_lib.make_mesh(axis_type="manual")
 
 
-def test_logical_to_spec():
-  assert mesh_lib.logical_to_spec(("vocab", "embed"), RULES) == P("tensor", "fsdp")
-  assert mesh_lib.logical_to_spec(("embed", "mlp"), RULES) == P("fsdp", "tensor")
-  assert mesh_lib.logical_to_spec(("batch", None), RULES) == P(("data", "fsdp"), None)
-  assert mesh_lib.logical_to_spec(("heads", "kv"), RULES) == P(None, None)  # no rule: replicated
-  assert mesh_lib.logical_to_spec(("embed", "embed"), RULES) == P("fsdp", None)  # axis used once
+class _Tiny(nnx.Module):
+  def __init__(self, rngs):
+    init = nnx.initializers.normal(0.02)
+    self.embed = nnx.Param(mesh_lib.logical_init(init, ("vocab", "embed"))(rngs.params(), (16, 8)))
+    self.mlp = nnx.Param(mesh_lib.logical_init(init, ("embed", "mlp"))(rngs.params(), (8, 32)))
+    self.scale = nnx.Param(mesh_lib.logical_init(init, ("heads",))(rngs.params(), (8,)))
+
+
+def test_logical_axes_map_through_rules_and_params_are_created_sharded():
+  specs = mesh_lib.logical_partition_specs(nnx.state(nnx.eval_shape(lambda: _Tiny(nnx.Rngs(0)))), RULES)
+  assert specs["embed"] == P("tensor", "fsdp") and specs["mlp"] == P("fsdp", "tensor")
+  assert specs["scale"] == P("heads")  # no rule: the name passes through (a mesh axis name works)
+  mesh = mesh_lib.make_mesh(data=2, fsdp=2, tensor=2, axis_type="auto")
+  rules = RULES + (("heads", None),)
+  model = mesh_lib.create_sharded_model(lambda: _Tiny(nnx.Rngs(0)), mesh, rules)
+  assert model.scale.value.sharding.spec == P(None)
+  assert model.embed.value.sharding.spec == P("tensor", "fsdp")
+  np.testing.assert_array_equal(model.mlp.value, _Tiny(nnx.Rngs(0)).mlp.value)
 
 
 def test_shard_batch_splits_the_leading_axis():

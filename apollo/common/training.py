@@ -1,0 +1,289 @@
+"""Pieces shared by every trainer (`lm/pretrain.py`, `lm/finetune.py`, `agents/sft.py`).
+
+* the optimizer named by a config (`build_optimizer`: Apollo, AdamW, Adam or SGD
+  after global-norm clipping), its learning-rate schedule and the weight-decay
+  mask;
+* workdir checks: `config.json` records the model shapes of a run, and a
+  workdir whose shapes differ from the config's is refused before anything is
+  touched (`check_saved_config`, `check_checkpoint_shapes`);
+* the train state `{params, opt_state, step, rng}`: its abstract, sharded form
+  (`abstract_train_state`, for restoring) and a fresh one (`new_train_state`);
+* a loop helper that reads each step's metrics one step late (`LateMetrics`),
+  so the host never waits on the device between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from apollo import optim as apollo_optim
+from apollo.common import checkpoint as checkpoint_lib
+from apollo.common import metrics as metrics_lib
+from apollo.common import mesh as mesh_lib
+
+OPTIMIZERS = ("apollo", "adamw", "adam", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+# -----------------------------------------------------------------------------
+# Optimizer and learning rate
+# -----------------------------------------------------------------------------
+
+
+def decay_mask(params: Any) -> Any:
+  """True for weight matrices and embeddings; False for biases and LayerNorm scales."""
+  def decays(path, _):
+    name = getattr(path[-1], "key", None)
+    return name in ("kernel", "embedding")
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, train_steps: int
+                           ) -> tuple[optax.Schedule, optax.Schedule]:
+  """(schedule after warmup, full schedule with warmup) of the update count.
+
+  The decay (constant / cosine / linear to `end_lr_fraction * peak`) runs over the
+  updates after warmup. Warmup: Apollo's own (from peak / 1000, see
+  `apollo.optim.apollo_learning_rate`); for the others a linear ramp from 0.
+  """
+  if opt.schedule not in SCHEDULES:
+    raise ValueError(f"Unknown --config.optimizer.schedule={opt.schedule!r}; "
+                     f"choose from {SCHEDULES}.")
+  peak, warmup = float(opt.learning_rate), int(opt.warmup_steps)
+  end = peak * float(opt.end_lr_fraction)
+  decay_steps = max(int(train_steps) - warmup, 1)
+  if opt.schedule == "constant":
+    decay = optax.constant_schedule(peak)
+  elif opt.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=float(opt.end_lr_fraction))
+  else:
+    decay = optax.linear_schedule(peak, end, decay_steps)
+
+  def after_warmup(count):
+    return decay(jnp.maximum(count - warmup, 0))
+
+  if opt.name == "apollo":
+    return after_warmup, apollo_optim.apollo_learning_rate(after_warmup, warmup)
+
+  def with_warmup(count):
+    ramp = peak * count / max(warmup, 1)
+    return jnp.where(count < warmup, ramp, after_warmup(count))
+
+  return after_warmup, with_warmup
+
+
+def build_optimizer(opt: ml_collections.ConfigDict, train_steps: int
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer named by `opt.name`, after global-norm clipping; and its lr schedule.
+
+  Weight decay never touches biases or LayerNorm parameters (`decay_mask`).
+  """
+  if opt.name not in OPTIMIZERS:
+    raise ValueError(f"Unknown --config.optimizer.name={opt.name!r}; choose from {OPTIMIZERS}.")
+  after_warmup, lr = learning_rate_schedule(opt, train_steps)
+  wd = float(opt.weight_decay)
+  if opt.name == "apollo":
+    core = apollo_optim.apollo(
+        after_warmup, beta=opt.apollo_beta, eps=opt.apollo_eps, rebound=opt.apollo_rebound,
+        warmup=int(opt.warmup_steps), weight_decay=wd,
+        weight_decay_type=opt.apollo_weight_decay_type, mask=decay_mask)
+  elif opt.name == "adamw":
+    core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=wd, mask=decay_mask)
+  else:
+    # Adam and SGD take weight decay as an L2 term added to the gradient.
+    base = (optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps) if opt.name == "adam"
+            else optax.sgd(lr, momentum=float(opt.momentum) or None))
+    core = optax.chain(optax.add_decayed_weights(wd, decay_mask), base) if wd else base
+  if opt.grad_clip_norm and opt.grad_clip_norm > 0:
+    core = optax.chain(optax.clip_by_global_norm(float(opt.grad_clip_norm)), core)
+  return core, lr
+
+
+# -----------------------------------------------------------------------------
+# Processes, JSON files, workdir checks
+# -----------------------------------------------------------------------------
+
+
+def is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def write_json_atomically(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def model_config_json(model_config: Any) -> dict:
+  return {k: (str(v) if k in ("dtype", "param_dtype") else v)
+          for k, v in dataclasses.asdict(model_config).items()}
+
+
+def check_saved_config(workdir: str, model_config: Any,
+                       shape_fields: Sequence[str]) -> None:
+  """Refuses a workdir whose `config.json` records other model shapes.
+
+  Raises:
+    ValueError: naming `workdir/config.json` and each differing field.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return
+  resolved = model_config_json(model_config)
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f).get("model_resolved", {})
+  diffs = {k: (saved.get(k), resolved[k]) for k in shape_fields if saved.get(k) != resolved[k]}
+  if diffs:
+    lines = ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in diffs.items())
+    raise ValueError(
+        f"{path} belongs to a run with other model shapes ({lines}); its checkpoints "
+        f"cannot be resumed with this config. Use a new --workdir or the saved config.")
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict,
+                 model_config: Any, **extra: Any) -> None:
+  """Records the config of this run (and the resolved model config) in workdir/config.json."""
+  if is_main():
+    write_json_atomically(os.path.join(workdir, "config.json"),
+                          dict(config=json.loads(config.to_json_best_effort()),
+                               model_resolved=model_config_json(model_config), **extra))
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+  """'encoder/layers/0/attention/query/kernel' -> shape (dict keys compared as strings)."""
+  def name(entry):
+    for attr in ("key", "idx", "name"):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+  return {"/".join(name(e) for e in path): tuple(getattr(x, "shape", None) or ())
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_checkpoint_shapes(ckpt: checkpoint_lib.Checkpointer, abstract_state: Any) -> None:
+  """The latest checkpoint's parameter shapes must equal the config's (checked before restoring).
+
+  Restoring a mismatched checkpoint would fail and set it aside as damaged; this
+  reports the mismatch instead and leaves the checkpoint alone.
+  """
+  step = ckpt.latest_step()
+  if step is None:
+    return
+  import orbax.checkpoint as ocp
+  path = os.path.join(ckpt.directory, str(step), "state")
+  try:
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Could not read the metadata of %s (%s); restoring will tell.", path, e)
+    return
+  saved = _shapes_by_path(tree.get("params", {}) if isinstance(tree, Mapping) else {})
+  if not saved:
+    logging.warning("No parameter metadata in %s; restoring will tell.", path)
+    return
+  wanted = _shapes_by_path(abstract_state["params"])
+  diffs = [f"{k}: checkpoint {saved[k]} vs config {v}"
+           for k, v in wanted.items() if k in saved and saved[k] != v]
+  missing = [k for k in wanted if k not in saved]
+  if diffs or missing:
+    detail = "; ".join(diffs[:5] + [f"{k} missing" for k in missing[:5]])
+    raise ValueError(f"Checkpoint {os.path.dirname(path)} does not match the configured "
+                     f"model ({len(diffs)} parameter shape differences, {len(missing)} "
+                     f"missing parameters: {detail}). Use a new --workdir or the config it was "
+                     f"written with.")
+
+
+# -----------------------------------------------------------------------------
+# Train state
+# -----------------------------------------------------------------------------
+
+
+def abstract_train_state(make_model: Callable[[], nnx.Module],
+                         optimizer: optax.GradientTransformation,
+                         mesh: jax.sharding.Mesh,
+                         rules: mesh_lib.LogicalRules) -> tuple[nnx.GraphDef, Any, Any]:
+  """(graphdef, abstract state, state shardings) of `{params, opt_state, step, rng}`.
+
+  Computed abstractly (no memory used); the ShapeDtypeStructs carry their
+  NamedShardings (parameters by the model's logical-axis `rules`, the optimizer state
+  by `apollo.optim.state_shardings`), ready for `Checkpointer.restore_latest`.
+  """
+  graphdef, abstract_nnx = nnx.split(nnx.eval_shape(make_model))
+  specs = nnx.to_pure_dict(mesh_lib.logical_partition_specs(abstract_nnx, rules))
+  abstract_params = jax.tree.map(
+      lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
+      nnx.to_pure_dict(abstract_nnx), specs)
+  opt_shardings = apollo_optim.state_shardings(optimizer, abstract_params, mesh)
+  abstract_opt = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(optimizer.init, abstract_params), opt_shardings)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_state = dict(
+      params=abstract_params, opt_state=abstract_opt,
+      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+      rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
+  return graphdef, abstract_state, jax.tree.map(lambda x: x.sharding, abstract_state)
+
+
+def new_train_state(params: Any, optimizer: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh, state_shardings: Any, seed: int
+                    ) -> dict[str, Any]:
+  """Step 0 of `{params, opt_state, step, rng}`; `rng` (dropout) comes from seed + 1."""
+  params = jax.device_put(params, state_shardings["params"])
+  replicated = state_shardings["step"]
+  return dict(
+      params=params,
+      opt_state=apollo_optim.init_sharded(optimizer, params, mesh),
+      step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+      rng=jax.device_put(jax.random.key_data(jax.random.PRNGKey(seed + 1)), replicated))
+
+
+# -----------------------------------------------------------------------------
+# Loop helper
+# -----------------------------------------------------------------------------
+
+
+class LateMetrics:
+  """Holds one step's device metrics and hands them to `handle` a step later.
+
+  The loop dispatches step N, then calls `consume()` for step N-1's metrics
+  while N runs, so the host never blocks on the device in between. Before a
+  checkpoint or an evaluation the loop calls `consume()` again: the metrics of
+  the step about to be saved are then checked finite first.
+  """
+
+  def __init__(self, handle: Callable[[int, dict], None],
+               finite_keys: Sequence[str] = ("loss", "grad_norm")):
+    self._handle, self._keys, self._pending = handle, tuple(finite_keys), None
+
+  def put(self, step: int, metrics: Any) -> None:
+    self.consume()
+    self._pending = (step, metrics)
+
+  def consume(self) -> None:
+    if self._pending is None:
+      return
+    step, metrics = self._pending
+    self._pending = None
+    metrics = jax.device_get(metrics)
+    # A finite loss with overflowing gradients would still poison the params.
+    metrics_lib.check_finite(metrics, step, keys=self._keys)
+    self._handle(step, metrics)
