@@ -44,7 +44,7 @@ def test_logical_axes_map_through_rules_and_params_are_created_sharded():
   model = mesh_lib.create_sharded_model(lambda: _Tiny(nnx.Rngs(0)), mesh, rules)
   assert model.scale.value.sharding.spec == P(None)
   assert model.embed.value.sharding.spec == P("tensor", "fsdp")
-  np.testing.assert_array_equal(model.mlp.value, _Tiny(nnx.Rngs(0)).mlp.value)
+  np.testing.assert_allclose(model.mlp.value, _Tiny(nnx.Rngs(0)).mlp.value, atol=1e-7)  # compiled vs eager
 
 
 def test_shard_batch_splits_the_leading_axis():
