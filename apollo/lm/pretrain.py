@@ -26,7 +26,9 @@
 
 Loss (weights are OUR documented defaults): the S-MLM cross-entropy averaged over
 the target tokens of the batch, plus `ecls_weight` times the E-CLS cross-entropy
-averaged over the (non-padding) examples. S-MLM logits are computed only at the
+averaged over the (non-padding) examples. `config.objective='mlm'` is the plain
+MLM baseline instead: random 15% token masking over all tokens, no E-CLS
+(weight 0; see `pretrain_data`), on the same sentences. S-MLM logits are computed only at the
 `mlm_max_predictions` target positions of each row (no [B, L, vocab] matmul).
 
 Logged (metrics.jsonl, TensorBoard, the progress line): loss, mlm_loss, mlm_acc,
@@ -65,10 +67,9 @@ from apollo.lm import pretrain_data
 from apollo.lm import selection
 from apollo.lm import tagging
 from apollo.lm import text_sources
+from apollo.common import training as train_lib
 from apollo.lm import tokenizer as tokenizer_lib
 
-OPTIMIZERS = ("apollo", "adamw", "adam", "sgd")
-SCHEDULES = ("constant", "cosine", "linear")
 # Model fields that decide parameter shapes: a workdir may only be resumed with these.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads",
                 "intermediate_size", "max_position_embeddings", "type_vocab_size",
@@ -79,78 +80,13 @@ _DEVICE_KEYS = ("input_ids", "attention_mask", "mlm_labels", "mlm_weights",
 _VOCAB_MULTIPLE = 128  # A trained tokenizer's vocabulary is padded up to this.
 
 
-# -----------------------------------------------------------------------------
-# Optimizer and learning rate
-# -----------------------------------------------------------------------------
-
-
-def decay_mask(params: Any) -> Any:
-  """True for weight matrices and embeddings; False for biases and LayerNorm scales."""
-  def decays(path, _):
-    name = getattr(path[-1], "key", None)
-    return name in ("kernel", "embedding")
-  return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def learning_rate_schedule(opt: ml_collections.ConfigDict, train_steps: int
-                           ) -> tuple[optax.Schedule, optax.Schedule]:
-  """(schedule after warmup, full schedule with warmup) of the update count.
-
-  The decay (constant / cosine / linear to `end_lr_fraction * peak`) runs over the
-  updates after warmup. Warmup: Apollo's own (from peak / 1000, see
-  `apollo.optim.apollo_learning_rate`); for the others a linear ramp from 0.
-  """
-  if opt.schedule not in SCHEDULES:
-    raise ValueError(f"Unknown --config.optimizer.schedule={opt.schedule!r}; "
-                     f"choose from {SCHEDULES}.")
-  peak, warmup = float(opt.learning_rate), int(opt.warmup_steps)
-  end = peak * float(opt.end_lr_fraction)
-  decay_steps = max(int(train_steps) - warmup, 1)
-  if opt.schedule == "constant":
-    decay = optax.constant_schedule(peak)
-  elif opt.schedule == "cosine":
-    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=float(opt.end_lr_fraction))
-  else:
-    decay = optax.linear_schedule(peak, end, decay_steps)
-
-  def after_warmup(count):
-    return decay(jnp.maximum(count - warmup, 0))
-
-  if opt.name == "apollo":
-    return after_warmup, apollo_optim.apollo_learning_rate(after_warmup, warmup)
-
-  def with_warmup(count):
-    ramp = peak * count / max(warmup, 1)
-    return jnp.where(count < warmup, ramp, after_warmup(count))
-
-  return after_warmup, with_warmup
-
-
-def build_optimizer(opt: ml_collections.ConfigDict, train_steps: int
-                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimizer named by `opt.name`, after global-norm clipping; and its lr schedule.
-
-  Weight decay never touches biases or LayerNorm parameters (`decay_mask`).
-  """
-  if opt.name not in OPTIMIZERS:
-    raise ValueError(f"Unknown --config.optimizer.name={opt.name!r}; choose from {OPTIMIZERS}.")
-  after_warmup, lr = learning_rate_schedule(opt, train_steps)
-  wd = float(opt.weight_decay)
-  if opt.name == "apollo":
-    core = apollo_optim.apollo(
-        after_warmup, beta=opt.apollo_beta, eps=opt.apollo_eps, rebound=opt.apollo_rebound,
-        warmup=int(opt.warmup_steps), weight_decay=wd,
-        weight_decay_type=opt.apollo_weight_decay_type, mask=decay_mask)
-  elif opt.name == "adamw":
-    core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=wd, mask=decay_mask)
-  else:
-    # Adam and SGD take weight decay as an L2 term added to the gradient.
-    base = (optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps) if opt.name == "adam"
-            else optax.sgd(lr, momentum=float(opt.momentum) or None))
-    core = optax.chain(optax.add_decayed_weights(wd, decay_mask), base) if wd else base
-  if opt.grad_clip_norm and opt.grad_clip_norm > 0:
-    core = optax.chain(optax.clip_by_global_norm(float(opt.grad_clip_norm)), core)
-  return core, lr
+# The optimizer, its schedule and mask live in `apollo.common.training` (shared with fine-tuning);
+# the names stay importable from here.
+OPTIMIZERS = train_lib.OPTIMIZERS
+SCHEDULES = train_lib.SCHEDULES
+decay_mask = train_lib.decay_mask
+learning_rate_schedule = train_lib.learning_rate_schedule
+build_optimizer = train_lib.build_optimizer
 
 
 # -----------------------------------------------------------------------------
@@ -296,14 +232,8 @@ class _MetricAccumulator:
 # -----------------------------------------------------------------------------
 
 
-def _is_main() -> bool:
-  return jax.process_index() == 0
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+_is_main = train_lib.is_main
+_sync = train_lib.sync
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str):
@@ -382,89 +312,13 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int
   return model_config
 
 
-def _model_config_json(model_config: model_lib.EncoderConfig) -> dict:
-  return {k: (str(v) if k in ("dtype", "param_dtype") else v)
-          for k, v in dataclasses.asdict(model_config).items()}
-
-
-def _write_json_atomically(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
 def check_saved_config(workdir: str, model_config: model_lib.EncoderConfig) -> None:
-  """Refuses a workdir whose `config.json` records other model shapes.
-
-  Raises:
-    ValueError: naming `workdir/config.json` and each differing field.
-  """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    return
-  resolved = _model_config_json(model_config)
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f).get("model_resolved", {})
-  diffs = {k: (saved.get(k), resolved[k]) for k in SHAPE_FIELDS if saved.get(k) != resolved[k]}
-  if diffs:
-    lines = ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in diffs.items())
-    raise ValueError(
-        f"{path} belongs to a run with other model shapes ({lines}); its checkpoints "
-        f"cannot be resumed with this config. Use a new --workdir or the saved config.")
+  """Refuses a workdir whose `config.json` records other model shapes (`SHAPE_FIELDS`)."""
+  train_lib.check_saved_config(workdir, model_config, SHAPE_FIELDS)
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict,
-                 model_config: model_lib.EncoderConfig) -> None:
-  """Records the config of this run (and the resolved model config) in workdir/config.json."""
-  if _is_main():
-    _write_json_atomically(os.path.join(workdir, "config.json"),
-                           dict(config=json.loads(config.to_json_best_effort()),
-                                model_resolved=_model_config_json(model_config)))
-
-
-def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
-  """'encoder/layers/0/attention/query/kernel' -> shape (dict keys compared as strings)."""
-  def name(entry):
-    for attr in ("key", "idx", "name"):
-      if hasattr(entry, attr):
-        return str(getattr(entry, attr))
-    return str(entry)
-  return {"/".join(name(e) for e in path): tuple(getattr(x, "shape", None) or ())
-          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def check_checkpoint_shapes(ckpt: checkpoint_lib.Checkpointer, abstract_state: Any) -> None:
-  """The latest checkpoint's parameter shapes must equal the config's (checked before restoring).
-
-  Restoring a mismatched checkpoint would fail and set it aside as damaged; this
-  reports the mismatch instead and leaves the checkpoint alone.
-  """
-  step = ckpt.latest_step()
-  if step is None:
-    return
-  import orbax.checkpoint as ocp
-  path = os.path.join(ckpt.directory, str(step), "state")
-  try:
-    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
-  except Exception as e:  # pylint: disable=broad-except
-    logging.warning("Could not read the metadata of %s (%s); restoring will tell.", path, e)
-    return
-  saved = _shapes_by_path(tree.get("params", {}) if isinstance(tree, Mapping) else {})
-  if not saved:
-    logging.warning("No parameter metadata in %s; restoring will tell.", path)
-    return
-  wanted = _shapes_by_path(abstract_state["params"])
-  diffs = [f"{k}: checkpoint {saved[k]} vs config {v}"
-           for k, v in wanted.items() if k in saved and saved[k] != v]
-  missing = [k for k in wanted if k not in saved]
-  if diffs or missing:
-    detail = "; ".join(diffs[:5] + [f"{k} missing" for k in missing[:5]])
-    raise ValueError(f"Checkpoint {os.path.dirname(path)} does not match the configured "
-                     f"model ({len(diffs)} parameter shape differences, {len(missing)} "
-                     f"missing parameters: {detail}). Use a new --workdir or the config it was "
-                     f"written with.")
+write_config = train_lib.write_config
+check_checkpoint_shapes = train_lib.check_checkpoint_shapes
 
 
 # -----------------------------------------------------------------------------
@@ -490,21 +344,8 @@ def make_setup(config: ml_collections.ConfigDict, model_config: model_lib.Encode
   """Shapes and shardings of the state, computed abstractly (no memory used)."""
   optimizer, lr_schedule = build_optimizer(config.optimizer, config.train_steps)
   make_model = lambda: model_lib.PretrainingModel(model_config, rngs=nnx.Rngs(config.seed))
-  graphdef, abstract_nnx = nnx.split(nnx.eval_shape(make_model))
-  specs = nnx.to_pure_dict(model_lib.logical_partition_specs(abstract_nnx))
-  abstract_params = jax.tree.map(
-      lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
-      nnx.to_pure_dict(abstract_nnx), specs)
-  opt_shardings = apollo_optim.state_shardings(optimizer, abstract_params, mesh)
-  abstract_opt = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      jax.eval_shape(optimizer.init, abstract_params), opt_shardings)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  abstract_state = dict(
-      params=abstract_params, opt_state=abstract_opt,
-      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-      rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
-  state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  graphdef, abstract_state, state_shardings = train_lib.abstract_train_state(
+      make_model, optimizer, mesh, model_lib.LOGICAL_AXIS_RULES)
   return TrainSetup(mesh, model_config, graphdef, optimizer, lr_schedule,
                     abstract_state, state_shardings)
 
@@ -522,15 +363,8 @@ def init_state(config: ml_collections.ConfigDict, setup: TrainSetup) -> dict[str
     model = model_lib.create_sharded_model(
         lambda: model_lib.PretrainingModel(setup.model_config, rngs=nnx.Rngs(config.seed)),
         setup.mesh)
-  params = nnx.to_pure_dict(nnx.state(model))
-  params = jax.device_put(params, setup.state_shardings["params"])
-  replicated = setup.state_shardings["step"]
-  return dict(
-      params=params,
-      opt_state=apollo_optim.init_sharded(setup.optimizer, params, setup.mesh),
-      step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-      rng=jax.device_put(jax.random.key_data(jax.random.PRNGKey(config.seed + 1)),
-                         replicated))
+  return train_lib.new_train_state(nnx.to_pure_dict(nnx.state(model)), setup.optimizer,
+                                   setup.mesh, setup.state_shardings, config.seed)
 
 
 # -----------------------------------------------------------------------------
@@ -538,8 +372,17 @@ def init_state(config: ml_collections.ConfigDict, setup: TrainSetup) -> dict[str
 # -----------------------------------------------------------------------------
 
 
+def effective_ecls_weight(config: ml_collections.ConfigDict) -> float:
+  """lambda of the loss: `config.ecls_weight`, or 0 for the plain-MLM baseline."""
+  return 0.0 if config.get("objective", "apollo") == "mlm" else float(config.ecls_weight)
+
+
 def _data_config(config: ml_collections.ConfigDict) -> pretrain_data.PretrainDataConfig:
   d = config.data
+  objective = config.get("objective", "apollo")
+  if objective not in pretrain_data.OBJECTIVES:
+    raise ValueError(f"Unknown --config.objective={objective!r}; choose from "
+                     f"{pretrain_data.OBJECTIVES}.")
   hosts = jax.process_count()
   if d.batch_size % hosts:
     raise ValueError(f"--config.data.batch_size={d.batch_size} is not divisible by the "
@@ -550,7 +393,7 @@ def _data_config(config: ml_collections.ConfigDict) -> pretrain_data.PretrainDat
       mask_keywords=d.mask_keywords, perturbations=tuple(d.perturbations),
       mlm_on_perturbed=d.mlm_on_perturbed, tagger=d.tagger,
       eval_fraction=d.eval_fraction, read_threads=d.read_threads,
-      num_workers=d.num_workers)
+      num_workers=d.num_workers, objective=objective)
 
 
 def _device_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -572,7 +415,7 @@ def evaluate(config, setup: TrainSetup, eval_fn, params, shard_dir, tokenizer,
     raise ValueError(f"The held-out split of {shard_dir} is empty: raise "
                      f"--config.data.eval_fraction (now {config.data.eval_fraction}).")
   out = acc.summary()
-  out["loss"] = out["mlm_loss"] + config.ecls_weight * out["ecls_loss"]
+  out["loss"] = out["mlm_loss"] + effective_ecls_weight(config) * out["ecls_loss"]
   return out
 
 
@@ -600,6 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   build_optimizer(config.optimizer, config.train_steps)  # Bad names fail before any work.
+  _data_config(config)
   shard_dir, tokenizer = prepare_data(config, workdir)
   model_config = model_config_from(config, tokenizer.get_vocab_size())
   check_saved_config(workdir, model_config)
@@ -642,7 +486,7 @@ def _train_loop(config, setup: TrainSetup, state, start_step, train_it, ckpt, wr
                 shard_dir, tokenizer, data_config, on_step) -> dict[str, Any]:
   step_fn = jax.jit(
       functools.partial(train_step, graphdef=setup.graphdef, optimizer=setup.optimizer,
-                        lr_schedule=setup.lr_schedule, ecls_weight=config.ecls_weight,
+                        lr_schedule=setup.lr_schedule, ecls_weight=effective_ecls_weight(config),
                         max_predictions=config.mlm_max_predictions),
       out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, PartitionSpec())),
       donate_argnums=0)
@@ -653,17 +497,9 @@ def _train_loop(config, setup: TrainSetup, state, start_step, train_it, ckpt, wr
                                   every=config.log_every)
   window, window_start = _MetricAccumulator(), time.perf_counter()
   result: dict[str, Any] = dict(step=start_step, preempted=False, train={}, eval={})
-  pending = None  # (step, metrics on device): read one step late, so steps pipeline.
 
-  def consume():
-    nonlocal pending, window_start
-    if pending is None:
-      return
-    step, metrics = pending
-    pending = None
-    metrics = jax.device_get(metrics)
-    # A finite loss with overflowing gradients would still poison the params.
-    metrics_lib.check_finite(metrics, step, keys=("loss", "grad_norm"))
+  def log_step(step, metrics):
+    nonlocal window_start
     window.add(metrics)
     progress.update(step, tokens_per_step, {"loss": metrics["loss"]})
     if step % config.log_every == 0 or step == config.train_steps:
@@ -675,20 +511,21 @@ def _train_loop(config, setup: TrainSetup, state, start_step, train_it, ckpt, wr
       window.reset()
       window_start = now
 
+  late = train_lib.LateMetrics(log_step)  # Read one step late, so steps pipeline.
+
   with checkpoint_lib.PreemptionGuard() as guard, jax.set_mesh(setup.mesh):
     for step in range(start_step + 1, config.train_steps + 1):
       batch = next(train_it)
       data_state = train_it.get_state()  # The data position after this step's batch.
       state, metrics = step_fn(state, _device_batch(batch, setup.mesh))
-      consume()  # The previous step's metrics, while this step runs.
-      pending = (step, metrics)
+      late.put(step, metrics)  # Logs the previous step's metrics while this one runs.
       if on_step is not None:
         on_step(step)
       save = (step % config.checkpoint_every == 0 or step == config.train_steps
               or guard.requested)
       do_eval = step % config.eval_every == 0 or step == config.train_steps
       if save or do_eval or step % config.log_every == 0:
-        consume()  # Checked finite before anything of this step is saved.
+        late.consume()  # Checked finite before anything of this step is saved.
       if do_eval:
         result["eval"] = evaluate(config, setup, eval_fn, state["params"], shard_dir,
                                   tokenizer, data_config)
@@ -704,5 +541,5 @@ def _train_loop(config, setup: TrainSetup, state, start_step, train_it, ckpt, wr
                         step, ckpt.directory)
         result["preempted"] = True
         break
-    consume()
+    late.consume()
   return result

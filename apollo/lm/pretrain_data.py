@@ -74,6 +74,11 @@ from apollo.lm import tagging
 from apollo.lm import tokenizer as tokenizer_lib
 
 SPLITS = ("train", "eval")
+# "apollo": S-MLM + E-CLS (above). "mlm": the plain-MLM baseline on the same
+# sentences: each sentence once (ecls_label 0, no perturbation, no tagging), and
+# 15% of ALL its tokens masked at random (token level, 80/10/10); the trainer
+# gives E-CLS weight 0.
+OBJECTIVES = ("apollo", "mlm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +101,7 @@ class PretrainDataConfig:
   # >0: grain worker processes (tagging is CPU-bound); grain then needs absl
   # flags parsed, i.e. a program started with absl.app.run.
   num_workers: int = 0
+  objective: str = "apollo"  # "apollo" (S-MLM + E-CLS) or "mlm" (plain MLM baseline).
 
   @property
   def masking(self) -> masking.MaskingConfig:
@@ -171,6 +177,8 @@ class MakeExample(grain.transforms.RandomMap):
     text = json.loads(self._records[sentence_index])["text"]
     if in_eval_split(text, self._config.eval_fraction) != self._want_eval:
       return None
+    if self._config.objective == "mlm":
+      return self._encode_plain_mlm(text, rng)
     sentence = self._analyzer.analyze(text)
     options = self._analyzer.perturbations(sentence)
     if not options:
@@ -197,11 +205,16 @@ class MakeExample(grain.transforms.RandomMap):
     labels = masked.labels
     if label == 1 and not config.mlm_on_perturbed:
       labels = np.full_like(labels, masking.IGNORE_LABEL)
+    return self._pack(masked.input_ids, labels, label, kind, masked.too_few_candidates)
 
-    length = len(token_ids) + 2
+  def _pack(self, masked_ids: np.ndarray, labels: np.ndarray, label: int, kind: str,
+            too_few_candidates: bool) -> dict[str, Any]:
+    """<s> masked sentence </s> <pad>... and the arrays of the module docstring."""
+    config, special = self._config, self._special
+    length = len(masked_ids) + 2
     input_ids = np.full(config.max_len, special.pad, dtype=np.int32)
     input_ids[0], input_ids[length - 1] = special.bos, special.eos
-    input_ids[1:length - 1] = masked.input_ids
+    input_ids[1:length - 1] = masked_ids
     mlm_labels = np.full(config.max_len, masking.IGNORE_LABEL, dtype=np.int32)
     mlm_labels[1:length - 1] = labels
     attention_mask = np.zeros(config.max_len, dtype=np.int32)
@@ -212,8 +225,19 @@ class MakeExample(grain.transforms.RandomMap):
         mlm_weights=(mlm_labels != masking.IGNORE_LABEL).astype(np.float32),
         ecls_label=np.int32(label),
         ecls_perturbation=np.int32(contradiction.PERTURBATION_IDS[kind]),
-        mlm_too_few_candidates=np.int32(masked.too_few_candidates),
+        mlm_too_few_candidates=np.int32(too_few_candidates),
         example_mask=np.int32(1))
+
+  def _encode_plain_mlm(self, text: str, rng: np.random.Generator) -> dict[str, Any]:
+    """Plain MLM: every token is its own candidate "word", so any 15% may be masked."""
+    encoding = self._tokenizer.encode(text, add_special_tokens=False)
+    token_ids = np.asarray(encoding.ids[:self._config.max_len - 2], dtype=np.int32)
+    positions = np.arange(len(token_ids))
+    masked = masking.mask_selected_words(
+        token_ids, positions, positions.tolist(), rng, self._config.masking,
+        mask_id=self._special.mask, vocab_size=self._vocab_size,
+        special_ids=self._special.as_tuple())
+    return self._pack(masked.input_ids, masked.labels, 0, "none", False)
 
 
 def _stack_and_pad(batch_size: int, pad_id: int):
@@ -239,6 +263,10 @@ def _sentence_and_label(example_index: int) -> tuple[int, int]:
   return example_index // 2, example_index % 2
 
 
+def _sentence_only(example_index: int) -> tuple[int, int]:
+  return example_index, 0
+
+
 def make_pretrain_dataset(shard_dir: str, tokenizer: tokenizers.Tokenizer,
                           config: PretrainDataConfig = PretrainDataConfig(),
                           split: str = "train", shard_index: int = 0,
@@ -259,10 +287,13 @@ def make_pretrain_dataset(shard_dir: str, tokenizer: tokenizers.Tokenizer,
   """
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+  if config.objective not in OBJECTIVES:
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}.")
   records = open_sentence_records(shard_dir)
   is_train = split == "train"
-  examples = (grain.MapDataset.range(2 * len(records))
-              .map(_sentence_and_label)
+  plain_mlm = config.objective == "mlm"
+  examples = (grain.MapDataset.range((1 if plain_mlm else 2) * len(records))
+              .map(_sentence_only if plain_mlm else _sentence_and_label)
               .shuffle(seed=config.seed)
               .repeat(config.num_epochs if is_train else 1))
   if shard_count > 1:

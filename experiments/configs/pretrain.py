@@ -37,6 +37,9 @@ def _base_config() -> ml_collections.ConfigDict:
   c.eval_batches = 0  # Eval batches per evaluation; 0 = the whole held-out split.
   c.checkpoint_every = 250  # Save every this many steps (also at the end and on SIGTERM).
   c.max_checkpoints = 3  # Checkpoints kept in workdir/checkpoints.
+  # apollo = S-MLM + E-CLS; mlm = the plain-MLM baseline (random 15% of all tokens,
+  # no E-CLS) on the same sentences (experiments.lm_compare uses both).
+  c.objective = "apollo"
   c.ecls_weight = 1.0  # lambda in loss = S-MLM + lambda * E-CLS (OUR default, spec: 1.0).
   # S-MLM logits are computed only at this many positions per row (the targets);
   # rows with more targets lose the extra ones (counted as mlm_dropped_targets).

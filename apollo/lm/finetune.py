@@ -1,0 +1,699 @@
+"""Multiple-choice fine-tuning (ReClor, LogiQA, the generated logic set), resumable.
+
+`train_and_evaluate(config, workdir)` is the whole job (config:
+`experiments/configs/finetune.py`; entry point: `experiments/finetune.py`). It
+follows `pretrain.py`'s conventions: one mesh ('data', 'fsdp', 'tensor') with
+Auto axes, state `{params, opt_state, step, rng}` created in its shards, pure
+module-level `train_step` / `eval_step`, checkpoints with the data position,
+SIGTERM handling, metrics.jsonl + TensorBoard, a refused workdir when shapes
+differ. The optimizer, schedule, weight-decay mask and workdir checks are
+`apollo.common.training`'s (shared with pretraining).
+
+The standard recipe (RoBERTa for multiple choice): each question becomes
+`NUM_CHOICES` sequences `<s> context </s></s> second </s>` with `second` from
+`benchmarks.choice_texts` (question + " " + option, or the option filling the
+question's blank); when a pair is longer than `max_len`, the context is cut
+first (from its end), then the second text. `MultipleChoiceModel` scores the
+pooled first token of each; softmax cross-entropy over the options.
+
+Initialisation (exactly one source, or none):
+* `init_from_pretrain`: a workdir of `experiments.pretrain`. Its config.json
+  gives the encoder shapes and its tokenizer, its latest checkpoint the encoder
+  weights. The pooler and the scorer are new (the pretraining model has no
+  pooler), initialised from `seed`.
+* `init_from_hf`: a local Hugging Face RoBERTa directory (config.json, weights,
+  vocab.json + merges.txt or tokenizer.json).
+* neither: random init of `config.model` (needs `data.tokenizer_path`).
+
+Data order: the training batches are a pure function of the step: epoch `e`
+visits the training examples in `permutation(seed, e)`, and step `s` takes the
+global positions `[s * B, (s + 1) * B)` of the concatenated epochs. The
+checkpoint records the position (`examples_seen`) and the split size, so a
+resume continues exactly, and a changed training set is refused.
+
+Evaluation (every `eval_every` steps and at the end) on `eval_splits`:
+accuracy per split (where labels exist), ReClor's Test-E / Test-H where the
+test labels exist, `predictions_<split>.json` (id, prediction, label, logits
+per question), and for ReClor's test split the leaderboard file
+`reclor_test_predictions.json` (a list of indices in `id_string` order). At the
+end, `results.json` holds the last evaluation and the evaluation at the step of
+best validation accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tokenizers
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from apollo.common import checkpoint as checkpoint_lib
+from apollo.common import mesh as mesh_lib
+from apollo.common import metrics as metrics_lib
+from apollo.lm import benchmarks
+from apollo.lm import hf_import
+from apollo.lm import logic_mc
+from apollo.lm import model as model_lib
+from apollo.lm import pretrain
+from apollo.lm import tokenizer as tokenizer_lib
+from apollo.common import training as train_lib
+
+NUM_CHOICES = benchmarks.NUM_CHOICES
+SPLITS = ("train", "validation", "test")
+# Dataset name -> (reader, file name of each split).
+DATASETS: dict[str, tuple[Callable[..., list], dict[str, str]]] = {
+    "reclor": (benchmarks.read_reclor, logic_mc.RECLOR_FILE_NAMES),
+    "logiqa": (benchmarks.read_logiqa,
+               {"train": "Train.txt", "validation": "Eval.txt", "test": "Test.txt"}),
+    "logiqa2": (benchmarks.read_logiqa2,
+                {"train": "train.txt", "validation": "dev.txt", "test": "test.txt"}),
+    # The generated logic set (`logic_mc`), in ReClor's files (labels kept on test).
+    "logic_mc": (benchmarks.read_reclor, logic_mc.RECLOR_FILE_NAMES),
+}
+# Model fields that decide parameter shapes: a workdir may only be resumed with these.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                "intermediate_size", "max_position_embeddings", "type_vocab_size")
+_DEVICE_KEYS = ("input_ids", "attention_mask", "label", "example_mask")
+_VOCAB_MULTIPLE = 128  # As pretraining: a trained tokenizer's vocabulary is padded.
+
+
+# -----------------------------------------------------------------------------
+# Tokenisation
+# -----------------------------------------------------------------------------
+
+
+def encode_pair(first: Sequence[int], second: Sequence[int], special: tokenizer_lib.SpecialIds,
+                max_len: int) -> tuple[np.ndarray, np.ndarray, bool]:
+  """`<s> first </s></s> second </s> <pad>...` of length `max_len` (RoBERTa's pair format).
+
+  Too long: `first` (the context) is cut from its end first; if `second` alone
+  does not fit, it is cut too and `first` is dropped.
+
+  Returns:
+    (input_ids [max_len] int32, attention_mask [max_len] int32, truncated).
+  """
+  budget = max_len - 4
+  if budget < 1:
+    raise ValueError(f"max_len={max_len} leaves no room for text (4 special tokens).")
+  first, second = list(first), list(second)
+  truncated = len(first) + len(second) > budget
+  second = second[:budget]
+  first = first[:budget - len(second)]
+  ids = [special.bos, *first, special.eos, special.eos, *second, special.eos]
+  input_ids = np.full(max_len, special.pad, np.int32)
+  input_ids[:len(ids)] = ids
+  mask = np.zeros(max_len, np.int32)
+  mask[:len(ids)] = 1
+  return input_ids, mask, truncated
+
+
+@dataclasses.dataclass
+class EncodedSplit:
+  """One split, tokenised: arrays over questions, plus their ids."""
+
+  ids: list[str]
+  input_ids: np.ndarray  # [N, C, L] int32.
+  attention_mask: np.ndarray  # [N, C, L] int32.
+  label: np.ndarray  # [N] int32; -1 where the split hides the label.
+  truncated: int  # Sequences (of N * C) that had to be cut.
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  @property
+  def has_labels(self) -> bool:
+    return bool(len(self.label)) and bool(np.all(self.label >= 0))
+
+
+def encode_examples(examples: Sequence[Mapping[str, Any]], tokenizer: tokenizers.Tokenizer,
+                    max_len: int) -> EncodedSplit:
+  """Reader examples -> `EncodedSplit` ([N, NUM_CHOICES, max_len] arrays)."""
+  special = tokenizer_lib.special_ids(tokenizer)
+  pairs = [benchmarks.choice_texts(e) for e in examples]
+  texts = sorted({t for ps in pairs for pair in ps for t in pair})
+  encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
+  token_ids = {t: e.ids for t, e in zip(texts, encoded)}
+  n = len(examples)
+  input_ids = np.zeros((n, NUM_CHOICES, max_len), np.int32)
+  attention_mask = np.zeros((n, NUM_CHOICES, max_len), np.int32)
+  truncated = 0
+  for i, ps in enumerate(pairs):
+    if len(ps) != NUM_CHOICES:
+      raise ValueError(f"Example {examples[i]['id']!r} has {len(ps)} options, "
+                       f"expected {NUM_CHOICES}.")
+    for c, (first, second) in enumerate(ps):
+      a, b = token_ids[first], token_ids[second]
+      input_ids[i, c], attention_mask[i, c], cut = encode_pair(a, b, special, max_len)
+      truncated += cut
+  label = np.asarray([-1 if e["label"] is None else e["label"] for e in examples], np.int32)
+  return EncodedSplit([e["id"] for e in examples], input_ids, attention_mask, label, truncated)
+
+
+# -----------------------------------------------------------------------------
+# Data: files, batches
+# -----------------------------------------------------------------------------
+
+
+def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The split files' directory; the generated set is written into the workdir once."""
+  d = config.data
+  if d.dataset not in DATASETS:
+    raise ValueError(f"Unknown --config.data.dataset={d.dataset!r}; choose from "
+                     f"{tuple(DATASETS)}.")
+  if d.data_dir:
+    if not os.path.isdir(d.data_dir):
+      raise FileNotFoundError(f"--config.data.data_dir={d.data_dir} does not exist.")
+    return d.data_dir
+  if d.dataset != "logic_mc":
+    raise ValueError(f"--config.data.data_dir is required for {d.dataset} (the directory "
+                     f"with {sorted(DATASETS[d.dataset][1].values())}).")
+  directory = os.path.join(workdir, "data", "logic_mc")
+  if train_lib.is_main() and not os.path.isfile(os.path.join(directory, "test.json")):
+    tmp = directory + ".tmp"  # Renamed when complete: a crash never leaves half a set.
+    logic_mc.write_reclor_format(tmp, dict(train=d.logic_mc_train, validation=d.logic_mc_validation,
+                                           test=d.logic_mc_test), seed=d.logic_mc_seed)
+    os.replace(tmp, directory)
+  train_lib.sync("apollo_finetune_logic_mc")
+  return directory
+
+
+def read_split(config: ml_collections.ConfigDict, directory: str, split: str
+               ) -> list[dict[str, Any]]:
+  reader, names = DATASETS[config.data.dataset]
+  path = os.path.join(directory, names[split])
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No {split} file for {config.data.dataset}: {path} "
+                            f"(--config.data.data_dir).")
+  examples = reader(path)
+  benchmarks.check_split_size(config.data.dataset, split, len(examples))
+  return examples
+
+
+def train_batch(split: EncodedSplit, step: int, batch_size: int, seed: int,
+                shard_index: int = 0, shard_count: int = 1) -> dict[str, np.ndarray]:
+  """This host's part of the global batch of `step` (0-based); see the module docstring."""
+  n, per_host = len(split), batch_size // shard_count
+  positions = step * batch_size + shard_index * per_host + np.arange(per_host)
+  epochs, offsets = np.divmod(positions, n)
+  index = np.empty(per_host, np.int64)
+  for epoch in np.unique(epochs):
+    order = np.random.default_rng([seed, int(epoch)]).permutation(n)
+    index[epochs == epoch] = order[offsets[epochs == epoch]]
+  return dict(input_ids=split.input_ids[index], attention_mask=split.attention_mask[index],
+              label=split.label[index], example_mask=np.ones(per_host, np.int32))
+
+
+def eval_batches(split: EncodedSplit, batch_size: int):
+  """Batches in order; the last is padded with rows whose `example_mask` is 0."""
+  for start in range(0, len(split), batch_size):
+    index = np.arange(start, min(start + batch_size, len(split)))
+    pad = batch_size - len(index)
+    take = np.concatenate([index, np.zeros(pad, np.int64)])
+    yield dict(input_ids=split.input_ids[take], attention_mask=split.attention_mask[take],
+               label=split.label[take],
+               example_mask=np.concatenate([np.ones(len(index), np.int32),
+                                            np.zeros(pad, np.int32)])), len(index)
+
+
+# -----------------------------------------------------------------------------
+# Loss and steps (pure functions)
+# -----------------------------------------------------------------------------
+
+
+def choice_sums(model: model_lib.MultipleChoiceModel, batch: Mapping[str, jax.Array], *,
+                deterministic: bool = True, rngs: Optional[jax.Array] = None
+                ) -> tuple[dict[str, jax.Array], jax.Array]:
+  """(sums and counts of cross-entropy and hits over labelled rows, logits [B, C])."""
+  logits = model(batch["input_ids"], batch["attention_mask"], deterministic=deterministic,
+                 rngs=rngs).astype(jnp.float32)
+  labelled = batch["example_mask"].astype(jnp.float32) * (batch["label"] >= 0)
+  labels = jnp.maximum(batch["label"], 0)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return dict(loss_sum=jnp.sum(nll * labelled), correct=jnp.sum(hit * labelled),
+              count=jnp.sum(labelled)), logits
+
+
+def train_step(state: dict[str, Any], batch: Mapping[str, jax.Array], *,
+               graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+               lr_schedule: optax.Schedule) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """One update on the mean cross-entropy over the batch; dropout key = fold_in(rng, step)."""
+  step = state["step"]
+  dropout_key = jax.random.fold_in(state["rng"], step)
+
+  def loss_fn(params):
+    sums, _ = choice_sums(nnx.merge(graphdef, params), batch, deterministic=False,
+                          rngs=dropout_key)
+    return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
+
+  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  new_state = dict(params=params, opt_state=opt_state, step=step + 1, rng=state["rng"])
+  metrics = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads),
+                 update_norm=optax.tree.norm(updates),
+                 learning_rate=jnp.asarray(lr_schedule(step), jnp.float32))
+  return new_state, metrics
+
+
+def eval_step(params: Any, batch: Mapping[str, jax.Array], *, graphdef: nnx.GraphDef
+              ) -> tuple[dict[str, jax.Array], jax.Array]:
+  """Sums, counts and logits on one batch (no dropout)."""
+  return choice_sums(nnx.merge(graphdef, params), batch)
+
+
+# -----------------------------------------------------------------------------
+# Initialisation sources
+# -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class InitSource:
+  """Where the weights and the tokenizer come from (see the module docstring)."""
+
+  kind: str  # "pretrain", "hf" or "scratch".
+  path: str  # The pretrain workdir or HF directory; "" for scratch.
+  model_config: model_lib.EncoderConfig
+  tokenizer: tokenizers.Tokenizer
+  tokenizer_path: str
+
+
+def _load_tokenizer(path: str, flag: str) -> tokenizers.Tokenizer:
+  try:
+    tokenizer = tokenizer_lib.load_tokenizer(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{flag}={path}: {e}") from e
+  tokenizer_lib.special_ids(tokenizer)  # A missing special token is an error naming it.
+  return tokenizer
+
+
+def _saved_pretrain_config(pretrain_dir: str) -> dict:
+  if not os.path.isdir(pretrain_dir):
+    raise FileNotFoundError(f"--config.init_from_pretrain={pretrain_dir} does not exist; "
+                            f"run `python -m experiments.pretrain --workdir={pretrain_dir}` first.")
+  path = os.path.join(pretrain_dir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config.init_from_pretrain={pretrain_dir} is not a pretraining "
+                            f"workdir: no {path}.")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def resolve_init(config: ml_collections.ConfigDict) -> InitSource:
+  """The model config and tokenizer of the configured initialisation source.
+
+  Raises:
+    ValueError / FileNotFoundError: naming the flag and the path.
+  """
+  m = config.model
+  common = dict(hidden_dropout_rate=m.hidden_dropout_rate,
+                attention_dropout_rate=m.attention_dropout_rate, dtype=m.dtype)
+  tokenizer_path = config.data.tokenizer_path
+  if config.init_from_pretrain and config.init_from_hf:
+    raise ValueError("Set at most one of --config.init_from_pretrain and --config.init_from_hf.")
+  if config.init_from_pretrain:
+    path = config.init_from_pretrain
+    saved = _saved_pretrain_config(path)
+    resolved = {k: v for k, v in saved["model_resolved"].items()
+                if k in {f.name for f in dataclasses.fields(model_lib.EncoderConfig)}}
+    model_config = model_lib.EncoderConfig(**{**resolved, **common})
+    if not tokenizer_path:
+      pdata = saved.get("config", {}).get("data", {})
+      tokenizer_path = (pdata.get("tokenizer_path") or saved["config"].get("init_from_hf")
+                        or os.path.join(path, "data", "tokenizer"))
+    kind = "pretrain"
+  elif config.init_from_hf:
+    path = config.init_from_hf
+    if not os.path.isfile(os.path.join(path, hf_import.CONFIG_NAME)):
+      raise FileNotFoundError(f"--config.init_from_hf={path}: no "
+                              f"{os.path.join(path, hf_import.CONFIG_NAME)}.")
+    model_config = hf_import.config_from_hf(path, **common)
+    tokenizer_path = tokenizer_path or path
+    kind = "hf"
+  else:
+    path, kind = "", "scratch"
+    if not tokenizer_path:
+      raise ValueError("Fine-tuning from scratch needs --config.data.tokenizer_path (or set "
+                       "--config.init_from_pretrain / --config.init_from_hf).")
+  flag = "--config.data.tokenizer_path" if config.data.tokenizer_path else (
+      f"the tokenizer of --config.init_from_{'pretrain' if kind == 'pretrain' else 'hf'}")
+  tokenizer = _load_tokenizer(tokenizer_path, flag)
+  if kind == "scratch":
+    overrides = {k: m[k] for k in ("hidden_size", "num_layers", "num_heads",
+                                   "intermediate_size") if m[k] > 0}
+    vocab = -(-tokenizer.get_vocab_size() // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
+    model_config = model_lib.get_config(m.preset, vocab_size=vocab, **overrides, **common)
+  if tokenizer.get_vocab_size() > model_config.vocab_size:
+    raise ValueError(f"The tokenizer at {tokenizer_path} has {tokenizer.get_vocab_size()} "
+                     f"tokens but the model only {model_config.vocab_size} embeddings.")
+  if config.data.max_len > model_config.max_sequence_length:
+    raise ValueError(f"--config.data.max_len={config.data.max_len} exceeds the model's "
+                     f"{model_config.max_sequence_length} positions.")
+  return InitSource(kind, path, model_config, tokenizer, tokenizer_path)
+
+
+def restore_pretrained_encoder(pretrain_dir: str, mesh: jax.sharding.Mesh) -> tuple[Any, int]:
+  """(encoder params, step) of the latest checkpoint of a pretraining workdir."""
+  saved = _saved_pretrain_config(pretrain_dir)
+  pconfig = ml_collections.ConfigDict(saved["config"])
+  pmodel = model_lib.EncoderConfig(**{
+      k: v for k, v in saved["model_resolved"].items()
+      if k in {f.name for f in dataclasses.fields(model_lib.EncoderConfig)}})
+  setup = pretrain.make_setup(pconfig, pmodel, mesh)
+  directory = os.path.join(pretrain_dir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"--config.init_from_pretrain={pretrain_dir} has no checkpoints "
+                            f"({directory}); let the pretraining run save one.")
+  ckpt = checkpoint_lib.Checkpointer(directory)
+  try:
+    train_lib.check_checkpoint_shapes(ckpt, setup.abstract_state)
+    restored = ckpt.restore_latest(setup.abstract_state)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f"--config.init_from_pretrain={pretrain_dir}: no checkpoint in "
+                            f"{directory}.")
+  return restored.state["params"]["encoder"], restored.step
+
+
+def _graft(target: dict, source: dict, where: str = "encoder") -> dict:
+  """`target` with every leaf of `source` put in (same shapes); extra target leaves stay."""
+  out = dict(target)
+  for key, value in source.items():
+    if key not in target:
+      raise ValueError(f"The pretrained {where}/{key} has no counterpart in the model.")
+    if isinstance(value, Mapping):
+      out[key] = _graft(target[key], value, f"{where}/{key}")
+    else:
+      if tuple(value.shape) != tuple(target[key].shape):
+        raise ValueError(f"Shape mismatch at {where}/{key}: pretrained {value.shape} vs "
+                         f"model {target[key].shape}.")
+      out[key] = value
+  return out
+
+
+# -----------------------------------------------------------------------------
+# Set-up and the job
+# -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """Everything that stays fixed over a run: mesh, model structure, optimizer, shardings."""
+
+  mesh: jax.sharding.Mesh
+  model_config: model_lib.EncoderConfig
+  graphdef: nnx.GraphDef
+  optimizer: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  abstract_state: Any
+  state_shardings: Any
+  train_steps: int
+  warmup_steps: int
+
+
+def resolve_schedule(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
+  """(train_steps, warmup_steps): from num_epochs and warmup_fraction where set."""
+  steps = int(config.train_steps)
+  if steps <= 0:
+    steps = max(1, math.ceil(config.num_epochs * num_train / config.data.batch_size))
+  warmup = int(config.optimizer.warmup_steps)
+  if config.optimizer.warmup_fraction > 0:
+    warmup = int(round(config.optimizer.warmup_fraction * steps))
+  return steps, warmup
+
+
+def make_setup(config: ml_collections.ConfigDict, model_config: model_lib.EncoderConfig,
+               mesh: jax.sharding.Mesh, train_steps: int, warmup_steps: int) -> TrainSetup:
+  opt = ml_collections.ConfigDict(config.optimizer.to_dict())
+  opt.warmup_steps = warmup_steps
+  optimizer, lr_schedule = train_lib.build_optimizer(opt, train_steps)
+  make_model = lambda: model_lib.MultipleChoiceModel(model_config, rngs=nnx.Rngs(config.seed))
+  graphdef, abstract_state, shardings = train_lib.abstract_train_state(
+      make_model, optimizer, mesh, model_lib.LOGICAL_AXIS_RULES)
+  return TrainSetup(mesh, model_config, graphdef, optimizer, lr_schedule, abstract_state,
+                    shardings, train_steps, warmup_steps)
+
+
+def init_state(config: ml_collections.ConfigDict, setup: TrainSetup, source: InitSource
+               ) -> dict[str, Any]:
+  """A fresh state from the init source, every array created in its shards."""
+  m = config.model
+  if source.kind == "hf":
+    model, report = hf_import.from_pretrained(
+        source.path, model_lib.MultipleChoiceModel, seed=config.seed, mesh=setup.mesh,
+        hidden_dropout_rate=m.hidden_dropout_rate,
+        attention_dropout_rate=m.attention_dropout_rate, dtype=m.dtype)
+    logging.info("Imported %s: %s", source.path, report.summary())
+    params = nnx.to_pure_dict(nnx.state(model))
+  else:
+    model = model_lib.create_sharded_model(
+        lambda: model_lib.MultipleChoiceModel(setup.model_config, rngs=nnx.Rngs(config.seed)),
+        setup.mesh)
+    params = nnx.to_pure_dict(nnx.state(model))
+    if source.kind == "pretrain":
+      encoder, step = restore_pretrained_encoder(source.path, setup.mesh)
+      params = dict(params, encoder=_graft(params["encoder"], encoder))
+      logging.info("Encoder from %s (step %d); pooler and scorer are new.", source.path, step)
+  return train_lib.new_train_state(params, setup.optimizer, setup.mesh,
+                                   setup.state_shardings, config.seed)
+
+
+def _device_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  return mesh_lib.shard_batch({k: batch[k] for k in _DEVICE_KEYS}, mesh)
+
+
+def _check_reclor_test_ids(split: EncodedSplit) -> None:
+  """The leaderboard file needs ids test_0..test_{n-1}: checked before training."""
+  indices = sorted(benchmarks.reclor_test_index(i) for i in split.ids)
+  if indices != list(range(len(indices))):
+    raise ValueError(f"ReClor test ids are not test_0..test_{len(indices) - 1}; the "
+                     f"leaderboard file could not be written.")
+
+
+def evaluate_split(config, setup: TrainSetup, eval_fn, params, name: str,
+                   split: EncodedSplit, workdir: str, step: int) -> dict[str, float]:
+  """Accuracy (and Test-E/H for ReClor test) of one split; writes its prediction files."""
+  logits_all, sums = [], dict(loss_sum=0.0, correct=0.0, count=0.0)
+  batch_size = config.data.eval_batch_size or config.data.batch_size
+  per_host, host = batch_size // jax.process_count(), jax.process_index()
+  for batch, real in eval_batches(split, batch_size):
+    # Every host builds the whole batch and passes its rows; outputs come back replicated.
+    local = {k: v[host * per_host:(host + 1) * per_host] for k, v in batch.items()}
+    out, logits = jax.device_get(eval_fn(params, _device_batch(local, setup.mesh)))
+    for k in sums:
+      sums[k] += float(out[k])
+    logits_all.append(np.asarray(logits)[:real])
+  logits = np.concatenate(logits_all) if logits_all else np.zeros((0, NUM_CHOICES))
+  predicted = logits.argmax(-1)
+  result = dict(examples=float(len(split)), truncated_sequences=float(split.truncated))
+  if sums["count"]:
+    result["accuracy"] = sums["correct"] / sums["count"]
+    result["loss"] = sums["loss_sum"] / sums["count"]
+  reclor_test = config.data.dataset == "reclor" and name == "test"
+  if reclor_test and split.has_labels:
+    subsets = benchmarks.reclor_test_subsets(split.ids)
+    for key, rows in (("test_e_accuracy", subsets.easy), ("test_h_accuracy", subsets.hard)):
+      if rows:
+        result[key] = float(np.mean(predicted[rows] == split.label[rows]))
+  if train_lib.is_main():
+    rows = [dict(id=i, prediction=int(p), label=(int(l) if l >= 0 else None),
+                 logits=[round(float(x), 5) for x in row])
+            for i, p, l, row in zip(split.ids, predicted, split.label, logits)]
+    train_lib.write_json_atomically(os.path.join(workdir, f"predictions_{name}.json"),
+                                    dict(step=step, split=name, predictions=rows))
+    if reclor_test:
+      benchmarks.write_reclor_predictions(os.path.join(workdir, "reclor_test_predictions.json"),
+                                          dict(zip(split.ids, predicted.tolist())))
+  return result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+  """Fine-tunes (or resumes) in `workdir`; evaluates every `eval_every` steps and at the end.
+
+  Args:
+    config: see `experiments/configs/finetune.py`.
+    workdir: checkpoints/, metrics.jsonl, tensorboard/, config.json, predictions_*.json,
+      results.json (and, for the generated set, data/) go here; a rerun resumes.
+    on_step: called with the step number after each update is dispatched (tests).
+
+  Returns:
+    {'step', 'preempted', 'train': last train summary, 'eval': {split: summary},
+     'best': {'step', split: summary} at the best validation accuracy (or {})}.
+
+  Raises:
+    NonFiniteLossError: the loss became NaN/inf; nothing of that step is saved.
+    ValueError / FileNotFoundError: bad input, naming the flag or file.
+  """
+  mesh_lib.initialize_distributed()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if config.optimizer.name not in train_lib.OPTIMIZERS:  # Bad names fail before any work.
+    train_lib.build_optimizer(config.optimizer, 1)
+  for name in config.eval_splits:
+    if name not in ("validation", "test"):
+      raise ValueError(f"Unknown split {name!r} in --config.eval_splits; use validation/test.")
+  source = resolve_init(config)
+  directory = data_dir(config, workdir)
+  max_len = config.data.max_len
+  train_examples = read_split(config, directory, "train")
+  if config.data.max_train_examples > 0:
+    train_examples = train_examples[:config.data.max_train_examples]
+  train_split = encode_examples(train_examples, source.tokenizer, max_len)
+  if not train_split.has_labels or not len(train_split):
+    raise ValueError(f"The training split in {directory} is empty or lacks labels.")
+  eval_splits = {name: encode_examples(read_split(config, directory, name), source.tokenizer,
+                                       max_len) for name in config.eval_splits}
+  if config.data.dataset == "reclor" and "test" in eval_splits:
+    _check_reclor_test_ids(eval_splits["test"])
+  for name, split in (("train", train_split), *eval_splits.items()):
+    logging.info("%s: %d questions, %d of %d sequences truncated to %d tokens.", name,
+                 len(split), split.truncated, len(split) * NUM_CHOICES, max_len)
+
+  train_lib.check_saved_config(workdir, source.model_config, SHAPE_FIELDS)
+  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                            axis_type="auto")
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for key in ("batch_size", "eval_batch_size"):
+    size = config.data[key]
+    if size and (size % batch_shards or size % jax.process_count()):
+      raise ValueError(f"--config.data.{key}={size} is not divisible by data*fsdp="
+                       f"{batch_shards} and the {jax.process_count()} processes.")
+  train_steps, warmup_steps = resolve_schedule(config, len(train_split))
+  setup = make_setup(config, source.model_config, mesh, train_steps, warmup_steps)
+  logging.info("Mesh %s; model %s; %d steps (%d warmup) of %d questions.",
+               mesh_lib.describe(mesh), source.model_config, train_steps, warmup_steps,
+               config.data.batch_size)
+
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     max_to_keep=config.max_checkpoints)
+  writer = metrics_lib.MetricsWriter(workdir)
+  try:
+    train_lib.check_checkpoint_shapes(ckpt, setup.abstract_state)
+    train_lib.write_config(workdir, config, source.model_config,
+                           init=dict(kind=source.kind, path=source.path,
+                                     tokenizer=source.tokenizer_path),
+                           schedule=dict(train_steps=train_steps, warmup_steps=warmup_steps))
+    restored = ckpt.restore_latest(setup.abstract_state)
+    if restored is not None:
+      state, start_step = restored.state, restored.step
+      data = restored.data or {}
+      if data.get("num_train_examples", len(train_split)) != len(train_split):
+        raise ValueError(f"{ckpt.directory} was trained on {data['num_train_examples']} "
+                         f"questions, the training split now has {len(train_split)}; use a new "
+                         f"--workdir.")
+      logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
+    else:
+      state, start_step = init_state(config, setup, source), 0
+    result = _train_loop(config, setup, state, start_step, train_split, eval_splits, ckpt,
+                         writer, workdir, on_step)
+  finally:
+    ckpt.close()  # Waits for in-flight saves: earlier checkpoints are complete.
+    writer.close()
+  if not result["preempted"]:
+    result["best"] = best_evaluation(workdir)
+    if train_lib.is_main():
+      train_lib.write_json_atomically(os.path.join(workdir, "results.json"), dict(
+          step=result["step"], eval=result["eval"], best=result["best"],
+          init=dict(kind=source.kind, path=source.path)))
+  return result
+
+
+def best_evaluation(workdir: str) -> dict[str, Any]:
+  """The evaluation at the step of best validation accuracy (earliest on ties), from metrics."""
+  rows = metrics_lib.read_metrics(workdir)
+  by_step: dict[int, dict[str, dict]] = {}
+  for row in rows:
+    if row["split"] in ("validation", "test"):
+      by_step.setdefault(row["step"], {})[row["split"]] = {
+          k: v for k, v in row.items() if k not in ("step", "split")}
+  scored = [(s, e) for s, e in sorted(by_step.items())
+            if "accuracy" in e.get("validation", {})]
+  if not scored:
+    return {}
+  step, evaluation = max(scored, key=lambda se: (se[1]["validation"]["accuracy"], -se[0]))
+  return dict(step=step, **evaluation)
+
+
+def _train_loop(config, setup: TrainSetup, state, start_step, train_split, eval_splits, ckpt,
+                writer, workdir, on_step) -> dict[str, Any]:
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=setup.graphdef, optimizer=setup.optimizer,
+                        lr_schedule=setup.lr_schedule),
+      out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, PartitionSpec())),
+      donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=setup.graphdef),
+                    out_shardings=NamedSharding(setup.mesh, PartitionSpec()))
+  total, batch_size = setup.train_steps, config.data.batch_size
+  steps_per_epoch = max(1, math.ceil(len(train_split) / batch_size))
+  eval_every = config.eval_every or steps_per_epoch
+  progress = metrics_lib.Progress(total, start_step, unit="questions", every=config.log_every)
+  window: dict[str, float] = {}
+  window_start = time.perf_counter()
+  result: dict[str, Any] = dict(step=start_step, preempted=False, train={}, eval={})
+
+  def log_step(step, metrics):
+    nonlocal window, window_start
+    for k, v in metrics.items():
+      window[k] = window.get(k, 0.0) + float(v)
+    window["steps"] = window.get("steps", 0.0) + 1
+    progress.update(step, batch_size, {"loss": metrics["loss"]})
+    if step % config.log_every == 0 or step == total:
+      n, now = window["steps"], time.perf_counter()
+      summary = dict(loss=window["loss"] / n,
+                     accuracy=window["correct"] / max(window["count"], 1.0),
+                     grad_norm=window["grad_norm"] / n, update_norm=window["update_norm"] / n,
+                     learning_rate=float(metrics["learning_rate"]),
+                     epoch=step * batch_size / len(train_split),
+                     questions_per_s=batch_size * n / max(now - window_start, 1e-9))
+      writer.write(step, summary, split="train")
+      result["train"] = summary
+      window, window_start = {}, now
+
+  late = train_lib.LateMetrics(log_step)
+  host, hosts = jax.process_index(), jax.process_count()
+  with checkpoint_lib.PreemptionGuard() as guard, jax.set_mesh(setup.mesh):
+    for step in range(start_step + 1, total + 1):
+      batch = train_batch(train_split, step - 1, batch_size, config.seed, host, hosts)
+      state, metrics = step_fn(state, _device_batch(batch, setup.mesh))
+      late.put(step, metrics)  # Logs the previous step's metrics while this one runs.
+      if on_step is not None:
+        on_step(step)
+      save = step % config.checkpoint_every == 0 or step == total or guard.requested
+      do_eval = step % eval_every == 0 or step == total
+      if save or do_eval or step % config.log_every == 0:
+        late.consume()  # Checked finite before anything of this step is saved.
+      if do_eval:
+        for name, split in eval_splits.items():
+          summary = evaluate_split(config, setup, eval_fn, state["params"], name, split,
+                                   workdir, step)
+          writer.write(step, summary, split=name)
+          result["eval"][name] = summary
+          logging.info("%s at step %d: %s", name, step,
+                       " | ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+        window_start = time.perf_counter()  # Throughput counts training time only.
+      if save:
+        ckpt.save(step, state, data=dict(step=step, examples_seen=step * batch_size,
+                                         num_train_examples=len(train_split), seed=config.seed))
+      result["step"] = step
+      if guard.requested:
+        logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume.",
+                        step, ckpt.directory)
+        result["preempted"] = True
+        break
+    late.consume()
+  return result
