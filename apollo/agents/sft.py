@@ -1,0 +1,602 @@
+"""Supervised fine-tuning of the agent policy on masked per-step samples.
+
+`train_and_evaluate(config, workdir)` is the whole job (config:
+`experiments/configs/agent_sft.py`; entry point: `experiments/agent_sft.py`). It
+follows the pretraining trainer's conventions (`apollo.lm.pretrain`): a mesh
+('data', 'fsdp', 'tensor') with Auto axes, a state `{params, opt_state, step, rng}`
+created in its shards, a module-level pure `train_step` jitted once with the state
+donated, Apollo by default (`build_optimizer`), checkpoints every
+`checkpoint_every` steps, at the end and on SIGTERM (with the data position, so a
+resumed run sees exactly the batches an uninterrupted one would), metrics as sums
+and counts, a progress line, and a stop on a non-finite loss.
+
+Data: samples are dicts with `input_ids` (token ids of one rendered context +
+response) and `loss_mask` (True on the tokens to imitate: assistant content and
+its `<|im_end|>`; see `apollo.agents.chat_template`). They come from a JSONL file
+(`config.data.train_path`, e.g. written by `apollo.agents.sft_data`), or are
+passed in (`samples=`), or, for the quickstart, are built from scripted rollouts
+inside the workdir (`apollo.agents.compare.write_demo_samples`).
+
+Sequence packing (`pack_samples`): samples are laid end to end into rows of
+`seq_len` tokens. Every token keeps its loss mask; each packed sample gets its own
+segment id (0 = padding) and positions restarting at 0, and the decoder's
+`segment_ids` argument makes attention block-diagonal-causal, so a packed row
+computes exactly the logits of its samples run one by one
+(`tests/agents/test_sft.py` checks it). A sample longer than `seq_len` keeps its
+*last* `seq_len` tokens (the response to imitate sits at the end). The data order
+is a pure function of (seed, epoch): each epoch shuffles the samples, packs them,
+and the row stream runs across epochs; its position `{epoch, row}` is the data
+state saved with each checkpoint.
+
+Loss: the next-token cross-entropy averaged over the masked target tokens of the
+batch (tokens with `loss_mask` False contribute nothing, not even to the mean).
+
+Export: at the end, the policy is written as a Hugging Face-style directory
+(`workdir/policy`: config.json, model.safetensors, tokenizer.json) that the
+'flax' rollout backend loads: `make_flax_backend(seed, checkpoint=workdir/policy)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from apollo import optim as apollo_optim
+from apollo.agents import chat_template as chat_lib
+from apollo.agents import decoder as decoder_lib
+from apollo.common import checkpoint as checkpoint_lib
+from apollo.common import mesh as mesh_lib
+from apollo.common import metrics as metrics_lib
+
+from apollo.common import training as train_lib
+
+# The generic trainer pieces shared with pretraining and fine-tuning.
+build_optimizer = train_lib.build_optimizer
+check_checkpoint_shapes = train_lib.check_checkpoint_shapes
+
+# Decoder fields that decide parameter shapes: a workdir may only be resumed with these.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "intermediate_size", "tie_word_embeddings", "attention_bias")
+BATCH_KEYS = ("input_ids", "targets", "weights", "segment_ids", "positions")
+POLICY_DIR = "policy"
+
+
+# -----------------------------------------------------------------------------
+# Packing
+# -----------------------------------------------------------------------------
+
+
+def pack_samples(samples: Iterable[Mapping[str, Any]], seq_len: int, pad_id: int = 0
+                 ) -> dict[str, np.ndarray]:
+  """Packs samples (in order, next-fit) into rows of `seq_len` tokens.
+
+  Args:
+    samples: dicts with `input_ids` and `loss_mask` (same length).
+    seq_len: tokens per row.
+    pad_id: id written on padding.
+
+  Returns:
+    int32/float32 arrays [rows, seq_len]: `input_ids`; `targets` (the next token of
+    the same sample); `weights` (1.0 where that target is a masked-in token, else
+    0, also on each sample's last token and on padding); `segment_ids` (1, 2, ...
+    per sample in the row, 0 on padding); `positions` (restart at 0 per sample);
+    plus `truncated` (int: samples cut to their last `seq_len` tokens) and
+    `dropped` (samples with fewer than 2 tokens or no target).
+  """
+  rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
+  row: list[tuple[np.ndarray, np.ndarray]] = []
+  used = truncated = dropped = 0
+  for sample in samples:
+    ids = np.asarray(sample["input_ids"], np.int32)
+    mask = np.asarray(sample["loss_mask"], bool)
+    if ids.shape != mask.shape:
+      raise ValueError(f"input_ids {ids.shape} and loss_mask {mask.shape} differ.")
+    if len(ids) > seq_len:
+      ids, mask = ids[-seq_len:], mask[-seq_len:]
+      truncated += 1
+    if len(ids) < 2 or not mask[1:].any():
+      dropped += 1
+      continue
+    if used + len(ids) > seq_len:
+      rows.append(row)
+      row, used = [], 0
+    row.append((ids, mask))
+    used += len(ids)
+  if row:
+    rows.append(row)
+  out = {k: np.zeros((len(rows), seq_len), np.int32) for k in BATCH_KEYS}
+  out["input_ids"][:] = pad_id
+  out["weights"] = np.zeros((len(rows), seq_len), np.float32)
+  for r, parts in enumerate(rows):
+    start = 0
+    for segment, (ids, mask) in enumerate(parts, start=1):
+      n, end = len(ids), start + len(ids)
+      out["input_ids"][r, start:end] = ids
+      out["targets"][r, start:end - 1] = ids[1:]
+      out["weights"][r, start:end - 1] = mask[1:]
+      out["segment_ids"][r, start:end] = segment
+      out["positions"][r, start:end] = np.arange(n)
+      start = end
+  out["truncated"] = np.asarray(truncated)
+  out["dropped"] = np.asarray(dropped)
+  return out
+
+
+class PackedRowStream:
+  """Batches of packed rows; epoch e = pack(shuffle(samples, (seed, e))).
+
+  The rows run on across epochs (a batch may hold the end of one epoch and the
+  start of the next), so no row is padded away. `get_state()` / `set_state()` are
+  JSON-able `{epoch, row}`: the position of the next batch.
+  """
+
+  def __init__(self, samples: Sequence[Mapping[str, Any]], seq_len: int, batch_size: int,
+               seed: int, pad_id: int = 0):
+    if not samples:
+      raise ValueError("No training samples.")
+    self.samples, self.seq_len, self.batch_size = samples, seq_len, batch_size
+    self.seed, self.pad_id = seed, pad_id
+    self.epoch, self.row = 0, 0
+    self._packed_epoch, self._rows = -1, None
+
+  def _epoch_rows(self) -> dict[str, np.ndarray]:
+    if self._packed_epoch != self.epoch:
+      order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.samples))
+      self._rows = pack_samples((self.samples[i] for i in order), self.seq_len, self.pad_id)
+      self._packed_epoch = self.epoch
+      if not len(self._rows["input_ids"]):
+        raise ValueError("Every sample was dropped (no target tokens).")
+    return self._rows
+
+  def get_state(self) -> dict[str, int]:
+    return {"epoch": int(self.epoch), "row": int(self.row)}
+
+  def set_state(self, state: Mapping[str, int]) -> None:
+    self.epoch, self.row = int(state["epoch"]), int(state["row"])
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = {k: [] for k in BATCH_KEYS}
+    needed = self.batch_size
+    while needed:
+      rows = self._epoch_rows()
+      take = min(needed, len(rows["input_ids"]) - self.row)
+      for k in BATCH_KEYS:
+        parts[k].append(rows[k][self.row:self.row + take])
+      self.row += take
+      needed -= take
+      if self.row >= len(rows["input_ids"]):
+        self.epoch, self.row = self.epoch + 1, 0
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def eval_batches(samples: Sequence[Mapping[str, Any]], seq_len: int, batch_size: int,
+                 pad_id: int = 0) -> list[dict[str, np.ndarray]]:
+  """The held-out samples packed in order, in batches (the last padded with empty rows)."""
+  rows = pack_samples(samples, seq_len, pad_id)
+  n = len(rows["input_ids"])
+  batches = []
+  for start in range(0, n, batch_size):
+    batch = {k: rows[k][start:start + batch_size] for k in BATCH_KEYS}
+    short = batch_size - len(batch["input_ids"])
+    if short:
+      batch = {k: np.concatenate([v, np.zeros((short, seq_len), v.dtype)])
+               for k, v in batch.items()}
+    batches.append(batch)
+  return batches
+
+
+# -----------------------------------------------------------------------------
+# Loss and steps (pure functions)
+# -----------------------------------------------------------------------------
+
+
+def packed_logits(model: decoder_lib.Decoder, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Logits [B, L, vocab] of packed rows: attention stays inside each segment."""
+  segments = batch["segment_ids"]
+  logits, _ = model(batch["input_ids"], positions=batch["positions"],
+                    attention_mask=segments > 0, segment_ids=segments)
+  return logits
+
+
+def loss_sums(model: decoder_lib.Decoder, batch: Mapping[str, jax.Array]
+              ) -> dict[str, jax.Array]:
+  """Sum of the cross-entropy and of correct argmax over the weighted targets, and their count."""
+  logits = packed_logits(model, batch).astype(jnp.float32)
+  weights = batch["weights"].astype(jnp.float32)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  hit = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+  return dict(loss_sum=jnp.sum(nll * weights), correct=jnp.sum(hit * weights),
+              count=jnp.sum(weights))
+
+
+def train_step(state: dict[str, Any], batch: Mapping[str, jax.Array], *,
+               graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+               lr_schedule: optax.Schedule) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """One update on the masked-token mean cross-entropy; a pure function of (state, batch).
+
+  Returns:
+    (new state, metrics): loss sums and counts, loss, grad_norm (before clipping),
+    update_norm and this update's learning rate.
+  """
+  def loss_fn(params):
+    sums = loss_sums(nnx.merge(graphdef, params), batch)
+    return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
+
+  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1,
+                   rng=state["rng"])
+  metrics = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads),
+                 update_norm=optax.tree.norm(updates),
+                 learning_rate=jnp.asarray(lr_schedule(state["step"]), jnp.float32))
+  return new_state, metrics
+
+
+def eval_step(params: Any, batch: Mapping[str, jax.Array], *, graphdef: nnx.GraphDef
+              ) -> dict[str, jax.Array]:
+  return loss_sums(nnx.merge(graphdef, params), batch)
+
+
+class _Window:
+  """Host-side sums of per-step metrics -> means."""
+
+  def __init__(self):
+    self.sums: dict[str, float] = {}
+    self.steps = 0
+    self.lr = None
+
+  def add(self, metrics: Mapping[str, Any]) -> None:
+    for k, v in metrics.items():
+      self.sums[k] = self.sums.get(k, 0.0) + float(np.asarray(v))
+    self.lr = float(np.asarray(metrics.get("learning_rate", np.nan)))
+    self.steps += 1
+
+  def summary(self) -> dict[str, float]:
+    s = self.sums
+    if not self.steps:
+      return {}
+    out = dict(loss=s["loss_sum"] / max(s["count"], 1.0),
+               token_acc=s["correct"] / max(s["count"], 1.0), target_tokens=s["count"])
+    for k in ("grad_norm", "update_norm"):
+      if k in s:
+        out[k] = s[k] / self.steps
+    if self.lr is not None and "learning_rate" in s:
+      out["learning_rate"] = self.lr
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Set-up
+# -----------------------------------------------------------------------------
+
+
+def read_jsonl_samples(path: str) -> list[dict[str, Any]]:
+  """Samples (dicts with input_ids and loss_mask) from a JSON-lines file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No sample file at {path}.")
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if line.strip():
+        row = json.loads(line)
+        if "input_ids" not in row or "loss_mask" not in row:
+          raise ValueError(f"{path}:{n}: a sample needs 'input_ids' and 'loss_mask'.")
+        out.append({"input_ids": row["input_ids"], "loss_mask": row["loss_mask"]})
+  return out
+
+
+def write_jsonl_samples(path: str, samples: Iterable[Mapping[str, Any]]) -> int:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  n = 0
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    for s in samples:
+      f.write(json.dumps({"input_ids": [int(i) for i in s["input_ids"]],
+                          "loss_mask": [bool(m) for m in s["loss_mask"]]}) + "\n")
+      n += 1
+  os.replace(path + ".tmp", path)
+  return n
+
+
+def split_eval(samples: Sequence[Mapping[str, Any]], fraction: float, seed: int
+               ) -> tuple[list, list]:
+  """(train, eval): a fixed random `fraction` of the samples held out (at least 1 if > 0)."""
+  if fraction <= 0 or len(samples) < 2:
+    return list(samples), []
+  order = np.random.default_rng([seed, 7]).permutation(len(samples))
+  n_eval = max(1, int(round(fraction * len(samples))))
+  held = set(order[:n_eval].tolist())
+  return ([s for i, s in enumerate(samples) if i not in held],
+          [s for i, s in enumerate(samples) if i in held])
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str
+                 ) -> tuple[list, list, str]:
+  """(train samples, eval samples, tokenizer.json path) from the config.
+
+  An empty `data.train_path` builds demo samples from scripted rollouts into
+  `workdir/data` (idempotent).
+  """
+  d = config.data
+  if d.train_path:
+    samples = read_jsonl_samples(d.train_path)
+    tokenizer_path = d.tokenizer_path or config.init_from
+  else:
+    from apollo.agents import compare  # pylint: disable=g-import-not-at-top
+    data_dir = os.path.join(workdir, "data")
+    train_path = os.path.join(data_dir, "samples.jsonl")
+    tokenizer_path = os.path.join(data_dir, "tokenizer.json")
+    if jax.process_index() == 0 and not os.path.isfile(train_path):
+      compare.write_demo_samples(data_dir, episodes=d.demo_episodes, seed=config.seed)
+    train_lib.sync("sft_demo_data")
+    samples = read_jsonl_samples(train_path)
+  if not tokenizer_path:
+    raise ValueError("Set --config.data.tokenizer_path (a tokenizer.json) or --config.init_from.")
+  if d.eval_path:
+    return samples, read_jsonl_samples(d.eval_path), tokenizer_path
+  train, held = split_eval(samples, d.eval_fraction, config.seed)
+  return train, held, tokenizer_path
+
+
+def model_config_from(config: ml_collections.ConfigDict, vocab_size: int
+                      ) -> decoder_lib.DecoderConfig:
+  m = config.model
+  if config.init_from:
+    from apollo.agents import decoder_import  # pylint: disable=g-import-not-at-top
+    return decoder_import.config_from_hf(config.init_from, dtype=m.dtype)
+  overrides = {k: int(m[k]) for k in ("hidden_size", "num_layers", "num_heads",
+                                      "num_kv_heads", "intermediate_size") if m[k] > 0}
+  max_pos = max(int(config.data.seq_len), 2 * int(config.data.seq_len))
+  return decoder_lib.get_config(m.preset, vocab_size=vocab_size, dtype=m.dtype,
+                                max_position_embeddings=max_pos, **overrides)
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """What stays fixed over a run: mesh, model structure, optimizer, shardings."""
+
+  mesh: jax.sharding.Mesh
+  model_config: decoder_lib.DecoderConfig
+  graphdef: nnx.GraphDef
+  optimizer: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  abstract_state: Any
+  state_shardings: Any
+
+
+def make_setup(config, model_config, mesh) -> TrainSetup:
+  """Shapes and shardings of the state, computed abstractly."""
+  optimizer, lr_schedule = build_optimizer(config.optimizer, config.train_steps)
+  make_model = lambda: decoder_lib.Decoder(model_config, rngs=nnx.Rngs(config.seed))
+  graphdef, abstract_nnx = nnx.split(nnx.eval_shape(make_model))
+  specs = nnx.to_pure_dict(decoder_lib.logical_partition_specs(
+      abstract_nnx, decoder_lib.LOGICAL_AXIS_RULES))
+  abstract_params = jax.tree.map(
+      lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
+      nnx.to_pure_dict(abstract_nnx), specs)
+  opt_shardings = apollo_optim.state_shardings(optimizer, abstract_params, mesh)
+  abstract_opt = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(optimizer.init, abstract_params), opt_shardings)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_state = dict(
+      params=abstract_params, opt_state=abstract_opt,
+      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+      rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
+  return TrainSetup(mesh, model_config, graphdef, optimizer, lr_schedule, abstract_state,
+                    jax.tree.map(lambda x: x.sharding, abstract_state))
+
+
+def init_state(config, setup: TrainSetup) -> dict[str, Any]:
+  """A fresh state: the `init_from` policy (or a random init), created in its shards."""
+  if config.init_from:
+    from apollo.agents import decoder_import  # pylint: disable=g-import-not-at-top
+    model, report = decoder_import.from_pretrained(
+        config.init_from, mesh=setup.mesh, rules=decoder_lib.LOGICAL_AXIS_RULES,
+        dtype=config.model.dtype)
+    logging.info("Initialised from %s: %s", config.init_from, report.summary())
+  else:
+    model = decoder_lib.create_sharded_model(
+        lambda: decoder_lib.Decoder(setup.model_config, rngs=nnx.Rngs(config.seed)),
+        setup.mesh, decoder_lib.LOGICAL_AXIS_RULES)
+  return train_lib.new_train_state(nnx.to_pure_dict(nnx.state(model)), setup.optimizer,
+                                   setup.mesh, setup.state_shardings, config.seed)
+
+
+def export_policy(setup: TrainSetup, params: Any, tokenizer_path: str, out_dir: str) -> str:
+  """Writes the policy as an HF-style directory the 'flax' backend loads."""
+  from apollo.agents import decoder_import  # pylint: disable=g-import-not-at-top
+  if train_lib.is_main():
+    host = jax.device_get(params)
+    abstract = nnx.eval_shape(lambda: decoder_lib.Decoder(setup.model_config,
+                                                          rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, host)
+    model = nnx.merge(graphdef, state)
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    decoder_import.export_hf(model, tmp)
+    src = tokenizer_path if tokenizer_path.endswith(".json") else os.path.join(
+        tokenizer_path, "tokenizer.json")
+    shutil.copy(src, os.path.join(tmp, "tokenizer.json"))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+  train_lib.sync("sft_export")
+  return out_dir
+
+
+def load_policy(policy_dir: str, **overrides: Any) -> tuple[decoder_lib.Decoder, Any]:
+  """(model, tokenizer) of an exported policy directory."""
+  from apollo.agents import decoder_import  # pylint: disable=g-import-not-at-top
+  model, _ = decoder_import.from_pretrained(policy_dir, **overrides)
+  return model, chat_lib.load_chat_tokenizer(policy_dir)
+
+
+# -----------------------------------------------------------------------------
+# The job
+# -----------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       samples: Optional[Sequence[Mapping[str, Any]]] = None,
+                       eval_samples: Optional[Sequence[Mapping[str, Any]]] = None,
+                       tokenizer_path: str = "",
+                       on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+  """Fine-tunes (or resumes) in `workdir` until `config.train_steps`; exports the policy.
+
+  Args:
+    config: see `experiments/configs/agent_sft.py`.
+    workdir: checkpoints/, metrics.jsonl, tensorboard/, config.json, policy/ (and
+      data/ for demo samples); a rerun resumes from it.
+    samples / eval_samples / tokenizer_path: in-memory data instead of
+      `config.data` (the comparison passes its samples this way; they must be the
+      same on a resume).
+    on_step: called after each update is dispatched (tests send SIGTERM from it).
+
+  Returns:
+    {'step', 'preempted', 'train': last train summary, 'eval': last eval summary,
+     'policy_dir': the exported policy ('' if preempted)}.
+  """
+  mesh_lib.initialize_distributed()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  build_optimizer(config.optimizer, config.train_steps)  # Bad names fail before any work.
+  if samples is None:
+    samples, eval_samples, tokenizer_path = prepare_data(config, workdir)
+  elif not tokenizer_path:
+    tokenizer_path = config.data.tokenizer_path or config.init_from
+  eval_samples = list(eval_samples or [])
+  tokenizer = chat_lib.load_chat_tokenizer(tokenizer_path)
+  template = chat_lib.ChatTemplate(tokenizer)
+  model_config = model_config_from(config, tokenizer.get_vocab_size())
+  train_lib.check_saved_config(workdir, model_config, SHAPE_FIELDS)
+  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                            axis_type="auto")
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.data.batch_size % (shards * jax.process_count()) and \
+      config.data.batch_size % shards:
+    raise ValueError(f"--config.data.batch_size={config.data.batch_size} is not divisible "
+                     f"by data*fsdp={shards}.")
+  setup = make_setup(config, model_config, mesh)
+  logging.info("Mesh %s; %d train / %d eval samples; model %s", mesh_lib.describe(mesh),
+               len(samples), len(eval_samples), model_config)
+
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     max_to_keep=config.max_checkpoints)
+  writer = metrics_lib.MetricsWriter(workdir)
+  try:
+    check_checkpoint_shapes(ckpt, setup.abstract_state)
+    train_lib.write_config(workdir, config, model_config)
+    stream = PackedRowStream(samples, config.data.seq_len, config.data.batch_size,
+                             config.seed, template.pad_id)
+    restored = ckpt.restore_latest(setup.abstract_state)
+    if restored is not None:
+      state, start_step = restored.state, restored.step
+      if restored.data and "train_iterator" in restored.data:
+        stream.set_state(restored.data["train_iterator"])
+      logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
+    else:
+      state, start_step = init_state(config, setup), 0
+    evals = eval_batches(eval_samples, config.data.seq_len, config.data.batch_size,
+                         template.pad_id) if eval_samples else []
+    result = _train_loop(config, setup, state, start_step, stream, evals, ckpt, writer,
+                         on_step)
+    result["policy_dir"] = ""
+    if not result["preempted"] and config.export_policy:
+      result["policy_dir"] = export_policy(setup, result.pop("params"), tokenizer_path,
+                                           os.path.join(workdir, POLICY_DIR))
+    result.pop("params", None)
+    return result
+  finally:
+    ckpt.close()
+    writer.close()
+
+
+def _host_slice(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's rows of the global batch."""
+  n, hosts, index = len(batch["input_ids"]), jax.process_count(), jax.process_index()
+  per = n // hosts
+  return {k: v[index * per:(index + 1) * per] for k, v in batch.items()}
+
+
+def _train_loop(config, setup: TrainSetup, state, start_step, stream, evals, ckpt, writer,
+                on_step) -> dict[str, Any]:
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=setup.graphdef, optimizer=setup.optimizer,
+                        lr_schedule=setup.lr_schedule),
+      out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, PartitionSpec())),
+      donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=setup.graphdef))
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  progress = metrics_lib.Progress(config.train_steps, start_step, unit="tokens",
+                                  every=config.log_every)
+  window, window_start = _Window(), time.perf_counter()
+  result: dict[str, Any] = dict(step=start_step, preempted=False, train={}, eval={})
+
+  def handle(step, metrics):
+    nonlocal window, window_start
+    window.add(metrics)
+    progress.update(step, tokens_per_step, {"loss": metrics["loss"]})
+    if step % config.log_every == 0 or step == config.train_steps:
+      summary = window.summary()
+      now = time.perf_counter()
+      summary["tokens_per_s"] = tokens_per_step * window.steps / max(now - window_start, 1e-9)
+      writer.write(step, summary, split="train")
+      result["train"] = summary
+      window, window_start = _Window(), now
+
+  late = train_lib.LateMetrics(handle)
+
+  def evaluate(params):
+    acc = _Window()
+    for batch in evals:
+      acc.add(jax.device_get(eval_fn(params, mesh_lib.shard_batch(_host_slice(batch),
+                                                                  setup.mesh))))
+    return {k: v for k, v in acc.summary().items() if k in ("loss", "token_acc",
+                                                            "target_tokens")}
+
+  with checkpoint_lib.PreemptionGuard() as guard, jax.set_mesh(setup.mesh):
+    for step in range(start_step + 1, config.train_steps + 1):
+      batch = next(stream)
+      data_state = stream.get_state()  # The position after this step's batch.
+      state, metrics = step_fn(state, mesh_lib.shard_batch(_host_slice(batch), setup.mesh))
+      late.put(step, metrics)  # Handles the previous step's metrics while this one runs.
+      if on_step is not None:
+        on_step(step)
+      save = (step % config.checkpoint_every == 0 or step == config.train_steps
+              or guard.requested)
+      do_eval = bool(evals) and (step % config.eval_every == 0 or step == config.train_steps)
+      if save or do_eval or step % config.log_every == 0:
+        late.consume()  # Checked finite before anything of this step is saved.
+      if do_eval:
+        result["eval"] = evaluate(state["params"])
+        writer.write(step, result["eval"], split="eval")
+        window_start = time.perf_counter()
+      if save:
+        ckpt.save(step, state, data=dict(train_iterator=data_state, step=step))
+      result["step"] = step
+      if guard.requested:
+        logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume.",
+                        step, ckpt.directory)
+        result["preempted"] = True
+        break
+    late.consume()
+  result["params"] = state["params"]
+  return result

@@ -1,0 +1,48 @@
+r"""The paper's comparison, variants (a)..(e), on the research environment's TEST tasks.
+
+  python -m experiments.agent_compare \
+      --flagfile=experiments/flags/compare_quickstart.flags --workdir=runs/compare
+
+Writes WORKDIR/results.json (per variant: mean and std over seeds of the score and
+success rate, interventions per episode, fraction of actions masked, cost in
+environment steps; plus every seed's rows), WORKDIR/results.md (the table) and
+WORKDIR/results.png. Rerunning resumes: finished rollouts are reused from the
+stores and every fine-tune resumes from its checkpoints. The pipeline is
+`apollo.agents.compare.run_comparison`; the fields are `compare.*` in
+`experiments/configs/agent_sft.py` (preset `compare`).
+"""
+
+import logging as std_logging
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from apollo.agents import compare
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/agent_sft.py:compare",
+    "Config file and preset (compare); override with --config.compare.x=y.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Rollouts, policies and results go here.",
+                               required=True)
+
+
+class _QuietOrbax:
+  def filter(self, record) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  handler = logging.get_absl_handler()
+  for h in (handler, handler.python_handler):
+    h.addFilter(_QuietOrbax())
+  results = compare.run_comparison(_CONFIG.value, _WORKDIR.value)
+  print(compare.markdown_table(results))
+  print(f"results: {_WORKDIR.value}/results.json ({results['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,55 @@
+r"""Agent-policy SFT on masked per-step samples: a thin absl main over the trainer.
+
+  python -m experiments.agent_sft --flagfile=experiments/flags/agent_sft_quickstart.flags
+  python -m experiments.agent_sft --workdir=runs/sft \
+      --config=experiments/configs/agent_sft.py:quickstart \
+      --config.data.train_path=runs/data/train.jsonl \
+      --config.data.tokenizer_path=runs/data/tokenizer.json
+
+Rerunning the same command resumes from `--workdir` (checkpoints, data position).
+At the end the policy is exported to `WORKDIR/policy`, which the 'flax' rollout
+backend loads (`make_flax_backend(seed, checkpoint='WORKDIR/policy')`). The trainer
+is `apollo.agents.sft.train_and_evaluate`; the fields are in
+`experiments/configs/agent_sft.py`.
+"""
+
+import logging as std_logging
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from apollo.agents import sft
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/agent_sft.py:quickstart",
+    "Config file and preset (quickstart, compare, qwen2_0_5b); override with --config.x=y.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the policy go here.",
+                               required=True)
+
+
+class _QuietOrbax:
+  """Drops orbax's per-save INFO lines; its warnings stay."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  handler = logging.get_absl_handler()
+  for h in (handler, handler.python_handler):
+    h.addFilter(_QuietOrbax())
+  result = sft.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train, evaluation = result["train"], result["eval"]
+  print(f"step {result['step']}" + (" (preempted)" if result["preempted"] else "")
+        + (f" | train loss {train['loss']:.4f}" if train else "")
+        + (f" | eval loss {evaluation['loss']:.4f} token_acc {evaluation['token_acc']:.3f}"
+           if evaluation else "")
+        + (f" | policy {result['policy_dir']}" if result["policy_dir"] else ""))
+
+
+if __name__ == "__main__":
+  app.run(main)
