@@ -302,6 +302,10 @@ def make_pretrain_dataset(shard_dir: str, tokenizer: tokenizers.Tokenizer,
       MakeExample(records, tokenizer, config, split), seed=config.seed)
   dataset = examples.to_iter_dataset(
       grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=64))
+  # Each split drops the other split's sentences by design (98% of records for
+  # "eval"): grain's warning about heavy filtering would only be noise here.
+  dataset = grain.experimental.WithOptionsIterDataset(
+      dataset, grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None))
   if config.num_workers > 0:
     dataset = dataset.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=config.num_workers))
