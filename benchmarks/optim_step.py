@@ -33,7 +33,7 @@ import os
 import platform
 import re
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import app, flags
 import jax

@@ -54,14 +54,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import statistics
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
-import numpy as np
 from absl import logging
 
 from apollo.agents import agent as agent_lib

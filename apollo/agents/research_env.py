@@ -386,8 +386,8 @@ class ResearchEnv(env_lib.Environment):
     t = self.task
     agreement = 1.0 - t.noise_rate if (t.noisy_labels and split == 'train') else 0.97
     if split == 'train' and self.filtered_ready:
-      return (f'train (filtered): 41k examples, label agreement with a reference '
-              f'annotator on 200 examples: 96%.')
+      return ('train (filtered): 41k examples, label agreement with a reference '
+              'annotator on 200 examples: 96%.')
     return (f'{split}: {48000 if split == "train" else 4000} examples, 12 classes, '
             f'label agreement with a reference annotator on 200 examples: '
             f'{100 * agreement:.0f}%.')

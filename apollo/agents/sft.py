@@ -55,7 +55,6 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from apollo import optim as apollo_optim
 from apollo.agents import chat_template as chat_lib
 from apollo.agents import decoder as decoder_lib
 from apollo.common import checkpoint as checkpoint_lib
@@ -385,23 +384,10 @@ def make_setup(config, model_config, mesh) -> TrainSetup:
   """Shapes and shardings of the state, computed abstractly."""
   optimizer, lr_schedule = build_optimizer(config.optimizer, config.train_steps)
   make_model = lambda: decoder_lib.Decoder(model_config, rngs=nnx.Rngs(config.seed))
-  graphdef, abstract_nnx = nnx.split(nnx.eval_shape(make_model))
-  specs = nnx.to_pure_dict(decoder_lib.logical_partition_specs(
-      abstract_nnx, decoder_lib.LOGICAL_AXIS_RULES))
-  abstract_params = jax.tree.map(
-      lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
-      nnx.to_pure_dict(abstract_nnx), specs)
-  opt_shardings = apollo_optim.state_shardings(optimizer, abstract_params, mesh)
-  abstract_opt = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      jax.eval_shape(optimizer.init, abstract_params), opt_shardings)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  abstract_state = dict(
-      params=abstract_params, opt_state=abstract_opt,
-      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-      rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
+  graphdef, abstract_state, state_shardings = train_lib.abstract_train_state(
+      make_model, optimizer, mesh, decoder_lib.LOGICAL_AXIS_RULES)
   return TrainSetup(mesh, model_config, graphdef, optimizer, lr_schedule, abstract_state,
-                    jax.tree.map(lambda x: x.sharding, abstract_state))
+                    state_shardings)
 
 
 def init_state(config, setup: TrainSetup) -> dict[str, Any]:

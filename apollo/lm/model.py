@@ -38,12 +38,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, NamedTuple, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from apollo.common import mesh as mesh_lib
 from apollo.common.mesh import logical_init, named_shardings  # noqa: F401  (re-exported)

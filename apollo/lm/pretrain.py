@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any, Callable, Mapping, Optional
@@ -55,7 +54,6 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from apollo import optim as apollo_optim
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import mesh as mesh_lib
 from apollo.common import metrics as metrics_lib
