@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from experiments import lm_compare
+from apollo.lm import compare as lm_compare
 
 
 @pytest.mark.slow
