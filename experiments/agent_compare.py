@@ -12,13 +12,12 @@ stores and every fine-tune resumes from its checkpoints. The pipeline is
 `experiments/configs/agent_sft.py` (preset `compare`).
 """
 
-import logging as std_logging
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from apollo.common import checkpoint as checkpoint_lib
 from apollo.agents import compare
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -28,17 +27,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Rollouts, policies and results 
                                required=True)
 
 
-class _QuietOrbax:
-  def filter(self, record) -> bool:
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  handler = logging.get_absl_handler()
-  for h in (handler, handler.python_handler):
-    h.addFilter(_QuietOrbax())
+  checkpoint_lib.quiet_orbax_logs()
   results = compare.run_comparison(_CONFIG.value, _WORKDIR.value)
   print(compare.markdown_table(results))
   print(f"results: {_WORKDIR.value}/results.json ({results['wall_s']:.0f} s)")

@@ -13,13 +13,12 @@ is `apollo.agents.sft.train_and_evaluate`; the fields are in
 `experiments/configs/agent_sft.py`.
 """
 
-import logging as std_logging
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from apollo.common import checkpoint as checkpoint_lib
 from apollo.agents import sft
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -29,19 +28,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the po
                                required=True)
 
 
-class _QuietOrbax:
-  """Drops orbax's per-save INFO lines; its warnings stay."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  handler = logging.get_absl_handler()
-  for h in (handler, handler.python_handler):
-    h.addFilter(_QuietOrbax())
+  checkpoint_lib.quiet_orbax_logs()
   result = sft.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   train, evaluation = result["train"], result["eval"]
   print(f"step {result['step']}" + (" (preempted)" if result["preempted"] else "")

@@ -10,13 +10,13 @@ Rerunning the same command resumes from `--workdir`. The trainer is
 `experiments/configs/finetune.py`.
 """
 
-import logging as std_logging
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from apollo.common import checkpoint as checkpoint_lib
 from apollo.lm import finetune
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,12 +27,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Checkpoints, metrics, predictions and results go here.",
                                required=True)
 
-
-class _QuietOrbax:
-  """Drops orbax's per-save INFO lines (as experiments.pretrain); its warnings stay."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def format_result(result) -> str:
@@ -53,9 +47,7 @@ def format_result(result) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  handler = logging.get_absl_handler()
-  for h in (handler, handler.python_handler):
-    h.addFilter(_QuietOrbax())
+  checkpoint_lib.quiet_orbax_logs()
   result = finetune.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info("Done at step %d%s.", result["step"], " (preempted)" if result["preempted"] else "")
   print(format_result(result))

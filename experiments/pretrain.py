@@ -11,13 +11,13 @@ usual variables (see `apollo.common.mesh.initialize_distributed`). The trainer i
 `experiments/configs/pretrain.py`.
 """
 
-import logging as std_logging
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from apollo.common import checkpoint as checkpoint_lib
 from apollo.lm import pretrain
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -28,19 +28,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None,
                                required=True)
 
 
-class _QuietOrbax:
-  """Drops orbax's per-save INFO lines (dozens per checkpoint); its warnings stay."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  handler = logging.get_absl_handler()
-  for h in (handler, handler.python_handler):  # ABSLHandler hands records to the latter.
-    h.addFilter(_QuietOrbax())
+  checkpoint_lib.quiet_orbax_logs()
   result = pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   train, evaluation = result["train"], result["eval"]
   logging.info("Done at step %d%s.", result["step"], " (preempted)" if result["preempted"] else "")

@@ -20,6 +20,7 @@ Safety:
 from __future__ import annotations
 
 import dataclasses
+import logging as std_logging
 import os
 import signal
 import threading
@@ -28,6 +29,20 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Drops orbax's per-save INFO lines (dozens per checkpoint); its warnings stay."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+  """Called by the entry points: keeps absl's log readable during checkpointing."""
+  handler = logging.get_absl_handler()
+  for h in (handler, handler.python_handler):
+    h.addFilter(_QuietOrbax())
 
 
 class CheckpointError(RuntimeError):
