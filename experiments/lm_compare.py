@@ -1,24 +1,10 @@
-r"""Does APOLLO pretraining help at toy scale? S-MLM + E-CLS vs plain MLM vs no pretraining.
+"""Does the logic pretraining help at toy scale? The comparison's entry point.
 
-  python -m experiments.lm_compare --workdir=runs/lm_compare            # 3 seeds
-  python -m experiments.lm_compare --workdir=runs/lm_compare --seeds=5
+    python -m experiments.lm_compare --workdir=runs/lm_compare --seeds=3   # ~25-30 min, 2 CPU cores
+    python -m experiments.lm_compare --workdir=/tmp/smoke --smoke          # the tiniest sizes
 
-For each seed, on the same selected corpus and tokenizer (prepared once in
-WORKDIR/shared): pretrain a tiny encoder with (i) S-MLM + E-CLS
-(`objective=apollo`) and (ii) plain MLM (`objective=mlm`: random 15% of all
-tokens, no E-CLS), the same steps, batch, optimizer and architecture; then
-fine-tune each, and (iii) the same architecture from random init, on the
-generated logic set (`apollo.lm.logic_mc`, generated once). The seed sets the
-pretraining init and data order, the new heads and the fine-tuning order.
-
-Writes WORKDIR/results.json (every run's numbers and the per-variant mean and
-sample standard deviation), WORKDIR/results.md (the table) and
-WORKDIR/comparison.png (accuracy per variant: mean +- std and each seed).
-Every run is resumable in its own sub-workdir; finished runs are skipped, so
-rerunning the command after an interruption continues where it stopped.
-
-Sizes (flags): the defaults take about 20-25 minutes on 2 CPU cores.
-`--smoke` is the tiniest version (tests).
+What it runs and writes is described in `apollo.lm.compare`; rerunning the command
+continues where an interrupted run stopped.
 """
 
 import os
