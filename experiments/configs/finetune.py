@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from experiments.configs.common import mesh_config, optimizer_config
+
 PRESETS = ("quickstart", "reclor_base", "reclor_large", "logiqa_base", "logiqa_large")
 
 
@@ -73,28 +75,12 @@ def _base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 24  # Questions per global batch (x4 sequences); divisible by data*fsdp.
   c.data.eval_batch_size = 0  # Questions per eval batch; 0 = batch_size.
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adamw"  # adamw (the standard recipe), apollo, adam or sgd.
-  c.optimizer.learning_rate = 1e-5  # Peak learning rate.
-  c.optimizer.schedule = "linear"  # After warmup: constant, cosine or linear decay to end_lr.
-  c.optimizer.warmup_steps = 0  # Warmup updates (used when warmup_fraction is 0).
-  c.optimizer.warmup_fraction = 0.1  # > 0: warmup = this share of the updates.
-  c.optimizer.end_lr_fraction = 0.0  # Final lr = this * peak (cosine / linear).
-  c.optimizer.grad_clip_norm = 1.0  # Global-norm clipping before the optimizer; 0 = off.
-  c.optimizer.weight_decay = 0.01  # Decay coefficient (biases and LayerNorms never decay).
-  c.optimizer.apollo_beta = 0.9  # Apollo: moving-average coefficient.
-  c.optimizer.apollo_eps = 1e-4  # Apollo: denominator epsilon.
-  c.optimizer.apollo_rebound = "constant"  # Apollo: constant or belief.
-  c.optimizer.apollo_weight_decay_type = "decoupled"  # Apollo: L2, decoupled or stable.
-  c.optimizer.b1 = 0.9  # Adam(W): first-moment decay.
-  c.optimizer.b2 = 0.98  # Adam(W): second-moment decay (RoBERTa uses 0.98).
-  c.optimizer.eps = 1e-6  # Adam(W): epsilon (RoBERTa uses 1e-6).
-  c.optimizer.momentum = 0.9  # SGD: momentum (0 = none).
+  c.optimizer = optimizer_config(name="adamw", learning_rate=1e-5, schedule="linear",
+                                 warmup_steps=0, weight_decay=0.01,
+                                 apollo_weight_decay_type="decoupled")
+  c.optimizer.warmup_fraction = 0.1  # > 0: warmup = this share of the updates (else warmup_steps).
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # Data-parallel axis; -1 = the devices left over.
-  c.mesh.fsdp = 1  # Params and optimizer state sharded over this axis.
-  c.mesh.tensor = 1  # Tensor (model) parallelism inside layers.
+  c.mesh = mesh_config()
   return c
 
 
