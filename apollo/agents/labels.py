@@ -28,6 +28,8 @@ import sqlite3
 import time
 from typing import Iterator, Mapping, Sequence
 
+from apollo.agents import storage as storage_lib
+
 KEEP = 'keep'
 MASK = 'mask'
 VERDICTS = (KEEP, MASK)
@@ -101,13 +103,8 @@ class LabelStore:
   def _write(self) -> Iterator[sqlite3.Connection]:
     conn = self._connect()
     try:
-      conn.execute('BEGIN IMMEDIATE')
-      try:
+      with storage_lib.write_transaction(conn):
         yield conn
-      except BaseException:
-        conn.execute('ROLLBACK')
-        raise
-      conn.execute('COMMIT')
     finally:
       conn.close()
 

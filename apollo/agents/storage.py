@@ -131,6 +131,22 @@ CREATE TABLE IF NOT EXISTS events(
 """
 
 
+@contextlib.contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+  """BEGIN IMMEDIATE ... COMMIT on `conn`, rolled back on any exception.
+
+  IMMEDIATE takes the write lock up front, so concurrent writers wait (busy
+  timeout) instead of failing half-way through a transaction.
+  """
+  conn.execute('BEGIN IMMEDIATE')
+  try:
+    yield conn
+  except BaseException:
+    conn.execute('ROLLBACK')
+    raise
+  conn.execute('COMMIT')
+
+
 @dataclasses.dataclass
 class StepRecord:
   """One stored step (see the module docstring for the meaning of each field)."""
@@ -342,14 +358,8 @@ class SQLiteStore(TrajectoryStore):
 
   @contextlib.contextmanager
   def _write(self) -> Iterator[sqlite3.Connection]:
-    with self._connection() as conn:
-      conn.execute('BEGIN IMMEDIATE')
-      try:
-        yield conn
-      except BaseException:
-        conn.execute('ROLLBACK')
-        raise
-      conn.execute('COMMIT')
+    with self._connection() as conn, write_transaction(conn):
+      yield conn
 
   def close(self) -> None:
     with self._pool_lock:
