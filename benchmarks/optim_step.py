@@ -9,7 +9,10 @@ fixed gradients. The timed step is
 so only the optimizer is measured. After one compile-and-warm-up pass per
 optimizer, the optimizers are timed round-robin (one step each per round, with
 `jax.block_until_ready`), so that noise from a shared machine hits all of them
-alike; the table reports medians, p10/p90 and ratios to adamw. When torch is
+alike; the table reports medians, p10/p90, the ratio of medians to adamw's and
+the median of per-round ratios ("paired"). `apollo_separate_sums` is an
+ablation: apollo with every tensor's sums as three separate reductions, which is
+what large tensors did before their one-pass form. When torch is
 installed (it is not a dependency), `torch_apollo` times the reference PyTorch
 algorithm (`benchmarks/torch_apollo.py`) on the same tree.
 
@@ -22,7 +25,7 @@ adamw's (three arrays per parameter against two); no full-size temporaries
     python -m benchmarks.optim_step                       # ~25M params, CPU
     python -m benchmarks.optim_step --size=tiny --steps=5 # smoke run
     python -m benchmarks.optim_step --size=gpu350m        # on a GPU
-    python -m benchmarks.optim_step --optimizers=apollo,adamw,adam,torch_apollo \
+    python -m benchmarks.optim_step --optimizers=apollo,apollo_separate_sums,adamw \
         --json_out=/tmp/optim_step.json
 """
 
@@ -31,9 +34,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import importlib
 import re
+import sys
 import time
 from typing import Any
+from unittest import mock
 
 from absl import app, flags
 import jax
@@ -43,13 +49,17 @@ import optax
 
 from apollo.optim import apollo
 
+apollo_lib = importlib.import_module("apollo.optim.apollo")  # The module, not the function.
+
 # name: (vocab, d_model, layers). ~params = vocab*d + layers*(12 d^2 + 13 d) + 2 d.
 SIZES = {
     "tiny": (512, 64, 2),  # ~0.13M: a smoke run in seconds.
     "cpu25m": (12288, 512, 6),  # ~25.2M.
     "gpu350m": (50304, 1024, 24),  # ~354M.
 }
-JAX_OPTIMIZERS = ("apollo", "adamw", "adam")
+# apollo_separate_sums: apollo with every tensor's three sums as separate
+# reductions (the one-pass form of large tensors switched off), an ablation.
+JAX_OPTIMIZERS = ("apollo", "apollo_separate_sums", "adamw", "adam")
 TORCH_OPTIMIZERS = ("torch_apollo", "torch_adamw")
 
 _SIZE = flags.DEFINE_enum("size", "cpu25m", list(SIZES), "Preset tree size.")
@@ -96,7 +106,7 @@ def random_tree(shapes, key: jax.Array, scale: float, dtype) -> Any:
 
 
 def make_jax_optimizer(name: str) -> optax.GradientTransformation:
-  if name == "apollo":
+  if name in ("apollo", "apollo_separate_sums"):
     return apollo(1e-2, warmup=100)
   if name == "adamw":
     return optax.adamw(1e-3, weight_decay=1e-2)
@@ -133,8 +143,10 @@ class JaxRunner:
     self.state_bytes = _tree_bytes(self.opt_state)
     self.state_array_bytes = _tree_bytes([x for x in jax.tree.leaves(self.opt_state) if x.ndim])
     self.state_leaves = len(jax.tree.leaves(self.opt_state))
-    compiled = (jax.jit(step, donate_argnums=(0, 1))
-                .lower(self.params, self.opt_state, grads).compile())
+    one_pass_from = sys.maxsize if name == "apollo_separate_sums" else apollo_lib.FUSED_SUMS_MIN_SIZE
+    with mock.patch.object(apollo_lib, "FUSED_SUMS_MIN_SIZE", one_pass_from):
+      compiled = (jax.jit(step, donate_argnums=(0, 1))
+                  .lower(self.params, self.opt_state, grads).compile())
     memory = compiled.memory_analysis()
     self.temp_bytes = None if memory is None else int(memory.temp_size_in_bytes)
     self.hlo_text = compiled.as_text()
@@ -290,6 +302,10 @@ def run_benchmark(shapes, optimizers, steps: int, warmup_steps: int, dtype,
   ratio = lambda a, b: None if a is None or not b else a / b
   for entry in results.values():
     entry["time_ratio_to_adamw"] = ratio(entry["median_ms"], base and base["median_ms"])
+    # The median over rounds of this round's time / adamw's time in the same round:
+    # a slow stretch of a shared machine hits both sides of each ratio.
+    entry["paired_ratio_to_adamw"] = None if base is None else float(
+        np.median(np.asarray(entry["times_ms"]) / np.asarray(base["times_ms"])))
     entry["state_ratio_to_adamw"] = ratio(entry["state_bytes"], base and base["state_bytes"])
     entry["state_array_ratio_to_adamw"] = ratio(
         entry["state_array_bytes"], base and base["state_array_bytes"])
@@ -316,15 +332,16 @@ def machine_info() -> dict[str, Any]:
 def format_table(report: dict[str, Any]) -> str:
   """The results as a markdown table."""
   fmt = lambda x, f: "n/a" if x is None else format(x, f)
-  rows = ["| optimizer | median ms | p10 ms | p90 ms | time x adamw | state bytes "
-          "(arrays + counts) | state x adamw (arrays) | temp bytes | passes over "
-          "largest | HLO traffic x adamw |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  rows = ["| optimizer | median ms | p10 ms | p90 ms | time x adamw | paired x adamw | "
+          "state bytes (arrays + counts) | state x adamw (arrays) | temp bytes | passes "
+          "over largest | HLO traffic x adamw |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name, r in report["results"].items():
     hlo = r["hlo"] or {}
     rows.append(
         f"| {name} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | "
-        f"{fmt(r['time_ratio_to_adamw'], '.2f')} | {r['state_array_bytes']:,} + "
+        f"{fmt(r['time_ratio_to_adamw'], '.2f')} | "
+        f"{fmt(r['paired_ratio_to_adamw'], '.2f')} | {r['state_array_bytes']:,} + "
         f"{r['state_bytes'] - r['state_array_bytes']} | "
         f"{fmt(r['state_array_ratio_to_adamw'], '.4f')} | {fmt(r['temp_bytes'], ',')} | "
         f"{fmt(hlo.get('passes_over_largest'), 'd')} | "
@@ -358,7 +375,8 @@ def main(argv):
         f"({report['param_bytes']:,} bytes, {report['dtype']}); "
         f"{report['steps']} alternated rounds\n")
   print(format_table(report))
-  print("\ntemp bytes: the compiled step's scratch memory (memory_analysis); passes over "
+  print("\npaired: median over rounds of (this step / adamw's step in the same round); "
+        "temp bytes: the compiled step's scratch memory (memory_analysis); passes over "
         "largest: top-level HLO ops reading or writing the largest tensor; HLO traffic: "
         "bytes read + written by the top-level ops of the compiled step.")
   if _JSON_OUT.value:

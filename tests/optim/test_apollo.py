@@ -1,6 +1,7 @@
 """The Apollo transformation: the reference algorithm, number for number, and the optax contract."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import optax
 import pytest
 
 from apollo.optim import ScaleByApolloState, apollo, apollo_learning_rate, scale_by_apollo
+from tests.optim.conftest import apollo_module
 from tests.optim.reference import NumpyApollo
 
 SHAPES = {"w": (16, 8), "b": (8,), "s": ()}
@@ -26,7 +28,7 @@ def _problem(seed=0):
 
 
 @pytest.mark.parametrize("rebound,weight_decay_type", COMBOS)
-def test_matches_float64_numpy_reference(rebound, weight_decay_type):
+def test_matches_float64_numpy_reference(rebound, weight_decay_type, sums_form):
   """Hundreds of steps with warmup and decay against the spec's float64 oracle.
 
   Both sides get the same gradient stream. A closed loop (gradients at each side's
@@ -82,6 +84,37 @@ def test_curvature_tracks_lr_times_hessian():
     updates, state = tx.update(h * x, state, x)
     x = x + updates
   np.testing.assert_allclose(state[0].curvature, [lr * h], rtol=1e-4)
+
+
+def _passes_over_inputs(jitted, *args) -> int:
+  """Top-level ops of the compiled computation that read one of its inputs."""
+  entry = jitted.lower(*args).compile().as_text().split("\nENTRY ", 1)[1].splitlines()[1:]
+  inputs = [l.split("=")[0].strip() for l in entry if " parameter(" in l]
+  readers = [l for l in entry if " parameter(" not in l
+             and any(re.search(re.escape(name) + r"\b", l.split("=", 1)[-1]) for name in inputs)]
+  return len(readers)
+
+
+@pytest.mark.parametrize("shape", [(4096, 1024), (1024, 4096)])
+def test_large_tensor_sums_take_one_accurate_pass(shape):
+  """At the size threshold the three sums read g, m, B and d once, still accurately."""
+  assert np.prod(shape) == apollo_module.FUSED_SUMS_MIN_SIZE
+  assert shape[-1] <= apollo_module.FUSED_SUMS_MAX_ROW
+  keys = jax.random.split(jax.random.key(0), 4)
+  g, m, b, d = (s * jax.random.normal(k, shape) for s, k in zip((1e-3, 1e-3, 1e-2, 0.1), keys))
+  g64, m64, b64, d64 = (np.asarray(x, np.float64) for x in (g, m, b, d))
+  terms = (d64**4, (g64 - m64) * d64, b64 * d64 * d64)
+  # A summation's error is bounded by its terms' absolute sum (<g - m, d> cancels).
+  scale = np.array([np.sum(np.abs(t)) for t in terms])
+  sums = jax.jit(apollo_module._tensor_sums)
+  got = np.asarray(sums(g, m, b, d), np.float64)
+  np.testing.assert_array_less(np.abs(got - [np.sum(t) for t in terms]), 2e-6 * scale)
+  assert _passes_over_inputs(sums, g, m, b, d) == 1
+  # Just below the threshold: three separate reductions, the same sums.
+  small = [x[:-1] for x in (g, m, b, d)]
+  assert _passes_over_inputs(sums, *small) == 3
+  got = np.asarray(sums(*small), np.float64)
+  np.testing.assert_array_less(np.abs(got - [np.sum(t[:-1]) for t in terms]), 2e-6 * scale)
 
 
 def test_reductions_are_per_tensor():

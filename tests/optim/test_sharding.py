@@ -42,7 +42,7 @@ def _run_unsharded(steps=4):
 
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 @pytest.mark.parametrize("layout", ["fsdp", "tensor"])
-def test_sharded_update_matches_unsharded_and_keeps_shardings(layout, axis_type):
+def test_sharded_update_matches_unsharded_and_keeps_shardings(layout, axis_type, sums_form):
   mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(axis_type,) * 2)
   shardings = {k: NamedSharding(mesh, spec) for k, spec in SPECS[layout].items()}
   params = jax.device_put(_tree(0), shardings)
