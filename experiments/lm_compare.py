@@ -12,6 +12,8 @@ import os
 from absl import app, flags
 
 from apollo.lm.compare import SMOKE_SIZES, compare, markdown_table
+from experiments.configs import finetune as finetune_configs
+from experiments.configs import pretrain as pretrain_configs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Everything goes here.", required=True)
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1 (each: 2 pretrainings, 3 fine-tunings).")
@@ -40,7 +42,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   root = os.path.abspath(_WORKDIR.value)
-  results = compare(root, sizes())
+  results = compare(root, sizes(), pretrain_configs.get_config("quickstart"),
+                    finetune_configs.get_config("quickstart"))
   print(markdown_table(results))
   print(f"Wrote {root}/results.json, results.md and comparison.png "
         f"({results['seconds_this_invocation'] / 60:.1f} min).")

@@ -23,6 +23,7 @@ Sizes (flags): the defaults take about 20-25 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -36,8 +37,6 @@ from apollo.lm import finetune
 from apollo.lm import logic_mc
 from apollo.lm import pretrain
 from apollo.common import training as train_lib
-from experiments.configs import finetune as finetune_configs
-from experiments.configs import pretrain as pretrain_configs
 
 VARIANTS = ("apollo", "mlm", "none")
 LABELS = {"apollo": "S-MLM + E-CLS", "mlm": "plain MLM", "none": "no pretraining"}
@@ -58,8 +57,9 @@ def _architecture(config, s: dict[str, int]) -> None:
   config.model.num_heads, config.model.intermediate_size = s["heads"], s["intermediate"]
 
 
-def pretrain_config(shared: str, s: dict[str, int], objective: str, seed: int):
-  c = pretrain_configs.get_config("quickstart")
+def pretrain_config(base, shared: str, s: dict[str, int], objective: str, seed: int):
+  """`base` (the pretraining quickstart preset) resized for one comparison run."""
+  c = copy.deepcopy(base)
   _architecture(c, s)
   c.objective = objective
   c.seed = seed
@@ -78,8 +78,9 @@ def pretrain_config(shared: str, s: dict[str, int], objective: str, seed: int):
   return c
 
 
-def finetune_config(shared: str, s: dict[str, int], variant: str, seed: int, root: str):
-  c = finetune_configs.get_config("quickstart")
+def finetune_config(base, shared: str, s: dict[str, int], variant: str, seed: int, root: str):
+  """`base` (the fine-tuning quickstart preset) resized for one comparison run."""
+  c = copy.deepcopy(base)
   _architecture(c, s)
   c.seed = seed
   c.init_from_pretrain = (os.path.join(root, f"seed{seed}", f"pretrain_{variant}")
@@ -97,10 +98,10 @@ def finetune_config(shared: str, s: dict[str, int], variant: str, seed: int, roo
   return c
 
 
-def prepare_shared(root: str, s: dict[str, int]) -> str:
+def prepare_shared(pretrain_base, root: str, s: dict[str, int]) -> str:
   """The selected corpus + tokenizer, and the generated logic set, once for all runs."""
   shared = os.path.join(root, "shared")
-  c = pretrain_configs.get_config("quickstart")
+  c = copy.deepcopy(pretrain_base)
   c.data.generated_documents = s["documents"]
   c.data.tokenizer_vocab_size = s["vocab"]
   pretrain.prepare_data(c, shared)
@@ -118,16 +119,17 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
-def run_all(root: str, s: dict[str, int]) -> dict[str, Any]:
+def run_all(root: str, s: dict[str, int], pretrain_base, finetune_base) -> dict[str, Any]:
   """Every pretraining and fine-tuning (skipping finished ones); returns per-run numbers."""
   root = os.path.abspath(root)
-  shared = prepare_shared(root, s)
+  shared = prepare_shared(pretrain_base, root, s)
   runs = []
   for seed in range(s["seeds"]):
     pretrain_eval = {}
     for objective in ("apollo", "mlm"):
       workdir = os.path.join(root, f"seed{seed}", f"pretrain_{objective}")
-      pretrain.train_and_evaluate(pretrain_config(shared, s, objective, seed), workdir)
+      pretrain.train_and_evaluate(
+          pretrain_config(pretrain_base, shared, s, objective, seed), workdir)
       pretrain_eval[objective] = metrics_lib.read_metrics(workdir, "eval")[-1]
       logging.info("seed %d pretrain %s: %s", seed, objective, pretrain_eval[objective])
     for variant in VARIANTS:
@@ -135,7 +137,8 @@ def run_all(root: str, s: dict[str, int]) -> dict[str, Any]:
       results_path = os.path.join(workdir, "results.json")
       start = time.perf_counter()
       if not os.path.isfile(results_path):
-        finetune.train_and_evaluate(finetune_config(shared, s, variant, seed, root), workdir)
+        finetune.train_and_evaluate(
+            finetune_config(finetune_base, shared, s, variant, seed, root), workdir)
       res = _read_json(results_path)
       run = dict(seed=seed, variant=variant, seconds=time.perf_counter() - start,
                  validation=res["eval"]["validation"]["accuracy"],
@@ -214,11 +217,15 @@ def plot(results: dict[str, Any], path: str) -> None:
   plt.close(fig)
 
 
-def compare(root: str, s: dict[str, int]) -> dict[str, Any]:
-  """Runs everything and writes results.json, results.md and comparison.png into root."""
+def compare(root: str, s: dict[str, int], pretrain_base, finetune_base) -> dict[str, Any]:
+  """Runs everything and writes results.json, results.md and comparison.png into root.
+
+  `pretrain_base` and `finetune_base` are the trainers' quickstart presets
+  (`experiments/configs/{pretrain,finetune}.py`); every run resizes a copy.
+  """
   root = os.path.abspath(root)
   start = time.perf_counter()
-  results = run_all(root, s)
+  results = run_all(root, s, pretrain_base, finetune_base)
   results["seconds_this_invocation"] = time.perf_counter() - start  # Finished runs are skipped.
   train_lib.write_json_atomically(os.path.join(root, "results.json"), results)
   with open(os.path.join(root, "results.md"), "w", encoding="utf-8") as f:

@@ -11,11 +11,15 @@ import os
 import pytest
 
 from apollo.lm import compare as lm_compare
+from experiments.configs import finetune as finetune_configs
+from experiments.configs import pretrain as pretrain_configs
 
 
 @pytest.mark.slow
 def test_smoke_writes_results_table_and_plot(tmp_path):
-  results = lm_compare.compare(str(tmp_path), dict(lm_compare.SMOKE_SIZES))
+  results = lm_compare.compare(str(tmp_path), dict(lm_compare.SMOKE_SIZES),
+                               pretrain_configs.get_config("quickstart"),
+                               finetune_configs.get_config("quickstart"))
   assert {r["variant"] for r in results["runs"]} == set(lm_compare.VARIANTS)
   for name in ("results.json", "results.md", "comparison.png"):
     assert os.path.getsize(tmp_path / name) > 0, name
