@@ -66,7 +66,8 @@ _SIZE = flags.DEFINE_enum("size", "cpu25m", list(SIZES), "Preset tree size.")
 _D_MODEL = flags.DEFINE_integer("d_model", None, "Overrides the preset's width.")
 _LAYERS = flags.DEFINE_integer("layers", None, "Overrides the preset's depth.")
 _VOCAB = flags.DEFINE_integer("vocab", None, "Overrides the preset's vocabulary.")
-_STEPS = flags.DEFINE_integer("steps", 25, "Timed rounds (one step per optimizer each).")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed rounds per trial (one step per optimizer each).")
+_TRIALS = flags.DEFINE_integer("trials", 5, "Trials, each with fresh buffers for every optimizer.")
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 3, "Untimed steps after compiling.")
 _OPTIMIZERS = flags.DEFINE_list(
     "optimizers", "apollo,adamw,adam,torch_apollo",
@@ -136,10 +137,9 @@ class JaxRunner:
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
 
-    # Each runner owns a copy: the step donates (invalidates) its inputs.
-    self.params = jax.tree.map(jnp.copy, params)
-    self.grads = grads
-    self.opt_state = jax.jit(tx.init)(self.params)
+    self._source, self.grads = params, grads
+    self._init = jax.jit(tx.init)
+    self.reset()
     self.state_bytes = _tree_bytes(self.opt_state)
     self.state_array_bytes = _tree_bytes([x for x in jax.tree.leaves(self.opt_state) if x.ndim])
     self.state_leaves = len(jax.tree.leaves(self.opt_state))
@@ -151,6 +151,12 @@ class JaxRunner:
     self.temp_bytes = None if memory is None else int(memory.temp_size_in_bytes)
     self.hlo_text = compiled.as_text()
     self._step = compiled
+
+  def reset(self) -> None:
+    """Fresh copies of the params and a fresh state (the step donates its inputs)."""
+    self.params = self.opt_state = None  # Freed first: one copy in memory at a time.
+    self.params = jax.tree.map(jnp.copy, self._source)
+    self.opt_state = self._init(self.params)
 
   def step(self) -> float:
     start = time.perf_counter()
@@ -165,29 +171,37 @@ class TorchRunner:
   def __init__(self, name: str, params, grads):
     import torch  # pylint: disable=import-outside-toplevel
 
+    if name not in TORCH_OPTIMIZERS:
+      raise ValueError(f"Unknown optimizer {name!r}.")
     torch.set_num_threads(_cpu_count())
     self.name, self.temp_bytes, self.hlo_text = name, None, ""
-    to_torch = lambda x: torch.from_numpy(np.array(x, np.float32))
-    if jnp.dtype(jax.tree.leaves(params)[0].dtype) == jnp.bfloat16:
-      to_torch_dtype = lambda x: to_torch(x).to(torch.bfloat16)
-    else:
-      to_torch_dtype = to_torch
-    self.params = [torch.nn.Parameter(to_torch_dtype(p)) for p in jax.tree.leaves(params)]
-    for p, g in zip(self.params, jax.tree.leaves(grads)):
-      p.grad = to_torch_dtype(g)
-    if name == "torch_apollo":
-      from benchmarks.torch_apollo import TorchApollo  # pylint: disable=import-outside-toplevel
-      self.optimizer = TorchApollo(self.params, lr=1e-2, warmup=100)
-    elif name == "torch_adamw":
-      self.optimizer = torch.optim.AdamW(self.params, lr=1e-3, weight_decay=1e-2)
-    else:
-      raise ValueError(f"Unknown optimizer {name!r}.")
-    self.optimizer.step()  # Creates the state, like `init`.
+    self._source, self._grads = params, grads
+    self.reset()
     state = [t for s in self.optimizer.state.values() for t in s.values()
              if isinstance(t, torch.Tensor)]
     self.state_bytes = int(sum(t.numel() * t.element_size() for t in state))
     self.state_array_bytes = int(sum(t.numel() * t.element_size() for t in state if t.ndim))
     self.state_leaves = len(state)
+
+  def reset(self) -> None:
+    """Fresh parameter tensors and a fresh optimizer (its state made by one step)."""
+    import torch  # pylint: disable=import-outside-toplevel
+
+    self.params = self.optimizer = None
+    to_torch = lambda x: torch.from_numpy(np.array(x, np.float32))
+    if jnp.dtype(jax.tree.leaves(self._source)[0].dtype) == jnp.bfloat16:
+      to_torch_dtype = lambda x: to_torch(x).to(torch.bfloat16)
+    else:
+      to_torch_dtype = to_torch
+    self.params = [torch.nn.Parameter(to_torch_dtype(p)) for p in jax.tree.leaves(self._source)]
+    for p, g in zip(self.params, jax.tree.leaves(self._grads)):
+      p.grad = to_torch_dtype(g)
+    if self.name == "torch_apollo":
+      from benchmarks.torch_apollo import TorchApollo  # pylint: disable=import-outside-toplevel
+      self.optimizer = TorchApollo(self.params, lr=1e-2, warmup=100)
+    else:
+      self.optimizer = torch.optim.AdamW(self.params, lr=1e-3, weight_decay=1e-2)
+    self.optimizer.step()  # Creates the state, like `init`.
 
   def step(self) -> float:
     start = time.perf_counter()
@@ -264,8 +278,16 @@ def hlo_traffic(hlo_text: str, largest: int) -> dict[str, int]:
 
 
 def run_benchmark(shapes, optimizers, steps: int, warmup_steps: int, dtype,
-                  seed: int) -> dict[str, Any]:
-  """Builds the tree, warms every optimizer up, times them round-robin."""
+                  seed: int, trials: int = 1) -> dict[str, Any]:
+  """Builds the tree, compiles every optimizer, then times them in `trials` trials.
+
+  Each trial gives every optimizer fresh buffers (after a spacer allocation of
+  random size) and warms it up, then runs `steps` rounds of one step per
+  optimizer in a shuffled order. Where buffers land in memory moved adamw's step
+  by up to 25% between otherwise identical trials on the 2-core CPU here, and
+  the step after a torch step pays for torch's worker threads winding down: the
+  fresh buffers and the shuffled order spread both effects over all optimizers.
+  """
   key_p, key_g = jax.random.split(jax.random.key(seed))
   params = random_tree(shapes, key_p, 0.02, dtype)
   grads = random_tree(shapes, key_g, 1e-3, dtype)
@@ -278,16 +300,28 @@ def run_benchmark(shapes, optimizers, steps: int, warmup_steps: int, dtype,
       continue
     runner_cls = TorchRunner if name in TORCH_OPTIMIZERS else JaxRunner
     start = time.perf_counter()
-    runner = runner_cls(name, params, grads)
-    for _ in range(warmup_steps):
-      runner.step()
-    print(f"{name}: set up, compiled and warmed up in {time.perf_counter() - start:.1f} s")
-    runners.append(runner)
+    runners.append(runner_cls(name, params, grads))
+    print(f"{name}: set up and compiled in {time.perf_counter() - start:.1f} s")
 
+  rng = np.random.default_rng(seed)
   times = {r.name: [] for r in runners}
-  for _ in range(steps):
+  trial_medians = {r.name: [] for r in runners}
+  spacer = None
+  for _ in range(trials):
+    spacer = None
+    spacer = jnp.ones(int(rng.integers(1, 1 << 22)), jnp.uint8)
     for runner in runners:
-      times[runner.name].append(runner.step())
+      runner.reset()
+      for _ in range(warmup_steps):
+        runner.step()
+    trial_times = {r.name: [] for r in runners}
+    for _ in range(steps):
+      for i in rng.permutation(len(runners)):
+        trial_times[runners[i].name].append(runners[i].step())
+    for name, ts in trial_times.items():
+      times[name].extend(ts)
+      trial_medians[name].append(1e3 * float(np.median(ts)))
+  del spacer
 
   largest = max(x.size for x in jax.tree.leaves(params))
   results = {}
@@ -296,7 +330,8 @@ def run_benchmark(shapes, optimizers, steps: int, warmup_steps: int, dtype,
                  state_bytes=runner.state_bytes, state_array_bytes=runner.state_array_bytes,
                  state_leaves=runner.state_leaves, temp_bytes=runner.temp_bytes,
                  hlo=hlo_traffic(runner.hlo_text, largest) if runner.hlo_text else None,
-                 times_ms=[1e3 * t for t in times[runner.name]])
+                 times_ms=[1e3 * t for t in times[runner.name]],
+                 trial_median_ms=trial_medians[runner.name])
     results[runner.name] = entry
   base = results.get("adamw")
   ratio = lambda a, b: None if a is None or not b else a / b
@@ -306,6 +341,8 @@ def run_benchmark(shapes, optimizers, steps: int, warmup_steps: int, dtype,
     # a slow stretch of a shared machine hits both sides of each ratio.
     entry["paired_ratio_to_adamw"] = None if base is None else float(
         np.median(np.asarray(entry["times_ms"]) / np.asarray(base["times_ms"])))
+    entry["trial_ratios_to_adamw"] = None if base is None else [
+        a / b for a, b in zip(entry["trial_median_ms"], base["trial_median_ms"])]
     entry["state_ratio_to_adamw"] = ratio(entry["state_bytes"], base and base["state_bytes"])
     entry["state_array_ratio_to_adamw"] = ratio(
         entry["state_array_bytes"], base and base["state_array_bytes"])
@@ -333,15 +370,17 @@ def format_table(report: dict[str, Any]) -> str:
   """The results as a markdown table."""
   fmt = lambda x, f: "n/a" if x is None else format(x, f)
   rows = ["| optimizer | median ms | p10 ms | p90 ms | time x adamw | paired x adamw | "
-          "state bytes (arrays + counts) | state x adamw (arrays) | temp bytes | passes "
-          "over largest | HLO traffic x adamw |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "trials x adamw | state bytes (arrays + counts) | state x adamw (arrays) | temp "
+          "bytes | passes over largest | HLO traffic x adamw |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name, r in report["results"].items():
     hlo = r["hlo"] or {}
+    ratios = r["trial_ratios_to_adamw"]
+    trials = "n/a" if not ratios else f"{min(ratios):.2f}-{max(ratios):.2f}"
     rows.append(
         f"| {name} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | "
         f"{fmt(r['time_ratio_to_adamw'], '.2f')} | "
-        f"{fmt(r['paired_ratio_to_adamw'], '.2f')} | {r['state_array_bytes']:,} + "
+        f"{fmt(r['paired_ratio_to_adamw'], '.2f')} | {trials} | {r['state_array_bytes']:,} + "
         f"{r['state_bytes'] - r['state_array_bytes']} | "
         f"{fmt(r['state_array_ratio_to_adamw'], '.4f')} | {fmt(r['temp_bytes'], ',')} | "
         f"{fmt(hlo.get('passes_over_largest'), 'd')} | "
@@ -361,9 +400,9 @@ def main(argv):
   dtype = jnp.dtype(_DTYPE.value)
   shapes = transformer_shapes(vocab, d_model, layers)
   report = run_benchmark(shapes, _OPTIMIZERS.value, _STEPS.value, _WARMUP_STEPS.value,
-                         dtype, _SEED.value)
+                         dtype, _SEED.value, _TRIALS.value)
   report.update(machine=machine_info(), dtype=str(dtype), steps=_STEPS.value,
-                warmup_steps=_WARMUP_STEPS.value,
+                warmup_steps=_WARMUP_STEPS.value, trials=_TRIALS.value,
                 tree={"vocab": vocab, "d_model": d_model, "layers": layers})
   m = report["machine"]
   print(f"\nmachine: {m['cpu_count']} CPUs | jax {m['jax_version']} | backend "
@@ -373,9 +412,10 @@ def main(argv):
   print(f"tree: vocab {vocab}, d_model {d_model}, {layers} layers -> "
         f"{report['n_params']:,} params in {report['n_leaves']} leaves "
         f"({report['param_bytes']:,} bytes, {report['dtype']}); "
-        f"{report['steps']} alternated rounds\n")
+        f"{report['trials']} trials x {report['steps']} rounds in shuffled order\n")
   print(format_table(report))
   print("\npaired: median over rounds of (this step / adamw's step in the same round); "
+        "trials: the lowest and highest ratio of one trial's medians; "
         "temp bytes: the compiled step's scratch memory (memory_analysis); passes over "
         "largest: top-level HLO ops reading or writing the largest tensor; HLO traffic: "
         "bytes read + written by the top-level ops of the compiled step.")
