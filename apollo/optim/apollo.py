@@ -113,8 +113,10 @@ def _tensor_sums(g, m, b, d):
   """(sum d^4, sum (g - m) d, sum B d^2) over one tensor.
 
   Large tensors take one pass: a variadic reduction over the last axis gives
-  three row sums, which are then summed (as `jnp.sum` does, pairwise). Others
-  take three `jnp.sum` reductions. Both are exact restatements of the sums.
+  three vectors of row sums, each then summed by `jnp.sum`. Others take three
+  `jnp.sum` reductions. Both compute the same sums; only the order of the
+  float32 additions differs. Under sharding either form becomes a cross-device
+  reduction.
   """
   terms = (jnp.square(jnp.square(d)), (g - m) * d, (b * d) * d)
   if d.ndim == 0 or d.size < FUSED_SUMS_MIN_SIZE or d.shape[-1] > FUSED_SUMS_MAX_ROW:
