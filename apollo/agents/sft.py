@@ -38,7 +38,6 @@ Export: at the end, the policy is written as a Hugging Face-style directory
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -53,7 +52,6 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from apollo.agents import chat_template as chat_lib
 from apollo.agents import decoder as decoder_lib
@@ -367,27 +365,14 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int
                                 max_position_embeddings=max_pos, **overrides)
 
 
-@dataclasses.dataclass
-class TrainSetup:
-  """What stays fixed over a run: mesh, model structure, optimizer, shardings."""
-
-  mesh: jax.sharding.Mesh
-  model_config: decoder_lib.DecoderConfig
-  graphdef: nnx.GraphDef
-  optimizer: optax.GradientTransformation
-  lr_schedule: optax.Schedule
-  abstract_state: Any
-  state_shardings: Any
+TrainSetup = train_lib.TrainSetup
 
 
 def make_setup(config, model_config, mesh) -> TrainSetup:
   """Shapes and shardings of the state, computed abstractly."""
-  optimizer, lr_schedule = build_optimizer(config.optimizer, config.train_steps)
-  make_model = lambda: decoder_lib.Decoder(model_config, rngs=nnx.Rngs(config.seed))
-  graphdef, abstract_state, state_shardings = train_lib.abstract_train_state(
-      make_model, optimizer, mesh, decoder_lib.LOGICAL_AXIS_RULES)
-  return TrainSetup(mesh, model_config, graphdef, optimizer, lr_schedule, abstract_state,
-                    state_shardings)
+  return train_lib.make_setup(
+      lambda: decoder_lib.Decoder(model_config, rngs=nnx.Rngs(config.seed)),
+      model_config, config.optimizer, config.train_steps, mesh, decoder_lib.LOGICAL_AXIS_RULES)
 
 
 def init_state(config, setup: TrainSetup) -> dict[str, Any]:
@@ -524,11 +509,9 @@ def _host_slice(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _train_loop(config, setup: TrainSetup, state, start_step, stream, evals, ckpt, writer,
                 on_step) -> dict[str, Any]:
-  step_fn = jax.jit(
+  step_fn = train_lib.jit_train_step(
       functools.partial(train_step, graphdef=setup.graphdef, optimizer=setup.optimizer,
-                        lr_schedule=setup.lr_schedule),
-      out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, PartitionSpec())),
-      donate_argnums=0)
+                        lr_schedule=setup.lr_schedule), setup)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=setup.graphdef))
   tokens_per_step = config.data.batch_size * config.data.seq_len
   progress = metrics_lib.Progress(config.train_steps, start_step, unit="tokens",
@@ -536,7 +519,13 @@ def _train_loop(config, setup: TrainSetup, state, start_step, stream, evals, ckp
   window, window_start = _Window(), time.perf_counter()
   result: dict[str, Any] = dict(step=start_step, preempted=False, train={}, eval={})
 
-  def handle(step, metrics):
+  def next_batch(step):
+    batch = next(stream)
+    # Saved with this step: the stream's position after its batch.
+    return (mesh_lib.shard_batch(_host_slice(batch), setup.mesh),
+            dict(train_iterator=stream.get_state(), step=step))
+
+  def log_step(step, metrics):
     nonlocal window, window_start
     window.add(metrics)
     progress.update(step, tokens_per_step, {"loss": metrics["loss"]})
@@ -548,41 +537,21 @@ def _train_loop(config, setup: TrainSetup, state, start_step, stream, evals, ckp
       result["train"] = summary
       window, window_start = _Window(), now
 
-  late = train_lib.LateMetrics(handle)
-
-  def evaluate(params):
+  def evaluate_now(step, params):
+    nonlocal window_start
     acc = _Window()
     for batch in evals:
       acc.add(jax.device_get(eval_fn(params, mesh_lib.shard_batch(_host_slice(batch),
                                                                   setup.mesh))))
-    return {k: v for k, v in acc.summary().items() if k in ("loss", "token_acc",
-                                                            "target_tokens")}
+    result["eval"] = {k: v for k, v in acc.summary().items()
+                      if k in ("loss", "token_acc", "target_tokens")}
+    writer.write(step, result["eval"], split="eval")
+    window_start = time.perf_counter()  # Throughput counts training time only.
 
-  with checkpoint_lib.PreemptionGuard() as guard, jax.set_mesh(setup.mesh):
-    for step in range(start_step + 1, config.train_steps + 1):
-      batch = next(stream)
-      data_state = stream.get_state()  # The position after this step's batch.
-      state, metrics = step_fn(state, mesh_lib.shard_batch(_host_slice(batch), setup.mesh))
-      late.put(step, metrics)  # Handles the previous step's metrics while this one runs.
-      if on_step is not None:
-        on_step(step)
-      save = (step % config.checkpoint_every == 0 or step == config.train_steps
-              or guard.requested)
-      do_eval = bool(evals) and (step % config.eval_every == 0 or step == config.train_steps)
-      if save or do_eval or step % config.log_every == 0:
-        late.consume()  # Checked finite before anything of this step is saved.
-      if do_eval:
-        result["eval"] = evaluate(state["params"])
-        writer.write(step, result["eval"], split="eval")
-        window_start = time.perf_counter()
-      if save:
-        ckpt.save(step, state, data=dict(train_iterator=data_state, step=step))
-      result["step"] = step
-      if guard.requested:
-        logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume.",
-                        step, ckpt.directory)
-        result["preempted"] = True
-        break
-    late.consume()
+  state, result["step"], result["preempted"] = train_lib.train_loop(
+      state, mesh=setup.mesh, step_fn=step_fn, next_batch=next_batch, start_step=start_step,
+      total_steps=config.train_steps, ckpt=ckpt, log_step=log_step,
+      log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+      eval_every=config.eval_every, evaluate=evaluate_now if evals else None, on_step=on_step)
   result["params"] = state["params"]
   return result

@@ -8,8 +8,12 @@
   touched (`check_saved_config`, `check_checkpoint_shapes`);
 * the train state `{params, opt_state, step, rng}`: its abstract, sharded form
   (`abstract_train_state`, for restoring) and a fresh one (`new_train_state`);
-* a loop helper that reads each step's metrics one step late (`LateMetrics`),
-  so the host never waits on the device between steps.
+* what stays fixed over a run (`TrainSetup`, `make_setup`) and the jitted,
+  donated train step (`jit_train_step`);
+* the step loop itself (`train_loop`): batches, metrics read one step late
+  (`LateMetrics`, so the host never waits on the device between steps),
+  evaluation, checkpoints and SIGTERM. Each trainer supplies its batches, its
+  metric summaries and its evaluation as callbacks.
 """
 
 from __future__ import annotations
@@ -256,8 +260,40 @@ def new_train_state(params: Any, optimizer: optax.GradientTransformation,
       rng=jax.device_put(jax.random.key_data(jax.random.PRNGKey(seed + 1)), replicated))
 
 
+@dataclasses.dataclass
+class TrainSetup:
+  """What stays fixed over a run: mesh, model structure, optimizer, shardings."""
+
+  mesh: jax.sharding.Mesh
+  model_config: Any
+  graphdef: nnx.GraphDef
+  optimizer: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  abstract_state: Any  # ShapeDtypeStructs carrying their NamedShardings.
+  state_shardings: Any
+
+
+def make_setup(make_model: Callable[[], nnx.Module], model_config: Any,
+               optimizer_config: ml_collections.ConfigDict, train_steps: int,
+               mesh: jax.sharding.Mesh, rules: mesh_lib.LogicalRules) -> TrainSetup:
+  """The optimizer of `optimizer_config` and the state's shapes and shardings (abstract)."""
+  optimizer, lr_schedule = build_optimizer(optimizer_config, train_steps)
+  graphdef, abstract_state, state_shardings = abstract_train_state(
+      make_model, optimizer, mesh, rules)
+  return TrainSetup(mesh, model_config, graphdef, optimizer, lr_schedule, abstract_state,
+                    state_shardings)
+
+
+def jit_train_step(train_step: Callable, setup: TrainSetup) -> Callable:
+  """`train_step(state, batch) -> (state, metrics)` jitted: the state donated and kept
+  in its shardings, the metrics replicated."""
+  return jax.jit(train_step,
+                 out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, PartitionSpec())),
+                 donate_argnums=0)
+
+
 # -----------------------------------------------------------------------------
-# Loop helper
+# The loop
 # -----------------------------------------------------------------------------
 
 
@@ -287,3 +323,47 @@ class LateMetrics:
     # A finite loss with overflowing gradients would still poison the params.
     metrics_lib.check_finite(metrics, step, keys=self._keys)
     self._handle(step, metrics)
+
+
+def train_loop(state: Any, *, mesh: jax.sharding.Mesh, step_fn: Callable,
+               next_batch: Callable[[int], tuple[Any, Mapping[str, Any]]], start_step: int,
+               total_steps: int, ckpt: checkpoint_lib.Checkpointer, log_step: Callable,
+               log_every: int, checkpoint_every: int, eval_every: int = 0,
+               evaluate: Callable[[int, Any], None] | None = None,
+               on_step: Callable[[int], None] | None = None) -> tuple[Any, int, bool]:
+  """Runs steps `start_step + 1 .. total_steps`; returns (state, last step, preempted).
+
+  Per step: `next_batch(step)` gives the device batch and the data to checkpoint
+  with it (e.g. the data iterator's position after this batch); `step_fn` runs
+  the update; `log_step(step, metrics)` gets the host metrics one step later,
+  checked finite first (`LateMetrics`). Every `eval_every` steps and at the end,
+  `evaluate(step, params)`; every `checkpoint_every` steps, at the end and on
+  SIGTERM, a checkpoint, only after that step's metrics were checked. On SIGTERM
+  the loop stops after the checkpoint; rerunning the job resumes from it.
+  `on_step(step)` is called after each update is dispatched (tests use it to send
+  SIGTERM mid-run).
+  """
+  late = LateMetrics(log_step)
+  step, preempted = start_step, False
+  with checkpoint_lib.PreemptionGuard() as guard, jax.set_mesh(mesh):
+    for step in range(start_step + 1, total_steps + 1):
+      batch, data = next_batch(step)
+      state, metrics = step_fn(state, batch)
+      late.put(step, metrics)  # Handles the previous step's metrics while this one runs.
+      if on_step is not None:
+        on_step(step)
+      save = step % checkpoint_every == 0 or step == total_steps or guard.requested
+      do_eval = evaluate is not None and (step % eval_every == 0 or step == total_steps)
+      if save or do_eval or step % log_every == 0:
+        late.consume()  # Checked finite before anything of this step is saved.
+      if do_eval:
+        evaluate(step, state["params"])
+      if save:
+        ckpt.save(step, state, data=data)
+      if guard.requested:
+        logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume.",
+                        step, ckpt.directory)
+        preempted = True
+        break
+    late.consume()
+  return state, step, preempted

@@ -410,19 +410,7 @@ def _graft(target: dict, source: dict, where: str = "encoder") -> dict:
 # -----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class TrainSetup:
-  """Everything that stays fixed over a run: mesh, model structure, optimizer, shardings."""
-
-  mesh: jax.sharding.Mesh
-  model_config: model_lib.EncoderConfig
-  graphdef: nnx.GraphDef
-  optimizer: optax.GradientTransformation
-  lr_schedule: optax.Schedule
-  abstract_state: Any
-  state_shardings: Any
-  train_steps: int
-  warmup_steps: int
+TrainSetup = train_lib.TrainSetup
 
 
 def resolve_schedule(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
@@ -438,14 +426,12 @@ def resolve_schedule(config: ml_collections.ConfigDict, num_train: int) -> tuple
 
 def make_setup(config: ml_collections.ConfigDict, model_config: model_lib.EncoderConfig,
                mesh: jax.sharding.Mesh, train_steps: int, warmup_steps: int) -> TrainSetup:
+  """Shapes and shardings of the state, for the resolved schedule (`resolve_schedule`)."""
   opt = ml_collections.ConfigDict(config.optimizer.to_dict())
   opt.warmup_steps = warmup_steps
-  optimizer, lr_schedule = train_lib.build_optimizer(opt, train_steps)
-  make_model = lambda: model_lib.MultipleChoiceModel(model_config, rngs=nnx.Rngs(config.seed))
-  graphdef, abstract_state, shardings = train_lib.abstract_train_state(
-      make_model, optimizer, mesh, model_lib.LOGICAL_AXIS_RULES)
-  return TrainSetup(mesh, model_config, graphdef, optimizer, lr_schedule, abstract_state,
-                    shardings, train_steps, warmup_steps)
+  return train_lib.make_setup(
+      lambda: model_lib.MultipleChoiceModel(model_config, rngs=nnx.Rngs(config.seed)),
+      model_config, opt, train_steps, mesh, model_lib.LOGICAL_AXIS_RULES)
 
 
 def init_state(config: ml_collections.ConfigDict, setup: TrainSetup, source: InitSource
@@ -599,8 +585,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
     else:
       state, start_step = init_state(config, setup, source), 0
-    result = _train_loop(config, setup, state, start_step, train_split, eval_splits, ckpt,
-                         writer, workdir, on_step)
+    result = _train_loop(config, setup, train_steps, state, start_step, train_split,
+                         eval_splits, ckpt, writer, workdir, on_step)
   finally:
     ckpt.close()  # Waits for in-flight saves: earlier checkpoints are complete.
     writer.close()
@@ -629,22 +615,26 @@ def best_evaluation(workdir: str) -> dict[str, Any]:
   return dict(step=step, **evaluation)
 
 
-def _train_loop(config, setup: TrainSetup, state, start_step, train_split, eval_splits, ckpt,
-                writer, workdir, on_step) -> dict[str, Any]:
-  step_fn = jax.jit(
+def _train_loop(config, setup: TrainSetup, total: int, state, start_step, train_split,
+                eval_splits, ckpt, writer, workdir, on_step) -> dict[str, Any]:
+  step_fn = train_lib.jit_train_step(
       functools.partial(train_step, graphdef=setup.graphdef, optimizer=setup.optimizer,
-                        lr_schedule=setup.lr_schedule),
-      out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, PartitionSpec())),
-      donate_argnums=0)
+                        lr_schedule=setup.lr_schedule), setup)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=setup.graphdef),
                     out_shardings=NamedSharding(setup.mesh, PartitionSpec()))
-  total, batch_size = setup.train_steps, config.data.batch_size
+  batch_size = config.data.batch_size
   steps_per_epoch = max(1, math.ceil(len(train_split) / batch_size))
-  eval_every = config.eval_every or steps_per_epoch
   progress = metrics_lib.Progress(total, start_step, unit="questions", every=config.log_every)
   window: dict[str, float] = {}
   window_start = time.perf_counter()
   result: dict[str, Any] = dict(step=start_step, preempted=False, train={}, eval={})
+  host, hosts = jax.process_index(), jax.process_count()
+
+  def next_batch(step):
+    batch = train_batch(train_split, step - 1, batch_size, config.seed, host, hosts)
+    return _device_batch(batch, setup.mesh), dict(
+        step=step, examples_seen=step * batch_size, num_train_examples=len(train_split),
+        seed=config.seed)
 
   def log_step(step, metrics):
     nonlocal window, window_start
@@ -664,36 +654,19 @@ def _train_loop(config, setup: TrainSetup, state, start_step, train_split, eval_
       result["train"] = summary
       window, window_start = {}, now
 
-  late = train_lib.LateMetrics(log_step)
-  host, hosts = jax.process_index(), jax.process_count()
-  with checkpoint_lib.PreemptionGuard() as guard, jax.set_mesh(setup.mesh):
-    for step in range(start_step + 1, total + 1):
-      batch = train_batch(train_split, step - 1, batch_size, config.seed, host, hosts)
-      state, metrics = step_fn(state, _device_batch(batch, setup.mesh))
-      late.put(step, metrics)  # Logs the previous step's metrics while this one runs.
-      if on_step is not None:
-        on_step(step)
-      save = step % config.checkpoint_every == 0 or step == total or guard.requested
-      do_eval = step % eval_every == 0 or step == total
-      if save or do_eval or step % config.log_every == 0:
-        late.consume()  # Checked finite before anything of this step is saved.
-      if do_eval:
-        for name, split in eval_splits.items():
-          summary = evaluate_split(config, setup, eval_fn, state["params"], name, split,
-                                   workdir, step)
-          writer.write(step, summary, split=name)
-          result["eval"][name] = summary
-          logging.info("%s at step %d: %s", name, step,
-                       " | ".join(f"{k} {v:.4g}" for k, v in summary.items()))
-        window_start = time.perf_counter()  # Throughput counts training time only.
-      if save:
-        ckpt.save(step, state, data=dict(step=step, examples_seen=step * batch_size,
-                                         num_train_examples=len(train_split), seed=config.seed))
-      result["step"] = step
-      if guard.requested:
-        logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume.",
-                        step, ckpt.directory)
-        result["preempted"] = True
-        break
-    late.consume()
+  def evaluate_now(step, params):
+    nonlocal window_start
+    for name, split in eval_splits.items():
+      summary = evaluate_split(config, setup, eval_fn, params, name, split, workdir, step)
+      writer.write(step, summary, split=name)
+      result["eval"][name] = summary
+      logging.info("%s at step %d: %s", name, step,
+                   " | ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+    window_start = time.perf_counter()  # Throughput counts training time only.
+
+  _, result["step"], result["preempted"] = train_lib.train_loop(
+      state, mesh=setup.mesh, step_fn=step_fn, next_batch=next_batch, start_step=start_step,
+      total_steps=total, ckpt=ckpt, log_step=log_step, log_every=config.log_every,
+      checkpoint_every=config.checkpoint_every, eval_every=config.eval_every or steps_per_epoch,
+      evaluate=evaluate_now, on_step=on_step)
   return result

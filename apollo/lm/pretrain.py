@@ -39,7 +39,6 @@ mlm_loss, mlm_acc, ecls_loss, ecls_acc and E-CLS accuracy per perturbation kind.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import time
@@ -52,7 +51,6 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import mesh as mesh_lib
@@ -324,28 +322,15 @@ check_checkpoint_shapes = train_lib.check_checkpoint_shapes
 # -----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class TrainSetup:
-  """Everything that stays fixed over a run: mesh, model structure, optimizer, shardings."""
-
-  mesh: jax.sharding.Mesh
-  model_config: model_lib.EncoderConfig
-  graphdef: nnx.GraphDef
-  optimizer: optax.GradientTransformation
-  lr_schedule: optax.Schedule
-  abstract_state: Any  # ShapeDtypeStructs carrying their NamedShardings.
-  state_shardings: Any
+TrainSetup = train_lib.TrainSetup
 
 
 def make_setup(config: ml_collections.ConfigDict, model_config: model_lib.EncoderConfig,
                mesh: jax.sharding.Mesh) -> TrainSetup:
   """Shapes and shardings of the state, computed abstractly (no memory used)."""
-  optimizer, lr_schedule = build_optimizer(config.optimizer, config.train_steps)
-  make_model = lambda: model_lib.PretrainingModel(model_config, rngs=nnx.Rngs(config.seed))
-  graphdef, abstract_state, state_shardings = train_lib.abstract_train_state(
-      make_model, optimizer, mesh, model_lib.LOGICAL_AXIS_RULES)
-  return TrainSetup(mesh, model_config, graphdef, optimizer, lr_schedule,
-                    abstract_state, state_shardings)
+  return train_lib.make_setup(
+      lambda: model_lib.PretrainingModel(model_config, rngs=nnx.Rngs(config.seed)),
+      model_config, config.optimizer, config.train_steps, mesh, model_lib.LOGICAL_AXIS_RULES)
 
 
 def init_state(config: ml_collections.ConfigDict, setup: TrainSetup) -> dict[str, Any]:
@@ -482,12 +467,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _train_loop(config, setup: TrainSetup, state, start_step, train_it, ckpt, writer,
                 shard_dir, tokenizer, data_config, on_step) -> dict[str, Any]:
-  step_fn = jax.jit(
+  step_fn = train_lib.jit_train_step(
       functools.partial(train_step, graphdef=setup.graphdef, optimizer=setup.optimizer,
                         lr_schedule=setup.lr_schedule, ecls_weight=effective_ecls_weight(config),
-                        max_predictions=config.mlm_max_predictions),
-      out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, PartitionSpec())),
-      donate_argnums=0)
+                        max_predictions=config.mlm_max_predictions), setup)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=setup.graphdef,
                                       max_predictions=config.mlm_max_predictions))
   tokens_per_step = config.data.batch_size * config.data.max_len
@@ -495,6 +478,12 @@ def _train_loop(config, setup: TrainSetup, state, start_step, train_it, ckpt, wr
                                   every=config.log_every)
   window, window_start = _MetricAccumulator(), time.perf_counter()
   result: dict[str, Any] = dict(step=start_step, preempted=False, train={}, eval={})
+
+  def next_batch(step):
+    batch = next(train_it)
+    # Saved with this step: the data position after its batch.
+    return _device_batch(batch, setup.mesh), dict(train_iterator=train_it.get_state(),
+                                                   step=step)
 
   def log_step(step, metrics):
     nonlocal window_start
@@ -509,35 +498,17 @@ def _train_loop(config, setup: TrainSetup, state, start_step, train_it, ckpt, wr
       window.reset()
       window_start = now
 
-  late = train_lib.LateMetrics(log_step)  # Read one step late, so steps pipeline.
+  def evaluate_now(step, params):
+    nonlocal window_start
+    result["eval"] = evaluate(config, setup, eval_fn, params, shard_dir, tokenizer, data_config)
+    writer.write(step, result["eval"], split="eval")
+    logging.info("eval at step %d: %s", step,
+                 " | ".join(f"{k} {v:.4g}" for k, v in result["eval"].items()))
+    window_start = time.perf_counter()  # Throughput counts training time only.
 
-  with checkpoint_lib.PreemptionGuard() as guard, jax.set_mesh(setup.mesh):
-    for step in range(start_step + 1, config.train_steps + 1):
-      batch = next(train_it)
-      data_state = train_it.get_state()  # The data position after this step's batch.
-      state, metrics = step_fn(state, _device_batch(batch, setup.mesh))
-      late.put(step, metrics)  # Logs the previous step's metrics while this one runs.
-      if on_step is not None:
-        on_step(step)
-      save = (step % config.checkpoint_every == 0 or step == config.train_steps
-              or guard.requested)
-      do_eval = step % config.eval_every == 0 or step == config.train_steps
-      if save or do_eval or step % config.log_every == 0:
-        late.consume()  # Checked finite before anything of this step is saved.
-      if do_eval:
-        result["eval"] = evaluate(config, setup, eval_fn, state["params"], shard_dir,
-                                  tokenizer, data_config)
-        writer.write(step, result["eval"], split="eval")
-        logging.info("eval at step %d: %s", step,
-                     " | ".join(f"{k} {v:.4g}" for k, v in result["eval"].items()))
-        window_start = time.perf_counter()  # Throughput counts training time only.
-      if save:
-        ckpt.save(step, state, data=dict(train_iterator=data_state, step=step))
-      result["step"] = step
-      if guard.requested:
-        logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume.",
-                        step, ckpt.directory)
-        result["preempted"] = True
-        break
-    late.consume()
+  _, result["step"], result["preempted"] = train_lib.train_loop(
+      state, mesh=setup.mesh, step_fn=step_fn, next_batch=next_batch, start_step=start_step,
+      total_steps=config.train_steps, ckpt=ckpt, log_step=log_step,
+      log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+      eval_every=config.eval_every, evaluate=evaluate_now, on_step=on_step)
   return result
