@@ -42,7 +42,6 @@ import functools
 import json
 import os
 import shutil
-import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
@@ -513,10 +512,10 @@ def _train_loop(config, setup: TrainSetup, state, start_step, stream, evals, ckp
       functools.partial(train_step, graphdef=setup.graphdef, optimizer=setup.optimizer,
                         lr_schedule=setup.lr_schedule), setup)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=setup.graphdef))
-  tokens_per_step = config.data.batch_size * config.data.seq_len
-  progress = metrics_lib.Progress(config.train_steps, start_step, unit="tokens",
-                                  every=config.log_every)
-  window, window_start = _Window(), time.perf_counter()
+  log = train_lib.TrainLog(writer, _Window, start_step=start_step,
+                           total_steps=config.train_steps, every=config.log_every,
+                           units_per_step=config.data.batch_size * config.data.seq_len,
+                           unit="tokens")
   result: dict[str, Any] = dict(step=start_step, preempted=False, train={}, eval={})
 
   def next_batch(step):
@@ -525,20 +524,7 @@ def _train_loop(config, setup: TrainSetup, state, start_step, stream, evals, ckp
     return (mesh_lib.shard_batch(_host_slice(batch), setup.mesh),
             dict(train_iterator=stream.get_state(), step=step))
 
-  def log_step(step, metrics):
-    nonlocal window, window_start
-    window.add(metrics)
-    progress.update(step, tokens_per_step, {"loss": metrics["loss"]})
-    if step % config.log_every == 0 or step == config.train_steps:
-      summary = window.summary()
-      now = time.perf_counter()
-      summary["tokens_per_s"] = tokens_per_step * window.steps / max(now - window_start, 1e-9)
-      writer.write(step, summary, split="train")
-      result["train"] = summary
-      window, window_start = _Window(), now
-
   def evaluate_now(step, params):
-    nonlocal window_start
     acc = _Window()
     for batch in evals:
       acc.add(jax.device_get(eval_fn(params, mesh_lib.shard_batch(_host_slice(batch),
@@ -546,12 +532,12 @@ def _train_loop(config, setup: TrainSetup, state, start_step, stream, evals, ckp
     result["eval"] = {k: v for k, v in acc.summary().items()
                       if k in ("loss", "token_acc", "target_tokens")}
     writer.write(step, result["eval"], split="eval")
-    window_start = time.perf_counter()  # Throughput counts training time only.
+    log.restart_clock()  # Throughput counts training time only.
 
   state, result["step"], result["preempted"] = train_lib.train_loop(
       state, mesh=setup.mesh, step_fn=step_fn, next_batch=next_batch, start_step=start_step,
-      total_steps=config.train_steps, ckpt=ckpt, log_step=log_step,
-      log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-      eval_every=config.eval_every, evaluate=evaluate_now if evals else None, on_step=on_step)
-  result["params"] = state["params"]
+      total_steps=config.train_steps, ckpt=ckpt, log_step=log, log_every=config.log_every,
+      checkpoint_every=config.checkpoint_every, eval_every=config.eval_every,
+      evaluate=evaluate_now if evals else None, on_step=on_step)
+  result["train"], result["params"] = log.last, state["params"]
   return result

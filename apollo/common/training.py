@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -323,6 +324,44 @@ class LateMetrics:
     # A finite loss with overflowing gradients would still poison the params.
     metrics_lib.check_finite(metrics, step, keys=self._keys)
     self._handle(step, metrics)
+
+
+class TrainLog:
+  """The `log_step` of `train_loop`: per-step metrics into a window, a summary every
+  `every` steps (and at the last one), with progress and ETA lines on the way.
+
+  `new_window()` returns an accumulator with `add(metrics)`, `summary() -> dict`
+  and `steps`. Each summary gets `<unit>_per_s` (throughput over the window's
+  training time; call `restart_clock()` after an evaluation so that it is not
+  counted) and whatever `extra(step)` returns, is written to `writer` as split
+  'train' and kept as `last`.
+  """
+
+  def __init__(self, writer: metrics_lib.MetricsWriter, new_window: Callable[[], Any], *,
+               start_step: int, total_steps: int, every: int, units_per_step: float,
+               unit: str, extra: Callable[[int], Mapping[str, float]] | None = None):
+    self._writer, self._new_window, self._extra = writer, new_window, extra
+    self._total, self._every, self._per_step, self._unit = total_steps, every, units_per_step, unit
+    self._progress = metrics_lib.Progress(total_steps, start_step, unit=unit, every=every)
+    self._window, self._start = new_window(), time.perf_counter()
+    self.last: dict[str, float] = {}
+
+  def __call__(self, step: int, metrics: Mapping[str, Any]) -> None:
+    self._window.add(metrics)
+    self._progress.update(step, self._per_step, {"loss": metrics["loss"]})
+    if step % self._every == 0 or step == self._total:
+      now = time.perf_counter()
+      summary = dict(self._window.summary())
+      summary[f"{self._unit}_per_s"] = (self._per_step * self._window.steps
+                                        / max(now - self._start, 1e-9))
+      if self._extra is not None:
+        summary.update(self._extra(step))
+      self._writer.write(step, summary, split="train")
+      self.last = summary
+      self._window, self._start = self._new_window(), now
+
+  def restart_clock(self) -> None:
+    self._start = time.perf_counter()
 
 
 def train_loop(state: Any, *, mesh: jax.sharding.Mesh, step_fn: Callable,

@@ -47,7 +47,6 @@ import functools
 import json
 import math
 import os
-import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -615,6 +614,27 @@ def best_evaluation(workdir: str) -> dict[str, Any]:
   return dict(step=step, **evaluation)
 
 
+class _TrainWindow:
+  """Host-side sums of the train steps' metrics -> means (and the last learning rate)."""
+
+  def __init__(self):
+    self.sums: dict[str, float] = {}
+    self.steps = 0
+    self.learning_rate = float("nan")
+
+  def add(self, metrics: Mapping[str, Any]) -> None:
+    for k, v in metrics.items():
+      self.sums[k] = self.sums.get(k, 0.0) + float(v)
+    self.learning_rate = float(metrics["learning_rate"])
+    self.steps += 1
+
+  def summary(self) -> dict[str, float]:
+    s, n = self.sums, max(self.steps, 1)
+    return dict(loss=s["loss"] / n, accuracy=s["correct"] / max(s["count"], 1.0),
+                grad_norm=s["grad_norm"] / n, update_norm=s["update_norm"] / n,
+                learning_rate=self.learning_rate)
+
+
 def _train_loop(config, setup: TrainSetup, total: int, state, start_step, train_split,
                 eval_splits, ckpt, writer, workdir, on_step) -> dict[str, Any]:
   step_fn = train_lib.jit_train_step(
@@ -624,9 +644,10 @@ def _train_loop(config, setup: TrainSetup, total: int, state, start_step, train_
                     out_shardings=NamedSharding(setup.mesh, PartitionSpec()))
   batch_size = config.data.batch_size
   steps_per_epoch = max(1, math.ceil(len(train_split) / batch_size))
-  progress = metrics_lib.Progress(total, start_step, unit="questions", every=config.log_every)
-  window: dict[str, float] = {}
-  window_start = time.perf_counter()
+  log = train_lib.TrainLog(
+      writer, _TrainWindow, start_step=start_step, total_steps=total, every=config.log_every,
+      units_per_step=batch_size, unit="questions",
+      extra=lambda step: dict(epoch=step * batch_size / len(train_split)))
   result: dict[str, Any] = dict(step=start_step, preempted=False, train={}, eval={})
   host, hosts = jax.process_index(), jax.process_count()
 
@@ -636,37 +657,19 @@ def _train_loop(config, setup: TrainSetup, total: int, state, start_step, train_
         step=step, examples_seen=step * batch_size, num_train_examples=len(train_split),
         seed=config.seed)
 
-  def log_step(step, metrics):
-    nonlocal window, window_start
-    for k, v in metrics.items():
-      window[k] = window.get(k, 0.0) + float(v)
-    window["steps"] = window.get("steps", 0.0) + 1
-    progress.update(step, batch_size, {"loss": metrics["loss"]})
-    if step % config.log_every == 0 or step == total:
-      n, now = window["steps"], time.perf_counter()
-      summary = dict(loss=window["loss"] / n,
-                     accuracy=window["correct"] / max(window["count"], 1.0),
-                     grad_norm=window["grad_norm"] / n, update_norm=window["update_norm"] / n,
-                     learning_rate=float(metrics["learning_rate"]),
-                     epoch=step * batch_size / len(train_split),
-                     questions_per_s=batch_size * n / max(now - window_start, 1e-9))
-      writer.write(step, summary, split="train")
-      result["train"] = summary
-      window, window_start = {}, now
-
   def evaluate_now(step, params):
-    nonlocal window_start
     for name, split in eval_splits.items():
       summary = evaluate_split(config, setup, eval_fn, params, name, split, workdir, step)
       writer.write(step, summary, split=name)
       result["eval"][name] = summary
       logging.info("%s at step %d: %s", name, step,
                    " | ".join(f"{k} {v:.4g}" for k, v in summary.items()))
-    window_start = time.perf_counter()  # Throughput counts training time only.
+    log.restart_clock()  # Throughput counts training time only.
 
   _, result["step"], result["preempted"] = train_lib.train_loop(
       state, mesh=setup.mesh, step_fn=step_fn, next_batch=next_batch, start_step=start_step,
-      total_steps=total, ckpt=ckpt, log_step=log_step, log_every=config.log_every,
+      total_steps=total, ckpt=ckpt, log_step=log, log_every=config.log_every,
       checkpoint_every=config.checkpoint_every, eval_every=config.eval_every or steps_per_epoch,
       evaluate=evaluate_now, on_step=on_step)
+  result["train"] = log.last
   return result

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -473,10 +472,10 @@ def _train_loop(config, setup: TrainSetup, state, start_step, train_it, ckpt, wr
                         max_predictions=config.mlm_max_predictions), setup)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=setup.graphdef,
                                       max_predictions=config.mlm_max_predictions))
-  tokens_per_step = config.data.batch_size * config.data.max_len
-  progress = metrics_lib.Progress(config.train_steps, start_step, unit="tokens",
-                                  every=config.log_every)
-  window, window_start = _MetricAccumulator(), time.perf_counter()
+  log = train_lib.TrainLog(writer, _MetricAccumulator, start_step=start_step,
+                           total_steps=config.train_steps, every=config.log_every,
+                           units_per_step=config.data.batch_size * config.data.max_len,
+                           unit="tokens")
   result: dict[str, Any] = dict(step=start_step, preempted=False, train={}, eval={})
 
   def next_batch(step):
@@ -485,30 +484,17 @@ def _train_loop(config, setup: TrainSetup, state, start_step, train_it, ckpt, wr
     return _device_batch(batch, setup.mesh), dict(train_iterator=train_it.get_state(),
                                                    step=step)
 
-  def log_step(step, metrics):
-    nonlocal window_start
-    window.add(metrics)
-    progress.update(step, tokens_per_step, {"loss": metrics["loss"]})
-    if step % config.log_every == 0 or step == config.train_steps:
-      summary = window.summary()
-      now = time.perf_counter()
-      summary["tokens_per_s"] = tokens_per_step * window.steps / max(now - window_start, 1e-9)
-      writer.write(step, summary, split="train")
-      result["train"] = summary
-      window.reset()
-      window_start = now
-
   def evaluate_now(step, params):
-    nonlocal window_start
     result["eval"] = evaluate(config, setup, eval_fn, params, shard_dir, tokenizer, data_config)
     writer.write(step, result["eval"], split="eval")
     logging.info("eval at step %d: %s", step,
                  " | ".join(f"{k} {v:.4g}" for k, v in result["eval"].items()))
-    window_start = time.perf_counter()  # Throughput counts training time only.
+    log.restart_clock()  # Throughput counts training time only.
 
   _, result["step"], result["preempted"] = train_lib.train_loop(
       state, mesh=setup.mesh, step_fn=step_fn, next_batch=next_batch, start_step=start_step,
-      total_steps=config.train_steps, ckpt=ckpt, log_step=log_step,
-      log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-      eval_every=config.eval_every, evaluate=evaluate_now, on_step=on_step)
+      total_steps=config.train_steps, ckpt=ckpt, log_step=log, log_every=config.log_every,
+      checkpoint_every=config.checkpoint_every, eval_every=config.eval_every,
+      evaluate=evaluate_now, on_step=on_step)
+  result["train"] = log.last
   return result
