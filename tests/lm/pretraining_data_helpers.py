@@ -39,3 +39,22 @@ def train_small_tokenizer(shard_dir: str, out_dir: str):
   return tokenizer_lib.train_bpe_tokenizer(
       (r["text"] for r in selection.iter_records(shard_dir)), out_dir,
       vocab_size=400)
+
+
+def shards_and_tokenizer(root) -> tuple[str, str]:
+  """Selected sentence shards of a 200-document generated corpus, and a BPE on them."""
+  shard_dir, tokenizer_dir = str(root / "sentences"), str(root / "tokenizer")
+  make_generated_shards(shard_dir, num_documents=200, docs_per_shard=100)
+  train_small_tokenizer(shard_dir, tokenizer_dir)
+  return shard_dir, tokenizer_dir
+
+
+def override(config, overrides):
+  """Sets dotted keys of a ConfigDict: override(c, {'data.max_len': 16})."""
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config

@@ -42,9 +42,7 @@ pytestmark = pytest.mark.usefixtures("disk_compilation_cache")
 def dirs(tmp_path_factory):
   """Sentence shards + tokenizer, and a tiny generated logic set in ReClor's files."""
   root = tmp_path_factory.mktemp("finetune_data")
-  shard_dir, tokenizer_dir = str(root / "sentences"), str(root / "tokenizer")
-  helpers.make_generated_shards(shard_dir, num_documents=200, docs_per_shard=100)
-  helpers.train_small_tokenizer(shard_dir, tokenizer_dir)
+  shard_dir, tokenizer_dir = helpers.shards_and_tokenizer(root)
   logic_dir = str(root / "logic_mc")
   logic_mc.write_reclor_format(logic_dir, dict(train=24, validation=8, test=8), seed=1)
   return dict(shards=shard_dir, tokenizer=tokenizer_dir, logic=logic_dir, root=root)
@@ -53,16 +51,6 @@ def dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer(dirs):
   return tokenizer_lib.load_tokenizer(dirs["tokenizer"])
-
-
-def _override(c, overrides):
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
 
 
 def tiny_config(dirs, **overrides):
@@ -78,7 +66,7 @@ def tiny_config(dirs, **overrides):
   c.data.max_len, c.data.batch_size, c.data.eval_batch_size = MAX_LEN, 8, 8
   c.optimizer.learning_rate = 1e-3
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
-  return _override(c, overrides)
+  return helpers.override(c, overrides)
 
 
 # -----------------------------------------------------------------------------

@@ -36,11 +36,7 @@ pytestmark = pytest.mark.usefixtures("disk_compilation_cache")
 
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("pretrain_data")
-  shard_dir, tokenizer_dir = str(root / "sentences"), str(root / "tokenizer")
-  helpers.make_generated_shards(shard_dir, num_documents=200, docs_per_shard=100)
-  helpers.train_small_tokenizer(shard_dir, tokenizer_dir)
-  return shard_dir, tokenizer_dir
+  return helpers.shards_and_tokenizer(tmp_path_factory.mktemp("pretrain_data"))
 
 
 def tiny_config(data_dirs, **overrides):
@@ -58,13 +54,7 @@ def tiny_config(data_dirs, **overrides):
   c.data.max_len, c.data.batch_size, c.data.eval_fraction = 24, 8, 0.2
   c.optimizer.warmup_steps = 2
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return helpers.override(c, overrides)
 
 
 def restore(workdir, config):
