@@ -235,15 +235,7 @@ def train_step(state: dict[str, Any], batch: Mapping[str, jax.Array], *,
     sums = loss_sums(nnx.merge(graphdef, params), batch)
     return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
 
-  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1,
-                   rng=state["rng"])
-  metrics = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads),
-                 update_norm=optax.tree.norm(updates),
-                 learning_rate=jnp.asarray(lr_schedule(state["step"]), jnp.float32))
-  return new_state, metrics
+  return train_lib.gradient_step(state, loss_fn, optimizer, lr_schedule)
 
 
 def eval_step(params: Any, batch: Mapping[str, jax.Array], *, graphdef: nnx.GraphDef

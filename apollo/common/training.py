@@ -8,8 +8,9 @@
   touched (`check_saved_config`, `check_checkpoint_shapes`);
 * the train state `{params, opt_state, step, rng}`: its abstract, sharded form
   (`abstract_train_state`, for restoring) and a fresh one (`new_train_state`);
-* what stays fixed over a run (`TrainSetup`, `make_setup`) and the jitted,
-  donated train step (`jit_train_step`);
+* what stays fixed over a run (`TrainSetup`, `make_setup`), one optimizer update
+  on a trainer's loss (`gradient_step`) and the jitted, donated train step
+  (`jit_train_step`);
 * the step loop itself (`train_loop`): batches, metrics read one step late
   (`LateMetrics`, so the host never waits on the device between steps),
   evaluation, checkpoints and SIGTERM. Each trainer supplies its batches, its
@@ -283,6 +284,22 @@ def make_setup(make_model: Callable[[], nnx.Module], model_config: Any,
       make_model, optimizer, mesh, rules)
   return TrainSetup(mesh, model_config, graphdef, optimizer, lr_schedule, abstract_state,
                     state_shardings)
+
+
+def gradient_step(state: dict[str, Any], loss_fn: Callable[[Any], tuple[jax.Array, dict]],
+                  optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule
+                  ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """One optimizer update of `{params, opt_state, step, rng}` on `loss_fn(params) ->
+  (loss, sums)`; the metrics are the sums plus loss, grad_norm (before clipping),
+  update_norm and this update's learning rate."""
+  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  new_state = dict(params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
+                   step=state["step"] + 1, rng=state["rng"])
+  metrics = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads),
+                 update_norm=optax.tree.norm(updates),
+                 learning_rate=jnp.asarray(lr_schedule(state["step"]), jnp.float32))
+  return new_state, metrics
 
 
 def jit_train_step(train_step: Callable, setup: TrainSetup) -> Callable:
