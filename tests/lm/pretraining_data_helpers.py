@@ -1,6 +1,11 @@
 """Shared tiny corpora for the APOLLO data tests (selection, tokenizer, pipeline)."""
 
+import json
 import os
+import subprocess
+import sys
+
+import ml_collections
 
 from apollo.lm import generated_corpus
 from apollo.lm import selection
@@ -58,3 +63,26 @@ def override(config, overrides):
       target = target[p]
     target[leaf] = value
   return config
+
+
+_PARSE_FLAGFILE = """
+import json, sys
+from absl import flags
+from ml_collections import config_flags
+config = config_flags.DEFINE_config_file("config", sys.argv.pop(1))
+workdir = flags.DEFINE_string("workdir", None, "")
+flags.FLAGS(sys.argv)
+print(json.dumps(dict(workdir=workdir.value, config=config.value.to_dict())))
+"""
+
+
+def parse_flagfile(config_file: str, name: str) -> tuple[str, ml_collections.ConfigDict]:
+  """(--workdir, config) of experiments/flags/NAME.flags, parsed as an absl main would,
+  in a fresh process, with `config_file` (e.g. 'experiments/configs/pretrain.py:quickstart')
+  as the --config default."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = subprocess.run([sys.executable, "-c", _PARSE_FLAGFILE, config_file,
+                        f"--flagfile=experiments/flags/{name}.flags"],
+                       cwd=root, capture_output=True, text=True, check=True)
+  parsed = json.loads(out.stdout.strip().splitlines()[-1])
+  return parsed["workdir"], ml_collections.ConfigDict(parsed["config"])

@@ -12,11 +12,8 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -306,28 +303,12 @@ def test_mismatched_shapes_are_refused(dirs, scratch_run, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
 
 
-_PARSE_FLAGFILE = """
-import json, sys
-from absl import flags
-from ml_collections import config_flags
-config = config_flags.DEFINE_config_file("config", "experiments/configs/finetune.py:quickstart")
-workdir = flags.DEFINE_string("workdir", None, "")
-flags.FLAGS(sys.argv)
-print(json.dumps(dict(workdir=workdir.value, config=config.value.to_dict())))
-"""
-
-
 @pytest.mark.parametrize("name", ["quickstart_finetune", "reclor_roberta_base",
                                   "reclor_roberta_large", "logiqa_roberta_base",
                                   "logiqa_roberta_large"])
 def test_flagfiles_parse(name):
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  out = subprocess.run([sys.executable, "-c", _PARSE_FLAGFILE,
-                        f"--flagfile=experiments/flags/{name}.flags"],
-                       cwd=root, capture_output=True, text=True, check=True)
-  parsed = json.loads(out.stdout.strip().splitlines()[-1])
-  config = ml_collections.ConfigDict(parsed["config"])
-  assert parsed["workdir"] and config.data.dataset in finetune.DATASETS
+  workdir, config = helpers.parse_flagfile("experiments/configs/finetune.py:quickstart", name)
+  assert workdir and config.data.dataset in finetune.DATASETS
   assert bool(config.init_from_pretrain) != bool(config.init_from_hf)
   finetune.train_lib.build_optimizer(config.optimizer, 10)  # Valid names.
   if name != "quickstart_finetune":

@@ -210,32 +210,11 @@ def test_mismatched_shapes_refused_and_nothing_damaged(data_dirs, uninterrupted,
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
 
 
-_PARSE_FLAGFILE = """
-import json, sys
-from absl import flags
-from ml_collections import config_flags
-config = config_flags.DEFINE_config_file("config", "experiments/configs/pretrain.py:quickstart")
-workdir = flags.DEFINE_string("workdir", None, "")
-flags.FLAGS(sys.argv)
-print(json.dumps(dict(workdir=workdir.value, config=config.value.to_dict())))
-"""
-
-
 @pytest.mark.parametrize("name", ["quickstart", "wikipedia_roberta_base",
                                   "wikipedia_roberta_large"])
 def test_flagfiles_parse(name):
   """Every flagfile parses (as the absl main would) into a config with valid names."""
-  import subprocess
-  import sys
-
-  import ml_collections
-
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  out = subprocess.run([sys.executable, "-c", _PARSE_FLAGFILE,
-                        f"--flagfile=experiments/flags/{name}.flags"],
-                       cwd=root, capture_output=True, text=True, check=True)
-  parsed = json.loads(out.stdout.strip().splitlines()[-1])
-  config = ml_collections.ConfigDict(parsed["config"])
-  assert parsed["workdir"] and config.optimizer.name == "apollo"
+  workdir, config = helpers.parse_flagfile("experiments/configs/pretrain.py:quickstart", name)
+  assert workdir and config.optimizer.name == "apollo"
   pretrain.build_optimizer(config.optimizer, config.train_steps)  # Valid names.
   assert config.data.max_len <= 256 and config.train_steps > 0
