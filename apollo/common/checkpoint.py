@@ -74,13 +74,20 @@ class Checkpointer:
         cleanup_tmp_directories=True,
         create=True,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # Handlers named up front, so that metadata can be read before any restore.
+    handlers = dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler())
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
+
+  def state_metadata(self, step: int) -> Any:
+    """The saved state's tree of array metadata (shapes, dtypes) at `step`; reads no arrays."""
+    return self._manager.item_metadata(step)["state"].tree
 
   def save(self, step: int, state: Any, data: Optional[dict] = None, force: bool = False) -> bool:
     """Starts saving `state` (and `data`) as step `step`; returns whether it saves."""

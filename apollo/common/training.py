@@ -194,10 +194,9 @@ def check_checkpoint_shapes(ckpt: checkpoint_lib.Checkpointer, abstract_state: A
   step = ckpt.latest_step()
   if step is None:
     return
-  import orbax.checkpoint as ocp
   path = os.path.join(ckpt.directory, str(step), "state")
   try:
-    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    tree = ckpt.state_metadata(step)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("Could not read the metadata of %s (%s); restoring will tell.", path, e)
     return
