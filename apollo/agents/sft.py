@@ -476,6 +476,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
     else:
       state, start_step = init_state(config, setup), 0
+    if writer.drop_after(start_step):  # Rows of steps this run redoes.
+      logging.info("Dropped the metrics.jsonl rows after step %d.", start_step)
     evals = eval_batches(eval_samples, config.data.seq_len, config.data.batch_size,
                          template.pad_id) if eval_samples else []
     result = _train_loop(config, setup, state, start_step, stream, evals, ckpt, writer,

@@ -59,6 +59,36 @@ class MetricsWriter:
       for name, value in values.items():
         self._tb.add_scalar(f"{split}/{name}", value, int(step))
 
+  def drop_after(self, step: int) -> int:
+    """Removes the rows of steps after `step` (and a half-written last line).
+
+    A job resumed from the checkpoint of `step` redoes the later steps; without
+    this their rows would be in metrics.jsonl twice. The file is rewritten
+    atomically. TensorBoard keeps its events (it shows the redone steps' values
+    as the latest). Returns the number of rows removed.
+    """
+    if not self.enabled:
+      return 0
+    self._file.close()
+    kept, dropped = [], 0
+    with open(self.path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:  # A line cut short by a crash.
+          dropped += 1
+          continue
+        if row["step"] <= step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+        else:
+          dropped += 1
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+    self._file = open(self.path, "a", encoding="utf-8")
+    return dropped
+
   def close(self) -> None:
     if self.enabled:
       self._file.close()

@@ -577,6 +577,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
     else:
       state, start_step = init_state(config, setup, source), 0
+    if writer.drop_after(start_step):  # Rows of steps this run redoes.
+      logging.info("Dropped the metrics.jsonl rows after step %d.", start_step)
     result = _train_loop(config, setup, train_steps, state, start_step, train_split,
                          eval_splits, ckpt, writer, workdir, on_step)
   finally:

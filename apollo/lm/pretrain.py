@@ -450,6 +450,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
     else:
       state, start_step = init_state(config, setup), 0
+    if writer.drop_after(start_step):  # Rows of steps this run redoes.
+      logging.info("Dropped the metrics.jsonl rows after step %d.", start_step)
     return _train_loop(config, setup, state, start_step, train_it, ckpt, writer,
                        shard_dir, tokenizer, data_config, on_step)
   finally:

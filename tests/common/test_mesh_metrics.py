@@ -79,3 +79,23 @@ def test_progress_reports_rate_and_eta():
   assert progress.update(5, 1000) is None
   line = progress.update(10, 1000, {"loss": 1.23456})
   assert line.startswith("step 10/100 (10.0%) | loss 1.235 |") and "tokens/s" in line and "ETA" in line
+
+
+def test_drop_after_removes_redone_steps_and_a_cut_line(tmp_path):
+  from apollo.common.metrics import MetricsWriter, read_metrics
+
+  writer = MetricsWriter(tmp_path, tensorboard=False)
+  for step in (1, 2, 3, 4):
+    writer.write(step, {"loss": float(step)})
+  writer.write(2, {"acc": 0.5}, split="eval")
+  writer.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "split": "tr')  # A crash mid-write.
+  writer = MetricsWriter(tmp_path, tensorboard=False)
+  assert writer.drop_after(2) == 3  # Steps 3 and 4, and the cut line.
+  writer.write(3, {"loss": 30.0})
+  writer.close()
+  rows = read_metrics(tmp_path)
+  assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "eval"),
+                                                     (3, "train")]
+  assert rows[-1]["loss"] == 30.0

@@ -149,6 +149,10 @@ def test_nan_stops_keeps_last_good_checkpoint_and_resumes(data_dirs, uninterrupt
 
   result = pretrain.train_and_evaluate(config, workdir)  # Resumes from step 2.
   assert result["step"] == STEPS
+  # Step 3 was logged, then redone: metrics.jsonl has each step once, the redone values.
+  train = metrics_lib.read_metrics(workdir, "train")
+  assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+  assert train_losses(workdir) == train_losses(reference_dir)
   ours, theirs = restore(workdir, config), restore(reference_dir, config)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(ours.state["params"]),
                jax.device_get(theirs.state["params"]))
