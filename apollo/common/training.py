@@ -391,8 +391,8 @@ def train_loop(state: Any, *, mesh: jax.sharding.Mesh, step_fn: Callable,
   Per step: `next_batch(step)` gives the device batch and the data to checkpoint
   with it (e.g. the data iterator's position after this batch); `step_fn` runs
   the update; `log_step(step, metrics)` gets the host metrics one step later,
-  checked finite first (`LateMetrics`). Every `eval_every` steps and at the end,
-  `evaluate(step, params)`; every `checkpoint_every` steps, at the end and on
+  checked finite first (`LateMetrics`). Every `eval_every` steps (0: never) and at
+  the end, `evaluate(step, params)`; every `checkpoint_every` steps, at the end and on
   SIGTERM, a checkpoint, only after that step's metrics were checked. On SIGTERM
   the loop stops after the checkpoint; rerunning the job resumes from it.
   `on_step(step)` is called after each update is dispatched (tests use it to send
@@ -408,7 +408,8 @@ def train_loop(state: Any, *, mesh: jax.sharding.Mesh, step_fn: Callable,
       if on_step is not None:
         on_step(step)
       save = step % checkpoint_every == 0 or step == total_steps or guard.requested
-      do_eval = evaluate is not None and (step % eval_every == 0 or step == total_steps)
+      do_eval = evaluate is not None and (
+          (eval_every > 0 and step % eval_every == 0) or step == total_steps)
       if save or do_eval or step % log_every == 0:
         late.consume()  # Checked finite before anything of this step is saved.
       if do_eval:

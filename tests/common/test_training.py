@@ -95,3 +95,19 @@ def test_sigterm_saves_the_current_step_and_stops(tmp_path):
   assert (out["step"], out["preempted"]) == (3, True)
   assert out["steps_saved"] == [2, 3]
   np.testing.assert_array_equal(out["batches"], [1, 2, 3])
+
+
+def test_eval_every_zero_evaluates_only_at_the_end(tmp_path):
+  mesh = jax.make_mesh((8,), ("data",))
+  seen = []
+  ckpt = Checkpointer(tmp_path / "checkpoints")
+  try:
+    train_lib.train_loop(
+        dict(params=jnp.float32(0.0)), mesh=mesh,
+        step_fn=lambda s, b: (dict(params=s["params"] + b), dict(loss=b, grad_norm=b)),
+        next_batch=lambda step: (jnp.float32(step), {}), start_step=0, total_steps=4,
+        ckpt=ckpt, log_step=lambda step, metrics: None, log_every=10, checkpoint_every=10,
+        eval_every=0, evaluate=lambda step, params: seen.append(step))
+  finally:
+    ckpt.close()
+  assert seen == [4]
