@@ -99,9 +99,9 @@ def _decay_rates(weight_decay, mask: MaskOrFn, params) -> Any:
 
 
 # A tensor this large (16 MiB in float32) does not stay in cache, and reading g,
-# m, B and d once for its three sums beats three separate reductions; smaller
-# tensors' separate reductions are faster, since they run concurrently with other
-# tensors' work. Measured on a 2-core CPU (benchmarks/optim_step.py, 25M params,
+# m, B and d once for its three sums (and belief's max) beats separate
+# reductions; smaller tensors' separate reductions are faster, since they run
+# concurrently with other tensors' work. Measured on a 2-core CPU (benchmarks/optim_step.py, 25M params,
 # largest tensor 6.3M): the whole step 5-9% faster than with separate sums
 # everywhere (its apollo_separate_sums row); thresholds 2^21 and 2^22 measure alike.
 FUSED_SUMS_MIN_SIZE = 1 << 22
@@ -110,22 +110,28 @@ FUSED_SUMS_MIN_SIZE = 1 << 22
 FUSED_SUMS_MAX_ROW = 4096
 
 
-def _tensor_sums(g, m, b, d):
-  """(sum d^4, sum (g - m) d, sum B d^2) over one tensor.
+def _tensor_reductions(g, m, b, d, max_delta: bool = False):
+  """(sum d^4, sum (g - m) d, sum B d^2) over one tensor, and max |g - m| if asked.
 
-  Large tensors take one pass: a variadic reduction over the last axis gives
-  three vectors of row sums, each then summed by `jnp.sum`. Others take three
-  `jnp.sum` reductions. Both compute the same sums; only the order of the
-  float32 additions differs. Under sharding either form becomes a cross-device
-  reduction.
+  Large tensors take one pass: a variadic reduction over the last axis gives a
+  vector of row results per quantity, each then reduced by `jnp.sum` (or
+  `jnp.max`). Others take separate reductions. Both compute the same values;
+  only the order of the float32 additions differs. Under sharding either form
+  becomes a cross-device reduction.
   """
-  terms = (jnp.square(jnp.square(d)), (g - m) * d, (b * d) * d)
+  sums = (jnp.square(jnp.square(d)), (g - m) * d, (b * d) * d)
+  maxes = (jnp.abs(m - g),) if max_delta else ()
   if d.ndim == 0 or d.size < FUSED_SUMS_MIN_SIZE or d.shape[-1] > FUSED_SUMS_MAX_ROW:
-    return tuple(jnp.sum(t) for t in terms)
-  zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
-  add = lambda xs, ys: tuple(x + y for x, y in zip(xs, ys))
-  row_sums = jax.lax.reduce(terms, zeros, add, (d.ndim - 1,))
-  return tuple(jnp.sum(r) for r in row_sums)
+    return tuple(jnp.sum(t) for t in sums) + tuple(jnp.max(t) for t in maxes)
+  inits = tuple(jnp.zeros((), t.dtype) for t in sums + maxes)  # |g - m| >= 0.
+
+  def combine(xs, ys):
+    added = tuple(x + y for x, y in zip(xs[:len(sums)], ys[:len(sums)]))
+    return added + tuple(jnp.maximum(x, y) for x, y in zip(xs[len(sums):], ys[len(sums):]))
+
+  rows = jax.lax.reduce(sums + maxes, inits, combine, (d.ndim - 1,))
+  return (tuple(jnp.sum(r) for r in rows[:len(sums)])
+          + tuple(jnp.max(r) for r in rows[len(sums):]))
 
 
 def scale_by_apollo(
@@ -232,7 +238,8 @@ def scale_by_apollo(
       # subexpression (g - m, d * d) is shared with the elementwise update: a
       # shared node is materialised as a full-size temporary (~2x slower on
       # CPU). Hence the reductions and the update are written with distinct ops.
-      sum_d4, delta_dot_d, b_dot_dd = _tensor_sums(g, m, b, d)
+      sum_d4, delta_dot_d, b_dot_dd, *max_delta = _tensor_reductions(
+          g, m, b, d, max_delta=rebound == "belief")
       norm = jnp.sqrt(jnp.sqrt(sum_d4)) + eps_norm
       inv_norm_sq = 1.0 / (norm * norm)
       # c = -alpha <delta, u> / D - <B, u^2>, with u = d / D.
@@ -246,7 +253,7 @@ def scale_by_apollo(
       if rebound == "constant":
         den = jnp.maximum(jnp.abs(b_new), sigma)
       else:
-        den = jnp.maximum(jnp.abs(b_new), jnp.max(jnp.abs(m - g))) + eps / alpha
+        den = jnp.maximum(jnp.abs(b_new), max_delta[0]) + eps / alpha
       d_new = m_new / den
       if decays and decay_type == "decoupled":
         d_new = d_new + wd * p.astype(f32)

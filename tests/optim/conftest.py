@@ -10,7 +10,7 @@ apollo_module = importlib.import_module("apollo.optim.apollo")
 
 @pytest.fixture(params=["separate_sums", "one_pass_sums"])
 def sums_form(request, monkeypatch):
-  """Runs a test with both forms of the per-tensor sums (see `_tensor_sums`).
+  """Runs a test with both forms of the per-tensor sums (see `_tensor_reductions`).
 
   'one_pass_sums' lowers the size threshold so that every tensor of a small test
   tree takes the one-pass variadic reduction that large tensors take. Caches are

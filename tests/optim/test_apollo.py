@@ -86,9 +86,9 @@ def test_curvature_tracks_lr_times_hessian():
   np.testing.assert_allclose(state[0].curvature, [lr * h], rtol=1e-4)
 
 
-def _passes_over_inputs(jitted, *args) -> int:
+def _passes_over_inputs(jitted, *args, **kwargs) -> int:
   """Top-level ops of the compiled computation that read one of its inputs."""
-  entry = jitted.lower(*args).compile().as_text().split("\nENTRY ", 1)[1].splitlines()[1:]
+  entry = jitted.lower(*args, **kwargs).compile().as_text().split("\nENTRY ", 1)[1].splitlines()[1:]
   inputs = [l.split("=")[0].strip() for l in entry if " parameter(" in l]
   readers = [l for l in entry if " parameter(" not in l
              and any(re.search(re.escape(name) + r"\b", l.split("=", 1)[-1]) for name in inputs)]
@@ -96,8 +96,8 @@ def _passes_over_inputs(jitted, *args) -> int:
 
 
 @pytest.mark.parametrize("shape", [(4096, 1024), (1024, 4096)])
-def test_large_tensor_sums_take_one_accurate_pass(shape):
-  """At the size threshold the three sums read g, m, B and d once, still accurately."""
+def test_large_tensor_reductions_take_one_accurate_pass(shape):
+  """At the size threshold the reductions read g, m, B and d once, still accurately."""
   assert np.prod(shape) == apollo_module.FUSED_SUMS_MIN_SIZE
   assert shape[-1] <= apollo_module.FUSED_SUMS_MAX_ROW
   keys = jax.random.split(jax.random.key(0), 4)
@@ -106,14 +106,16 @@ def test_large_tensor_sums_take_one_accurate_pass(shape):
   terms = (d64**4, (g64 - m64) * d64, b64 * d64 * d64)
   # A summation's error is bounded by its terms' absolute sum (<g - m, d> cancels).
   scale = np.array([np.sum(np.abs(t)) for t in terms])
-  sums = jax.jit(apollo_module._tensor_sums)
-  got = np.asarray(sums(g, m, b, d), np.float64)
-  np.testing.assert_array_less(np.abs(got - [np.sum(t) for t in terms]), 2e-6 * scale)
-  assert _passes_over_inputs(sums, g, m, b, d) == 1
-  # Just below the threshold: three separate reductions, the same sums.
+  reductions = jax.jit(apollo_module._tensor_reductions, static_argnames="max_delta")
+  got = np.asarray(reductions(g, m, b, d, max_delta=True), np.float64)
+  np.testing.assert_array_less(np.abs(got[:3] - [np.sum(t) for t in terms]), 2e-6 * scale)
+  assert got[3] == np.max(np.abs(np.asarray(m - g)))  # A max is exact.
+  for max_delta in (False, True):
+    assert _passes_over_inputs(reductions, g, m, b, d, max_delta=max_delta) == 1
+  # Just below the threshold: separate reductions, the same values.
   small = [x[:-1] for x in (g, m, b, d)]
-  assert _passes_over_inputs(sums, *small) == 3
-  got = np.asarray(sums(*small), np.float64)
+  assert _passes_over_inputs(reductions, *small) == 3
+  got = np.asarray(reductions(*small), np.float64)
   np.testing.assert_array_less(np.abs(got - [np.sum(t[:-1]) for t in terms]), 2e-6 * scale)
 
 
