@@ -468,16 +468,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_lib.write_config(workdir, config, model_config)
     stream = PackedRowStream(samples, config.data.seq_len, config.data.batch_size,
                              config.seed, template.pad_id)
-    restored = ckpt.restore_latest(setup.abstract_state)
-    if restored is not None:
-      state, start_step = restored.state, restored.step
-      if restored.data and "train_iterator" in restored.data:
-        stream.set_state(restored.data["train_iterator"])
-      logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
-    else:
-      state, start_step = init_state(config, setup), 0
-    if writer.drop_after(start_step):  # Rows of steps this run redoes.
-      logging.info("Dropped the metrics.jsonl rows after step %d.", start_step)
+    state, start_step, data = train_lib.resume_or_init(
+        ckpt, setup.abstract_state, lambda: init_state(config, setup))
+    if "train_iterator" in data:
+      stream.set_state(data["train_iterator"])
     evals = eval_batches(eval_samples, config.data.seq_len, config.data.batch_size,
                          template.pad_id) if eval_samples else []
     result = _train_loop(config, setup, state, start_step, stream, evals, ckpt, writer,

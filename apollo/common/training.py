@@ -285,6 +285,16 @@ def make_setup(make_model: Callable[[], nnx.Module], model_config: Any,
                     state_shardings)
 
 
+def resume_or_init(ckpt: checkpoint_lib.Checkpointer, abstract_state: Any,
+                   init: Callable[[], Any]) -> tuple[Any, int, dict[str, Any]]:
+  """(state, step, saved data) of the latest checkpoint, or (init(), 0, {}) if none."""
+  restored = ckpt.restore_latest(abstract_state)
+  if restored is None:
+    return init(), 0, {}
+  logging.info("Resumed from %s at step %d.", ckpt.directory, restored.step)
+  return restored.state, restored.step, restored.data or {}
+
+
 def gradient_step(state: dict[str, Any], loss_fn: Callable[[Any], tuple[jax.Array, dict]],
                   optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule
                   ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
@@ -346,6 +356,8 @@ class TrainLog:
   """The `log_step` of `train_loop`: per-step metrics into a window, a summary every
   `every` steps (and at the last one), with progress and ETA lines on the way.
 
+  A run starting at `start_step` redoes the steps after it, so their rows (from an
+  earlier, interrupted run) are dropped from metrics.jsonl first.
   `new_window()` returns an accumulator with `add(metrics)`, `summary() -> dict`
   and `steps`. Each summary gets `<unit>_per_s` (throughput over the window's
   training time; call `restart_clock()` after an evaluation so that it is not
@@ -361,6 +373,8 @@ class TrainLog:
     self._progress = metrics_lib.Progress(total_steps, start_step, unit=unit, every=every)
     self._window, self._start = new_window(), time.perf_counter()
     self.last: dict[str, float] = {}
+    if writer.drop_after(start_step):  # Rows of the steps this run redoes.
+      logging.info("Dropped the metrics.jsonl rows after step %d.", start_step)
 
   def __call__(self, step: int, metrics: Mapping[str, Any]) -> None:
     self._window.add(metrics)

@@ -566,19 +566,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                            init=dict(kind=source.kind, path=source.path,
                                      tokenizer=source.tokenizer_path),
                            schedule=dict(train_steps=train_steps, warmup_steps=warmup_steps))
-    restored = ckpt.restore_latest(setup.abstract_state)
-    if restored is not None:
-      state, start_step = restored.state, restored.step
-      data = restored.data or {}
-      if data.get("num_train_examples", len(train_split)) != len(train_split):
-        raise ValueError(f"{ckpt.directory} was trained on {data['num_train_examples']} "
-                         f"questions, the training split now has {len(train_split)}; use a new "
-                         f"--workdir.")
-      logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
-    else:
-      state, start_step = init_state(config, setup, source), 0
-    if writer.drop_after(start_step):  # Rows of steps this run redoes.
-      logging.info("Dropped the metrics.jsonl rows after step %d.", start_step)
+    state, start_step, data = train_lib.resume_or_init(
+        ckpt, setup.abstract_state, lambda: init_state(config, setup, source))
+    if data.get("num_train_examples", len(train_split)) != len(train_split):
+      raise ValueError(f"{ckpt.directory} was trained on {data['num_train_examples']} "
+                       f"questions, the training split now has {len(train_split)}; use a new "
+                       f"--workdir.")
     result = _train_loop(config, setup, train_steps, state, start_step, train_split,
                          eval_splits, ckpt, writer, workdir, on_step)
   finally:

@@ -438,20 +438,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     check_checkpoint_shapes(ckpt, setup.abstract_state)
     write_config(workdir, config, model_config)  # Only once the workdir is known to fit.
-    restored = ckpt.restore_latest(setup.abstract_state)
-    train_ds = pretrain_data.make_pretrain_dataset(
+    state, start_step, data = train_lib.resume_or_init(
+        ckpt, setup.abstract_state, lambda: init_state(config, setup))
+    train_it = iter(pretrain_data.make_pretrain_dataset(
         shard_dir, tokenizer, data_config, split="train",
-        shard_index=jax.process_index(), shard_count=jax.process_count())
-    train_it = iter(train_ds)
-    if restored is not None:
-      state, start_step = restored.state, restored.step
-      if restored.data and "train_iterator" in restored.data:
-        train_it.set_state(restored.data["train_iterator"])
-      logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
-    else:
-      state, start_step = init_state(config, setup), 0
-    if writer.drop_after(start_step):  # Rows of steps this run redoes.
-      logging.info("Dropped the metrics.jsonl rows after step %d.", start_step)
+        shard_index=jax.process_index(), shard_count=jax.process_count()))
+    if "train_iterator" in data:
+      train_it.set_state(data["train_iterator"])
     return _train_loop(config, setup, state, start_step, train_it, ckpt, writer,
                        shard_dir, tokenizer, data_config, on_step)
   finally:
