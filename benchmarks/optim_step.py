@@ -31,10 +31,10 @@ adamw's (three arrays per parameter against two); no full-size temporaries
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
-import importlib
 import re
 import sys
 import time
@@ -282,11 +282,11 @@ def run_benchmark(shapes, optimizers, steps: int, warmup_steps: int, dtype,
   """Builds the tree, compiles every optimizer, then times them in `trials` trials.
 
   Each trial gives every optimizer fresh buffers (after a spacer allocation of
-  random size) and warms it up, then runs `steps` rounds of one step per
-  optimizer in a shuffled order. Where buffers land in memory moved adamw's step
-  by up to 25% between otherwise identical trials on the 2-core CPU here, and
-  the step after a torch step pays for torch's worker threads winding down: the
-  fresh buffers and the shuffled order spread both effects over all optimizers.
+  random size, which moves where they land) and warms it up, then runs `steps`
+  rounds of one step per optimizer in a shuffled order. On the 2-core CPU here,
+  adamw's step moved by up to 25% between trials of one run while interleaved
+  with the other optimizers; fresh buffers and shuffled rounds spread such
+  effects over all optimizers, and the per-trial ratios show how large they are.
   """
   key_p, key_g = jax.random.split(jax.random.key(seed))
   params = random_tree(shapes, key_p, 0.02, dtype)
@@ -306,10 +306,8 @@ def run_benchmark(shapes, optimizers, steps: int, warmup_steps: int, dtype,
   rng = np.random.default_rng(seed)
   times = {r.name: [] for r in runners}
   trial_medians = {r.name: [] for r in runners}
-  spacer = None
   for _ in range(trials):
-    spacer = None
-    spacer = jnp.ones(int(rng.integers(1, 1 << 22)), jnp.uint8)
+    spacer = jnp.ones(int(rng.integers(1, 1 << 22)), jnp.uint8)  # Kept for the trial.
     for runner in runners:
       runner.reset()
       for _ in range(warmup_steps):
@@ -321,7 +319,6 @@ def run_benchmark(shapes, optimizers, steps: int, warmup_steps: int, dtype,
     for name, ts in trial_times.items():
       times[name].extend(ts)
       trial_medians[name].append(1e3 * float(np.median(ts)))
-  del spacer
 
   largest = max(x.size for x in jax.tree.leaves(params))
   results = {}
