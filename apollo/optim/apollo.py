@@ -101,9 +101,10 @@ def _decay_rates(weight_decay, mask: MaskOrFn, params) -> Any:
 # A tensor this large (16 MiB in float32) does not stay in cache, and reading g,
 # m, B and d once for its three sums (and belief's max) beats separate
 # reductions; smaller tensors' separate reductions are faster, since they run
-# concurrently with other tensors' work. Measured on a 2-core CPU (benchmarks/optim_step.py, 25M params,
-# largest tensor 6.3M): the whole step 5-9% faster than with separate sums
-# everywhere (its apollo_separate_sums row); thresholds 2^21 and 2^22 measure alike.
+# concurrently with other tensors' work. Measured on a 2-core CPU
+# (benchmarks/optim_step.py, 25M params, largest tensor 6.3M): the whole step is
+# 5-9% faster than with separate sums everywhere (its apollo_separate_sums row);
+# thresholds 2^21 and 2^22 measure alike.
 FUSED_SUMS_MIN_SIZE = 1 << 22
 # The one-pass form sums each last-axis row sequentially in float32; rows up to
 # this length keep the error within about 1e-6 of the sum of absolute terms.
