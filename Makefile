@@ -30,6 +30,8 @@ browser:
 
 # The whole test suite (8 forced host CPU devices, see tests/conftest.py).
 test: install browser
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -n 2 --dist loadfile -q
 
 bench: install
