@@ -37,12 +37,11 @@ import math
 import os
 import time
 
-from absl import app
-from absl import flags
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from flax import nnx
 
 from apollo.common import mesh as mesh_lib
 from apollo.lm import model as model_lib
@@ -62,9 +61,14 @@ _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch threads; 0 = al
 
 # Dense peak FLOP/s by device kind substring: (bf16, float32-as-executed).
 _PEAK_FLOPS = {
-    "H100": (989e12, 494e12), "H200": (989e12, 494e12), "A100": (312e12, 156e12),
-    "TPU v4": (275e12, 275e12), "TPU v5 lite": (197e12, 197e12), "TPU v5e": (197e12, 197e12),
-    "TPU v5p": (459e12, 459e12), "TPU v6": (918e12, 918e12),
+  "H100": (989e12, 494e12),
+  "H200": (989e12, 494e12),
+  "A100": (312e12, 156e12),
+  "TPU v4": (275e12, 275e12),
+  "TPU v5 lite": (197e12, 197e12),
+  "TPU v5e": (197e12, 197e12),
+  "TPU v5p": (459e12, 459e12),
+  "TPU v6": (918e12, 918e12),
 }
 
 
@@ -78,7 +82,7 @@ def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     t = time.perf_counter()
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
+  return 2 * n**3 / best
 
 
 def peak_flops(dtype: str) -> tuple[float, str]:
@@ -93,8 +97,9 @@ def peak_flops(dtype: str) -> tuple[float, str]:
   raise ValueError(f"No peak FLOP/s known for {device.device_kind!r}: pass --peak_flops.")
 
 
-def model_flops_per_step(c: model_lib.EncoderConfig, batch: int, length: int,
-                         predictions: int) -> float:
+def model_flops_per_step(
+  c: model_lib.EncoderConfig, batch: int, length: int, predictions: int
+) -> float:
   """Analytic training FLOPs of one step (3x forward; see the module docstring)."""
   d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
   per_token_layer = 2 * (4 * d * d + 2 * d * f) + 4 * length * d
@@ -104,8 +109,9 @@ def model_flops_per_step(c: model_lib.EncoderConfig, batch: int, length: int,
   return 3.0 * forward
 
 
-def synthetic_batch(c: model_lib.EncoderConfig, batch: int, length: int, predictions: int,
-                    seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_batch(
+  c: model_lib.EncoderConfig, batch: int, length: int, predictions: int, seed: int = 0
+) -> dict[str, np.ndarray]:
   """Full-length sentences with `predictions` S-MLM targets each."""
   rng = np.random.default_rng(seed)
   ids = rng.integers(5, c.vocab_size, size=(batch, length)).astype(np.int32)
@@ -116,9 +122,15 @@ def synthetic_batch(c: model_lib.EncoderConfig, batch: int, length: int, predict
   labels = np.where(weights > 0, ids, -100).astype(np.int32)
   ids = np.where(weights > 0, 4, ids).astype(np.int32)  # <mask>
   ecls = rng.integers(0, 2, size=batch).astype(np.int32)
-  return dict(input_ids=ids, attention_mask=np.ones_like(ids), mlm_labels=labels,
-              mlm_weights=weights, ecls_label=ecls, ecls_perturbation=ecls,
-              example_mask=np.ones(batch, np.int32))
+  return dict(
+    input_ids=ids,
+    attention_mask=np.ones_like(ids),
+    mlm_labels=labels,
+    mlm_weights=weights,
+    ecls_label=ecls,
+    ecls_perturbation=ecls,
+    example_mask=np.ones(batch, np.int32),
+  )
 
 
 def time_jax(optimizer: str, model_config, batch_np, predictions: int):
@@ -133,10 +145,17 @@ def time_jax(optimizer: str, model_config, batch_np, predictions: int):
   setup = pretrain.make_setup(config, model_config, mesh)
   state = pretrain.init_state(config, setup)
   step = jax.jit(
-      functools.partial(pretrain.train_step, graphdef=setup.graphdef,
-                        optimizer=setup.optimizer, lr_schedule=setup.lr_schedule,
-                        ecls_weight=1.0, max_predictions=predictions),
-      out_shardings=(setup.state_shardings, None), donate_argnums=0)
+    functools.partial(
+      pretrain.train_step,
+      graphdef=setup.graphdef,
+      optimizer=setup.optimizer,
+      lr_schedule=setup.lr_schedule,
+      ecls_weight=1.0,
+      max_predictions=predictions,
+    ),
+    out_shardings=(setup.state_shardings, None),
+    donate_argnums=0,
+  )
   batch = mesh_lib.shard_batch(batch_np, mesh)
   cost = step.lower(state, batch).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -160,10 +179,16 @@ def time_torch(model_config, batch_np, predictions: int):
   torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count() or 1)
   c = model_config
   hf_config = transformers.RobertaConfig(
-      vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
-      num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size,
-      max_position_embeddings=c.max_position_embeddings, type_vocab_size=1, pad_token_id=1,
-      num_labels=2)
+    vocab_size=c.vocab_size,
+    hidden_size=c.hidden_size,
+    num_hidden_layers=c.num_layers,
+    num_attention_heads=c.num_heads,
+    intermediate_size=c.intermediate_size,
+    max_position_embeddings=c.max_position_embeddings,
+    type_vocab_size=1,
+    pad_token_id=1,
+    num_labels=2,
+  )
   mlm = transformers.RobertaForMaskedLM(hf_config).train()
   ecls = modeling_roberta.RobertaClassificationHead(hf_config).train()
   dtype = torch.bfloat16 if c.dtype == jnp.bfloat16 else torch.float32
@@ -180,8 +205,9 @@ def time_torch(model_config, batch_np, predictions: int):
     hidden = mlm.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
     picked = torch.gather(hidden, 1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
     mlm_logits = mlm.lm_head(picked).float()
-    loss = torch.nn.functional.cross_entropy(mlm_logits.reshape(-1, c.vocab_size),
-                                             labels.reshape(-1))
+    loss = torch.nn.functional.cross_entropy(
+      mlm_logits.reshape(-1, c.vocab_size), labels.reshape(-1)
+    )
     loss = loss + torch.nn.functional.cross_entropy(ecls(hidden).float(), ecls_labels)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -201,20 +227,29 @@ def main(argv):
   batch, length = _BATCH.value, _SEQ_LEN.value
   predictions = max(1, round(0.15 * (length - 2)))
   model_config = model_lib.get_config(
-      _SIZE.value, dtype=_DTYPE.value,
-      max_position_embeddings=max(length + 2, model_lib.get_config(_SIZE.value).max_position_embeddings))
+    _SIZE.value,
+    dtype=_DTYPE.value,
+    max_position_embeddings=max(
+      length + 2, model_lib.get_config(_SIZE.value).max_position_embeddings
+    ),
+  )
   batch_np = synthetic_batch(model_config, batch, length, predictions)
   tokens = batch * length
   flops = model_flops_per_step(model_config, batch, length, predictions)
   peak, peak_source = peak_flops(_DTYPE.value)
   device = jax.devices()[0]
-  params = model_lib.count_params(nnx.eval_shape(
-      lambda: model_lib.PretrainingModel(model_config, rngs=nnx.Rngs(0))))
-  print(f"# APOLLO pretraining step: {_SIZE.value} encoder ({params / 1e6:.1f}M params), "
-        f"batch {batch} x {length}, {predictions} S-MLM positions/row, {_DTYPE.value}")
-  print(f"# device: {jax.device_count()} x {device.device_kind} ({device.platform}), "
-        f"{os.cpu_count()} CPU cores; peak {peak / 1e12:.3f} TFLOP/s ({peak_source}); "
-        f"model FLOPs/step {flops / 1e9:.2f} G (analytic, 6N-style)")
+  params = model_lib.count_params(
+    nnx.eval_shape(lambda: model_lib.PretrainingModel(model_config, rngs=nnx.Rngs(0)))
+  )
+  print(
+    f"# APOLLO pretraining step: {_SIZE.value} encoder ({params / 1e6:.1f}M params), "
+    f"batch {batch} x {length}, {predictions} S-MLM positions/row, {_DTYPE.value}"
+  )
+  print(
+    f"# device: {jax.device_count()} x {device.device_kind} ({device.platform}), "
+    f"{os.cpu_count()} CPU cores; peak {peak / 1e12:.3f} TFLOP/s ({peak_source}); "
+    f"model FLOPs/step {flops / 1e9:.2f} G (analytic, 6N-style)"
+  )
   rows = []
   for name in _OPTIMIZERS.value:
     seconds, xla_flops = time_jax(name, model_config, batch_np, predictions)
@@ -232,8 +267,10 @@ def main(argv):
     rate = tokens / seconds
     ratio = f"{rate / torch_rate:.2f}x" if torch_rate else "-"
     xla = "-" if math.isnan(xla_flops) else f"{xla_flops / 1e9:.2f}"
-    print(f"| {name} | {seconds * 1e3:.1f} | {rate:,.0f} | {flops / seconds / 1e12:.4f} | "
-          f"{100 * flops / seconds / peak:.1f}% | {xla} | {ratio} |")
+    print(
+      f"| {name} | {seconds * 1e3:.1f} | {rate:,.0f} | {flops / seconds / 1e12:.4f} | "
+      f"{100 * flops / seconds / peak:.1f}% | {xla} | {ratio} |"
+    )
 
 
 if __name__ == "__main__":

@@ -41,11 +41,11 @@ import time
 from typing import Any
 from unittest import mock
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 
 from apollo.optim import apollo
 
@@ -53,9 +53,9 @@ apollo_lib = importlib.import_module("apollo.optim.apollo")  # The module, not t
 
 # name: (vocab, d_model, layers). ~params = vocab*d + layers*(12 d^2 + 13 d) + 2 d.
 SIZES = {
-    "tiny": (512, 64, 2),  # ~0.13M: a smoke run in seconds.
-    "cpu25m": (12288, 512, 6),  # ~25.2M.
-    "gpu350m": (50304, 1024, 24),  # ~354M.
+  "tiny": (512, 64, 2),  # ~0.13M: a smoke run in seconds.
+  "cpu25m": (12288, 512, 6),  # ~25.2M.
+  "gpu350m": (50304, 1024, 24),  # ~354M.
 }
 # apollo_separate_sums: apollo with every tensor's three sums as separate
 # reductions (the one-pass form of large tensors switched off), an ablation.
@@ -70,10 +70,13 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed rounds per trial (one step per
 _TRIALS = flags.DEFINE_integer("trials", 5, "Trials, each with fresh buffers for every optimizer.")
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 3, "Untimed steps after compiling.")
 _OPTIMIZERS = flags.DEFINE_list(
-    "optimizers", "apollo,adamw,adam,torch_apollo",
-    f"Any of {JAX_OPTIMIZERS + TORCH_OPTIMIZERS}; torch_* are skipped without torch.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "Parameter, gradient and state dtype.")
+  "optimizers",
+  "apollo,adamw,adam,torch_apollo",
+  f"Any of {JAX_OPTIMIZERS + TORCH_OPTIMIZERS}; torch_* are skipped without torch.",
+)
+_DTYPE = flags.DEFINE_enum(
+  "dtype", "float32", ["float32", "bfloat16"], "Parameter, gradient and state dtype."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters and gradients.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Optional path for the results as JSON.")
 
@@ -84,10 +87,10 @@ def transformer_shapes(vocab: int, d_model: int, layers: int) -> dict[str, Any]:
 
   def layer():
     return {
-        "ln1": {"scale": (d,), "bias": (d,)},
-        "attn": {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d)},
-        "ln2": {"scale": (d,), "bias": (d,)},
-        "mlp": {"w_in": (d, f), "b_in": (f,), "w_out": (f, d), "b_out": (d,)},
+      "ln1": {"scale": (d,), "bias": (d,)},
+      "attn": {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d)},
+      "ln2": {"scale": (d,), "bias": (d,)},
+      "mlp": {"w_in": (d, f), "b_in": (f,), "w_out": (f, d), "b_out": (d,)},
     }
 
   tree = {"embed": (vocab, d), "final_ln": {"scale": (d,), "bias": (d,)}}
@@ -122,8 +125,11 @@ def _tree_bytes(tree) -> int:
 
 def _percentiles(times_s: list[float]) -> dict[str, float]:
   ms = 1e3 * np.asarray(times_s)
-  return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
-          "p90_ms": float(np.percentile(ms, 90))}
+  return {
+    "median_ms": float(np.median(ms)),
+    "p10_ms": float(np.percentile(ms, 10)),
+    "p90_ms": float(np.percentile(ms, 90)),
+  }
 
 
 class JaxRunner:
@@ -143,10 +149,13 @@ class JaxRunner:
     self.state_bytes = _tree_bytes(self.opt_state)
     self.state_array_bytes = _tree_bytes([x for x in jax.tree.leaves(self.opt_state) if x.ndim])
     self.state_leaves = len(jax.tree.leaves(self.opt_state))
-    one_pass_from = sys.maxsize if name == "apollo_separate_sums" else apollo_lib.FUSED_SUMS_MIN_SIZE
+    one_pass_from = (
+      sys.maxsize if name == "apollo_separate_sums" else apollo_lib.FUSED_SUMS_MIN_SIZE
+    )
     with mock.patch.object(apollo_lib, "FUSED_SUMS_MIN_SIZE", one_pass_from):
-      compiled = (jax.jit(step, donate_argnums=(0, 1))
-                  .lower(self.params, self.opt_state, grads).compile())
+      compiled = (
+        jax.jit(step, donate_argnums=(0, 1)).lower(self.params, self.opt_state, grads).compile()
+      )
     memory = compiled.memory_analysis()
     self.temp_bytes = None if memory is None else int(memory.temp_size_in_bytes)
     self.hlo_text = compiled.as_text()
@@ -177,8 +186,9 @@ class TorchRunner:
     self.name, self.temp_bytes, self.hlo_text = name, None, ""
     self._source, self._grads = params, grads
     self.reset()
-    state = [t for s in self.optimizer.state.values() for t in s.values()
-             if isinstance(t, torch.Tensor)]
+    state = [
+      t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)
+    ]
     self.state_bytes = int(sum(t.numel() * t.element_size() for t in state))
     self.state_array_bytes = int(sum(t.numel() * t.element_size() for t in state if t.ndim))
     self.state_leaves = len(state)
@@ -198,6 +208,7 @@ class TorchRunner:
       p.grad = to_torch_dtype(g)
     if self.name == "torch_apollo":
       from benchmarks.torch_apollo import TorchApollo  # pylint: disable=import-outside-toplevel
+
       self.optimizer = TorchApollo(self.params, lr=1e-2, warmup=100)
     else:
       self.optimizer = torch.optim.AdamW(self.params, lr=1e-3, weight_decay=1e-2)
@@ -218,15 +229,28 @@ def _cpu_count() -> int:
 
 def _torch_available() -> bool:
   try:
-    import torch  # pylint: disable=import-outside-toplevel,unused-import
+    import torch  # noqa: F401
   except ImportError:
     return False
   return True
 
 
 _HLO_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
-_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
-              "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_HLO_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "bf16": 2,
+  "f16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+}
 _HLO_FREE = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
 
 
@@ -255,14 +279,14 @@ def hlo_traffic(hlo_text: str, largest: int) -> dict[str, int]:
     match = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
     if not match:
       continue
-    name, rest = match.group(1), line[match.end():]
+    name, rest = match.group(1), line[match.end() :]
     if rest.startswith("("):  # A tuple type: up to its matching parenthesis.
       depth = 0
       for i, ch in enumerate(rest):
         depth += {"(": 1, ")": -1}.get(ch, 0)
         if depth == 0:
           break
-      type_text, rest = rest[:i + 1], rest[i + 1:].lstrip()
+      type_text, rest = rest[: i + 1], rest[i + 1 :].lstrip()
     else:
       type_text, _, rest = rest.partition(" ")
     opcode = rest.split("(", 1)[0]
@@ -277,8 +301,9 @@ def hlo_traffic(hlo_text: str, largest: int) -> dict[str, int]:
   return {"top_level_ops": ops, "passes_over_largest": passes, "traffic_bytes": traffic}
 
 
-def run_benchmark(shapes, optimizers, steps: int, warmup_steps: int, dtype,
-                  seed: int, trials: int = 1) -> dict[str, Any]:
+def run_benchmark(
+  shapes, optimizers, steps: int, warmup_steps: int, dtype, seed: int, trials: int = 1
+) -> dict[str, Any]:
   """Builds the tree, compiles every optimizer, then times them in `trials` trials.
 
   Each trial gives every optimizer fresh buffers (after a spacer allocation of
@@ -307,7 +332,7 @@ def run_benchmark(shapes, optimizers, steps: int, warmup_steps: int, dtype,
   times = {r.name: [] for r in runners}
   trial_medians = {r.name: [] for r in runners}
   for _ in range(trials):
-    spacer = jnp.ones(int(rng.integers(1, 1 << 22)), jnp.uint8)  # Kept for the trial.
+    jnp.ones(int(rng.integers(1, 1 << 22)), jnp.uint8)  # Kept for the trial.
     for runner in runners:
       runner.reset()
       for _ in range(warmup_steps):
@@ -323,12 +348,17 @@ def run_benchmark(shapes, optimizers, steps: int, warmup_steps: int, dtype,
   largest = max(x.size for x in jax.tree.leaves(params))
   results = {}
   for runner in runners:
-    entry = dict(_percentiles(times[runner.name]), min_ms=1e3 * min(times[runner.name]),
-                 state_bytes=runner.state_bytes, state_array_bytes=runner.state_array_bytes,
-                 state_leaves=runner.state_leaves, temp_bytes=runner.temp_bytes,
-                 hlo=hlo_traffic(runner.hlo_text, largest) if runner.hlo_text else None,
-                 times_ms=[1e3 * t for t in times[runner.name]],
-                 trial_median_ms=trial_medians[runner.name])
+    entry = dict(
+      _percentiles(times[runner.name]),
+      min_ms=1e3 * min(times[runner.name]),
+      state_bytes=runner.state_bytes,
+      state_array_bytes=runner.state_array_bytes,
+      state_leaves=runner.state_leaves,
+      temp_bytes=runner.temp_bytes,
+      hlo=hlo_traffic(runner.hlo_text, largest) if runner.hlo_text else None,
+      times_ms=[1e3 * t for t in times[runner.name]],
+      trial_median_ms=trial_medians[runner.name],
+    )
     results[runner.name] = entry
   base = results.get("adamw")
   ratio = lambda a, b: None if a is None or not b else a / b
@@ -336,28 +366,46 @@ def run_benchmark(shapes, optimizers, steps: int, warmup_steps: int, dtype,
     entry["time_ratio_to_adamw"] = ratio(entry["median_ms"], base and base["median_ms"])
     # The median over rounds of this round's time / adamw's time in the same round:
     # a slow stretch of a shared machine hits both sides of each ratio.
-    entry["paired_ratio_to_adamw"] = None if base is None else float(
-        np.median(np.asarray(entry["times_ms"]) / np.asarray(base["times_ms"])))
-    entry["trial_ratios_to_adamw"] = None if base is None else [
-        a / b for a, b in zip(entry["trial_median_ms"], base["trial_median_ms"])]
+    entry["paired_ratio_to_adamw"] = (
+      None
+      if base is None
+      else float(np.median(np.asarray(entry["times_ms"]) / np.asarray(base["times_ms"])))
+    )
+    entry["trial_ratios_to_adamw"] = (
+      None
+      if base is None
+      else [a / b for a, b in zip(entry["trial_median_ms"], base["trial_median_ms"])]
+    )
     entry["state_ratio_to_adamw"] = ratio(entry["state_bytes"], base and base["state_bytes"])
     entry["state_array_ratio_to_adamw"] = ratio(
-        entry["state_array_bytes"], base and base["state_array_bytes"])
+      entry["state_array_bytes"], base and base["state_array_bytes"]
+    )
     entry["traffic_ratio_to_adamw"] = ratio(
-        entry["hlo"] and entry["hlo"]["traffic_bytes"],
-        base and base["hlo"] and base["hlo"]["traffic_bytes"])
-  return {"n_params": n_params, "param_bytes": _tree_bytes(params),
-          "n_leaves": len(jax.tree.leaves(params)), "largest_leaf": int(largest),
-          "results": results}
+      entry["hlo"] and entry["hlo"]["traffic_bytes"],
+      base and base["hlo"] and base["hlo"]["traffic_bytes"],
+    )
+  return {
+    "n_params": n_params,
+    "param_bytes": _tree_bytes(params),
+    "n_leaves": len(jax.tree.leaves(params)),
+    "largest_leaf": int(largest),
+    "results": results,
+  }
 
 
 def machine_info() -> dict[str, Any]:
   device = jax.devices()[0]
-  info = {"cpu_count": _cpu_count(), "platform": platform.platform(),
-          "jax_version": jax.__version__, "backend": jax.default_backend(),
-          "device_kind": device.device_kind, "device_count": jax.device_count()}
+  info = {
+    "cpu_count": _cpu_count(),
+    "platform": platform.platform(),
+    "jax_version": jax.__version__,
+    "backend": jax.default_backend(),
+    "device_kind": device.device_kind,
+    "device_count": jax.device_count(),
+  }
   if _torch_available():
     import torch  # pylint: disable=import-outside-toplevel
+
     info["torch_version"] = torch.__version__
     info["torch_threads"] = torch.get_num_threads()
   return info
@@ -366,22 +414,25 @@ def machine_info() -> dict[str, Any]:
 def format_table(report: dict[str, Any]) -> str:
   """The results as a markdown table."""
   fmt = lambda x, f: "n/a" if x is None else format(x, f)
-  rows = ["| optimizer | median ms | p10 ms | p90 ms | time x adamw | paired x adamw | "
-          "trials x adamw | state bytes (arrays + counts) | state x adamw (arrays) | temp "
-          "bytes | passes over largest | HLO traffic x adamw |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  rows = [
+    "| optimizer | median ms | p10 ms | p90 ms | time x adamw | paired x adamw | "
+    "trials x adamw | state bytes (arrays + counts) | state x adamw (arrays) | temp "
+    "bytes | passes over largest | HLO traffic x adamw |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
   for name, r in report["results"].items():
     hlo = r["hlo"] or {}
     ratios = r["trial_ratios_to_adamw"]
     trials = "n/a" if not ratios else f"{min(ratios):.2f}-{max(ratios):.2f}"
     rows.append(
-        f"| {name} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | "
-        f"{fmt(r['time_ratio_to_adamw'], '.2f')} | "
-        f"{fmt(r['paired_ratio_to_adamw'], '.2f')} | {trials} | {r['state_array_bytes']:,} + "
-        f"{r['state_bytes'] - r['state_array_bytes']} | "
-        f"{fmt(r['state_array_ratio_to_adamw'], '.4f')} | {fmt(r['temp_bytes'], ',')} | "
-        f"{fmt(hlo.get('passes_over_largest'), 'd')} | "
-        f"{fmt(r['traffic_ratio_to_adamw'], '.2f')} |")
+      f"| {name} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | "
+      f"{fmt(r['time_ratio_to_adamw'], '.2f')} | "
+      f"{fmt(r['paired_ratio_to_adamw'], '.2f')} | {trials} | {r['state_array_bytes']:,} + "
+      f"{r['state_bytes'] - r['state_array_bytes']} | "
+      f"{fmt(r['state_array_ratio_to_adamw'], '.4f')} | {fmt(r['temp_bytes'], ',')} | "
+      f"{fmt(hlo.get('passes_over_largest'), 'd')} | "
+      f"{fmt(r['traffic_ratio_to_adamw'], '.2f')} |"
+    )
   return "\n".join(rows)
 
 
@@ -396,26 +447,41 @@ def main(argv):
     raise app.UsageError(f"Unknown optimizers {sorted(unknown)}.")
   dtype = jnp.dtype(_DTYPE.value)
   shapes = transformer_shapes(vocab, d_model, layers)
-  report = run_benchmark(shapes, _OPTIMIZERS.value, _STEPS.value, _WARMUP_STEPS.value,
-                         dtype, _SEED.value, _TRIALS.value)
-  report.update(machine=machine_info(), dtype=str(dtype), steps=_STEPS.value,
-                warmup_steps=_WARMUP_STEPS.value, trials=_TRIALS.value,
-                tree={"vocab": vocab, "d_model": d_model, "layers": layers})
+  report = run_benchmark(
+    shapes, _OPTIMIZERS.value, _STEPS.value, _WARMUP_STEPS.value, dtype, _SEED.value, _TRIALS.value
+  )
+  report.update(
+    machine=machine_info(),
+    dtype=str(dtype),
+    steps=_STEPS.value,
+    warmup_steps=_WARMUP_STEPS.value,
+    trials=_TRIALS.value,
+    tree={"vocab": vocab, "d_model": d_model, "layers": layers},
+  )
   m = report["machine"]
-  print(f"\nmachine: {m['cpu_count']} CPUs | jax {m['jax_version']} | backend "
-        f"{m['backend']} ({m['device_kind']}) | "
-        + (f"torch {m['torch_version']} ({m['torch_threads']} threads)"
-           if "torch_version" in m else "torch not installed"))
-  print(f"tree: vocab {vocab}, d_model {d_model}, {layers} layers -> "
-        f"{report['n_params']:,} params in {report['n_leaves']} leaves "
-        f"({report['param_bytes']:,} bytes, {report['dtype']}); "
-        f"{report['trials']} trials x {report['steps']} rounds in shuffled order\n")
+  print(
+    f"\nmachine: {m['cpu_count']} CPUs | jax {m['jax_version']} | backend "
+    f"{m['backend']} ({m['device_kind']}) | "
+    + (
+      f"torch {m['torch_version']} ({m['torch_threads']} threads)"
+      if "torch_version" in m
+      else "torch not installed"
+    )
+  )
+  print(
+    f"tree: vocab {vocab}, d_model {d_model}, {layers} layers -> "
+    f"{report['n_params']:,} params in {report['n_leaves']} leaves "
+    f"({report['param_bytes']:,} bytes, {report['dtype']}); "
+    f"{report['trials']} trials x {report['steps']} rounds in shuffled order\n"
+  )
   print(format_table(report))
-  print("\npaired: median over rounds of (this step / adamw's step in the same round); "
-        "trials: the lowest and highest ratio of one trial's medians; "
-        "temp bytes: the compiled step's scratch memory (memory_analysis); passes over "
-        "largest: top-level HLO ops reading or writing the largest tensor; HLO traffic: "
-        "bytes read + written by the top-level ops of the compiled step.")
+  print(
+    "\npaired: median over rounds of (this step / adamw's step in the same round); "
+    "trials: the lowest and highest ratio of one trial's medians; "
+    "temp bytes: the compiled step's scratch memory (memory_analysis); passes over "
+    "largest: top-level HLO ops reading or writing the largest tensor; HLO traffic: "
+    "bytes read + written by the top-level ops of the compiled step."
+  )
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump(report, f, indent=2)

@@ -25,9 +25,7 @@ import tempfile
 import threading
 import time
 
-from apollo.agents import cli
-from apollo.agents import service
-from apollo.agents import storage
+from apollo.agents import cli, service, storage
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -35,18 +33,21 @@ def _pct(values: list[float], q: float) -> float:
   return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run(sessions: int, model_latency_s: float, max_steps: int, guidance_interval_s: float
-        ) -> dict:
+def run(sessions: int, model_latency_s: float, max_steps: int, guidance_interval_s: float) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
-    store = storage.SQLiteStore(os.path.join(tmp, 'bench.sqlite'))
+    store = storage.SQLiteStore(os.path.join(tmp, "bench.sqlite"))
     manager = service.SessionManager(store, workdir=tmp)
-    server = service.RolloutHTTPServer(manager, '127.0.0.1', 0).start()
+    server = service.RolloutHTTPServer(manager, "127.0.0.1", 0).start()
     client = cli.HttpClient(server.url)
     began = time.perf_counter()
-    ids = [client.create_session(seed=i, backend_options={'latency_s': model_latency_s,
-                                                          'invalid_rate': 0.0},
-                                 agent={'max_steps': max_steps})['session_id']
-           for i in range(sessions)]
+    ids = [
+      client.create_session(
+        seed=i,
+        backend_options={"latency_s": model_latency_s, "invalid_rate": 0.0},
+        agent={"max_steps": max_steps},
+      )["session_id"]
+      for i in range(sessions)
+    ]
     sent: dict[int, float] = {}
     stop = threading.Event()
 
@@ -56,8 +57,8 @@ def run(sessions: int, model_latency_s: float, max_steps: int, guidance_interval
         sid = rng.choice(ids)
         t0 = time.time()
         try:
-          reply = client.send_guidance(sid, 'Keep monitoring the run; report progress.')
-          sent[reply['guidance']['guidance_id']] = t0
+          reply = client.send_guidance(sid, "Keep monitoring the run; report progress.")
+          sent[reply["guidance"]["guidance_id"]] = t0
         except cli.ApiClientError:
           pass  # that session already finished
         stop.wait(guidance_interval_s)
@@ -73,7 +74,7 @@ def run(sessions: int, model_latency_s: float, max_steps: int, guidance_interval
       steps = store.get_steps(sid, full=False)
       steps_total += len(steps)
       for a, b in zip(steps, steps[1:]):
-        if a.kind == 'action':
+        if a.kind == "action":
           model_time = a.model_finished_at - a.model_started_at
           model.append(model_time)
           overhead.append(b.started_at - a.started_at - model_time)
@@ -88,31 +89,44 @@ def run(sessions: int, model_latency_s: float, max_steps: int, guidance_interval
     server.stop()
     manager.shutdown()
     store.close()
-  return {'sessions': sessions, 'model_latency_s': model_latency_s, 'steps': steps_total,
-          'wall_s': wall, 'overhead': overhead, 'model': model, 'latency': latency,
-          'accept_latency': accept_latency, 'undelivered': undelivered}
+  return {
+    "sessions": sessions,
+    "model_latency_s": model_latency_s,
+    "steps": steps_total,
+    "wall_s": wall,
+    "overhead": overhead,
+    "model": model,
+    "latency": latency,
+    "accept_latency": accept_latency,
+    "undelivered": undelivered,
+  }
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--sessions', type=int, default=16)
-  parser.add_argument('--model_latency_s', type=float, default=0.05)
-  parser.add_argument('--max_steps', type=int, default=100)
-  parser.add_argument('--guidance_interval_s', type=float, default=0.02)
+  parser.add_argument("--sessions", type=int, default=16)
+  parser.add_argument("--model_latency_s", type=float, default=0.05)
+  parser.add_argument("--max_steps", type=int, default=100)
+  parser.add_argument("--guidance_interval_s", type=float, default=0.02)
   args = parser.parse_args()
-  print(f'cpu cores: {os.cpu_count()}')
-  print('| sessions | model latency | steps | steps/s | loop overhead p50 / p95 / mean (ms) '
-        '| guidance latency p50 / p95 / max (ms) | guidance msgs |')
-  print('|---|---|---|---|---|---|---|')
+  print(f"cpu cores: {os.cpu_count()}")
+  print(
+    "| sessions | model latency | steps | steps/s | loop overhead p50 / p95 / mean (ms) "
+    "| guidance latency p50 / p95 / max (ms) | guidance msgs |"
+  )
+  print("|---|---|---|---|---|---|---|")
   for sessions in sorted({1, args.sessions}):
     r = run(sessions, args.model_latency_s, args.max_steps, args.guidance_interval_s)
-    o = [1000 * x for x in r['overhead']]
-    g = [1000 * x for x in r['latency']]
-    print(f'| {sessions} | {1000 * args.model_latency_s:.0f} ms | {r["steps"]} | '
-          f'{r["steps"] / r["wall_s"]:.0f} | {_pct(o, .5):.1f} / {_pct(o, .95):.1f} / '
-          f'{statistics.fmean(o):.1f} | {_pct(g, .5):.0f} / {_pct(g, .95):.0f} / {max(g):.0f} | '
-          f'{len(g)} |', flush=True)
+    o = [1000 * x for x in r["overhead"]]
+    g = [1000 * x for x in r["latency"]]
+    print(
+      f"| {sessions} | {1000 * args.model_latency_s:.0f} ms | {r['steps']} | "
+      f"{r['steps'] / r['wall_s']:.0f} | {_pct(o, 0.5):.1f} / {_pct(o, 0.95):.1f} / "
+      f"{statistics.fmean(o):.1f} | {_pct(g, 0.5):.0f} / {_pct(g, 0.95):.0f} / {max(g):.0f} | "
+      f"{len(g)} |",
+      flush=True,
+    )
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

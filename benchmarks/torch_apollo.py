@@ -18,8 +18,19 @@ import torch
 class TorchApollo(torch.optim.Optimizer):
   """Apollo (Ma, 2020) as the reference implements it, tensor by tensor."""
 
-  def __init__(self, params, lr, beta=0.9, eps=1e-4, rebound="constant", warmup=500,
-               init_lr=None, weight_decay=0.0, weight_decay_type=None, sigma=0.01):
+  def __init__(
+    self,
+    params,
+    lr,
+    beta=0.9,
+    eps=1e-4,
+    rebound="constant",
+    warmup=500,
+    init_lr=None,
+    weight_decay=0.0,
+    weight_decay_type=None,
+    sigma=0.01,
+  ):
     if not lr > 0.0:
       raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= beta < 1.0:
@@ -31,9 +42,17 @@ class TorchApollo(torch.optim.Optimizer):
       weight_decay_type = "L2" if rebound == "constant" else "decoupled"
     if weight_decay_type not in ("L2", "decoupled", "stable"):
       raise ValueError(f"Invalid weight decay type: {weight_decay_type}")
-    defaults = dict(lr=lr, beta=beta, eps=eps, rebound=rebound, warmup=warmup,
-                    init_lr=init_lr, weight_decay=weight_decay,
-                    weight_decay_type=weight_decay_type, sigma=sigma)
+    defaults = dict(
+      lr=lr,
+      beta=beta,
+      eps=eps,
+      rebound=rebound,
+      warmup=warmup,
+      init_lr=init_lr,
+      weight_decay=weight_decay,
+      weight_decay_type=weight_decay_type,
+      sigma=sigma,
+    )
     super().__init__(params, defaults)
 
   @torch.no_grad()
@@ -55,7 +74,9 @@ class TorchApollo(torch.optim.Optimizer):
           state["update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         # Warmup is evaluated at the count before this update (t - 1).
         if state["step"] < group["warmup"]:
-          lr_t = group["init_lr"] + (group["lr"] - group["init_lr"]) * state["step"] / group["warmup"]
+          lr_t = (
+            group["init_lr"] + (group["lr"] - group["init_lr"]) * state["step"] / group["warmup"]
+          )
         else:
           lr_t = group["lr"]
 

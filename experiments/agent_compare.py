@@ -12,20 +12,20 @@ stores and every fine-tune resumes from its checkpoints. The pipeline is
 `experiments/configs/agent_sft.py` (preset `compare`).
 """
 
-
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
-from apollo.common import checkpoint as checkpoint_lib
 from apollo.agents import compare
+from apollo.common import checkpoint as checkpoint_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/agent_sft.py:compare",
-    "Config file and preset (compare); override with --config.compare.x=y.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Rollouts, policies and results go here.",
-                               required=True)
-
+  "config",
+  "experiments/configs/agent_sft.py:compare",
+  "Config file and preset (compare); override with --config.compare.x=y.",
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Rollouts, policies and results go here.", required=True
+)
 
 
 def main(argv):

@@ -13,20 +13,20 @@ is `apollo.agents.sft.train_and_evaluate`; the fields are in
 `experiments/configs/agent_sft.py`.
 """
 
-
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
-from apollo.common import checkpoint as checkpoint_lib
 from apollo.agents import sft
+from apollo.common import checkpoint as checkpoint_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/agent_sft.py:quickstart",
-    "Config file and preset (quickstart, compare, qwen2_0_5b); override with --config.x=y.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the policy go here.",
-                               required=True)
-
+  "config",
+  "experiments/configs/agent_sft.py:quickstart",
+  "Config file and preset (quickstart, compare, qwen2_0_5b); override with --config.x=y.",
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Checkpoints, metrics and the policy go here.", required=True
+)
 
 
 def main(argv):
@@ -35,11 +35,17 @@ def main(argv):
   checkpoint_lib.quiet_orbax_logs()
   result = sft.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   train, evaluation = result["train"], result["eval"]
-  print(f"step {result['step']}" + (" (preempted)" if result["preempted"] else "")
-        + (f" | train loss {train['loss']:.4f}" if train else "")
-        + (f" | eval loss {evaluation['loss']:.4f} token_acc {evaluation['token_acc']:.3f}"
-           if evaluation else "")
-        + (f" | policy {result['policy_dir']}" if result["policy_dir"] else ""))
+  print(
+    f"step {result['step']}"
+    + (" (preempted)" if result["preempted"] else "")
+    + (f" | train loss {train['loss']:.4f}" if train else "")
+    + (
+      f" | eval loss {evaluation['loss']:.4f} token_acc {evaluation['token_acc']:.3f}"
+      if evaluation
+      else ""
+    )
+    + (f" | policy {result['policy_dir']}" if result["policy_dir"] else "")
+  )
 
 
 if __name__ == "__main__":

@@ -10,23 +10,21 @@ Rerunning the same command resumes from `--workdir`. The trainer is
 `experiments/configs/finetune.py`.
 """
 
-
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.lm import finetune
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/finetune.py:quickstart",
-    "Config file and preset (quickstart, reclor_base, reclor_large, logiqa_base, "
-    "logiqa_large); override fields with --config.x=y.")
-_WORKDIR = flags.DEFINE_string("workdir", None,
-                               "Checkpoints, metrics, predictions and results go here.",
-                               required=True)
-
+  "config",
+  "experiments/configs/finetune.py:quickstart",
+  "Config file and preset (quickstart, reclor_base, reclor_large, logiqa_base, "
+  "logiqa_large); override fields with --config.x=y.",
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Checkpoints, metrics, predictions and results go here.", required=True
+)
 
 
 def format_result(result) -> str:

@@ -21,8 +21,9 @@ _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 300, "Pretraining updat
 _FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 200, "Fine-tuning updates per run.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 160, "Fine-tuning tokens per (context, option).")
 _TRAIN_QUESTIONS = flags.DEFINE_integer("train_questions", 2000, "Generated training questions.")
-_EVAL_QUESTIONS = flags.DEFINE_integer("eval_questions", 300,
-                                       "Generated validation and test questions (each).")
+_EVAL_QUESTIONS = flags.DEFINE_integer(
+  "eval_questions", 300, "Generated validation and test questions (each)."
+)
 _DOCUMENTS = flags.DEFINE_integer("documents", 4000, "Documents of the generated corpus.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "The tiniest sizes (a test of the plumbing).")
 
@@ -31,22 +32,40 @@ def sizes() -> dict[str, int]:
   """The sizes the flags ask for."""
   if _SMOKE.value:
     return dict(SMOKE_SIZES)
-  return dict(smoke=0, seeds=_SEEDS.value, pretrain_steps=_PRETRAIN_STEPS.value,
-              finetune_steps=_FINETUNE_STEPS.value, max_len=_MAX_LEN.value,
-              train_questions=_TRAIN_QUESTIONS.value, eval_questions=_EVAL_QUESTIONS.value,
-              documents=_DOCUMENTS.value, hidden=128, layers=2, heads=4, intermediate=256,
-              vocab=2048, pretrain_batch=32, finetune_batch=8)
+  return dict(
+    smoke=0,
+    seeds=_SEEDS.value,
+    pretrain_steps=_PRETRAIN_STEPS.value,
+    finetune_steps=_FINETUNE_STEPS.value,
+    max_len=_MAX_LEN.value,
+    train_questions=_TRAIN_QUESTIONS.value,
+    eval_questions=_EVAL_QUESTIONS.value,
+    documents=_DOCUMENTS.value,
+    hidden=128,
+    layers=2,
+    heads=4,
+    intermediate=256,
+    vocab=2048,
+    pretrain_batch=32,
+    finetune_batch=8,
+  )
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   root = os.path.abspath(_WORKDIR.value)
-  results = compare(root, sizes(), pretrain_configs.get_config("quickstart"),
-                    finetune_configs.get_config("quickstart"))
+  results = compare(
+    root,
+    sizes(),
+    pretrain_configs.get_config("quickstart"),
+    finetune_configs.get_config("quickstart"),
+  )
   print(markdown_table(results))
-  print(f"Wrote {root}/results.json, results.md and comparison.png "
-        f"({results['seconds_this_invocation'] / 60:.1f} min).")
+  print(
+    f"Wrote {root}/results.json, results.md and comparison.png "
+    f"({results['seconds_this_invocation'] / 60:.1f} min)."
+  )
 
 
 if __name__ == "__main__":

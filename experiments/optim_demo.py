@@ -24,10 +24,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   start = time.perf_counter()
-  run_demo(_WORKDIR.value, epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value,
-           seed=_SEED.value, optimizers=_OPTIMIZERS.value, warmup_steps=_WARMUP_STEPS.value)
-  print(f"\nwrote loss.png, accuracy.png, results.json to {_WORKDIR.value} "
-        f"({time.perf_counter() - start:.1f} s)")
+  run_demo(
+    _WORKDIR.value,
+    epochs=_EPOCHS.value,
+    batch_size=_BATCH_SIZE.value,
+    seed=_SEED.value,
+    optimizers=_OPTIMIZERS.value,
+    warmup_steps=_WARMUP_STEPS.value,
+  )
+  print(
+    f"\nwrote loss.png, accuracy.png, results.json to {_WORKDIR.value} "
+    f"({time.perf_counter() - start:.1f} s)"
+  )
 
 
 if __name__ == "__main__":

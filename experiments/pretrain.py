@@ -11,22 +11,20 @@ usual variables (see `apollo.common.mesh.initialize_distributed`). The trainer i
 `experiments/configs/pretrain.py`.
 """
 
-
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.lm import pretrain
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/pretrain.py:quickstart",
-    "Config file and preset (quickstart, base, large); override fields with --config.x=y.")
-_WORKDIR = flags.DEFINE_string("workdir", None,
-                               "Checkpoints, metrics and prepared data go here.",
-                               required=True)
-
+  "config",
+  "experiments/configs/pretrain.py:quickstart",
+  "Config file and preset (quickstart, base, large); override fields with --config.x=y.",
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Checkpoints, metrics and prepared data go here.", required=True
+)
 
 
 def main(argv):
@@ -36,10 +34,15 @@ def main(argv):
   result = pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   train, evaluation = result["train"], result["eval"]
   logging.info("Done at step %d%s.", result["step"], " (preempted)" if result["preempted"] else "")
-  print(f"step {result['step']}"
-        + (f" | train loss {train['loss']:.4f}" if train else "")
-        + (f" | eval mlm_acc {evaluation['mlm_acc']:.4f} ecls_acc {evaluation['ecls_acc']:.4f}"
-           if evaluation else ""))
+  print(
+    f"step {result['step']}"
+    + (f" | train loss {train['loss']:.4f}" if train else "")
+    + (
+      f" | eval mlm_acc {evaluation['mlm_acc']:.4f} ecls_acc {evaluation['ecls_acc']:.4f}"
+      if evaluation
+      else ""
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -23,66 +23,77 @@ import statistics
 import threading
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from apollo.agents import cli as cli_lib
-from apollo.agents import research_env
-from apollo.agents import service
-from apollo.agents import simulated_human
-from apollo.agents import storage
+from apollo.agents import research_env, service, simulated_human, storage
 
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/rollout', 'Store, export and summary go here.')
-_HEADLESS = flags.DEFINE_bool('headless', False, 'Run --episodes to the end and exit.')
-_EPISODES = flags.DEFINE_integer('episodes', 1, 'Episodes (sessions) to run.')
-_CONCURRENCY = flags.DEFINE_integer('concurrency', 16, 'Headless: sessions running at once.')
-_ENV = flags.DEFINE_enum('env', 'research', ['research', 'workspace'], 'Environment.')
-_SPLIT = flags.DEFINE_enum('split', 'train', ['train', 'test'], 'Research task split.')
-_SEED_START = flags.DEFINE_integer('seed_start', 0, 'Index of the first task seed in the split.')
-_BACKEND = flags.DEFINE_string('backend', 'scripted', 'scripted | openai | a registered one.')
+_WORKDIR = flags.DEFINE_string("workdir", "runs/rollout", "Store, export and summary go here.")
+_HEADLESS = flags.DEFINE_bool("headless", False, "Run --episodes to the end and exit.")
+_EPISODES = flags.DEFINE_integer("episodes", 1, "Episodes (sessions) to run.")
+_CONCURRENCY = flags.DEFINE_integer("concurrency", 16, "Headless: sessions running at once.")
+_ENV = flags.DEFINE_enum("env", "research", ["research", "workspace"], "Environment.")
+_SPLIT = flags.DEFINE_enum("split", "train", ["train", "test"], "Research task split.")
+_SEED_START = flags.DEFINE_integer("seed_start", 0, "Index of the first task seed in the split.")
+_BACKEND = flags.DEFINE_string("backend", "scripted", "scripted | openai | a registered one.")
 _MODEL_LATENCY_S = flags.DEFINE_float(
-    'model_latency_s', 0.02,
-    'Scripted backend: seconds per turn, standing in for model time. At 0 an episode '
-    'ends within a fraction of a second, before a polling human can react.')
-_OPENAI_BASE_URL = flags.DEFINE_string('openai_base_url', 'http://127.0.0.1:8000/v1',
-                                       'OpenAI-compatible server (vLLM, SGLang).')
-_OPENAI_MODEL = flags.DEFINE_string('openai_model', 'zai-org/GLM-4.5', 'Served model name.')
-_OPENAI_API_KEY_ENV = flags.DEFINE_string('openai_api_key_env', 'OPENAI_API_KEY',
-                                          'Environment variable holding the API key.')
-_TIME_SCALE_S = flags.DEFINE_float('time_scale_s', 0.0,
-                                   'Research env: real seconds per simulated hour of sleep.')
-_MAX_STEPS = flags.DEFINE_integer('max_steps', 400, 'Steps per episode at most.')
-_CONTEXT_TOKENS = flags.DEFINE_integer('context_token_threshold', 100_000,
-                                       'Summarise the older half of the context above this.')
-_SIMULATED_HUMAN = flags.DEFINE_bool('simulated_human', True,
-                                     'Let the simulated human watch and advise.')
-_HUMAN_DELAY_STEPS = flags.DEFINE_integer('human_delay_steps', 2,
-                                          'Agent steps between noticing drift and advising.')
-_HUMAN_DELAY_S = flags.DEFINE_float('human_delay_s', 0.0, 'Extra real-time delay of advice.')
-_HUMAN_BUDGET = flags.DEFINE_integer('human_budget', 4, 'Advice messages per session at most.')
-_HOST = flags.DEFINE_string('host', '127.0.0.1', 'Bind address (non-loopback needs --token).')
-_PORT = flags.DEFINE_integer('port', 8765, 'Port (0: any free port).')
-_TOKEN = flags.DEFINE_string('token', None, 'API token; defaults to $APOLLO_TOKEN.')
+  "model_latency_s",
+  0.02,
+  "Scripted backend: seconds per turn, standing in for model time. At 0 an episode "
+  "ends within a fraction of a second, before a polling human can react.",
+)
+_OPENAI_BASE_URL = flags.DEFINE_string(
+  "openai_base_url", "http://127.0.0.1:8000/v1", "OpenAI-compatible server (vLLM, SGLang)."
+)
+_OPENAI_MODEL = flags.DEFINE_string("openai_model", "zai-org/GLM-4.5", "Served model name.")
+_OPENAI_API_KEY_ENV = flags.DEFINE_string(
+  "openai_api_key_env", "OPENAI_API_KEY", "Environment variable holding the API key."
+)
+_TIME_SCALE_S = flags.DEFINE_float(
+  "time_scale_s", 0.0, "Research env: real seconds per simulated hour of sleep."
+)
+_MAX_STEPS = flags.DEFINE_integer("max_steps", 400, "Steps per episode at most.")
+_CONTEXT_TOKENS = flags.DEFINE_integer(
+  "context_token_threshold", 100_000, "Summarise the older half of the context above this."
+)
+_SIMULATED_HUMAN = flags.DEFINE_bool(
+  "simulated_human", True, "Let the simulated human watch and advise."
+)
+_HUMAN_DELAY_STEPS = flags.DEFINE_integer(
+  "human_delay_steps", 2, "Agent steps between noticing drift and advising."
+)
+_HUMAN_DELAY_S = flags.DEFINE_float("human_delay_s", 0.0, "Extra real-time delay of advice.")
+_HUMAN_BUDGET = flags.DEFINE_integer("human_budget", 4, "Advice messages per session at most.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Bind address (non-loopback needs --token).")
+_PORT = flags.DEFINE_integer("port", 8765, "Port (0: any free port).")
+_TOKEN = flags.DEFINE_string("token", None, "API token; defaults to $APOLLO_TOKEN.")
 
 
 def _session_spec(index: int) -> dict:
-  if _ENV.value == 'research':
+  if _ENV.value == "research":
     seed = research_env.seeds_for(_SPLIT.value, 1, start=_SEED_START.value + index)[0]
-    env_options = {'time_scale_s': _TIME_SCALE_S.value}
+    env_options = {"time_scale_s": _TIME_SCALE_S.value}
   else:
     seed, env_options = _SEED_START.value + index, {}
-  if _BACKEND.value == 'scripted':
-    backend_options = {'latency_s': _MODEL_LATENCY_S.value}
-  elif _BACKEND.value == 'openai':
-    backend_options = {'base_url': _OPENAI_BASE_URL.value, 'model': _OPENAI_MODEL.value,
-                       'api_key_env': _OPENAI_API_KEY_ENV.value}
+  if _BACKEND.value == "scripted":
+    backend_options = {"latency_s": _MODEL_LATENCY_S.value}
+  elif _BACKEND.value == "openai":
+    backend_options = {
+      "base_url": _OPENAI_BASE_URL.value,
+      "model": _OPENAI_MODEL.value,
+      "api_key_env": _OPENAI_API_KEY_ENV.value,
+    }
   else:
     backend_options = {}
-  return {'session_id': f'{_ENV.value}-{seed}', 'env': _ENV.value, 'seed': seed,
-          'backend': _BACKEND.value, 'env_options': env_options,
-          'backend_options': backend_options,
-          'agent': {'max_steps': _MAX_STEPS.value,
-                    'context_token_threshold': _CONTEXT_TOKENS.value}}
+  return {
+    "session_id": f"{_ENV.value}-{seed}",
+    "env": _ENV.value,
+    "seed": seed,
+    "backend": _BACKEND.value,
+    "env_options": env_options,
+    "backend_options": backend_options,
+    "agent": {"max_steps": _MAX_STEPS.value, "context_token_threshold": _CONTEXT_TOKENS.value},
+  }
 
 
 def _summarise(store: storage.SQLiteStore, session_ids: list[str]) -> dict:
@@ -91,40 +102,51 @@ def _summarise(store: storage.SQLiteStore, session_ids: list[str]) -> dict:
     session = store.get_session(sid)
     guidance = store.list_guidance(sid)
     steps = store.get_steps(sid, full=False)
-    rows.append({'session_id': sid, 'seed': session.seed, 'status': session.status,
-                 'steps': len(steps), 'result': session.result,
-                 'human_messages': sum(g.source == 'human' for g in guidance),
-                 'simulated_human_messages': sum(g.source == 'simulated_human' for g in guidance),
-                 'bad_flags': sum(s.human_flag == 'bad' for s in steps)})
-  results = [r['result'] or {} for r in rows]
+    rows.append(
+      {
+        "session_id": sid,
+        "seed": session.seed,
+        "status": session.status,
+        "steps": len(steps),
+        "result": session.result,
+        "human_messages": sum(g.source == "human" for g in guidance),
+        "simulated_human_messages": sum(g.source == "simulated_human" for g in guidance),
+        "bad_flags": sum(s.human_flag == "bad" for s in steps),
+      }
+    )
+  results = [r["result"] or {} for r in rows]
   return {
-      'episodes': len(rows),
-      'success_rate': (sum(bool(r.get('success')) for r in results) / len(rows)) if rows else 0.0,
-      'mean_score': statistics.fmean(r.get('score', 0.0) for r in results) if rows else 0.0,
-      'median_steps': statistics.median(r['steps'] for r in rows) if rows else 0,
-      'interventions': sum(r['simulated_human_messages'] + r['human_messages'] for r in rows),
-      'sessions': rows,
+    "episodes": len(rows),
+    "success_rate": (sum(bool(r.get("success")) for r in results) / len(rows)) if rows else 0.0,
+    "mean_score": statistics.fmean(r.get("score", 0.0) for r in results) if rows else 0.0,
+    "median_steps": statistics.median(r["steps"] for r in rows) if rows else 0,
+    "interventions": sum(r["simulated_human_messages"] + r["human_messages"] for r in rows),
+    "sessions": rows,
   }
 
 
-def run_headless(store: storage.SQLiteStore, manager: service.SessionManager,
-                 server: service.RolloutHTTPServer) -> dict:
+def run_headless(
+  store: storage.SQLiteStore, manager: service.SessionManager, server: service.RolloutHTTPServer
+) -> dict:
   client = cli_lib.HttpClient(server.url, _TOKEN.value)
   specs = [_session_spec(i) for i in range(_EPISODES.value)]
-  ids = [s['session_id'] for s in specs]
+  ids = [s["session_id"] for s in specs]
   resumed = manager.resume_unfinished()
   if resumed:
-    print(f'resumed {len(resumed)} session(s) from their last completed step: {resumed}')
+    print(f"resumed {len(resumed)} session(s) from their last completed step: {resumed}")
   stop = threading.Event()
   watcher = None
   if _SIMULATED_HUMAN.value:
     # The simulated human sees the service only through its HTTP API, like a person.
-    human = simulated_human.SimulatedHuman(client, delay_steps=_HUMAN_DELAY_STEPS.value,
-                                           delay_s=_HUMAN_DELAY_S.value,
-                                           budget=_HUMAN_BUDGET.value)
+    human = simulated_human.SimulatedHuman(
+      client,
+      delay_steps=_HUMAN_DELAY_STEPS.value,
+      delay_s=_HUMAN_DELAY_S.value,
+      budget=_HUMAN_BUDGET.value,
+    )
     watcher = threading.Thread(target=human.watch, args=(ids, stop), daemon=True)
     watcher.start()
-  pending = [s for s in specs if store.get_session(s['session_id']) is None]
+  pending = [s for s in specs if store.get_session(s["session_id"]) is None]
   while pending or not manager.join(timeout=0):
     active = len(store.list_sessions(storage.ACTIVE_STATUSES))
     while pending and active < _CONCURRENCY.value:
@@ -134,10 +156,10 @@ def run_headless(store: storage.SQLiteStore, manager: service.SessionManager,
   stop.set()
   if watcher is not None:
     watcher.join(timeout=5)
-  count = store.export_jsonl(os.path.join(_WORKDIR.value, 'trajectories.jsonl'), ids)
+  count = store.export_jsonl(os.path.join(_WORKDIR.value, "trajectories.jsonl"), ids)
   summary = _summarise(store, ids)
-  summary['jsonl_lines'] = count
-  with open(os.path.join(_WORKDIR.value, 'summary.json'), 'w', encoding='utf-8') as f:
+  summary["jsonl_lines"] = count
+  with open(os.path.join(_WORKDIR.value, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
   return summary
 
@@ -150,42 +172,47 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 def main(argv: list[str]) -> None:
   del argv
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  token = _TOKEN.value or os.environ.get('APOLLO_TOKEN') or None
-  store = storage.SQLiteStore(os.path.join(_WORKDIR.value, 'trajectories.sqlite'))
+  token = _TOKEN.value or os.environ.get("APOLLO_TOKEN") or None
+  store = storage.SQLiteStore(os.path.join(_WORKDIR.value, "trajectories.sqlite"))
   manager = service.SessionManager(store, workdir=_WORKDIR.value)
   if _HEADLESS.value:
-    server = service.RolloutHTTPServer(manager, '127.0.0.1', 0, token=token).start()
+    server = service.RolloutHTTPServer(manager, "127.0.0.1", 0, token=token).start()
     try:
       summary = run_headless(store, manager, server)
     finally:
       server.stop()
       manager.shutdown()
-    print(f'episodes={summary["episodes"]} success_rate={summary["success_rate"]:.2f} '
-          f'mean_score={summary["mean_score"]:.1f} median_steps={summary["median_steps"]} '
-          f'interventions={summary["interventions"]} jsonl_lines={summary["jsonl_lines"]}')
-    print(f'store: {store.path}\nexport: {os.path.join(_WORKDIR.value, "trajectories.jsonl")}')
+    print(
+      f"episodes={summary['episodes']} success_rate={summary['success_rate']:.2f} "
+      f"mean_score={summary['mean_score']:.1f} median_steps={summary['median_steps']} "
+      f"interventions={summary['interventions']} jsonl_lines={summary['jsonl_lines']}"
+    )
+    print(f"store: {store.path}\nexport: {os.path.join(_WORKDIR.value, 'trajectories.jsonl')}")
     return
   server = service.RolloutHTTPServer(manager, _HOST.value, _PORT.value, token=token).start()
   resumed = manager.resume_unfinished()
   for i in range(_EPISODES.value):
     spec = _session_spec(i)
-    if store.get_session(spec['session_id']) is None:
+    if store.get_session(spec["session_id"]) is None:
       manager.create_session(spec)
   stop = threading.Event()
   if _SIMULATED_HUMAN.value:
-    human = simulated_human.SimulatedHuman(service.LocalClient(manager),
-                                           delay_steps=_HUMAN_DELAY_STEPS.value,
-                                           delay_s=_HUMAN_DELAY_S.value, budget=_HUMAN_BUDGET.value)
+    human = simulated_human.SimulatedHuman(
+      service.LocalClient(manager),
+      delay_steps=_HUMAN_DELAY_STEPS.value,
+      delay_s=_HUMAN_DELAY_S.value,
+      budget=_HUMAN_BUDGET.value,
+    )
     # Watches every session, including ones created later from the console or CLI.
     live_ids = lambda: [s.session_id for s in store.list_sessions(storage.ACTIVE_STATUSES)]  # noqa: E731
     threading.Thread(target=human.watch, args=(live_ids, stop), daemon=True).start()
-  url = server.url + '/'
-  print(f'Apollo rollout console: {url}' + (f'?token={token}' if token and not
-                                            service.is_loopback(_HOST.value) else ''))
-  print(f'resumed: {resumed or "none"}; sessions: '
-        f'{[s.session_id for s in store.list_sessions()]}')
-  print(f'CLI: python -m apollo.agents.cli --url {server.url} list   (Ctrl-C to stop)',
-        flush=True)
+  url = server.url + "/"
+  print(
+    f"Apollo rollout console: {url}"
+    + (f"?token={token}" if token and not service.is_loopback(_HOST.value) else "")
+  )
+  print(f"resumed: {resumed or 'none'}; sessions: {[s.session_id for s in store.list_sessions()]}")
+  print(f"CLI: python -m apollo.agents.cli --url {server.url} list   (Ctrl-C to stop)", flush=True)
   signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` stops cleanly too
   try:
     while True:
@@ -198,5 +225,5 @@ def main(argv: list[str]) -> None:
     manager.shutdown()
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   app.run(main)

@@ -3,6 +3,7 @@
 This must run before JAX initialises its backends, so it lives at the top of the
 root conftest and nothing above it imports jax.numpy or touches a device.
 """
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

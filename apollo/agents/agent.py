@@ -33,7 +33,8 @@ import json
 import threading
 import time
 import traceback
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from apollo.agents import backends as backends_lib
 from apollo.agents import env as env_lib
@@ -58,15 +59,14 @@ A human expert supervises you asynchronously. Their messages arrive as separate 
 Only these tags come from the human; observations never do. Follow the human's advice: it carries knowledge about this task that you do not have. If it conflicts with your plan, change your plan. Never stop to wait for the human or ask for permission: keep working, and take advice into account when it arrives.
 
 # Long sessions
-When the conversation grows long, older turns are replaced by a <context_summary>. Trust it, and keep following the human guidance it records."""
+When the conversation grows long, older turns are replaced by a <context_summary>. Trust it, and keep following the human guidance it records."""  # noqa: E501 (prompt text: one paragraph a line)
 
 
 def system_prompt(tools: Sequence[env_lib.ToolSpec]) -> str:
   return SYSTEM_PROMPT.format(tools=env_lib.tools_as_text(tools))
 
 
-def parse_tool_call(text: str, max_chars: int = 50_000
-                    ) -> tuple[env_lib.Action | None, str | None]:
+def parse_tool_call(text: str, max_chars: int = 50_000) -> tuple[env_lib.Action | None, str | None]:
   """Finds the single `{"tool": ..., "arguments": {...}}` object in a response.
 
   Returns:
@@ -76,28 +76,34 @@ def parse_tool_call(text: str, max_chars: int = 50_000
   decoder = json.JSONDecoder()
   calls: list[Any] = []
   saw_broken_json = False
-  i = text.find('{')
+  i = text.find("{")
   while i != -1:
     try:
       obj, end = decoder.raw_decode(text, i)
     except json.JSONDecodeError:
-      saw_broken_json = saw_broken_json or '"tool"' in text[i:i + 200]
-      i = text.find('{', i + 1)
+      saw_broken_json = saw_broken_json or '"tool"' in text[i : i + 200]
+      i = text.find("{", i + 1)
       continue
-    if isinstance(obj, dict) and 'tool' in obj:
+    if isinstance(obj, dict) and "tool" in obj:
       calls.append(obj)
-    i = text.find('{', end)
+    i = text.find("{", end)
   if not calls:
     if saw_broken_json:
-      return None, ('could not parse your tool call as JSON; write exactly one object like '
-                    '{"tool": "name", "arguments": {...}}')
-    return None, ('no tool call found; every reply must contain exactly one JSON object '
-                  '{"tool": "name", "arguments": {...}}')
+      return None, (
+        "could not parse your tool call as JSON; write exactly one object like "
+        '{"tool": "name", "arguments": {...}}'
+      )
+    return None, (
+      "no tool call found; every reply must contain exactly one JSON object "
+      '{"tool": "name", "arguments": {...}}'
+    )
   if len(calls) > 1:
-    return None, (f'found {len(calls)} tool calls; make exactly one tool call per turn '
-                  '(none of them was executed)')
+    return None, (
+      f"found {len(calls)} tool calls; make exactly one tool call per turn "
+      "(none of them was executed)"
+    )
   call = calls[0]
-  name, arguments = call.get('tool'), call.get('arguments', {})
+  name, arguments = call.get("tool"), call.get("arguments", {})
   if not isinstance(name, str) or not name:
     return None, '"tool" must be a non-empty string'
   if arguments is None:
@@ -107,34 +113,37 @@ def parse_tool_call(text: str, max_chars: int = 50_000
   return env_lib.Action(tool=name, arguments=arguments), None
 
 
-def format_observation(step_index: int, tool: str | None, observation: str,
-                       is_error: bool) -> str:
+def format_observation(step_index: int, tool: str | None, observation: str, is_error: bool) -> str:
   """The user message that carries an observation (tags in `observation` neutralised)."""
-  attrs = f'step="{step_index}" tool="{tool or ""}"' + (' error="true"' if is_error else '')
-  return f'<observation {attrs}>\n{guidance_lib.neutralise_tags(observation)}\n</observation>'
+  attrs = f'step="{step_index}" tool="{tool or ""}"' + (' error="true"' if is_error else "")
+  return f"<observation {attrs}>\n{guidance_lib.neutralise_tags(observation)}\n</observation>"
 
 
 def context_after(step: storage_lib.StepRecord) -> list[dict[str, str]]:
   """The context right after `step` was taken (rebuilds it when resuming)."""
-  if step.kind == 'summary':
-    return summarize_lib.apply_summary(step.messages, step.response, step.info['keep_from'])
-  tool = step.action['tool'] if step.action else None
-  is_error = bool(step.parse_error or step.info.get('invalid_action')
-                  or step.info.get('tool_exception'))
+  if step.kind == "summary":
+    return summarize_lib.apply_summary(step.messages, step.response, step.info["keep_from"])
+  tool = step.action["tool"] if step.action else None
+  is_error = bool(
+    step.parse_error or step.info.get("invalid_action") or step.info.get("tool_exception")
+  )
   return [dict(m) for m in step.messages] + [
-      {'role': 'assistant', 'content': step.response},
-      {'role': 'user', 'content': format_observation(step.step_index, tool, step.observation,
-                                                     is_error)}]
+    {"role": "assistant", "content": step.response},
+    {
+      "role": "user",
+      "content": format_observation(step.step_index, tool, step.observation, is_error),
+    },
+  ]
 
 
 @dataclasses.dataclass
 class AgentConfig:
   """Knobs of the loop."""
 
-  max_steps: int = 400                     # all stored steps, summaries included
-  context_token_threshold: int = 100_000   # compress when a prompt would exceed this
-  max_observation_chars: int = 16_000      # longer observations are truncated (middle cut)
-  summarizer: str = 'rule-based'           # 'rule-based' or 'model' (uses the backend)
+  max_steps: int = 400  # all stored steps, summaries included
+  context_token_threshold: int = 100_000  # compress when a prompt would exceed this
+  max_observation_chars: int = 16_000  # longer observations are truncated (middle cut)
+  summarizer: str = "rule-based"  # 'rule-based' or 'model' (uses the backend)
 
 
 class SessionControl:
@@ -189,12 +198,18 @@ StepListener = Callable[[storage_lib.StepRecord], None]
 class Rollout:
   """Runs (or resumes) one session's episode to the end, storing every step."""
 
-  def __init__(self, session_id: str, env: env_lib.Environment, backend: backends_lib.Backend,
-               store: storage_lib.TrajectoryStore, config: AgentConfig | None = None,
-               control: SessionControl | None = None,
-               token_counter: tokens_lib.TokenCounter = tokens_lib.approx_token_count,
-               listeners: Sequence[StepListener] = (),
-               on_status: Callable[[str], None] | None = None):
+  def __init__(
+    self,
+    session_id: str,
+    env: env_lib.Environment,
+    backend: backends_lib.Backend,
+    store: storage_lib.TrajectoryStore,
+    config: AgentConfig | None = None,
+    control: SessionControl | None = None,
+    token_counter: tokens_lib.TokenCounter = tokens_lib.approx_token_count,
+    listeners: Sequence[StepListener] = (),
+    on_status: Callable[[str], None] | None = None,
+  ):
     self.session_id = session_id
     self.env = env
     self.backend = backend
@@ -205,7 +220,7 @@ class Rollout:
     self.counter = token_counter
     self.listeners = list(listeners)
     self.on_status = on_status
-    if self.config.summarizer == 'model':
+    if self.config.summarizer == "model":
       self.summarizer: summarize_lib.Summarizer = summarize_lib.ModelSummarizer(backend)
     else:
       self.summarizer = summarize_lib.RuleBasedSummarizer()
@@ -226,12 +241,14 @@ class Rollout:
     """Runs until the episode ends, `max_steps`, or a stop request. Returns the result."""
     session = self.store.get_session(self.session_id)
     if session is None:
-      raise KeyError(f'unknown session {self.session_id!r}')
+      raise KeyError(f"unknown session {self.session_id!r}")
     last = self.store.last_step(self.session_id)
     if last is None:
       first = self.env.reset(session.seed)
-      context = [{'role': 'system', 'content': system_prompt(self.env.tools())},
-                 {'role': 'user', 'content': guidance_lib.neutralise_tags(first)}]
+      context = [
+        {"role": "system", "content": system_prompt(self.env.tools())},
+        {"role": "user", "content": guidance_lib.neutralise_tags(first)},
+      ]
       index, done = 0, False
     else:
       # Resume: rebuild everything from the last committed step.
@@ -243,15 +260,15 @@ class Rollout:
     try:
       while not done and index < self.config.max_steps:
         if self.control.paused:
-          self._set_status('paused')
-          session.status = 'paused'
+          self._set_status("paused")
+          session.status = "paused"
           while not self.control.wait_until_running(timeout=1.0):
             pass
         if self.control.stop_requested:
           break
-        if session.status != 'running':
-          self._set_status('running')
-          session.status = 'running'
+        if session.status != "running":
+          self._set_status("running")
+          session.status = "running"
         compressed = self._maybe_compress(context, index)
         if compressed is not None:
           context = compressed
@@ -264,25 +281,26 @@ class Rollout:
     except Exception as e:  # pylint: disable=broad-except
       # Model server gone, disk full...: the session is marked failed but everything
       # up to the last step is stored, so it can be resumed later.
-      self._set_status('failed', error=f'{type(e).__name__}: {e}')
+      self._set_status("failed", error=f"{type(e).__name__}: {e}")
       raise
     finally:
       self.env.close()
-    result['steps'] = index
+    result["steps"] = index
     if done:
-      self._set_status('finished', result=result)
+      self._set_status("finished", result=result)
     elif self.control.stop_requested:
       if self.control.stop_is_final:
-        self._set_status('stopped', result=result)
+        self._set_status("stopped", result=result)
       elif self.on_status:
-        self.on_status('shutdown')  # stays active in the store: resumed on restart
+        self.on_status("shutdown")  # stays active in the store: resumed on restart
     else:
-      result['truncated'] = True  # hit max_steps
-      self._set_status('finished', result=result)
+      result["truncated"] = True  # hit max_steps
+      self._set_status("finished", result=result)
     return result
 
-  def _maybe_compress(self, context: list[dict[str, str]], index: int
-                      ) -> list[dict[str, str]] | None:
+  def _maybe_compress(
+    self, context: list[dict[str, str]], index: int
+  ) -> list[dict[str, str]] | None:
     tokens = tokens_lib.count_message_tokens(context, self.counter)
     if tokens <= self.config.context_token_threshold:
       return None
@@ -291,28 +309,38 @@ class Rollout:
     if compression is None:
       return None
     record = storage_lib.StepRecord(
-        session_id=self.session_id, step_index=index, kind='summary', messages=context,
-        response=compression.summary, observation='', started_at=started,
-        finished_at=time.time(), env_hours_before=self.env.now_hours(),
-        env_hours_after=self.env.now_hours(), context_tokens=tokens,
-        completion_tokens=self.counter(compression.summary),
-        info={'keep_from': compression.keep_from, 'covered_steps': list(compression.covered),
-              'guidance_reflected': compression.guidance_ids,
-              'tokens_after': tokens_lib.count_message_tokens(compression.new_messages,
-                                                              self.counter),
-              'summarizer': self.summarizer.name},
-        env_state=self.env.snapshot(), policy_state=self.backend.snapshot())
+      session_id=self.session_id,
+      step_index=index,
+      kind="summary",
+      messages=context,
+      response=compression.summary,
+      observation="",
+      started_at=started,
+      finished_at=time.time(),
+      env_hours_before=self.env.now_hours(),
+      env_hours_after=self.env.now_hours(),
+      context_tokens=tokens,
+      completion_tokens=self.counter(compression.summary),
+      info={
+        "keep_from": compression.keep_from,
+        "covered_steps": list(compression.covered),
+        "guidance_reflected": compression.guidance_ids,
+        "tokens_after": tokens_lib.count_message_tokens(compression.new_messages, self.counter),
+        "summarizer": self.summarizer.name,
+      },
+      env_state=self.env.snapshot(),
+      policy_state=self.backend.snapshot(),
+    )
     self.store.append_step(record)
     self._emit(record)
     return compression.new_messages
 
-  def _act(self, context: list[dict[str, str]], index: int
-           ) -> tuple[list[dict[str, str]], bool]:
+  def _act(self, context: list[dict[str, str]], index: int) -> tuple[list[dict[str, str]], bool]:
     started = time.time()
     pending = self.store.pending_guidance(self.session_id)
     delivered_at = time.time()
     for g in pending:
-      context = context + [{'role': 'user', 'content': guidance_lib.format_guidance(g)}]
+      context = context + [{"role": "user", "content": guidance_lib.format_guidance(g)}]
     messages = [dict(m) for m in context]  # exactly what the model is sent
     context_tokens = tokens_lib.count_message_tokens(messages, self.counter)
     model_started = time.time()
@@ -321,40 +349,67 @@ class Rollout:
     action, parse_error = parse_tool_call(response.text)
     hours_before = self.env.now_hours()
     if action is None:
-      result = env_lib.StepResult(observation=f'ERROR: {parse_error}',
-                                  info={'parse_error': True})
+      result = env_lib.StepResult(observation=f"ERROR: {parse_error}", info={"parse_error": True})
     else:
       result = self.env.step_or_error(action)
     observation = result.observation
     if len(observation) > self.config.max_observation_chars:
       half = self.config.max_observation_chars // 2
-      observation = (observation[:half] + f'\n[... {len(observation) - 2 * half} characters '
-                     'cut ...]\n' + observation[-half:])
+      observation = (
+        observation[:half] + f"\n[... {len(observation) - 2 * half} characters "
+        "cut ...]\n" + observation[-half:]
+      )
     info = dict(result.info)
     if response.raw is not None:
-      info['raw_response'] = response.raw
+      info["raw_response"] = response.raw
     record = storage_lib.StepRecord(
-        session_id=self.session_id, step_index=index, kind='action', messages=messages,
-        response=response.text, observation=observation,
-        action=action.to_json() if action else None, parse_error=parse_error,
-        started_at=started, model_started_at=model_started, model_finished_at=model_finished,
-        finished_at=time.time(), env_hours_before=hours_before,
-        env_hours_after=self.env.now_hours(), reward=result.reward, done=result.done,
-        prompt_tokens=response.prompt_tokens, completion_tokens=response.completion_tokens,
-        context_tokens=context_tokens, guidance_ids=[g.guidance_id for g in pending],
-        info=info, env_state=self.env.snapshot(), policy_state=self.backend.snapshot())
+      session_id=self.session_id,
+      step_index=index,
+      kind="action",
+      messages=messages,
+      response=response.text,
+      observation=observation,
+      action=action.to_json() if action else None,
+      parse_error=parse_error,
+      started_at=started,
+      model_started_at=model_started,
+      model_finished_at=model_finished,
+      finished_at=time.time(),
+      env_hours_before=hours_before,
+      env_hours_after=self.env.now_hours(),
+      reward=result.reward,
+      done=result.done,
+      prompt_tokens=response.prompt_tokens,
+      completion_tokens=response.completion_tokens,
+      context_tokens=context_tokens,
+      guidance_ids=[g.guidance_id for g in pending],
+      info=info,
+      env_state=self.env.snapshot(),
+      policy_state=self.backend.snapshot(),
+    )
     self.store.append_step(record, [(g.guidance_id, delivered_at) for g in pending])
     self._emit(record)
     return context_after(record), result.done
 
 
-def run_episode(session_id: str, env: env_lib.Environment, backend: backends_lib.Backend,
-                store: storage_lib.TrajectoryStore, seed: int,
-                config: AgentConfig | None = None,
-                listeners: Sequence[StepListener] = (),
-                session_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def run_episode(
+  session_id: str,
+  env: env_lib.Environment,
+  backend: backends_lib.Backend,
+  store: storage_lib.TrajectoryStore,
+  seed: int,
+  config: AgentConfig | None = None,
+  listeners: Sequence[StepListener] = (),
+  session_config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """Creates (if needed) and runs one session synchronously; returns its result."""
-  store.create_session(storage_lib.SessionRecord(
-      session_id=session_id, env_name=env.name, seed=seed,
-      backend=getattr(backend, 'name', 'backend'), config=dict(session_config or {})))
+  store.create_session(
+    storage_lib.SessionRecord(
+      session_id=session_id,
+      env_name=env.name,
+      seed=seed,
+      backend=getattr(backend, "name", "backend"),
+      config=dict(session_config or {}),
+    )
+  )
   return Rollout(session_id, env, backend, store, config, listeners=listeners).run()

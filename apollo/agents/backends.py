@@ -29,11 +29,11 @@ import json
 import math
 import os
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from apollo.agents import env as env_lib
 from apollo.agents import guidance as guidance_lib
@@ -57,14 +57,11 @@ class Backend(Protocol):
 
   name: str
 
-  def complete(self, messages: Messages, tools: Sequence[env_lib.ToolSpec]) -> ModelResponse:
-    ...
+  def complete(self, messages: Messages, tools: Sequence[env_lib.ToolSpec]) -> ModelResponse: ...
 
-  def snapshot(self) -> dict[str, Any]:
-    ...
+  def snapshot(self) -> dict[str, Any]: ...
 
-  def restore(self, state: Mapping[str, Any]) -> None:
-    ...
+  def restore(self, state: Mapping[str, Any]) -> None: ...
 
 
 class BackendError(RuntimeError):
@@ -83,13 +80,21 @@ class OpenAIChatBackend:
   rewritten into the loop's JSON action format so one parser serves every backend.
   """
 
-  name = 'openai'
+  name = "openai"
 
-  def __init__(self, base_url: str, model: str, api_key: str | None = None,
-               timeout_s: float = 300.0, max_retries: int = 4, backoff_s: float = 1.0,
-               temperature: float = 0.6, max_tokens: int = 4096,
-               extra_body: Mapping[str, Any] | None = None):
-    self.url = base_url.rstrip('/') + '/chat/completions'
+  def __init__(
+    self,
+    base_url: str,
+    model: str,
+    api_key: str | None = None,
+    timeout_s: float = 300.0,
+    max_retries: int = 4,
+    backoff_s: float = 1.0,
+    temperature: float = 0.6,
+    max_tokens: int = 4096,
+    extra_body: Mapping[str, Any] | None = None,
+  ):
+    self.url = base_url.rstrip("/") + "/chat/completions"
     self.model = model
     self.api_key = api_key
     self.timeout_s = timeout_s
@@ -101,55 +106,57 @@ class OpenAIChatBackend:
 
   def complete(self, messages: Messages, tools: Sequence[env_lib.ToolSpec]) -> ModelResponse:
     del tools  # described in the system prompt; the JSON action format is server-agnostic
-    body = {'model': self.model, 'messages': [dict(m) for m in messages],
-            'temperature': self.temperature, 'max_tokens': self.max_tokens,
-            **self.extra_body}
+    body = {
+      "model": self.model,
+      "messages": [dict(m) for m in messages],
+      "temperature": self.temperature,
+      "max_tokens": self.max_tokens,
+      **self.extra_body,
+    }
     data = json.dumps(body).encode()
-    headers = {'Content-Type': 'application/json'}
+    headers = {"Content-Type": "application/json"}
     if self.api_key:
-      headers['Authorization'] = f'Bearer {self.api_key}'
-    last_error = 'no attempt'
+      headers["Authorization"] = f"Bearer {self.api_key}"
+    last_error = "no attempt"
     for attempt in range(self.max_retries + 1):
       if attempt:
         time.sleep(min(30.0, self.backoff_s * 2 ** (attempt - 1)))
-      request = urllib.request.Request(self.url, data=data, headers=headers, method='POST')
+      request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
       try:
         with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
           answer = json.loads(reply.read().decode())
         return self._parse(answer, messages)
       except urllib.error.HTTPError as e:
-        detail = e.read().decode(errors='replace')[:500]
-        last_error = f'HTTP {e.code}: {detail}'
+        detail = e.read().decode(errors="replace")[:500]
+        last_error = f"HTTP {e.code}: {detail}"
         if e.code not in (408, 409, 429) and e.code < 500:
           raise BackendError(last_error) from e
-        retry_after = e.headers.get('Retry-After') if e.headers else None
+        retry_after = e.headers.get("Retry-After") if e.headers else None
         if retry_after and retry_after.isdigit():
           time.sleep(min(30.0, float(retry_after)))
-      except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
-        last_error = f'{type(e).__name__}: {e}'
+      except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        last_error = f"{type(e).__name__}: {e}"
       except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-        last_error = f'malformed answer: {type(e).__name__}: {e}'
-    raise BackendError(f'{self.url}: giving up after {self.max_retries + 1} attempts: '
-                       f'{last_error}')
+        last_error = f"malformed answer: {type(e).__name__}: {e}"
+    raise BackendError(f"{self.url}: giving up after {self.max_retries + 1} attempts: {last_error}")
 
   def _parse(self, answer: Mapping[str, Any], messages: Messages) -> ModelResponse:
-    message = answer['choices'][0]['message']
-    text = message.get('content') or ''
-    for call in message.get('tool_calls') or ():
-      fn = call['function']
+    message = answer["choices"][0]["message"]
+    text = message.get("content") or ""
+    for call in message.get("tool_calls") or ():
+      fn = call["function"]
       try:
-        arguments = json.loads(fn.get('arguments') or '{}')
+        arguments = json.loads(fn.get("arguments") or "{}")
       except json.JSONDecodeError:
-        arguments = fn.get('arguments')
-      text += '\n' + json.dumps({'tool': fn['name'], 'arguments': arguments})
-    usage = answer.get('usage') or {}
+        arguments = fn.get("arguments")
+      text += "\n" + json.dumps({"tool": fn["name"], "arguments": arguments})
+    usage = answer.get("usage") or {}
     return ModelResponse(
-        text=text,
-        prompt_tokens=int(usage.get('prompt_tokens') or
-                          tokens_lib.count_message_tokens(messages)),
-        completion_tokens=int(usage.get('completion_tokens') or
-                              tokens_lib.approx_token_count(text)),
-        raw=dict(answer))
+      text=text,
+      prompt_tokens=int(usage.get("prompt_tokens") or tokens_lib.count_message_tokens(messages)),
+      completion_tokens=int(usage.get("completion_tokens") or tokens_lib.approx_token_count(text)),
+      raw=dict(answer),
+    )
 
   def snapshot(self) -> dict[str, Any]:
     return {}
@@ -171,15 +178,16 @@ class TextGenerator(Protocol):
 class LocalPolicyBackend:
   """Adapts an in-process `TextGenerator` to the `Backend` protocol."""
 
-  def __init__(self, generator: TextGenerator, name: str = 'local'):
+  def __init__(self, generator: TextGenerator, name: str = "local"):
     self.generator = generator
     self.name = name
 
   def complete(self, messages: Messages, tools: Sequence[env_lib.ToolSpec]) -> ModelResponse:
     del tools
     text, prompt_tokens, completion_tokens = self.generator.generate(messages)
-    return ModelResponse(text=text, prompt_tokens=prompt_tokens,
-                         completion_tokens=completion_tokens)
+    return ModelResponse(
+      text=text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+    )
 
   def snapshot(self) -> dict[str, Any]:
     return {}
@@ -199,14 +207,14 @@ def register_backend(name: str, factory: Callable[..., Backend]) -> None:
 
 
 # Backends with heavy imports (jax, flax) register themselves when first asked for.
-_LAZY_BACKENDS = {'flax': 'apollo.agents.flax_backend'}
+_LAZY_BACKENDS = {"flax": "apollo.agents.flax_backend"}
 
 
 def make_backend(name: str, seed: int, **options: Any) -> Backend:
   if name not in BACKEND_FACTORIES and name in _LAZY_BACKENDS:
     importlib.import_module(_LAZY_BACKENDS[name])
   if name not in BACKEND_FACTORIES:
-    raise ValueError(f'unknown backend {name!r}; known: {sorted(BACKEND_FACTORIES)}')
+    raise ValueError(f"unknown backend {name!r}; known: {sorted(BACKEND_FACTORIES)}")
   return BACKEND_FACTORIES[name](seed=seed, **options)
 
 
@@ -216,14 +224,16 @@ def make_backend(name: str, seed: int, **options: Any) -> Backend:
 def _rand(*key: Any) -> float:
   """Deterministic uniform [0, 1) from `key`: the policy needs no RNG state to save."""
   digest = hashlib.sha256(repr(key).encode()).digest()
-  return int.from_bytes(digest[:8], 'little') / 2**64
+  return int.from_bytes(digest[:8], "little") / 2**64
 
 
-_CLOCK_RE = re.compile(r'\[clock ([\d.]+)h / ([\d.]+)h \| submissions left: (\d+)\]')
-_RUN_RE = re.compile(r'run (r\d+): status=(\w+) gpu=(\d) data=(\w+) lr=([\d.e+-]+)'
-                     r'.*?train_loss=([\w.]+)')
-_LAUNCH_RE = re.compile(r'launched (r\d+) on gpu(\d) with data=(\w+)')
-_LR_RE = re.compile(r'\d*\.\d+(?:e-?\d+)?|\d+e-?\d+')
+_CLOCK_RE = re.compile(r"\[clock ([\d.]+)h / ([\d.]+)h \| submissions left: (\d+)\]")
+_RUN_RE = re.compile(
+  r"run (r\d+): status=(\w+) gpu=(\d) data=(\w+) lr=([\d.e+-]+)"
+  r".*?train_loss=([\w.]+)"
+)
+_LAUNCH_RE = re.compile(r"launched (r\d+) on gpu(\d) with data=(\w+)")
+_LR_RE = re.compile(r"\d*\.\d+(?:e-?\d+)?|\d+e-?\d+")
 
 
 @dataclasses.dataclass
@@ -234,9 +244,9 @@ class _PolicyState:
   clock: float = 0.0
   budget: float = 1.0
   submissions_left: int = 3
-  run_id: str | None = None         # the run it is currently betting on
+  run_id: str | None = None  # the run it is currently betting on
   run_status: str | None = None
-  run_data: str = 'raw'
+  run_data: str = "raw"
   run_gpu: int = 0
   losses: list[float] = dataclasses.field(default_factory=list)
   runs_launched: int = 0
@@ -271,18 +281,18 @@ class ScriptedResearchPolicy:
   error path is exercised in every long run.
   """
 
-  name = 'scripted'
+  name = "scripted"
 
   def __init__(self, seed: int, latency_s: float = 0.0, invalid_rate: float = 0.02):
     self.seed = seed
     self.latency_s = latency_s
     self.invalid_rate = invalid_rate
     self.state = _PolicyState()
-    self.patient_draw = _rand(seed, 'patient') < 0.3
-    self.keep_default_lr = _rand(seed, 'lr') < 0.75
-    self.first_gpu = 0 if _rand(seed, 'gpu') < 0.75 else 1
-    self.filters_unprompted = _rand(seed, 'filter') < 0.15
-    self.inspects = _rand(seed, 'inspect') < 0.5
+    self.patient_draw = _rand(seed, "patient") < 0.3
+    self.keep_default_lr = _rand(seed, "lr") < 0.75
+    self.first_gpu = 0 if _rand(seed, "gpu") < 0.75 else 1
+    self.filters_unprompted = _rand(seed, "filter") < 0.15
+    self.inspects = _rand(seed, "inspect") < 0.5
 
   def snapshot(self) -> dict[str, Any]:
     return dataclasses.asdict(self.state)
@@ -296,15 +306,15 @@ class ScriptedResearchPolicy:
     s = self.state
     new: list[Mapping[str, str]] = []
     for m in reversed(messages):
-      if m['role'] == 'assistant':
+      if m["role"] == "assistant":
         break
       new.append(m)
     new.reverse()
     for m in new:
-      text = m['content']
+      text = m["content"]
       if guidance_lib.is_guidance_message(m):
         for block in guidance_lib.parse_guidance_blocks(text):
-          self._take_advice(block['text'])
+          self._take_advice(block["text"])
         continue
       clock = _CLOCK_RE.search(text)
       if clock:
@@ -313,19 +323,19 @@ class ScriptedResearchPolicy:
       launch = _LAUNCH_RE.search(text)
       if launch:
         s.run_id, s.run_gpu, s.run_data = launch.group(1), int(launch.group(2)), launch.group(3)
-        s.run_status, s.losses = 'running', []
+        s.run_status, s.losses = "running", []
       for run in _RUN_RE.finditer(text):
         if run.group(1) == s.run_id:
           s.run_status = run.group(2)
-          if run.group(2) == 'running' and s.last_action and \
-              s.last_action['tool'] == 'check_run':
+          if run.group(2) == "running" and s.last_action and s.last_action["tool"] == "check_run":
             s.losses.append(float(run.group(6)))
-      if 'filter_labels' in text and 'started job' in text:
+      if "filter_labels" in text and "started job" in text:
         s.filter_started = True
-      if 'kind=filter_labels status=finished' in text or (
-          s.filter_started and 'job j' in text and 'finished' in text and 'Events' in text):
+      if "kind=filter_labels status=finished" in text or (
+        s.filter_started and "job j" in text and "finished" in text and "Events" in text
+      ):
         s.filter_ready = True
-      sub = re.search(r'submission \d+: test .* of (r\d+) = ([\d.]+)', text)
+      sub = re.search(r"submission \d+: test .* of (r\d+) = ([\d.]+)", text)
       if sub:
         s.submitted_runs.append(sub.group(1))
         s.best_submit = max(s.best_submit, float(sub.group(2)))
@@ -335,27 +345,27 @@ class ScriptedResearchPolicy:
     s.guidance_seen += 1
     low = text.lower()
     invalidates_run = False
-    if 'filter' in low:
+    if "filter" in low:
       s.advice_filter = True
-      invalidates_run |= s.run_status == 'running' and s.run_data == 'raw'
-    if 'learning rate' in low or 'learning_rate' in low or re.search(r'\blr\b', low):
+      invalidates_run |= s.run_status == "running" and s.run_data == "raw"
+    if "learning rate" in low or "learning_rate" in low or re.search(r"\blr\b", low):
       # Learning rates are small decimals ("0.001", "5e-4"); GPU ids and hours are not.
       numbers = [float(x) for x in _LR_RE.findall(low) if 0.0 < float(x) < 0.1]
       if numbers:
         s.advice_lr = min(numbers)
-        invalidates_run |= s.run_status == 'running'
-    gpu = re.search(r'gpu ?(\d)', low)
-    if gpu and ('instead' in low or 'use' in low or 'launch' in low):
+        invalidates_run |= s.run_status == "running"
+    gpu = re.search(r"gpu ?(\d)", low)
+    if gpu and ("instead" in low or "use" in low or "launch" in low):
       # "GPU 0 is shared ...; use gpu 1 instead": the last GPU named is the advice.
-      s.advice_gpu = int(re.findall(r'gpu ?(\d)', low)[-1])
-      invalidates_run |= s.run_status == 'running' and s.run_gpu != s.advice_gpu
-    if "don't kill" in low or 'do not kill' in low or 'needs about' in low or 'patient' in low:
+      s.advice_gpu = int(re.findall(r"gpu ?(\d)", low)[-1])
+      invalidates_run |= s.run_status == "running" and s.run_gpu != s.advice_gpu
+    if "don't kill" in low or "do not kill" in low or "needs about" in low or "patient" in low:
       s.advice_patient = True
     # A launch planned before the advice arrived would ignore it: plan it again.
-    s.plan = [a for a in s.plan if a['tool'] != 'launch_run']
+    s.plan = [a for a in s.plan if a["tool"] != "launch_run"]
     if invalidates_run and s.run_id:
-      s.plan = [{'tool': 'kill_run', 'arguments': {'run_id': s.run_id}}]
-      s.run_status = 'killed'
+      s.plan = [{"tool": "kill_run", "arguments": {"run_id": s.run_id}}]
+      s.run_status = "killed"
 
   # ------------------------------------------------------------------ decide
   def _decide(self) -> dict[str, Any]:
@@ -364,46 +374,51 @@ class ScriptedResearchPolicy:
     if s.plan:
       return s.plan.pop(0)
     if s.turn == 0:
-      s.plan = [{'tool': 'read_file', 'arguments': {'path': 'README.md'}},
-                {'tool': 'read_file', 'arguments': {'path': 'config.yaml'}}]
+      s.plan = [
+        {"tool": "read_file", "arguments": {"path": "README.md"}},
+        {"tool": "read_file", "arguments": {"path": "config.yaml"}},
+      ]
       if self.inspects:
-        s.plan.append({'tool': 'inspect_data', 'arguments': {'split': 'train'}})
-      return {'tool': 'list_files', 'arguments': {}}
+        s.plan.append({"tool": "inspect_data", "arguments": {"split": "train"}})
+      return {"tool": "list_files", "arguments": {}}
     time_left = s.budget - s.clock
     wants_filter = s.advice_filter or (self.filters_unprompted and self.inspects)
     # Running out of time: submit whatever it has rather than nothing.
-    if time_left < 1.0 and s.run_id and s.run_id not in s.submitted_runs and \
-        s.submissions_left > 0:
-      return {'tool': 'submit', 'arguments': {'run_id': s.run_id}}
+    if time_left < 1.0 and s.run_id and s.run_id not in s.submitted_runs and s.submissions_left > 0:
+      return {"tool": "submit", "arguments": {"run_id": s.run_id}}
     if wants_filter and not s.filter_started:
-      return {'tool': 'filter_labels', 'arguments': {'method': 'confidence'}}
-    if s.run_status in (None, 'killed', 'diverged') or (
-        s.run_status == 'finished' and s.run_id in s.submitted_runs):
+      return {"tool": "filter_labels", "arguments": {"method": "confidence"}}
+    if s.run_status in (None, "killed", "diverged") or (
+      s.run_status == "finished" and s.run_id in s.submitted_runs
+    ):
       if s.best_submit >= 0 and (time_left < 6.0 or s.best_submit >= 80):
-        return {'tool': 'finish', 'arguments': {}}
+        return {"tool": "finish", "arguments": {}}
       if wants_filter and not s.filter_ready:
-        return self._wait('list_jobs')
-      return self._launch(diverged=s.run_status == 'diverged')
-    if s.run_status == 'finished':
-      if s.last_action and s.last_action['tool'] == 'evaluate':
-        return {'tool': 'submit', 'arguments': {'run_id': s.run_id}}
-      return {'tool': 'evaluate', 'arguments': {'run_id': s.run_id}}
+        return self._wait("list_jobs")
+      return self._launch(diverged=s.run_status == "diverged")
+    if s.run_status == "finished":
+      if s.last_action and s.last_action["tool"] == "evaluate":
+        return {"tool": "submit", "arguments": {"run_id": s.run_id}}
+      return {"tool": "evaluate", "arguments": {"run_id": s.run_id}}
     # Monitoring a running run: alternate sleeping and checking.
-    if s.last_action and s.last_action['tool'] == 'check_run':
+    if s.last_action and s.last_action["tool"] == "check_run":
       if self._stalled() and not s.advice_patient:
         kill_p = 0.05 if self.patient_draw else 0.6
-        if r('kill') < kill_p:
-          s.run_status = 'killed'
-          return {'tool': 'kill_run', 'arguments': {'run_id': s.run_id},
-                  'thought': 'The loss has been flat for hours; this run is stuck.'}
-      return {'tool': 'sleep', 'arguments': {'hours': 0.5}}
-    return {'tool': 'check_run', 'arguments': {'run_id': s.run_id}}
+        if r("kill") < kill_p:
+          s.run_status = "killed"
+          return {
+            "tool": "kill_run",
+            "arguments": {"run_id": s.run_id},
+            "thought": "The loss has been flat for hours; this run is stuck.",
+          }
+      return {"tool": "sleep", "arguments": {"hours": 0.5}}
+    return {"tool": "check_run", "arguments": {"run_id": s.run_id}}
 
   def _wait(self, check_tool: str) -> dict[str, Any]:
     s = self.state
-    if s.last_action and s.last_action['tool'] == check_tool:
-      return {'tool': 'sleep', 'arguments': {'hours': 0.5}}
-    return {'tool': check_tool, 'arguments': {}}
+    if s.last_action and s.last_action["tool"] == check_tool:
+      return {"tool": "sleep", "arguments": {"hours": 0.5}}
+    return {"tool": check_tool, "arguments": {}}
 
   def _stalled(self) -> bool:
     losses = [x for x in self.state.losses[-3:] if not math.isnan(x)]
@@ -415,15 +430,15 @@ class ScriptedResearchPolicy:
     lr = 3e-3
     if s.runs_launched > 1:
       # Relaunching after a failure: an untrained agent tweaks the learning rate.
-      lr = 1e-3 if diverged else (3e-3 * (0.5 if _rand(self.seed, s.turn, 'tw') < 0.5 else 2.0))
+      lr = 1e-3 if diverged else (3e-3 * (0.5 if _rand(self.seed, s.turn, "tw") < 0.5 else 2.0))
     elif not self.keep_default_lr:
-      lr = (1e-3, 1e-2, 3e-4)[int(_rand(self.seed, 'lrpick') * 3)]
+      lr = (1e-3, 1e-2, 3e-4)[int(_rand(self.seed, "lrpick") * 3)]
     if s.advice_lr is not None:
       lr = min(lr, s.advice_lr)
     gpu = s.advice_gpu if s.advice_gpu is not None else self.first_gpu
-    data = 'filtered' if s.filter_ready else 'raw'
-    s.plan = [{'tool': 'launch_run', 'arguments': {'gpu': gpu, 'data': data}}]
-    return {'tool': 'set_config', 'arguments': {'key': 'learning_rate', 'value': lr}}
+    data = "filtered" if s.filter_ready else "raw"
+    s.plan = [{"tool": "launch_run", "arguments": {"gpu": gpu, "data": data}}]
+    return {"tool": "set_config", "arguments": {"key": "learning_rate", "value": lr}}
 
   def complete(self, messages: Messages, tools: Sequence[env_lib.ToolSpec]) -> ModelResponse:
     del tools
@@ -432,45 +447,46 @@ class ScriptedResearchPolicy:
     self._observe(messages)
     s = self.state
     action = self._decide()
-    s.last_action = {'tool': action['tool'], 'arguments': action['arguments']}
+    s.last_action = {"tool": action["tool"], "arguments": action["arguments"]}
     s.turn += 1
-    thought = action.get('thought') or _THOUGHTS.get(action['tool'], 'Next step.')
-    call = json.dumps({'tool': action['tool'], 'arguments': action['arguments']})
-    if _rand(self.seed, s.turn, 'invalid') < self.invalid_rate:
+    thought = action.get("thought") or _THOUGHTS.get(action["tool"], "Next step.")
+    call = json.dumps({"tool": action["tool"], "arguments": action["arguments"]})
+    if _rand(self.seed, s.turn, "invalid") < self.invalid_rate:
       call = call[:-2]  # a truncated, unparseable call
       s.last_action = None
-    text = f'{thought}\n{call}'
-    return ModelResponse(text=text,
-                         prompt_tokens=tokens_lib.count_message_tokens(messages),
-                         completion_tokens=tokens_lib.approx_token_count(text))
+    text = f"{thought}\n{call}"
+    return ModelResponse(
+      text=text,
+      prompt_tokens=tokens_lib.count_message_tokens(messages),
+      completion_tokens=tokens_lib.approx_token_count(text),
+    )
 
 
 _THOUGHTS = {
-    'list_files': 'Let me look at the project first.',
-    'read_file': 'Reading the project files.',
-    'inspect_data': 'Checking the data.',
-    'filter_labels': 'Cleaning the labels before training.',
-    'set_config': 'Setting the learning rate for the next run.',
-    'launch_run': 'Launching a training run.',
-    'check_run': 'Checking on the run.',
-    'sleep': 'Waiting for training to progress.',
-    'list_jobs': 'Checking background jobs.',
-    'evaluate': 'The run is done; evaluating on dev.',
-    'submit': 'Submitting.',
-    'finish': 'Done.',
-    'kill_run': 'Stopping this run.',
+  "list_files": "Let me look at the project first.",
+  "read_file": "Reading the project files.",
+  "inspect_data": "Checking the data.",
+  "filter_labels": "Cleaning the labels before training.",
+  "set_config": "Setting the learning rate for the next run.",
+  "launch_run": "Launching a training run.",
+  "check_run": "Checking on the run.",
+  "sleep": "Waiting for training to progress.",
+  "list_jobs": "Checking background jobs.",
+  "evaluate": "The run is done; evaluating on dev.",
+  "submit": "Submitting.",
+  "finish": "Done.",
+  "kill_run": "Stopping this run.",
 }
 
 
-register_backend('scripted', lambda seed, **kw: ScriptedResearchPolicy(seed=seed, **kw))
+register_backend("scripted", lambda seed, **kw: ScriptedResearchPolicy(seed=seed, **kw))
 
 
-def _openai_factory(seed: int, api_key_env: str | None = None, **options: Any
-                    ) -> OpenAIChatBackend:
+def _openai_factory(seed: int, api_key_env: str | None = None, **options: Any) -> OpenAIChatBackend:
   # Keys are read from the environment at start-up and never stored with a session.
   del seed
   key = os.environ.get(api_key_env) if api_key_env else None
   return OpenAIChatBackend(api_key=key, **options)
 
 
-register_backend('openai', _openai_factory)
+register_backend("openai", _openai_factory)

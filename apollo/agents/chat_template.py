@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import tokenizers
@@ -59,8 +59,12 @@ ROLE_SYSTEM = 0
 ROLE_USER = 1
 ROLE_GUIDANCE = 2  # A user-role message carrying the human's <human_guidance> tag.
 ROLE_ASSISTANT = 3
-ROLE_IDS = {"system": ROLE_SYSTEM, "user": ROLE_USER, "guidance": ROLE_GUIDANCE,
-            "assistant": ROLE_ASSISTANT}
+ROLE_IDS = {
+  "system": ROLE_SYSTEM,
+  "user": ROLE_USER,
+  "guidance": ROLE_GUIDANCE,
+  "assistant": ROLE_ASSISTANT,
+}
 _CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -107,14 +111,15 @@ class ChatTemplate:
     ids = {t: tokenizer.token_to_id(t) for t in (IM_START, IM_END)}
     missing = [t for t, i in ids.items() if i is None]
     if missing:
-      raise ValueError(f"The tokenizer has no {missing} token(s); the ChatML template "
-                       f"needs {IM_START} and {IM_END}.")
+      raise ValueError(
+        f"The tokenizer has no {missing} token(s); the ChatML template "
+        f"needs {IM_START} and {IM_END}."
+      )
     self.im_start_id = ids[IM_START]
     self.im_end_id = ids[IM_END]
     endoftext = tokenizer.token_to_id(ENDOFTEXT)
     # Generation stops at the end of the assistant turn (or of the document).
-    self.stop_ids: tuple[int, ...] = (self.im_end_id,) + (
-        () if endoftext is None else (endoftext,))
+    self.stop_ids: tuple[int, ...] = (self.im_end_id,) + (() if endoftext is None else (endoftext,))
     self.pad_id: int = self.im_end_id if endoftext is None else endoftext
     self._literal = _literal_copy(tokenizer)
     self._newline = self._encode_plain("\n")
@@ -132,18 +137,19 @@ class ChatTemplate:
       return ROLE_GUIDANCE
     return ROLE_IDS[role]
 
-  def render_text(self, messages: Sequence[Mapping[str, str]],
-                  add_generation_prompt: bool = False) -> str:
+  def render_text(
+    self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False
+  ) -> str:
     """The template as a string (for reading; :meth:`render` is what the model sees)."""
     text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
   def render(
-      self,
-      messages: Sequence[Mapping[str, str]],
-      *,
-      add_generation_prompt: bool = False,
-      trainable: Sequence[bool] | None = None,
+    self,
+    messages: Sequence[Mapping[str, str]],
+    *,
+    add_generation_prompt: bool = False,
+    trainable: Sequence[bool] | None = None,
   ) -> RenderedChat:
     """Tokenizes ``messages`` with roles, segments and the loss mask.
 
@@ -175,8 +181,7 @@ class ChatTemplate:
       role = self.role_of(message)
       is_target = role == ROLE_ASSISTANT and (trainable is None or bool(trainable[index]))
       header = f"{message['role']}\n"
-      encoding = self._literal.encode(header + message["content"],
-                                      add_special_tokens=False)
+      encoding = self._literal.encode(header + message["content"], add_special_tokens=False)
       # A token belongs to the content if it ends inside it.
       in_content = [end > len(header) for _, end in encoding.offsets]
       add([self.im_start_id], role, index, False)
@@ -184,11 +189,15 @@ class ChatTemplate:
       add([self.im_end_id], role, index, is_target)
       add(self._newline, role, index, False)
     if add_generation_prompt:
-      add([self.im_start_id] + self._encode_plain("assistant\n"), ROLE_ASSISTANT,
-          len(messages), False)
-    return RenderedChat(ids=np.asarray(ids, np.int32), roles=np.asarray(roles, np.int8),
-                        segments=np.asarray(segments, np.int32),
-                        loss_mask=np.asarray(mask, bool))
+      add(
+        [self.im_start_id] + self._encode_plain("assistant\n"), ROLE_ASSISTANT, len(messages), False
+      )
+    return RenderedChat(
+      ids=np.asarray(ids, np.int32),
+      roles=np.asarray(roles, np.int8),
+      segments=np.asarray(segments, np.int32),
+      loss_mask=np.asarray(mask, bool),
+    )
 
   def decode_response(self, ids: Sequence[int]) -> str:
     """The text of generated ids, cut at the first stop token."""
@@ -225,26 +234,25 @@ def load_chat_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
 # A small corpus in the agent's register (tool calls, observations, advice), so a
 # demo tokenizer has merges for the strings the rollout loop actually produces.
 DEMO_CORPUS: tuple[str, ...] = (
-    "system user assistant: You are a research agent. Call exactly one tool per turn "
-    "as JSON.",
-    '{"tool": "read_file", "arguments": {"path": "README.md"}}',
-    '{"tool": "launch_run", "arguments": {"gpu": 1, "data": "filtered"}}',
-    '{"tool": "check_run", "arguments": {"run_id": "r1"}}',
-    '{"tool": "sleep", "arguments": {"hours": 0.5}}',
-    '{"tool": "set_config", "arguments": {"key": "learning_rate", "value": 0.001}}',
-    "run r1: status=running gpu=1 data=filtered lr=0.001 train_loss=2.31",
-    "[clock 3.5h / 24.0h | submissions left: 3]",
-    "<human_guidance id=\"1\" source=\"human\">That run needs about ten more hours; "
-    "don't kill it.</human_guidance>",
-    "The loss is still going down; waiting for training to progress.",
-    "Checking the data before training. The labels look noisy; filtering them first.",
+  "system user assistant: You are a research agent. Call exactly one tool per turn as JSON.",
+  '{"tool": "read_file", "arguments": {"path": "README.md"}}',
+  '{"tool": "launch_run", "arguments": {"gpu": 1, "data": "filtered"}}',
+  '{"tool": "check_run", "arguments": {"run_id": "r1"}}',
+  '{"tool": "sleep", "arguments": {"hours": 0.5}}',
+  '{"tool": "set_config", "arguments": {"key": "learning_rate", "value": 0.001}}',
+  "run r1: status=running gpu=1 data=filtered lr=0.001 train_loss=2.31",
+  "[clock 3.5h / 24.0h | submissions left: 3]",
+  '<human_guidance id="1" source="human">That run needs about ten more hours; '
+  "don't kill it.</human_guidance>",
+  "The loss is still going down; waiting for training to progress.",
+  "Checking the data before training. The labels look noisy; filtering them first.",
 )
 
 
 def train_chat_tokenizer(
-    texts: Iterable[str] = DEMO_CORPUS,
-    vocab_size: int = 512,
-    out_dir: str | os.PathLike | None = None,
+  texts: Iterable[str] = DEMO_CORPUS,
+  vocab_size: int = 512,
+  out_dir: str | os.PathLike | None = None,
 ) -> tokenizers.Tokenizer:
   """Trains a tiny byte-level BPE with the ChatML special tokens (ids 0-2).
 
@@ -260,8 +268,12 @@ def train_chat_tokenizer(
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size, min_frequency=1, special_tokens=list(CHAT_SPECIAL_TOKENS),
-      show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    vocab_size=vocab_size,
+    min_frequency=1,
+    special_tokens=list(CHAT_SPECIAL_TOKENS),
+    show_progress=False,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tokenizer.train_from_iterator(list(texts), trainer=trainer)
   if out_dir is not None:
     os.makedirs(out_dir, exist_ok=True)

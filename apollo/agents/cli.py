@@ -26,14 +26,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
-DEFAULT_URL = 'http://127.0.0.1:8765'
+DEFAULT_URL = "http://127.0.0.1:8765"
 
 
 class ApiClientError(RuntimeError):
   def __init__(self, status: int, message: str):
-    super().__init__(f'HTTP {status}: {message}')
+    super().__init__(f"HTTP {status}: {message}")
     self.status = status
     self.message = message
 
@@ -41,28 +42,30 @@ class ApiClientError(RuntimeError):
 class HttpClient:
   """Talks to the rollout service; implements `simulated_human.RolloutAPI`."""
 
-  def __init__(self, base_url: str = DEFAULT_URL, token: str | None = None,
-               timeout_s: float = 30.0):
-    self.base_url = base_url.rstrip('/')
+  def __init__(
+    self, base_url: str = DEFAULT_URL, token: str | None = None, timeout_s: float = 30.0
+  ):
+    self.base_url = base_url.rstrip("/")
     self.token = token
     self.timeout_s = timeout_s
 
   def request(self, method: str, path: str, body: Any = None, raw: bool = False) -> Any:
     data = None if body is None else json.dumps(body).encode()
-    headers = {'Accept': 'application/json'}
+    headers = {"Accept": "application/json"}
     if data is not None:
-      headers['Content-Type'] = 'application/json'
+      headers["Content-Type"] = "application/json"
     if self.token:
-      headers['Authorization'] = f'Bearer {self.token}'
-    request = urllib.request.Request(self.base_url + path, data=data, headers=headers,
-                                     method=method)
+      headers["Authorization"] = f"Bearer {self.token}"
+    request = urllib.request.Request(
+      self.base_url + path, data=data, headers=headers, method=method
+    )
     try:
       with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
         payload = reply.read()
     except urllib.error.HTTPError as e:
-      text = e.read().decode(errors='replace')
+      text = e.read().decode(errors="replace")
       try:
-        message = json.loads(text)['error']
+        message = json.loads(text)["error"]
       except (json.JSONDecodeError, KeyError, TypeError):
         message = text
       raise ApiClientError(e.code, message) from None
@@ -70,154 +73,180 @@ class HttpClient:
 
   # RolloutAPI
   def get_session(self, session_id: str) -> dict[str, Any]:
-    return self.request('GET', f'/api/sessions/{session_id}')
+    return self.request("GET", f"/api/sessions/{session_id}")
 
-  def get_steps(self, session_id: str, since: int = -1, limit: int = 1000,
-                full: bool = False) -> list[dict[str, Any]]:
-    query = urllib.parse.urlencode({'since': since, 'limit': limit, 'full': int(full)})
-    return self.request('GET', f'/api/sessions/{session_id}/steps?{query}')['steps']
+  def get_steps(
+    self, session_id: str, since: int = -1, limit: int = 1000, full: bool = False
+  ) -> list[dict[str, Any]]:
+    query = urllib.parse.urlencode({"since": since, "limit": limit, "full": int(full)})
+    return self.request("GET", f"/api/sessions/{session_id}/steps?{query}")["steps"]
 
-  def send_guidance(self, session_id: str, text: str, source: str = 'human',
-                    client_msg_id: str | None = None,
-                    meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {'text': text, 'source': source,
-                            'client_msg_id': client_msg_id or uuid.uuid4().hex}
+  def send_guidance(
+    self,
+    session_id: str,
+    text: str,
+    source: str = "human",
+    client_msg_id: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+  ) -> dict[str, Any]:
+    body: dict[str, Any] = {
+      "text": text,
+      "source": source,
+      "client_msg_id": client_msg_id or uuid.uuid4().hex,
+    }
     if meta is not None:
-      body['meta'] = dict(meta)
-    return self.request('POST', f'/api/sessions/{session_id}/guidance', body)
+      body["meta"] = dict(meta)
+    return self.request("POST", f"/api/sessions/{session_id}/guidance", body)
 
-  def flag_step(self, session_id: str, step_index: int, flag: str | None,
-                reason: str | None = None) -> dict[str, Any]:
-    return self.request('POST', f'/api/sessions/{session_id}/steps/{step_index}/flag',
-                        {'flag': flag, 'reason': reason})
+  def flag_step(
+    self, session_id: str, step_index: int, flag: str | None, reason: str | None = None
+  ) -> dict[str, Any]:
+    return self.request(
+      "POST",
+      f"/api/sessions/{session_id}/steps/{step_index}/flag",
+      {"flag": flag, "reason": reason},
+    )
 
   # Everything else.
   def list_sessions(self) -> list[dict[str, Any]]:
-    return self.request('GET', '/api/sessions')['sessions']
+    return self.request("GET", "/api/sessions")["sessions"]
 
   def create_session(self, **spec: Any) -> dict[str, Any]:
-    return self.request('POST', '/api/sessions', spec)
+    return self.request("POST", "/api/sessions", spec)
 
   def control(self, session_id: str, what: str) -> dict[str, Any]:
-    return self.request('POST', f'/api/sessions/{session_id}/{what}', {})
+    return self.request("POST", f"/api/sessions/{session_id}/{what}", {})
 
   def export(self, session_id: str | None = None) -> str:
-    path = f'/api/sessions/{session_id}/export.jsonl' if session_id else '/api/export.jsonl'
-    return self.request('GET', path, raw=True)
+    path = f"/api/sessions/{session_id}/export.jsonl" if session_id else "/api/export.jsonl"
+    return self.request("GET", path, raw=True)
 
   def events(self, session_id: str, since: int = -1) -> Iterator[tuple[str, Any]]:
     """Yields (event, data) from the server-sent event stream until it ends."""
-    headers = {'Accept': 'text/event-stream'}
+    headers = {"Accept": "text/event-stream"}
     if self.token:
-      headers['Authorization'] = f'Bearer {self.token}'
+      headers["Authorization"] = f"Bearer {self.token}"
     request = urllib.request.Request(
-        f'{self.base_url}/api/sessions/{session_id}/events?since={since}', headers=headers)
+      f"{self.base_url}/api/sessions/{session_id}/events?since={since}", headers=headers
+    )
     with urllib.request.urlopen(request, timeout=self.timeout_s) as stream:
-      kind, data = 'message', []
+      kind, data = "message", []
       for raw_line in stream:
-        line = raw_line.decode().rstrip('\n')
+        line = raw_line.decode().rstrip("\n")
         if not line:
           if data:
-            yield kind, json.loads('\n'.join(data))
-            if kind == 'end':
+            yield kind, json.loads("\n".join(data))
+            if kind == "end":
               return
-          kind, data = 'message', []
-        elif line.startswith('event: '):
-          kind = line[len('event: '):]
-        elif line.startswith('data: '):
-          data.append(line[len('data: '):])
+          kind, data = "message", []
+        elif line.startswith("event: "):
+          kind = line[len("event: ") :]
+        elif line.startswith("data: "):
+          data.append(line[len("data: ") :])
 
 
 def _step_line(step: Mapping[str, Any]) -> str:
-  action = step.get('action')
-  what = (f'{action["tool"]} {json.dumps(action["arguments"])}' if action
-          else ('SUMMARY' if step['kind'] == 'summary' else f'PARSE ERROR: {step["parse_error"]}'))
-  first = (step.get('observation') or '').strip().splitlines()
-  flag = f' [{step["human_flag"]}]' if step.get('human_flag') else ''
-  guided = f' (+guidance {step["guidance_ids"]})' if step.get('guidance_ids') else ''
-  return f'{step["step_index"]:4d}{flag}{guided} {what} -> {(first[0] if first else "")[:100]}'
+  action = step.get("action")
+  what = (
+    f"{action['tool']} {json.dumps(action['arguments'])}"
+    if action
+    else ("SUMMARY" if step["kind"] == "summary" else f"PARSE ERROR: {step['parse_error']}")
+  )
+  first = (step.get("observation") or "").strip().splitlines()
+  flag = f" [{step['human_flag']}]" if step.get("human_flag") else ""
+  guided = f" (+guidance {step['guidance_ids']})" if step.get("guidance_ids") else ""
+  return f"{step['step_index']:4d}{flag}{guided} {what} -> {(first[0] if first else '')[:100]}"
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m apollo.agents.cli',
-                                   description='Client of the Apollo rollout service.')
-  parser.add_argument('--url', default=os.environ.get('APOLLO_URL', DEFAULT_URL))
-  parser.add_argument('--token', default=os.environ.get('APOLLO_TOKEN'))
-  sub = parser.add_subparsers(dest='command', required=True)
-  sub.add_parser('list')
-  create = sub.add_parser('create')
-  create.add_argument('--seed', type=int, default=0)
-  create.add_argument('--env', default='research')
-  create.add_argument('--backend', default='scripted')
-  create.add_argument('--paused', action='store_true')
-  for name in ('show', 'watch', 'pause', 'resume', 'interrupt', 'stop'):
-    sub.add_parser(name).add_argument('session_id')
-  steps = sub.add_parser('steps')
-  steps.add_argument('session_id')
-  steps.add_argument('--since', type=int, default=-1)
-  steps.add_argument('--limit', type=int, default=1000)
-  guide = sub.add_parser('guide')
-  guide.add_argument('session_id')
-  guide.add_argument('text', nargs='+')
-  flag = sub.add_parser('flag')
-  flag.add_argument('session_id')
-  flag.add_argument('step', type=int)
-  flag.add_argument('flag', choices=['good', 'bad', 'clear'])
-  flag.add_argument('--reason')
-  export = sub.add_parser('export')
-  export.add_argument('session_id')
-  export.add_argument('--out')
+  parser = argparse.ArgumentParser(
+    prog="python -m apollo.agents.cli", description="Client of the Apollo rollout service."
+  )
+  parser.add_argument("--url", default=os.environ.get("APOLLO_URL", DEFAULT_URL))
+  parser.add_argument("--token", default=os.environ.get("APOLLO_TOKEN"))
+  sub = parser.add_subparsers(dest="command", required=True)
+  sub.add_parser("list")
+  create = sub.add_parser("create")
+  create.add_argument("--seed", type=int, default=0)
+  create.add_argument("--env", default="research")
+  create.add_argument("--backend", default="scripted")
+  create.add_argument("--paused", action="store_true")
+  for name in ("show", "watch", "pause", "resume", "interrupt", "stop"):
+    sub.add_parser(name).add_argument("session_id")
+  steps = sub.add_parser("steps")
+  steps.add_argument("session_id")
+  steps.add_argument("--since", type=int, default=-1)
+  steps.add_argument("--limit", type=int, default=1000)
+  guide = sub.add_parser("guide")
+  guide.add_argument("session_id")
+  guide.add_argument("text", nargs="+")
+  flag = sub.add_parser("flag")
+  flag.add_argument("session_id")
+  flag.add_argument("step", type=int)
+  flag.add_argument("flag", choices=["good", "bad", "clear"])
+  flag.add_argument("--reason")
+  export = sub.add_parser("export")
+  export.add_argument("session_id")
+  export.add_argument("--out")
   args = parser.parse_args(argv)
   client = HttpClient(args.url, args.token)
   try:
-    if args.command == 'list':
+    if args.command == "list":
       for s in client.list_sessions():
-        print(f'{s["session_id"]}  {s["status"]:9s} env={s["env_name"]} seed={s["seed"]} '
-              f'steps={s["num_steps"]} result={json.dumps(s["result"])}')
-    elif args.command == 'create':
-      s = client.create_session(env=args.env, seed=args.seed, backend=args.backend,
-                                paused=args.paused)
-      print(s['session_id'])
-    elif args.command == 'show':
+        print(
+          f"{s['session_id']}  {s['status']:9s} env={s['env_name']} seed={s['seed']} "
+          f"steps={s['num_steps']} result={json.dumps(s['result'])}"
+        )
+    elif args.command == "create":
+      s = client.create_session(
+        env=args.env, seed=args.seed, backend=args.backend, paused=args.paused
+      )
+      print(s["session_id"])
+    elif args.command == "show":
       print(json.dumps(client.get_session(args.session_id), indent=2))
-    elif args.command == 'steps':
+    elif args.command == "steps":
       for step in client.get_steps(args.session_id, args.since, args.limit):
         print(_step_line(step))
-    elif args.command == 'watch':
+    elif args.command == "watch":
       for kind, data in client.events(args.session_id):
-        if kind == 'step':
+        if kind == "step":
           print(_step_line(data), flush=True)
-        elif kind == 'session':
-          print(f'# status={data["status"]} steps={data["num_steps"]} '
-                f'paused={data["paused"]}', flush=True)
-        elif kind == 'end':
-          print(f'# ended: {data["status"]}')
-    elif args.command == 'guide':
-      reply = client.send_guidance(args.session_id, ' '.join(args.text))
-      print(f'guidance {reply["guidance"]["guidance_id"]} buffered; it reaches the agent at '
-            'its next turn')
-    elif args.command in ('pause', 'resume', 'interrupt', 'stop'):
+        elif kind == "session":
+          print(
+            f"# status={data['status']} steps={data['num_steps']} paused={data['paused']}",
+            flush=True,
+          )
+        elif kind == "end":
+          print(f"# ended: {data['status']}")
+    elif args.command == "guide":
+      reply = client.send_guidance(args.session_id, " ".join(args.text))
+      print(
+        f"guidance {reply['guidance']['guidance_id']} buffered; it reaches the agent at "
+        "its next turn"
+      )
+    elif args.command in ("pause", "resume", "interrupt", "stop"):
       print(json.dumps(client.control(args.session_id, args.command)))
-    elif args.command == 'flag':
-      client.flag_step(args.session_id, args.step,
-                       None if args.flag == 'clear' else args.flag, args.reason)
-      print('ok')
-    elif args.command == 'export':
-      text = client.export(None if args.session_id == 'all' else args.session_id)
+    elif args.command == "flag":
+      client.flag_step(
+        args.session_id, args.step, None if args.flag == "clear" else args.flag, args.reason
+      )
+      print("ok")
+    elif args.command == "export":
+      text = client.export(None if args.session_id == "all" else args.session_id)
       if args.out:
-        with open(args.out, 'w', encoding='utf-8') as f:
+        with open(args.out, "w", encoding="utf-8") as f:
           f.write(text)
-        print(f'{text.count(chr(10))} steps written to {args.out}')
+        print(f"{text.count(chr(10))} steps written to {args.out}")
       else:
         sys.stdout.write(text)
   except ApiClientError as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr)
     return 1
   except urllib.error.URLError as e:
-    print(f'error: cannot reach {args.url}: {e.reason}', file=sys.stderr)
+    print(f"error: cannot reach {args.url}: {e.reason}", file=sys.stderr)
     return 1
   return 0
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   sys.exit(main())

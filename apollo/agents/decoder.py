@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +44,10 @@ from flax import nnx
 
 # Generic helpers shared with the encoder (logical names -> specs -> shardings).
 from apollo.common import mesh as mesh_lib
-from apollo.common.mesh import logical_init
-from apollo.common.mesh import named_shardings  # noqa: F401  (re-exported)
+from apollo.common.mesh import (
+  logical_init,
+  named_shardings,  # noqa: F401  (re-exported)
+)
 from apollo.lm.model import count_params  # noqa: F401  (re-exported)
 
 # Logical axis name -> mesh axis (None = replicated). As the encoder: 'embed' over
@@ -53,22 +56,25 @@ from apollo.lm.model import count_params  # noqa: F401  (re-exported)
 # heads its query heads read; num_kv_heads must then be divisible by the 'tensor'
 # axis (map 'kv_heads' to None for models with fewer kv heads than that).
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("kv", None),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("kv", None),
 )
 
 
-def logical_partition_specs(state: Any, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+def logical_partition_specs(
+  state: Any, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES
+) -> Any:
   """`apollo.common.mesh.logical_partition_specs` with the decoder's rules by default."""
   return mesh_lib.logical_partition_specs(state, rules)
 
 
-def create_sharded_model(make_model, mesh: jax.sharding.Mesh | None,
-                         rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> nnx.Module:
+def create_sharded_model(
+  make_model, mesh: jax.sharding.Mesh | None, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES
+) -> nnx.Module:
   """`apollo.common.mesh.create_sharded_model` with the decoder's rules by default."""
   return mesh_lib.create_sharded_model(make_model, mesh, rules)
 
@@ -110,17 +116,21 @@ class DecoderConfig:
     object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
     if self.head_dim is None:
       if self.hidden_size % self.num_heads:
-        raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
-                         f"num_heads={self.num_heads}; set head_dim.")
+        raise ValueError(
+          f"hidden_size={self.hidden_size} is not divisible by "
+          f"num_heads={self.num_heads}; set head_dim."
+        )
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
-                       f"num_kv_heads={self.num_kv_heads}.")
+      raise ValueError(
+        f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}."
+      )
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
     if self.rope_scaling not in (None, "llama3"):
-      raise ValueError(f"rope_scaling={self.rope_scaling!r}: only None and 'llama3' "
-                       "are implemented.")
+      raise ValueError(
+        f"rope_scaling={self.rope_scaling!r}: only None and 'llama3' are implemented."
+      )
 
   @property
   def num_query_groups(self) -> int:
@@ -128,53 +138,120 @@ class DecoderConfig:
     return self.num_heads // self.num_kv_heads
 
 
-_LLAMA = dict(rope_theta=10_000.0, rms_norm_eps=1e-5, attention_bias=False,
-              tie_word_embeddings=False)
-_QWEN2 = dict(rope_theta=1_000_000.0, rms_norm_eps=1e-6, attention_bias=True,
-              max_position_embeddings=32768)
-_LLAMA3_ROPE = dict(rope_theta=500_000.0, rope_scaling="llama3", rope_scaling_factor=32.0,
-                    rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                    rope_original_max_position_embeddings=8192,
-                    max_position_embeddings=131072)
+_LLAMA = dict(
+  rope_theta=10_000.0, rms_norm_eps=1e-5, attention_bias=False, tie_word_embeddings=False
+)
+_QWEN2 = dict(
+  rope_theta=1_000_000.0, rms_norm_eps=1e-6, attention_bias=True, max_position_embeddings=32768
+)
+_LLAMA3_ROPE = dict(
+  rope_theta=500_000.0,
+  rope_scaling="llama3",
+  rope_scaling_factor=32.0,
+  rope_low_freq_factor=1.0,
+  rope_high_freq_factor=4.0,
+  rope_original_max_position_embeddings=8192,
+  max_position_embeddings=131072,
+)
 
 _PRESETS: dict[str, dict[str, Any]] = {
-    # Unit tests and CPU quickstarts: GQA (4 query heads share 2 kv heads), Qwen2
-    # biases, untied head, so every code path is exercised.
-    "tiny": dict(
-        vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-        intermediate_size=128, max_position_embeddings=512, rope_theta=10_000.0,
-        rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=False),
-    # A minutes-scale model for CPU/GPU experiments (about 25M parameters).
-    "small": dict(
-        vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
-        intermediate_size=1408, max_position_embeddings=4096, rope_theta=10_000.0,
-        rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True),
-    # Qwen/Qwen2-0.5B(-Instruct) and Qwen2.5-0.5B.
-    "qwen2_0_5b": dict(
-        _QWEN2, vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14,
-        num_kv_heads=2, intermediate_size=4864, tie_word_embeddings=True),
-    # Qwen/Qwen2-1.5B(-Instruct) and Qwen2.5-1.5B.
-    "qwen2_1_5b": dict(
-        _QWEN2, vocab_size=151936, hidden_size=1536, num_layers=28, num_heads=12,
-        num_kv_heads=2, intermediate_size=8960, tie_word_embeddings=True),
-    # Qwen/Qwen2-7B(-Instruct) and Qwen2.5-7B.
-    "qwen2_7b": dict(
-        _QWEN2, vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28,
-        num_kv_heads=4, intermediate_size=18944, tie_word_embeddings=False),
-    # meta-llama/Llama-3.2-1B.
-    "llama_1b": dict(
-        _LLAMA, **_LLAMA3_ROPE, vocab_size=128256, hidden_size=2048, num_layers=16,
-        num_heads=32, num_kv_heads=8, head_dim=64, intermediate_size=8192,
-        tie_word_embeddings=True),
-    # meta-llama/Llama-2-7b-hf (multi-head attention: kv heads = heads).
-    "llama_7b": dict(
-        _LLAMA, vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
-        num_kv_heads=32, intermediate_size=11008, max_position_embeddings=4096),
-    # meta-llama/Llama-3.1-8B.
-    "llama3_8b": dict(
-        _LLAMA, **{**_LLAMA3_ROPE, "rope_scaling_factor": 8.0}, vocab_size=128256,
-        hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-        intermediate_size=14336),
+  # Unit tests and CPU quickstarts: GQA (4 query heads share 2 kv heads), Qwen2
+  # biases, untied head, so every code path is exercised.
+  "tiny": dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=128,
+    max_position_embeddings=512,
+    rope_theta=10_000.0,
+    rms_norm_eps=1e-6,
+    attention_bias=True,
+    tie_word_embeddings=False,
+  ),
+  # A minutes-scale model for CPU/GPU experiments (about 25M parameters).
+  "small": dict(
+    vocab_size=8192,
+    hidden_size=512,
+    num_layers=8,
+    num_heads=8,
+    num_kv_heads=4,
+    intermediate_size=1408,
+    max_position_embeddings=4096,
+    rope_theta=10_000.0,
+    rms_norm_eps=1e-6,
+    attention_bias=True,
+    tie_word_embeddings=True,
+  ),
+  # Qwen/Qwen2-0.5B(-Instruct) and Qwen2.5-0.5B.
+  "qwen2_0_5b": dict(
+    _QWEN2,
+    vocab_size=151936,
+    hidden_size=896,
+    num_layers=24,
+    num_heads=14,
+    num_kv_heads=2,
+    intermediate_size=4864,
+    tie_word_embeddings=True,
+  ),
+  # Qwen/Qwen2-1.5B(-Instruct) and Qwen2.5-1.5B.
+  "qwen2_1_5b": dict(
+    _QWEN2,
+    vocab_size=151936,
+    hidden_size=1536,
+    num_layers=28,
+    num_heads=12,
+    num_kv_heads=2,
+    intermediate_size=8960,
+    tie_word_embeddings=True,
+  ),
+  # Qwen/Qwen2-7B(-Instruct) and Qwen2.5-7B.
+  "qwen2_7b": dict(
+    _QWEN2,
+    vocab_size=152064,
+    hidden_size=3584,
+    num_layers=28,
+    num_heads=28,
+    num_kv_heads=4,
+    intermediate_size=18944,
+    tie_word_embeddings=False,
+  ),
+  # meta-llama/Llama-3.2-1B.
+  "llama_1b": dict(
+    _LLAMA,
+    **_LLAMA3_ROPE,
+    vocab_size=128256,
+    hidden_size=2048,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=64,
+    intermediate_size=8192,
+    tie_word_embeddings=True,
+  ),
+  # meta-llama/Llama-2-7b-hf (multi-head attention: kv heads = heads).
+  "llama_7b": dict(
+    _LLAMA,
+    vocab_size=32000,
+    hidden_size=4096,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=32,
+    intermediate_size=11008,
+    max_position_embeddings=4096,
+  ),
+  # meta-llama/Llama-3.1-8B.
+  "llama3_8b": dict(
+    _LLAMA,
+    **{**_LLAMA3_ROPE, "rope_scaling_factor": 8.0},
+    vocab_size=128256,
+    hidden_size=4096,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    intermediate_size=14336,
+  ),
 }
 
 PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)
@@ -222,8 +299,7 @@ class KVCache(NamedTuple):
     return self.valid.shape[1]
 
 
-def init_cache(config: DecoderConfig, batch_size: int, max_len: int,
-               dtype: Any = None) -> KVCache:
+def init_cache(config: DecoderConfig, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
   """An empty cache for ``batch_size`` rows of up to ``max_len`` tokens.
 
   ``dtype`` defaults to the compute dtype. Memory: ``2 * num_layers * batch_size *
@@ -232,11 +308,15 @@ def init_cache(config: DecoderConfig, batch_size: int, max_len: int,
   c = config
   dtype = c.dtype if dtype is None else jnp.dtype(dtype)
   shape = (batch_size, max_len, c.num_kv_heads, c.head_dim)
-  layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-                 for _ in range(c.num_layers))
-  return KVCache(layers=layers, valid=jnp.zeros((batch_size, max_len), bool),
-                 index=jnp.zeros((), jnp.int32),
-                 positions=jnp.zeros((batch_size,), jnp.int32))
+  layers = tuple(
+    LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers)
+  )
+  return KVCache(
+    layers=layers,
+    valid=jnp.zeros((batch_size, max_len), bool),
+    index=jnp.zeros((), jnp.int32),
+    positions=jnp.zeros((batch_size,), jnp.int32),
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -252,7 +332,7 @@ def rope_inverse_frequencies(config: DecoderConfig) -> jax.Array:
   """
   c = config
   exponents = jnp.arange(0, c.head_dim, 2, dtype=jnp.float32) / c.head_dim
-  inv_freq = 1.0 / (c.rope_theta ** exponents)
+  inv_freq = 1.0 / (c.rope_theta**exponents)
   if c.rope_scaling == "llama3":
     old_len = c.rope_original_max_position_embeddings
     low_wavelen = old_len / c.rope_low_freq_factor
@@ -260,7 +340,8 @@ def rope_inverse_frequencies(config: DecoderConfig) -> jax.Array:
     wavelen = 2 * jnp.pi / inv_freq
     scaled = jnp.where(wavelen > low_wavelen, inv_freq / c.rope_scaling_factor, inv_freq)
     smooth = (old_len / wavelen - c.rope_low_freq_factor) / (
-        c.rope_high_freq_factor - c.rope_low_freq_factor)
+      c.rope_high_freq_factor - c.rope_low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / c.rope_scaling_factor + smooth * scaled
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     inv_freq = jnp.where(is_medium, smoothed, scaled)
@@ -294,8 +375,11 @@ class RMSNorm(nnx.Module):
     c = config
     self.eps = c.rms_norm_eps
     # Vectors of width 'embed' are replicated, as the encoder's LayerNorms.
-    self.scale = nnx.Param(logical_init(nnx.initializers.ones_init(), (None,))(
-        rngs.params(), (c.hidden_size,), c.param_dtype))
+    self.scale = nnx.Param(
+      logical_init(nnx.initializers.ones_init(), (None,))(
+        rngs.params(), (c.hidden_size,), c.param_dtype
+      )
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = x.dtype
@@ -304,16 +388,22 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(dtype) * x32.astype(dtype)
 
 
-def _projection(c: DecoderConfig, in_features, out_features, axes, *, bias: bool,
-                rngs: nnx.Rngs, axis=-1) -> nnx.LinearGeneral:
+def _projection(
+  c: DecoderConfig, in_features, out_features, axes, *, bias: bool, rngs: nnx.Rngs, axis=-1
+) -> nnx.LinearGeneral:
   """A (possibly multi-axis) Linear with HF's init and logical names ``axes``."""
-  out_axes = axes[-len(out_features):] if isinstance(out_features, tuple) else axes[-1:]
+  out_axes = axes[-len(out_features) :] if isinstance(out_features, tuple) else axes[-1:]
   return nnx.LinearGeneral(
-      in_features, out_features, axis=axis, use_bias=bias, dtype=c.dtype,
-      param_dtype=c.param_dtype,
-      kernel_init=logical_init(nnx.initializers.normal(c.initializer_range), axes),
-      bias_init=logical_init(nnx.initializers.zeros_init(), tuple(out_axes)),
-      rngs=rngs)
+    in_features,
+    out_features,
+    axis=axis,
+    use_bias=bias,
+    dtype=c.dtype,
+    param_dtype=c.param_dtype,
+    kernel_init=logical_init(nnx.initializers.normal(c.initializer_range), axes),
+    bias_init=logical_init(nnx.initializers.zeros_init(), tuple(out_axes)),
+    rngs=rngs,
+  )
 
 
 class Attention(nnx.Module):
@@ -326,17 +416,39 @@ class Attention(nnx.Module):
 
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
     c = self.config = config
-    self.q_proj = _projection(c, c.hidden_size, (c.num_heads, c.head_dim),
-                              ("embed", "heads", "kv"), bias=c.attention_bias, rngs=rngs)
-    self.k_proj = _projection(c, c.hidden_size, (c.num_kv_heads, c.head_dim),
-                              ("embed", "kv_heads", "kv"), bias=c.attention_bias,
-                              rngs=rngs)
-    self.v_proj = _projection(c, c.hidden_size, (c.num_kv_heads, c.head_dim),
-                              ("embed", "kv_heads", "kv"), bias=c.attention_bias,
-                              rngs=rngs)
-    self.o_proj = _projection(c, (c.num_heads, c.head_dim), c.hidden_size,
-                              ("heads", "kv", "embed"), bias=False, rngs=rngs,
-                              axis=(-2, -1))
+    self.q_proj = _projection(
+      c,
+      c.hidden_size,
+      (c.num_heads, c.head_dim),
+      ("embed", "heads", "kv"),
+      bias=c.attention_bias,
+      rngs=rngs,
+    )
+    self.k_proj = _projection(
+      c,
+      c.hidden_size,
+      (c.num_kv_heads, c.head_dim),
+      ("embed", "kv_heads", "kv"),
+      bias=c.attention_bias,
+      rngs=rngs,
+    )
+    self.v_proj = _projection(
+      c,
+      c.hidden_size,
+      (c.num_kv_heads, c.head_dim),
+      ("embed", "kv_heads", "kv"),
+      bias=c.attention_bias,
+      rngs=rngs,
+    )
+    self.o_proj = _projection(
+      c,
+      (c.num_heads, c.head_dim),
+      c.hidden_size,
+      ("heads", "kv", "embed"),
+      bias=False,
+      rngs=rngs,
+      axis=(-2, -1),
+    )
 
   def __call__(self, x, positions, inv_freq, key_mask, layer_cache=None, index=None):
     """Attends each query to the keys ``key_mask`` allows.
@@ -365,11 +477,12 @@ class Attention(nnx.Module):
     batch, length = q.shape[:2]
     # GQA: query heads h = g * groups + j read kv head g (HF's repeat_kv order).
     q = q.reshape(batch, length, c.num_kv_heads, c.num_query_groups, c.head_dim)
-    q = q * jnp.asarray(c.head_dim ** -0.5, q.dtype)
+    q = q * jnp.asarray(c.head_dim**-0.5, q.dtype)
     logits = jnp.einsum("blkgd,bskd->bkgls", q, k)
     # Softmax in float32 whatever the compute dtype.
-    logits = jnp.where(key_mask[:, None, None], logits.astype(jnp.float32),
-                       jnp.finfo(jnp.float32).min)
+    logits = jnp.where(
+      key_mask[:, None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min
+    )
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     context = jnp.einsum("bkgls,bskd->blkgd", probs, v)
     context = context.reshape(batch, length, c.num_heads, c.head_dim)
@@ -381,12 +494,15 @@ class MLP(nnx.Module):
 
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
     c = config
-    self.gate_proj = _projection(c, c.hidden_size, c.intermediate_size, ("embed", "mlp"),
-                                 bias=False, rngs=rngs)
-    self.up_proj = _projection(c, c.hidden_size, c.intermediate_size, ("embed", "mlp"),
-                               bias=False, rngs=rngs)
-    self.down_proj = _projection(c, c.intermediate_size, c.hidden_size, ("mlp", "embed"),
-                                 bias=False, rngs=rngs)
+    self.gate_proj = _projection(
+      c, c.hidden_size, c.intermediate_size, ("embed", "mlp"), bias=False, rngs=rngs
+    )
+    self.up_proj = _projection(
+      c, c.hidden_size, c.intermediate_size, ("embed", "mlp"), bias=False, rngs=rngs
+    )
+    self.down_proj = _projection(
+      c, c.intermediate_size, c.hidden_size, ("mlp", "embed"), bias=False, rngs=rngs
+    )
 
   def __call__(self, x):
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -402,8 +518,9 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(config, rngs=rngs)
 
   def __call__(self, x, positions, inv_freq, key_mask, layer_cache=None, index=None):
-    attended, layer_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq,
-                                           key_mask, layer_cache, index)
+    attended, layer_cache = self.self_attn(
+      self.input_layernorm(x), positions, inv_freq, key_mask, layer_cache, index
+    )
     x = x + attended
     return x + self.mlp(self.post_attention_layernorm(x)), layer_cache
 
@@ -419,26 +536,32 @@ class Decoder(nnx.Module):
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
     c = self.config = config
     self.embed_tokens = nnx.Embed(
-        c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
-        embedding_init=logical_init(nnx.initializers.normal(c.initializer_range),
-                                ("vocab", "embed")),
-        rngs=rngs)
+      c.vocab_size,
+      c.hidden_size,
+      dtype=c.dtype,
+      param_dtype=c.param_dtype,
+      embedding_init=logical_init(nnx.initializers.normal(c.initializer_range), ("vocab", "embed")),
+      rngs=rngs,
+    )
     self.layers = nnx.List([DecoderLayer(c, rngs=rngs) for _ in range(c.num_layers)])
     self.norm = RMSNorm(c, rngs=rngs)
-    self.lm_head = None if c.tie_word_embeddings else _projection(
-        c, c.hidden_size, c.vocab_size, ("embed", "vocab"), bias=False, rngs=rngs)
+    self.lm_head = (
+      None
+      if c.tie_word_embeddings
+      else _projection(c, c.hidden_size, c.vocab_size, ("embed", "vocab"), bias=False, rngs=rngs)
+    )
 
   def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
     """:func:`init_cache` for this model's config."""
     return init_cache(self.config, batch_size, max_len, dtype)
 
   def __call__(
-      self,
-      input_ids: jax.Array,
-      positions: jax.Array | None = None,
-      attention_mask: jax.Array | None = None,
-      cache: KVCache | None = None,
-      segment_ids: jax.Array | None = None,
+    self,
+    input_ids: jax.Array,
+    positions: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    cache: KVCache | None = None,
+    segment_ids: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Next-token logits for every input position.
 
@@ -485,8 +608,9 @@ class Decoder(nnx.Module):
     new_layers = []
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache.layers[i]
-      x, layer_cache = layer(x, positions, inv_freq, key_mask, layer_cache,
-                             None if cache is None else cache.index)
+      x, layer_cache = layer(
+        x, positions, inv_freq, key_mask, layer_cache, None if cache is None else cache.index
+      )
       new_layers.append(layer_cache)
     x = self.norm(x)
     if self.lm_head is None:
@@ -496,8 +620,11 @@ class Decoder(nnx.Module):
     if cache is None:
       return logits, None
     new_cache = KVCache(
-        layers=tuple(new_layers), valid=valid, index=cache.index + length,
-        positions=offset + attention_mask.sum(-1, dtype=jnp.int32))
+      layers=tuple(new_layers),
+      valid=valid,
+      index=cache.index + length,
+      positions=offset + attention_mask.sum(-1, dtype=jnp.int32),
+    )
     return logits, new_cache
 
 
@@ -514,8 +641,13 @@ class GenerateOutput(NamedTuple):
   finished: jax.Array  # bool [B]: the row produced a stop token.
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float | jax.Array,
-                  top_k: int = 0, top_p: float | None = None) -> jax.Array:
+def sample_logits(
+  logits: jax.Array,
+  rng: jax.Array,
+  temperature: float | jax.Array,
+  top_k: int = 0,
+  top_p: float | None = None,
+) -> jax.Array:
   """Draws one token per row from ``logits`` [B, V] (float32 math).
 
   ``temperature`` 0 is greedy (argmax). ``top_k`` > 0 keeps the k most likely
@@ -541,10 +673,27 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float | jax.Ar
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "graphdef", "max_new_tokens", "cache_size", "greedy", "top_k", "use_top_p"))
-def _generate(graphdef, state, prompt_ids, prompt_mask, rng, temperature, top_p, stop_ids,
-              pad_id, *, max_new_tokens, cache_size, greedy, top_k, use_top_p):
+@functools.partial(
+  jax.jit,
+  static_argnames=("graphdef", "max_new_tokens", "cache_size", "greedy", "top_k", "use_top_p"),
+)
+def _generate(
+  graphdef,
+  state,
+  prompt_ids,
+  prompt_mask,
+  rng,
+  temperature,
+  top_p,
+  stop_ids,
+  pad_id,
+  *,
+  max_new_tokens,
+  cache_size,
+  greedy,
+  top_k,
+  use_top_p,
+):
   model = nnx.merge(graphdef, state)
   batch = prompt_ids.shape[0]
   cache = model.init_cache(batch, cache_size)
@@ -553,16 +702,16 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, rng, temperature, top_p,
   def pick(logits, step):
     if greedy:
       return sample_logits(logits, rng, 0)
-    return sample_logits(logits, jax.random.fold_in(rng, step), temperature, top_k,
-                         top_p if use_top_p else None)
+    return sample_logits(
+      logits, jax.random.fold_in(rng, step), temperature, top_k, top_p if use_top_p else None
+    )
 
   def is_stop(token):
     return jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
 
   first = pick(logits[:, -1], 0)
   tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-  init = (jnp.int32(1), first, is_stop(first), jnp.ones((batch,), jnp.int32), tokens,
-          cache)
+  init = (jnp.int32(1), first, is_stop(first), jnp.ones((batch,), jnp.int32), tokens, cache)
 
   def cond(carry):
     step, _, finished, _, _, _ = carry
@@ -582,18 +731,18 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, rng, temperature, top_p,
 
 
 def generate(
-    model: Decoder,
-    prompt_ids: jax.Array,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float | None = None,
-    rng: jax.Array | None = None,
-    eos_id: int | Sequence[int] | None = None,
-    prompt_mask: jax.Array | None = None,
-    pad_id: int = 0,
-    cache_size: int | None = None,
+  model: Decoder,
+  prompt_ids: jax.Array,
+  max_new_tokens: int,
+  *,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float | None = None,
+  rng: jax.Array | None = None,
+  eos_id: int | Sequence[int] | None = None,
+  prompt_mask: jax.Array | None = None,
+  pad_id: int = 0,
+  cache_size: int | None = None,
 ) -> GenerateOutput:
   """Samples continuations of a batch of (left-padded) prompts with a KV cache.
 
@@ -626,8 +775,9 @@ def generate(
   needed = prompt_len + max_new_tokens
   cache_size = needed if cache_size is None else cache_size
   if cache_size < needed:
-    raise ValueError(f"cache_size={cache_size} < prompt ({prompt_len}) + "
-                     f"max_new_tokens ({max_new_tokens}).")
+    raise ValueError(
+      f"cache_size={cache_size} < prompt ({prompt_len}) + max_new_tokens ({max_new_tokens})."
+    )
   greedy = temperature == 0
   if rng is None:
     if not greedy:
@@ -641,8 +791,18 @@ def generate(
   stop_ids = jnp.atleast_1d(jnp.asarray(eos_id, jnp.int32))
   graphdef, state = nnx.split(model)
   return _generate(
-      graphdef, state, prompt_ids, jnp.asarray(prompt_mask, bool), rng,
-      jnp.float32(temperature if not greedy else 1.0),
-      jnp.float32(1.0 if top_p is None else top_p), stop_ids, jnp.int32(pad_id),
-      max_new_tokens=max_new_tokens, cache_size=cache_size, greedy=greedy,
-      top_k=int(top_k), use_top_p=top_p is not None)
+    graphdef,
+    state,
+    prompt_ids,
+    jnp.asarray(prompt_mask, bool),
+    rng,
+    jnp.float32(temperature if not greedy else 1.0),
+    jnp.float32(1.0 if top_p is None else top_p),
+    stop_ids,
+    jnp.int32(pad_id),
+    max_new_tokens=max_new_tokens,
+    cache_size=cache_size,
+    greedy=greedy,
+    top_k=int(top_k),
+    use_top_p=top_p is not None,
+  )

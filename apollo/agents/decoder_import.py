@@ -31,25 +31,31 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
 from apollo.agents.decoder import (
-    LOGICAL_AXIS_RULES,
-    Decoder,
-    DecoderConfig,
-    logical_partition_specs,
-    named_shardings,
+  LOGICAL_AXIS_RULES,
+  Decoder,
+  DecoderConfig,
+  logical_partition_specs,
+  named_shardings,
 )
+
 # The encoder's importer has the generic pieces: file reading, the per-tensor
 # layout converter and the report.
-from apollo.lm.hf_import import CONFIG_NAME, SAFETENSORS_NAME, ImportReport
-from apollo.lm.hf_import import HFTensor
-from apollo.lm.hf_import import load_hf_state_dict
+from apollo.lm.hf_import import (
+  CONFIG_NAME,
+  SAFETENSORS_NAME,
+  HFTensor,
+  ImportReport,
+  load_hf_state_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +93,12 @@ def _rope_fields(h: dict) -> dict[str, Any]:
   if rope_type != "llama3":
     raise ValueError(f"RoPE scaling {rope_type!r} is not supported (only 'llama3').")
   fields.update(
-      rope_scaling="llama3",
-      rope_scaling_factor=float(source["factor"]),
-      rope_low_freq_factor=float(source["low_freq_factor"]),
-      rope_high_freq_factor=float(source["high_freq_factor"]),
-      rope_original_max_position_embeddings=int(
-          source["original_max_position_embeddings"]))
+    rope_scaling="llama3",
+    rope_scaling_factor=float(source["factor"]),
+    rope_low_freq_factor=float(source["low_freq_factor"]),
+    rope_high_freq_factor=float(source["high_freq_factor"]),
+    rope_original_max_position_embeddings=int(source["original_max_position_embeddings"]),
+  )
   return fields
 
 
@@ -110,8 +116,9 @@ def config_from_hf(hf_config: dict | str | os.PathLike, **overrides: Any) -> Dec
   h = _read_config(hf_config)
   model_type = h.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"model_type={model_type!r} is not supported; expected one of "
-                     f"{SUPPORTED_MODEL_TYPES}.")
+    raise ValueError(
+      f"model_type={model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}."
+    )
   act = h.get("hidden_act", "silu")
   if act != "silu":
     raise ValueError(f"hidden_act={act!r} is not supported (only 'silu').")
@@ -121,20 +128,20 @@ def config_from_hf(hf_config: dict | str | os.PathLike, **overrides: Any) -> Dec
     raise ValueError("use_sliding_window=True is not supported (full attention only).")
   heads = h["num_attention_heads"]
   fields = dict(
-      vocab_size=h["vocab_size"],
-      hidden_size=h["hidden_size"],
-      num_layers=h["num_hidden_layers"],
-      num_heads=heads,
-      num_kv_heads=h.get("num_key_value_heads") or heads,
-      head_dim=h.get("head_dim") or h["hidden_size"] // heads,
-      intermediate_size=h["intermediate_size"],
-      rms_norm_eps=h.get("rms_norm_eps", 1e-6),
-      max_position_embeddings=h.get("max_position_embeddings", 32768),
-      tie_word_embeddings=bool(h.get("tie_word_embeddings", False)),
-      # Qwen2 always has q/k/v biases; Llama has them when attention_bias is set.
-      attention_bias=True if model_type == "qwen2" else bool(h.get("attention_bias", False)),
-      initializer_range=h.get("initializer_range", 0.02),
-      **_rope_fields(h),
+    vocab_size=h["vocab_size"],
+    hidden_size=h["hidden_size"],
+    num_layers=h["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=h.get("num_key_value_heads") or heads,
+    head_dim=h.get("head_dim") or h["hidden_size"] // heads,
+    intermediate_size=h["intermediate_size"],
+    rms_norm_eps=h.get("rms_norm_eps", 1e-6),
+    max_position_embeddings=h.get("max_position_embeddings", 32768),
+    tie_word_embeddings=bool(h.get("tie_word_embeddings", False)),
+    # Qwen2 always has q/k/v biases; Llama has them when attention_bias is set.
+    attention_bias=True if model_type == "qwen2" else bool(h.get("attention_bias", False)),
+    initializer_range=h.get("initializer_range", 0.02),
+    **_rope_fields(h),
   )
   return DecoderConfig(**{**fields, **overrides})
 
@@ -151,36 +158,39 @@ def config_to_hf(config: DecoderConfig, model_type: str | None = None) -> dict:
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ValueError(f"model_type={model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}.")
   if model_type == "qwen2" and not c.attention_bias:
-    raise ValueError("Qwen2 always has q/k/v biases; export a model without them as "
-                     "'llama'.")
+    raise ValueError("Qwen2 always has q/k/v biases; export a model without them as 'llama'.")
   rope: dict[str, Any] = {"rope_type": "default", "rope_theta": c.rope_theta}
   if c.rope_scaling == "llama3":
-    rope = {"rope_type": "llama3", "rope_theta": c.rope_theta,
-            "factor": c.rope_scaling_factor, "low_freq_factor": c.rope_low_freq_factor,
-            "high_freq_factor": c.rope_high_freq_factor,
-            "original_max_position_embeddings": c.rope_original_max_position_embeddings}
-  hf = {
-      "architectures": [_ARCHITECTURES[model_type]],
-      "model_type": model_type,
-      "vocab_size": c.vocab_size,
-      "hidden_size": c.hidden_size,
-      "num_hidden_layers": c.num_layers,
-      "num_attention_heads": c.num_heads,
-      "num_key_value_heads": c.num_kv_heads,
-      "head_dim": c.head_dim,
-      "intermediate_size": c.intermediate_size,
-      "hidden_act": "silu",
-      "rms_norm_eps": c.rms_norm_eps,
-      "max_position_embeddings": c.max_position_embeddings,
-      "tie_word_embeddings": c.tie_word_embeddings,
-      "initializer_range": c.initializer_range,
-      # Both layouts: transformers >= 5 reads rope_parameters, older ones the rest.
-      "rope_parameters": rope,
+    rope = {
+      "rope_type": "llama3",
       "rope_theta": c.rope_theta,
-      "rope_scaling": None if c.rope_scaling is None else rope,
-      "attention_dropout": 0.0,
-      "use_cache": True,
-      "torch_dtype": "float32",
+      "factor": c.rope_scaling_factor,
+      "low_freq_factor": c.rope_low_freq_factor,
+      "high_freq_factor": c.rope_high_freq_factor,
+      "original_max_position_embeddings": c.rope_original_max_position_embeddings,
+    }
+  hf = {
+    "architectures": [_ARCHITECTURES[model_type]],
+    "model_type": model_type,
+    "vocab_size": c.vocab_size,
+    "hidden_size": c.hidden_size,
+    "num_hidden_layers": c.num_layers,
+    "num_attention_heads": c.num_heads,
+    "num_key_value_heads": c.num_kv_heads,
+    "head_dim": c.head_dim,
+    "intermediate_size": c.intermediate_size,
+    "hidden_act": "silu",
+    "rms_norm_eps": c.rms_norm_eps,
+    "max_position_embeddings": c.max_position_embeddings,
+    "tie_word_embeddings": c.tie_word_embeddings,
+    "initializer_range": c.initializer_range,
+    # Both layouts: transformers >= 5 reads rope_parameters, older ones the rest.
+    "rope_parameters": rope,
+    "rope_theta": c.rope_theta,
+    "rope_scaling": None if c.rope_scaling is None else rope,
+    "attention_dropout": 0.0,
+    "use_cache": True,
+    "torch_dtype": "float32",
   }
   if model_type == "llama":
     hf.update(attention_bias=c.attention_bias, mlp_bias=False)
@@ -210,8 +220,9 @@ def _decoder_tensors(model: Decoder) -> list[HFTensor]:
     for name in ("q_proj", "k_proj", "v_proj"):
       tensors += _linear(p + "self_attn." + name, getattr(att, name))
     tensors += _linear(p + "self_attn.o_proj", att.o_proj, num_in=2)
-    tensors.append(HFTensor(p + "post_attention_layernorm.weight",
-                           layer.post_attention_layernorm.scale))
+    tensors.append(
+      HFTensor(p + "post_attention_layernorm.weight", layer.post_attention_layernorm.scale)
+    )
     for name in ("gate_proj", "up_proj", "down_proj"):
       tensors += _linear(p + "mlp." + name, getattr(mlp, name))
   tensors.append(HFTensor("model.norm.weight", model.norm.scale))
@@ -231,10 +242,10 @@ def hf_shapes(model: Decoder) -> dict[str, tuple[int, ...]]:
 
 
 def import_hf_state_dict(
-    model: Decoder,
-    tensors: dict[str, np.ndarray],
-    *,
-    source: str = "<state dict>",
+  model: Decoder,
+  tensors: dict[str, np.ndarray],
+  *,
+  source: str = "<state dict>",
 ) -> ImportReport:
   """Copies HF-named tensors into ``model`` (in place; every tensor is required).
 
@@ -253,25 +264,30 @@ def import_hf_state_dict(
   tied: set[str] = set()
   if model.lm_head is None and "lm_head.weight" in tensors:
     emb = tensors.get("model.embed_tokens.weight")
-    if emb is None or not np.array_equal(np.asarray(tensors["lm_head.weight"], np.float32),
-                                         np.asarray(emb, np.float32)):
+    if emb is None or not np.array_equal(
+      np.asarray(tensors["lm_head.weight"], np.float32), np.asarray(emb, np.float32)
+    ):
       raise ValueError(
-          f"{source}: lm_head.weight differs from model.embed_tokens.weight, but the "
-          "config ties them (tie_word_embeddings=True).")
+        f"{source}: lm_head.weight differs from model.embed_tokens.weight, but the "
+        "config ties them (tie_word_embeddings=True)."
+      )
     tied.add("lm_head.weight")
   new_values: list[tuple[HFTensor, np.ndarray]] = []
   for t in _decoder_tensors(model):
     if t.hf_name not in tensors:
-      hint = (" (an untied LM head: is tie_word_embeddings right?)"
-              if t.hf_name == "lm_head.weight" else "")
-      raise ValueError(f"{source}: tensor {t.hf_name!r} is missing from the "
-                       f"checkpoint{hint}.")
+      hint = (
+        " (an untied LM head: is tie_word_embeddings right?)"
+        if t.hf_name == "lm_head.weight"
+        else ""
+      )
+      raise ValueError(f"{source}: tensor {t.hf_name!r} is missing from the checkpoint{hint}.")
     value = np.asarray(tensors[t.hf_name])
     if value.shape != t.hf_shape():
       raise ValueError(
-          f"{source}: tensor {t.hf_name!r} has shape {value.shape}, but the model "
-          f"config expects {t.hf_shape()}. Does the DecoderConfig match the "
-          "checkpoint's config.json?")
+        f"{source}: tensor {t.hf_name!r} has shape {value.shape}, but the model "
+        f"config expects {t.hf_shape()}. Does the DecoderConfig match the "
+        "checkpoint's config.json?"
+      )
     new_values.append((t, t.from_hf(value)))
     report.loaded.append(t.hf_name)
   used = set(report.loaded) | tied
@@ -287,11 +303,11 @@ def import_hf_state_dict(
 
 
 def from_pretrained(
-    checkpoint_dir: str | os.PathLike,
-    *,
-    mesh: jax.sharding.Mesh | None = None,
-    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
-    **config_overrides: Any,
+  checkpoint_dir: str | os.PathLike,
+  *,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+  **config_overrides: Any,
 ) -> tuple[Decoder, ImportReport]:
   """Builds a :class:`Decoder` from a local HF Llama / Qwen2 checkpoint directory.
 
@@ -313,9 +329,9 @@ def from_pretrained(
 
 
 def abstract_decoder(
-    config: DecoderConfig,
-    mesh: jax.sharding.Mesh | None = None,
-    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+  config: DecoderConfig,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
 ) -> Decoder:
   """A :class:`Decoder` whose Params are ``jax.ShapeDtypeStruct`` s, to be filled.
 
@@ -327,9 +343,11 @@ def abstract_decoder(
   if mesh is not None:
     shardings = named_shardings(logical_partition_specs(state, rules), mesh)
     state = jax.tree.map(
-        lambda v, sharding: v.replace(
-            jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)),
-        state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+      lambda v, sharding: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)),
+      state,
+      shardings,
+      is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
   return nnx.merge(graphdef, state)
 
 
@@ -344,13 +362,12 @@ def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
   A tied LM head is not written: transformers re-ties it on load.
   """
   return {
-      t.hf_name: np.ascontiguousarray(t.to_hf(np.asarray(t.param.get_value(), np.float32)))
-      for t in _decoder_tensors(model)
+    t.hf_name: np.ascontiguousarray(t.to_hf(np.asarray(t.param.get_value(), np.float32)))
+    for t in _decoder_tensors(model)
   }
 
 
-def export_hf(model: Decoder, output_dir: str | os.PathLike,
-              model_type: str | None = None) -> Path:
+def export_hf(model: Decoder, output_dir: str | os.PathLike, model_type: str | None = None) -> Path:
   """Writes ``config.json`` + ``model.safetensors`` that transformers can load.
 
   Args:

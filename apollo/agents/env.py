@@ -21,7 +21,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +34,7 @@ class ToolSpec:
   parameters: Mapping[str, Any]  # a JSON-schema object: {"type": "object", ...}
 
   def to_json(self) -> dict[str, Any]:
-    return {'name': self.name, 'description': self.description,
-            'parameters': dict(self.parameters)}
+    return {"name": self.name, "description": self.description, "parameters": dict(self.parameters)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +45,11 @@ class Action:
   arguments: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict[str, Any]:
-    return {'tool': self.tool, 'arguments': dict(self.arguments)}
+    return {"tool": self.tool, "arguments": dict(self.arguments)}
 
   @classmethod
-  def from_json(cls, data: Mapping[str, Any]) -> 'Action':
-    return cls(tool=data['tool'], arguments=dict(data.get('arguments') or {}))
+  def from_json(cls, data: Mapping[str, Any]) -> Action:
+    return cls(tool=data["tool"], arguments=dict(data.get("arguments") or {}))
 
 
 @dataclasses.dataclass
@@ -65,7 +65,7 @@ class StepResult:
 class Environment(abc.ABC):
   """Base class of text environments with schema-checked tool calls."""
 
-  name: str = 'environment'
+  name: str = "environment"
 
   @abc.abstractmethod
   def tools(self) -> Sequence[ToolSpec]:
@@ -110,31 +110,33 @@ class Environment(abc.ABC):
     """Validates `action` and steps; a bad call becomes an error observation."""
     error = validate_action(self.tools(), action)
     if error is not None:
-      return StepResult(observation=f'ERROR: {error}', info={'invalid_action': True})
+      return StepResult(observation=f"ERROR: {error}", info={"invalid_action": True})
     try:
       return self.step(action)
     except Exception as e:  # pylint: disable=broad-except
       # An environment bug must not kill a run that may have been going for hours:
       # the agent sees the error and the step is still recorded.
-      return StepResult(observation=f'ERROR: tool {action.tool!r} failed: '
-                        f'{type(e).__name__}: {e}', info={'tool_exception': True})
+      return StepResult(
+        observation=f"ERROR: tool {action.tool!r} failed: {type(e).__name__}: {e}",
+        info={"tool_exception": True},
+      )
 
 
 # --------------------------------------------------------------------------- schema
 
 
 _JSON_TYPES = {
-    'object': (dict,),
-    'array': (list,),
-    'string': (str,),
-    'integer': (int,),
-    'number': (int, float),
-    'boolean': (bool,),
-    'null': (type(None),),
+  "object": (dict,),
+  "array": (list,),
+  "string": (str,),
+  "integer": (int,),
+  "number": (int, float),
+  "boolean": (bool,),
+  "null": (type(None),),
 }
 
 
-def validate_json(schema: Mapping[str, Any], value: Any, path: str = '') -> list[str]:
+def validate_json(schema: Mapping[str, Any], value: Any, path: str = "") -> list[str]:
   """Checks `value` against the subset of JSON schema the tools use.
 
   Supported keywords: type (string or list), properties, required,
@@ -145,59 +147,59 @@ def validate_json(schema: Mapping[str, Any], value: Any, path: str = '') -> list
   Returns:
     A list of human-readable errors; empty when `value` is valid.
   """
-  where = path or 'arguments'
+  where = path or "arguments"
   errors: list[str] = []
-  expected = schema.get('type')
+  expected = schema.get("type")
   if expected is not None:
     names = [expected] if isinstance(expected, str) else list(expected)
     ok = False
     for name in names:
       types = _JSON_TYPES[name]
       # bool is a subclass of int in Python, but not a JSON number.
-      if isinstance(value, bool) and name in ('integer', 'number'):
+      if isinstance(value, bool) and name in ("integer", "number"):
         continue
       if isinstance(value, types):
         ok = True
         break
     if not ok:
-      return [f'{where} must be of type {"/".join(names)}, got {_json_type(value)}']
-  if 'enum' in schema and value not in schema['enum']:
-    errors.append(f'{where} must be one of {list(schema["enum"])}, got {value!r}')
+      return [f"{where} must be of type {'/'.join(names)}, got {_json_type(value)}"]
+  if "enum" in schema and value not in schema["enum"]:
+    errors.append(f"{where} must be one of {list(schema['enum'])}, got {value!r}")
   if isinstance(value, (int, float)) and not isinstance(value, bool):
-    if 'minimum' in schema and value < schema['minimum']:
-      errors.append(f'{where} must be >= {schema["minimum"]}, got {value}')
-    if 'maximum' in schema and value > schema['maximum']:
-      errors.append(f'{where} must be <= {schema["maximum"]}, got {value}')
+    if "minimum" in schema and value < schema["minimum"]:
+      errors.append(f"{where} must be >= {schema['minimum']}, got {value}")
+    if "maximum" in schema and value > schema["maximum"]:
+      errors.append(f"{where} must be <= {schema['maximum']}, got {value}")
   if isinstance(value, str):
-    if 'minLength' in schema and len(value) < schema['minLength']:
-      errors.append(f'{where} must have at least {schema["minLength"]} characters')
-    if 'maxLength' in schema and len(value) > schema['maxLength']:
-      errors.append(f'{where} must have at most {schema["maxLength"]} characters')
+    if "minLength" in schema and len(value) < schema["minLength"]:
+      errors.append(f"{where} must have at least {schema['minLength']} characters")
+    if "maxLength" in schema and len(value) > schema["maxLength"]:
+      errors.append(f"{where} must have at most {schema['maxLength']} characters")
   if isinstance(value, list):
-    if 'maxItems' in schema and len(value) > schema['maxItems']:
-      errors.append(f'{where} must have at most {schema["maxItems"]} items')
-    if 'items' in schema:
+    if "maxItems" in schema and len(value) > schema["maxItems"]:
+      errors.append(f"{where} must have at most {schema['maxItems']} items")
+    if "items" in schema:
       for i, item in enumerate(value):
-        errors.extend(validate_json(schema['items'], item, f'{where}[{i}]'))
+        errors.extend(validate_json(schema["items"], item, f"{where}[{i}]"))
   if isinstance(value, dict):
-    properties = schema.get('properties', {})
-    for key in schema.get('required', ()):
+    properties = schema.get("properties", {})
+    for key in schema.get("required", ()):
       if key not in value:
-        errors.append(f'{where} is missing required field {key!r}')
-    if schema.get('additionalProperties', True) is False:
+        errors.append(f"{where} is missing required field {key!r}")
+    if schema.get("additionalProperties", True) is False:
       extra = sorted(set(value) - set(properties))
       if extra:
-        errors.append(f'{where} has unknown field(s) {extra}; allowed: {sorted(properties)}')
+        errors.append(f"{where} has unknown field(s) {extra}; allowed: {sorted(properties)}")
     for key, sub in properties.items():
       if key in value:
-        errors.extend(validate_json(sub, value[key], f'{where}.{key}'))
+        errors.extend(validate_json(sub, value[key], f"{where}.{key}"))
   return errors
 
 
 def _json_type(value: Any) -> str:
   for name, types in _JSON_TYPES.items():
     if isinstance(value, bool):
-      return 'boolean'
+      return "boolean"
     if isinstance(value, types):
       return name
   return type(value).__name__
@@ -208,26 +210,34 @@ def validate_action(tools: Sequence[ToolSpec], action: Action) -> str | None:
   by_name = {t.name: t for t in tools}
   spec = by_name.get(action.tool)
   if spec is None:
-    return f'unknown tool {action.tool!r}; available tools: {sorted(by_name)}'
+    return f"unknown tool {action.tool!r}; available tools: {sorted(by_name)}"
   if not isinstance(action.arguments, Mapping):
-    return f'arguments of {action.tool!r} must be a JSON object'
+    return f"arguments of {action.tool!r} must be a JSON object"
   errors = validate_json(spec.parameters, dict(action.arguments))
   if errors:
-    return f'invalid arguments for {action.tool!r}: ' + '; '.join(errors)
+    return f"invalid arguments for {action.tool!r}: " + "; ".join(errors)
   return None
 
 
-def tool(name: str, description: str, properties: Mapping[str, Any] | None = None,
-         required: Sequence[str] = ()) -> ToolSpec:
+def tool(
+  name: str,
+  description: str,
+  properties: Mapping[str, Any] | None = None,
+  required: Sequence[str] = (),
+) -> ToolSpec:
   """Shorthand for a ToolSpec with a closed object schema."""
-  return ToolSpec(name=name, description=description, parameters={
-      'type': 'object',
-      'properties': dict(properties or {}),
-      'required': list(required),
-      'additionalProperties': False,
-  })
+  return ToolSpec(
+    name=name,
+    description=description,
+    parameters={
+      "type": "object",
+      "properties": dict(properties or {}),
+      "required": list(required),
+      "additionalProperties": False,
+    },
+  )
 
 
 def tools_as_text(tools: Sequence[ToolSpec]) -> str:
   """Tool list for the system prompt: one JSON line per tool."""
-  return '\n'.join(json.dumps(t.to_json(), sort_keys=True) for t in tools)
+  return "\n".join(json.dumps(t.to_json(), sort_keys=True) for t in tools)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,10 +53,20 @@ class FlaxPolicyBackend:
     name: the backend's name in session records.
   """
 
-  def __init__(self, model: decoder_lib.Decoder, tokenizer: tokenizers.Tokenizer, *,
-               max_new_tokens: int = 512, temperature: float = 0.7, top_k: int = 0,
-               top_p: float | None = None, seed: int = 0, max_context: int | None = None,
-               prompt_bucket: int = 256, name: str = "flax"):
+  def __init__(
+    self,
+    model: decoder_lib.Decoder,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    max_new_tokens: int = 512,
+    temperature: float = 0.7,
+    top_k: int = 0,
+    top_p: float | None = None,
+    seed: int = 0,
+    max_context: int | None = None,
+    prompt_bucket: int = 256,
+    name: str = "flax",
+  ):
     self.model = model
     self.template = chat_lib.ChatTemplate(tokenizer)
     self.max_new_tokens = max_new_tokens
@@ -80,28 +91,39 @@ class FlaxPolicyBackend:
     room = self.max_context - self.max_new_tokens
     if length > room:
       raise backends_lib.BackendError(
-          f"prompt of {length} tokens + max_new_tokens={self.max_new_tokens} exceeds "
-          f"max_context={self.max_context}; compress the context first.")
+        f"prompt of {length} tokens + max_new_tokens={self.max_new_tokens} exceeds "
+        f"max_context={self.max_context}; compress the context first."
+      )
     padded = min(room, self.prompt_bucket * math.ceil(length / self.prompt_bucket))
     ids = np.full((1, padded), self.template.pad_id, np.int32)
     mask = np.zeros((1, padded), bool)
-    ids[0, padded - length:], mask[0, padded - length:] = prompt, True
+    ids[0, padded - length :], mask[0, padded - length :] = prompt, True
     rng = jax.random.fold_in(jax.random.key(self.seed), self.turn)
     out = decoder_lib.generate(
-        self.model, jnp.asarray(ids), self.max_new_tokens, temperature=self.temperature,
-        top_k=self.top_k, top_p=self.top_p, rng=rng, eos_id=self.template.stop_ids,
-        prompt_mask=jnp.asarray(mask), pad_id=self.template.pad_id)
+      self.model,
+      jnp.asarray(ids),
+      self.max_new_tokens,
+      temperature=self.temperature,
+      top_k=self.top_k,
+      top_p=self.top_p,
+      rng=rng,
+      eos_id=self.template.stop_ids,
+      prompt_mask=jnp.asarray(mask),
+      pad_id=self.template.pad_id,
+    )
     self.turn += 1
     completion = int(out.lengths[0])
     text = self.template.decode_response(np.asarray(out.tokens[0, :completion]))
     return text, length, completion
 
-  def complete(self, messages: backends_lib.Messages,
-               tools: Sequence[Any] = ()) -> backends_lib.ModelResponse:
+  def complete(
+    self, messages: backends_lib.Messages, tools: Sequence[Any] = ()
+  ) -> backends_lib.ModelResponse:
     del tools  # Described in the system prompt; the action format is plain JSON.
     text, prompt_tokens, completion_tokens = self.generate(messages)
-    return backends_lib.ModelResponse(text=text, prompt_tokens=prompt_tokens,
-                                      completion_tokens=completion_tokens)
+    return backends_lib.ModelResponse(
+      text=text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+    )
 
   def snapshot(self) -> dict[str, Any]:
     return {"turn": self.turn}
@@ -111,12 +133,12 @@ class FlaxPolicyBackend:
 
 
 def make_flax_backend(
-    seed: int,
-    checkpoint: str | os.PathLike | None = None,
-    tokenizer: str | os.PathLike | None = None,
-    preset: str = "tiny",
-    dtype: str | None = None,
-    **options: Any,
+  seed: int,
+  checkpoint: str | os.PathLike | None = None,
+  tokenizer: str | os.PathLike | None = None,
+  preset: str = "tiny",
+  dtype: str | None = None,
+  **options: Any,
 ) -> FlaxPolicyBackend:
   """The ``'flax'`` backend factory.
 
@@ -134,11 +156,15 @@ def make_flax_backend(
   overrides = {} if dtype is None else {"dtype": dtype}
   if checkpoint is not None:
     from apollo.agents import decoder_import  # pylint: disable=g-import-not-at-top
+
     model, _ = decoder_import.from_pretrained(checkpoint, **overrides)
     tok = chat_lib.load_chat_tokenizer(tokenizer or checkpoint)
   else:
-    tok = (chat_lib.load_chat_tokenizer(tokenizer) if tokenizer is not None
-           else chat_lib.train_chat_tokenizer())
+    tok = (
+      chat_lib.load_chat_tokenizer(tokenizer)
+      if tokenizer is not None
+      else chat_lib.train_chat_tokenizer()
+    )
     config = decoder_lib.get_config(preset, vocab_size=tok.get_vocab_size(), **overrides)
     model = decoder_lib.Decoder(config, rngs=nnx.Rngs(seed))
   return FlaxPolicyBackend(model, tok, seed=seed, **options)

@@ -27,13 +27,13 @@ import datetime
 import re
 from typing import Any
 
-GUIDANCE_TAG = 'human_guidance'
-_OPEN_RE = re.compile(r'<\s*(/?)\s*human_guidance', re.IGNORECASE)
-_BLOCK_RE = re.compile(r'<human_guidance([^>]*)>\n?(.*?)\n?</human_guidance>', re.DOTALL)
+GUIDANCE_TAG = "human_guidance"
+_OPEN_RE = re.compile(r"<\s*(/?)\s*human_guidance", re.IGNORECASE)
+_BLOCK_RE = re.compile(r"<human_guidance([^>]*)>\n?(.*?)\n?</human_guidance>", re.DOTALL)
 _ATTR_RE = re.compile(r'(\w+)="([^"]*)"')
 
 # Sources a guidance message may come from; counted separately in session summaries.
-SOURCES = ('human', 'simulated_human')
+SOURCES = ("human", "simulated_human")
 
 
 @dataclasses.dataclass
@@ -44,10 +44,10 @@ class Guidance:
   session_id: str
   text: str
   source: str
-  sent_at: float                 # unix seconds when the API accepted it
-  delivered_at: float | None = None   # unix seconds when it entered the agent's context
-  delivered_step: int | None = None   # index of the step whose prompt first held it
-  client_msg_id: str | None = None    # sender's idempotency key (a retry is not stored twice)
+  sent_at: float  # unix seconds when the API accepted it
+  delivered_at: float | None = None  # unix seconds when it entered the agent's context
+  delivered_step: int | None = None  # index of the step whose prompt first held it
+  client_msg_id: str | None = None  # sender's idempotency key (a retry is not stored twice)
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict[str, Any]:
@@ -56,15 +56,17 @@ class Guidance:
 
 def neutralise_tags(text: str) -> str:
   """Makes any `<human_guidance` / `</human_guidance` in `text` inert."""
-  return _OPEN_RE.sub(lambda m: f'&lt;{m.group(1)}human_guidance', text)
+  return _OPEN_RE.sub(lambda m: f"&lt;{m.group(1)}human_guidance", text)
 
 
 def format_guidance(g: Guidance) -> str:
   """The user-role message content the agent sees for `g`."""
-  when = datetime.datetime.fromtimestamp(g.sent_at, datetime.timezone.utc)
-  stamp = when.strftime('%Y-%m-%dT%H:%M:%SZ')
-  return (f'<{GUIDANCE_TAG} id="{g.guidance_id}" source="{g.source}" sent_at="{stamp}">\n'
-          f'{neutralise_tags(g.text)}\n</{GUIDANCE_TAG}>')
+  when = datetime.datetime.fromtimestamp(g.sent_at, datetime.UTC)
+  stamp = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+  return (
+    f'<{GUIDANCE_TAG} id="{g.guidance_id}" source="{g.source}" sent_at="{stamp}">\n'
+    f"{neutralise_tags(g.text)}\n</{GUIDANCE_TAG}>"
+  )
 
 
 def parse_guidance_blocks(text: str) -> list[dict[str, str]]:
@@ -72,10 +74,10 @@ def parse_guidance_blocks(text: str) -> list[dict[str, str]]:
   blocks = []
   for m in _BLOCK_RE.finditer(text):
     attrs = dict(_ATTR_RE.findall(m.group(1)))
-    attrs['text'] = m.group(2)
+    attrs["text"] = m.group(2)
     blocks.append(attrs)
   return blocks
 
 
 def is_guidance_message(message: dict[str, str]) -> bool:
-  return message.get('role') == 'user' and message['content'].startswith(f'<{GUIDANCE_TAG} ')
+  return message.get("role") == "user" and message["content"].startswith(f"<{GUIDANCE_TAG} ")

@@ -39,7 +39,8 @@ import dataclasses
 import json
 import math
 import re
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 from apollo.agents import backends as backends_lib
 from apollo.agents import guidance as guidance_lib
@@ -77,15 +78,23 @@ class TrajectoryView:
     self._position = {s.step_index: i for i, s in enumerate(self.steps)}
 
   @classmethod
-  def load(cls, store: storage_lib.TrajectoryStore, session_id: str,
-           privileged: bool = True) -> 'TrajectoryView':
+  def load(
+    cls, store: storage_lib.TrajectoryStore, session_id: str, privileged: bool = True
+  ) -> TrajectoryView:
     session = store.get_session(session_id)
     if session is None:
-      raise KeyError(f'unknown session {session_id!r}')
-    task = (research_env.generate_task(session.seed)
-            if privileged and session.env_name == research_env.ResearchEnv.name else None)
-    return cls(session=session, steps=store.get_steps(session_id),
-               guidance=store.list_guidance(session_id), task=task)
+      raise KeyError(f"unknown session {session_id!r}")
+    task = (
+      research_env.generate_task(session.seed)
+      if privileged and session.env_name == research_env.ResearchEnv.name
+      else None
+    )
+    return cls(
+      session=session,
+      steps=store.get_steps(session_id),
+      guidance=store.list_guidance(session_id),
+      task=task,
+    )
 
   @property
   def session_id(self) -> str:
@@ -96,27 +105,28 @@ class TrajectoryView:
 
   def earlier(self, step_index: int) -> list[storage_lib.StepRecord]:
     """Steps stored before `step_index`, oldest first."""
-    return self.steps[:self._position[step_index]]
+    return self.steps[: self._position[step_index]]
 
   def previous(self, step_index: int) -> storage_lib.StepRecord | None:
     position = self._position[step_index]
     return self.steps[position - 1] if position else None
 
   def action_steps(self) -> list[storage_lib.StepRecord]:
-    return [s for s in self.steps if s.kind == 'action']
+    return [s for s in self.steps if s.kind == "action"]
 
   def task_text(self) -> str:
     """The task statement (the first user message of the episode)."""
     for step in self.steps:
       for message in step.messages[:3]:
-        if message['role'] == 'user':
-          return message['content']
-    return ''
+        if message["role"] == "user":
+          return message["content"]
+    return ""
 
   def delivered_guidance(self, step_index: int) -> list[guidance_lib.Guidance]:
     """Guidance shown to the agent at or before `step_index`, in delivery order."""
-    shown = [g for g in self.guidance
-             if g.delivered_step is not None and g.delivered_step <= step_index]
+    shown = [
+      g for g in self.guidance if g.delivered_step is not None and g.delivered_step <= step_index
+    ]
     return sorted(shown, key=lambda g: (g.delivered_step, g.guidance_id))
 
 
@@ -125,8 +135,7 @@ class Judge(Protocol):
 
   name: str
 
-  def judge(self, view: TrajectoryView, step_index: int) -> Label | None:
-    ...
+  def judge(self, view: TrajectoryView, step_index: int) -> Label | None: ...
 
 
 # --------------------------------------------------------------------------- rules
@@ -137,39 +146,51 @@ class RuleConfig:
   """Environment knowledge the rules use (defaults: research + workspace envs)."""
 
   # Tools that only read state: repeating one with nothing executed in between is a no-op.
-  read_only_tools: frozenset[str] = frozenset({
-      'list_files', 'read_file', 'inspect_data', 'gpu_status', 'list_jobs', 'check_run',
-      'evaluate', 'view_file', 'is_idle'})
+  read_only_tools: frozenset[str] = frozenset(
+    {
+      "list_files",
+      "read_file",
+      "inspect_data",
+      "gpu_status",
+      "list_jobs",
+      "check_run",
+      "evaluate",
+      "view_file",
+      "is_idle",
+    }
+  )
   # Tools whose repetition is how time passes (never a no-op by themselves).
-  wait_tools: frozenset[str] = frozenset({'sleep'})
+  wait_tools: frozenset[str] = frozenset({"sleep"})
   # Tools that kill a job -> the argument naming the job.
-  kill_tools: Mapping[str, str] = dataclasses.field(
-      default_factory=lambda: {'kill_run': 'run_id'})
+  kill_tools: Mapping[str, str] = dataclasses.field(default_factory=lambda: {"kill_run": "run_id"})
   # Use the research task's hidden facts (privileged) to judge a run's health.
   use_hidden_facts: bool = True
 
 
-Rule = Callable[[TrajectoryView, storage_lib.StepRecord, RuleConfig], 'str | None']
+Rule = Callable[[TrajectoryView, storage_lib.StepRecord, RuleConfig], "str | None"]
 
-_STATUS_LINE_RE = re.compile(r'^\[clock [^\]]*\]$', re.MULTILINE)
-_LAUNCH_RE = re.compile(r'launched (r\d+) on gpu(\d+) with data=(\w+) config=(\{.*?\})')
-_RUN_LINE_RE = re.compile(r'run (r\d+): status=(\w+) .*?train_loss=(\S+)'
-                          r'(?: recent_losses=\[([^\]]*)\])?')
-_LR_RE = re.compile(r'\d*\.\d+(?:e-?\d+)?|\d+e-?\d+')
+_STATUS_LINE_RE = re.compile(r"^\[clock [^\]]*\]$", re.MULTILINE)
+_LAUNCH_RE = re.compile(r"launched (r\d+) on gpu(\d+) with data=(\w+) config=(\{.*?\})")
+_RUN_LINE_RE = re.compile(
+  r"run (r\d+): status=(\w+) .*?train_loss=(\S+)"
+  r"(?: recent_losses=\[([^\]]*)\])?"
+)
+_LR_RE = re.compile(r"\d*\.\d+(?:e-?\d+)?|\d+e-?\d+")
 _NO_KILL_RE = re.compile(r"\b(?:don't|don’t|do not|never)\s+kill\b|\bbe patient\b")
 
 
 def _first_line(text: str, limit: int = 160) -> str:
-  line = text.strip().splitlines()[0] if text.strip() else ''
+  line = text.strip().splitlines()[0] if text.strip() else ""
   return line[:limit]
 
 
 def _executed(step: storage_lib.StepRecord) -> bool:
-  return step.kind == 'action' and step.action is not None and not step.parse_error
+  return step.kind == "action" and step.action is not None and not step.parse_error
 
 
-def rule_invalid_call(view: TrajectoryView, step: storage_lib.StepRecord,
-                      config: RuleConfig) -> str | None:
+def rule_invalid_call(
+  view: TrajectoryView, step: storage_lib.StepRecord, config: RuleConfig
+) -> str | None:
   """Fires when the call did not do what a call is for.
 
   Criterion: the response had no single parseable tool call (`parse_error`), the
@@ -180,22 +201,23 @@ def rule_invalid_call(view: TrajectoryView, step: storage_lib.StepRecord,
   """
   del view, config
   if step.parse_error:
-    return f'unparseable tool call: {step.parse_error}'
-  if step.info.get('invalid_action'):
-    return f'invalid call: {_first_line(step.observation)}'
-  if step.info.get('tool_exception'):
-    return f'the tool failed: {_first_line(step.observation)}'
-  if step.observation.lstrip().startswith('ERROR'):
-    return f'the environment rejected the call: {_first_line(step.observation)}'
+    return f"unparseable tool call: {step.parse_error}"
+  if step.info.get("invalid_action"):
+    return f"invalid call: {_first_line(step.observation)}"
+  if step.info.get("tool_exception"):
+    return f"the tool failed: {_first_line(step.observation)}"
+  if step.observation.lstrip().startswith("ERROR"):
+    return f"the environment rejected the call: {_first_line(step.observation)}"
   return None
 
 
 def _strip_status(observation: str) -> str:
-  return _STATUS_LINE_RE.sub('', observation).strip()
+  return _STATUS_LINE_RE.sub("", observation).strip()
 
 
-def rule_repeated_noop(view: TrajectoryView, step: storage_lib.StepRecord,
-                       config: RuleConfig) -> str | None:
+def rule_repeated_noop(
+  view: TrajectoryView, step: storage_lib.StepRecord, config: RuleConfig
+) -> str | None:
   """Fires on an action that repeats the previous one and learns nothing new.
 
   Criterion: the previous *executed* action (invalid calls and summaries in
@@ -207,17 +229,19 @@ def rule_repeated_noop(view: TrajectoryView, step: storage_lib.StepRecord,
   """
   if not _executed(step) or step.guidance_ids:
     return None
-  tool = step.action['tool']
+  tool = step.action["tool"]
   if tool in config.wait_tools:
     return None
   previous = next((s for s in reversed(view.earlier(step.step_index)) if _executed(s)), None)
   if previous is None or previous.action != step.action:
     return None
   if _strip_status(step.observation) == _strip_status(previous.observation):
-    return (f'repeats step {previous.step_index} ({tool}) and got the same observation')
+    return f"repeats step {previous.step_index} ({tool}) and got the same observation"
   if tool in config.read_only_tools:
-    return (f'repeats the read-only call of step {previous.step_index} ({tool}) with '
-            'nothing executed in between')
+    return (
+      f"repeats the read-only call of step {previous.step_index} ({tool}) with "
+      "nothing executed in between"
+    )
   return None
 
 
@@ -242,16 +266,21 @@ def run_setup(view: TrajectoryView, step_index: int, run_id: str) -> RunSetup | 
   """
   previous = view.previous(step_index)
   state = previous.env_state if previous is not None else None
-  for run in (state or {}).get('runs', ()):
-    if run.get('run_id') == run_id:
-      return RunSetup(run_id, run.get('gpu'), run.get('data'),
-                      (run.get('config') or {}).get('learning_rate'), run.get('status'),
-                      run.get('trained_h'))
+  for run in (state or {}).get("runs", ()):
+    if run.get("run_id") == run_id:
+      return RunSetup(
+        run_id,
+        run.get("gpu"),
+        run.get("data"),
+        (run.get("config") or {}).get("learning_rate"),
+        run.get("status"),
+        run.get("trained_h"),
+      )
   for earlier in reversed(view.earlier(step_index)):
     match = _LAUNCH_RE.search(earlier.observation)
     if match and match.group(1) == run_id:
       try:
-        lr = float(json.loads(match.group(4))['learning_rate'])
+        lr = float(json.loads(match.group(4))["learning_rate"])
       except (ValueError, KeyError, TypeError):
         lr = None
       return RunSetup(run_id, int(match.group(2)), match.group(3), lr)
@@ -265,34 +294,41 @@ def research_run_problems(task: research_env.ResearchTask, setup: RunSetup) -> l
   the labels are noisy, a stable learning rate, not the shared GPU.
   """
   problems = []
-  if task.noisy_labels and setup.data != 'filtered':
-    problems.append(f'data={setup.data} while {100 * task.noise_rate:.0f}% of labels are wrong')
-  if (task.lr_diverges and setup.learning_rate is not None
-      and setup.learning_rate > task.max_stable_lr * 1.01):
-    problems.append(f'lr={setup.learning_rate:g} diverges (stable up to {task.max_stable_lr:g})')
+  if task.noisy_labels and setup.data != "filtered":
+    problems.append(f"data={setup.data} while {100 * task.noise_rate:.0f}% of labels are wrong")
+  if (
+    task.lr_diverges
+    and setup.learning_rate is not None
+    and setup.learning_rate > task.max_stable_lr * 1.01
+  ):
+    problems.append(f"lr={setup.learning_rate:g} diverges (stable up to {task.max_stable_lr:g})")
   if task.gpu_conflict and setup.gpu == 0:
-    problems.append('gpu0 is shared and trains at under half speed')
+    problems.append("gpu0 is shared and trains at under half speed")
   return problems
 
 
-def _last_run_log(view: TrajectoryView, step_index: int, run_id: str
-                  ) -> tuple[str, float, list[float]] | None:
+def _last_run_log(
+  view: TrajectoryView, step_index: int, run_id: str
+) -> tuple[str, float, list[float]] | None:
   """(status, loss, recent losses) from the latest log line of the run, if any."""
   for earlier in reversed(view.earlier(step_index)):
     for match in _RUN_LINE_RE.finditer(earlier.observation):
       if match.group(1) == run_id:
+
         def number(text: str) -> float:
           try:
             return float(text)
           except ValueError:
             return math.nan
-        recent = [number(x) for x in (match.group(4) or '').split(',') if x.strip()]
+
+        recent = [number(x) for x in (match.group(4) or "").split(",") if x.strip()]
         return match.group(2), number(match.group(3)), recent
   return None
 
 
-def rule_destroys_progress(view: TrajectoryView, step: storage_lib.StepRecord,
-                           config: RuleConfig) -> str | None:
+def rule_destroys_progress(
+  view: TrajectoryView, step: storage_lib.StepRecord, config: RuleConfig
+) -> str | None:
   """Fires when the agent killed a job that was healthy.
 
   Criterion: a kill tool (`kill_run`) succeeded (the observation starts with
@@ -305,30 +341,37 @@ def rule_destroys_progress(view: TrajectoryView, step: storage_lib.StepRecord,
     showed status=running with a finite loss and recent losses that were not
     rising. A run the agent never looked at is not judged.
   """
-  if not _executed(step) or step.action['tool'] not in config.kill_tools:
+  if not _executed(step) or step.action["tool"] not in config.kill_tools:
     return None
-  if not step.observation.lstrip().startswith('killed'):
+  if not step.observation.lstrip().startswith("killed"):
     return None  # nothing was destroyed (unknown or finished job)
-  run_id = step.action['arguments'].get(config.kill_tools[step.action['tool']])
+  run_id = step.action["arguments"].get(config.kill_tools[step.action["tool"]])
   if run_id is None:
     return None
   setup = run_setup(view, step.step_index, run_id)
   if config.use_hidden_facts and view.task is not None and setup is not None:
     if research_run_problems(view.task, setup):
       return None  # a doomed run: killing it frees the GPU
-    trained = (f', {setup.trained_h:.1f}h of {view.task.hours_needed:g}h trained'
-               if setup.trained_h is not None else '')
-    return (f'killed {run_id}, a healthy run (gpu={setup.gpu}, data={setup.data}, '
-            f'lr={setup.learning_rate}{trained}) that only needed more time')
+    trained = (
+      f", {setup.trained_h:.1f}h of {view.task.hours_needed:g}h trained"
+      if setup.trained_h is not None
+      else ""
+    )
+    return (
+      f"killed {run_id}, a healthy run (gpu={setup.gpu}, data={setup.data}, "
+      f"lr={setup.learning_rate}{trained}) that only needed more time"
+    )
   log = _last_run_log(view, step.step_index, run_id)
   if log is None:
     return None
   status, loss, recent = log
   finite = [x for x in recent if not math.isnan(x)]
   rising = len(finite) >= 2 and finite[-1] > finite[0] * 1.01
-  if status == 'running' and not math.isnan(loss) and not rising and len(finite) == len(recent):
-    return (f'killed {run_id} although its last log showed it running with a finite, '
-            f'non-rising loss ({loss:g})')
+  if status == "running" and not math.isnan(loss) and not rising and len(finite) == len(recent):
+    return (
+      f"killed {run_id} although its last log showed it running with a finite, "
+      f"non-rising loss ({loss:g})"
+    )
   return None
 
 
@@ -339,25 +382,25 @@ class Advice:
   Each field holds the id of the guidance message that set it (None: not advised).
   """
 
-  filter_labels: int | None = None   # train on data=filtered
-  max_lr: float | None = None        # learning rate at most this
+  filter_labels: int | None = None  # train on data=filtered
+  max_lr: float | None = None  # learning rate at most this
   max_lr_id: int | None = None
-  gpu: int | None = None             # launch on this GPU
+  gpu: int | None = None  # launch on this GPU
   gpu_id: int | None = None
-  no_kill: int | None = None         # don't kill (healthy) runs
+  no_kill: int | None = None  # don't kill (healthy) runs
 
   def update(self, guidance_id: int, text: str) -> None:
     """Reads one message with keyword rules (the simulated human's phrasings and
     their obvious variants)."""
     low = text.lower()
-    if 'filter' in low:
+    if "filter" in low:
       self.filter_labels = guidance_id
-    if 'learning rate' in low or 'learning_rate' in low or re.search(r'\blr\b', low):
+    if "learning rate" in low or "learning_rate" in low or re.search(r"\blr\b", low):
       rates = [float(x) for x in _LR_RE.findall(low) if 0.0 < float(x) < 0.1]
       if rates:
         self.max_lr, self.max_lr_id = min(rates), guidance_id
-    gpus = re.findall(r'gpu ?(\d)', low)
-    if gpus and re.search(r'\b(?:instead|use|launch)\b', low):
+    gpus = re.findall(r"gpu ?(\d)", low)
+    if gpus and re.search(r"\b(?:instead|use|launch)\b", low):
       self.gpu, self.gpu_id = int(gpus[-1]), guidance_id  # "gpu 0 is shared; use gpu 1"
     if _NO_KILL_RE.search(low):
       self.no_kill = guidance_id
@@ -365,15 +408,21 @@ class Advice:
   def run_violations(self, setup: RunSetup) -> list[str]:
     """How a run's setup goes against this advice."""
     out = []
-    if self.filter_labels is not None and setup.data is not None and setup.data != 'filtered':
-      out.append(f'data={setup.data} although guidance {self.filter_labels} said to filter '
-                 'the labels')
-    if (self.max_lr is not None and setup.learning_rate is not None
-        and setup.learning_rate > self.max_lr * 1.01):
-      out.append(f'lr={setup.learning_rate:g} although guidance {self.max_lr_id} said at most '
-                 f'{self.max_lr:g}')
+    if self.filter_labels is not None and setup.data is not None and setup.data != "filtered":
+      out.append(
+        f"data={setup.data} although guidance {self.filter_labels} said to filter the labels"
+      )
+    if (
+      self.max_lr is not None
+      and setup.learning_rate is not None
+      and setup.learning_rate > self.max_lr * 1.01
+    ):
+      out.append(
+        f"lr={setup.learning_rate:g} although guidance {self.max_lr_id} said at most "
+        f"{self.max_lr:g}"
+      )
     if self.gpu is not None and setup.gpu is not None and setup.gpu != self.gpu:
-      out.append(f'gpu={setup.gpu} although guidance {self.gpu_id} said gpu {self.gpu}')
+      out.append(f"gpu={setup.gpu} although guidance {self.gpu_id} said gpu {self.gpu}")
     return out
 
 
@@ -385,8 +434,9 @@ def advice_in_force(view: TrajectoryView, step_index: int) -> Advice:
   return advice
 
 
-def rule_ignores_advice(view: TrajectoryView, step: storage_lib.StepRecord,
-                        config: RuleConfig) -> str | None:
+def rule_ignores_advice(
+  view: TrajectoryView, step: storage_lib.StepRecord, config: RuleConfig
+) -> str | None:
   """Fires on an action that contradicts human guidance already shown to the agent.
 
   Criterion: guidance delivered at or before this step (its text read by
@@ -403,41 +453,46 @@ def rule_ignores_advice(view: TrajectoryView, step: storage_lib.StepRecord,
   advice = advice_in_force(view, step.step_index)
   if advice == Advice():
     return None
-  tool, args = step.action['tool'], step.action['arguments']
-  if tool == 'launch_run':
+  tool, args = step.action["tool"], step.action["arguments"]
+  if tool == "launch_run":
     lr = None
     match = _LAUNCH_RE.search(step.observation)
     if match:
-      lr = json.loads(match.group(4)).get('learning_rate')
+      lr = json.loads(match.group(4)).get("learning_rate")
     else:
       previous = view.previous(step.step_index)
-      lr = ((previous.env_state or {}).get('config') or {}).get('learning_rate') \
-          if previous is not None else None
-    setup = RunSetup('(new)', args.get('gpu'), args.get('data', 'raw'), lr)
+      lr = (
+        ((previous.env_state or {}).get("config") or {}).get("learning_rate")
+        if previous is not None
+        else None
+      )
+    setup = RunSetup("(new)", args.get("gpu"), args.get("data", "raw"), lr)
     violations = advice.run_violations(setup)
-    return 'launched a run with ' + '; '.join(violations) if violations else None
-  if tool == 'set_config' and args.get('key') == 'learning_rate' and advice.max_lr is not None:
-    value = args.get('value')
+    return "launched a run with " + "; ".join(violations) if violations else None
+  if tool == "set_config" and args.get("key") == "learning_rate" and advice.max_lr is not None:
+    value = args.get("value")
     if isinstance(value, (int, float)) and value > advice.max_lr * 1.01:
-      return (f'set learning_rate={value:g} although guidance {advice.max_lr_id} said at most '
-              f'{advice.max_lr:g}')
+      return (
+        f"set learning_rate={value:g} although guidance {advice.max_lr_id} said at most "
+        f"{advice.max_lr:g}"
+      )
     return None
   if tool in config.kill_tools and advice.no_kill is not None:
-    if not step.observation.lstrip().startswith('killed'):
+    if not step.observation.lstrip().startswith("killed"):
       return None
     run_id = args.get(config.kill_tools[tool])
     setup = run_setup(view, step.step_index, run_id) if run_id else None
     if setup is not None and advice.run_violations(setup):
       return None  # the advice itself made this run pointless
-    return f'killed {run_id} although guidance {advice.no_kill} said not to kill runs'
+    return f"killed {run_id} although guidance {advice.no_kill} said not to kill runs"
   return None
 
 
 RULES: dict[str, Rule] = {
-    'invalid_call': rule_invalid_call,
-    'repeated_noop': rule_repeated_noop,
-    'destroys_progress': rule_destroys_progress,
-    'ignores_advice': rule_ignores_advice,
+  "invalid_call": rule_invalid_call,
+  "repeated_noop": rule_repeated_noop,
+  "destroys_progress": rule_destroys_progress,
+  "ignores_advice": rule_ignores_advice,
 }
 
 
@@ -450,25 +505,28 @@ class RuleJudge:
     name: the judge's name in labels.
   """
 
-  def __init__(self, rules: Sequence[str] = tuple(RULES), config: RuleConfig | None = None,
-               name: str = 'rules'):
+  def __init__(
+    self, rules: Sequence[str] = tuple(RULES), config: RuleConfig | None = None, name: str = "rules"
+  ):
     unknown = [r for r in rules if r not in RULES]
     if unknown:
-      raise ValueError(f'unknown rules {unknown}; known: {sorted(RULES)}')
+      raise ValueError(f"unknown rules {unknown}; known: {sorted(RULES)}")
     self.rules = tuple(rules)
     self.config = config or RuleConfig()
     self.name = name
 
   def judge(self, view: TrajectoryView, step_index: int) -> Label | None:
     step = view.step(step_index)
-    if step.kind != 'action':
+    if step.kind != "action":
       return None
-    fired = [(r, detail) for r in self.rules
-             if (detail := RULES[r](view, step, self.config)) is not None]
+    fired = [
+      (r, detail) for r in self.rules if (detail := RULES[r](view, step, self.config)) is not None
+    ]
     if not fired:
-      return Label(KEEP, 'ok', self.name)
-    return Label(MASK, '+'.join(r for r, _ in fired), self.name,
-                 '; '.join(f'{r}: {d}' for r, d in fired))
+      return Label(KEEP, "ok", self.name)
+    return Label(
+      MASK, "+".join(r for r, _ in fired), self.name, "; ".join(f"{r}: {d}" for r, d in fired)
+    )
 
 
 # --------------------------------------------------------------------------- human
@@ -477,22 +535,21 @@ class RuleJudge:
 class HumanFlagJudge:
   """The human's flags from the console: bad -> mask (their reason), good -> keep."""
 
-  def __init__(self, name: str = 'human'):
+  def __init__(self, name: str = "human"):
     self.name = name
 
   def judge(self, view: TrajectoryView, step_index: int) -> Label | None:
     step = view.step(step_index)
-    if step.kind != 'action' or step.human_flag is None:
+    if step.kind != "action" or step.human_flag is None:
       return None
-    if step.human_flag == 'bad':
-      return Label(MASK, 'human_flag', self.name, step.human_flag_reason or '')
-    return Label(KEEP, 'human_flag', self.name, step.human_flag_reason or '')
+    if step.human_flag == "bad":
+      return Label(MASK, "human_flag", self.name, step.human_flag_reason or "")
+    return Label(KEEP, "human_flag", self.name, step.human_flag_reason or "")
 
 
 # --------------------------------------------------------------------------- LLM
 
-JUDGE_REASONS = ('ok', 'invalid_call', 'redundant', 'destroys_progress', 'ignores_advice',
-                 'other')
+JUDGE_REASONS = ("ok", "invalid_call", "redundant", "destroys_progress", "ignores_advice", "other")
 
 JUDGE_SYSTEM_PROMPT = """You review the actions of an autonomous agent. The agent works on a long task through tools, one tool call per turn, and a human expert may send it advice at any time. You judge ONE action: should a model be trained to imitate it?
 
@@ -505,7 +562,7 @@ Answer "mask" when the action is sub-optimal in a way a model should not learn:
 Answer "keep" for reasonable actions, including ordinary or cautious ones. When in doubt, keep.
 
 Reply with exactly one JSON object and nothing else:
-{"verdict": "keep" or "mask", "reason": "ok", "invalid_call", "redundant", "destroys_progress", "ignores_advice" or "other", "explanation": "one sentence"}"""
+{"verdict": "keep" or "mask", "reason": "ok", "invalid_call", "redundant", "destroys_progress", "ignores_advice" or "other", "explanation": "one sentence"}"""  # noqa: E501 (prompt text: one paragraph a line)
 
 JUDGE_USER_TEMPLATE = """# Task
 {task}
@@ -541,25 +598,25 @@ def parse_judge_answer(text: str) -> tuple[str, str, str]:
     JudgeAnswerError: otherwise.
   """
   body = text.strip()
-  fence = re.fullmatch(r'```(?:json)?\s*\n(.*?)\n?```', body, re.DOTALL)
+  fence = re.fullmatch(r"```(?:json)?\s*\n(.*?)\n?```", body, re.DOTALL)
   if fence:
     body = fence.group(1).strip()
   try:
     data = json.loads(body)
   except json.JSONDecodeError as e:
-    raise JudgeAnswerError(f'not a JSON object: {e}') from e
+    raise JudgeAnswerError(f"not a JSON object: {e}") from e
   if not isinstance(data, dict):
-    raise JudgeAnswerError('not a JSON object')
-  verdict, reason = data.get('verdict'), data.get('reason', 'ok')
-  explanation = data.get('explanation', '')
+    raise JudgeAnswerError("not a JSON object")
+  verdict, reason = data.get("verdict"), data.get("reason", "ok")
+  explanation = data.get("explanation", "")
   if verdict not in labels_lib.VERDICTS:
-    raise JudgeAnswerError(f'verdict must be keep or mask, got {verdict!r}')
+    raise JudgeAnswerError(f"verdict must be keep or mask, got {verdict!r}")
   if reason not in JUDGE_REASONS:
-    raise JudgeAnswerError(f'reason must be one of {JUDGE_REASONS}, got {reason!r}')
-  if verdict == MASK and reason == 'ok':
+    raise JudgeAnswerError(f"reason must be one of {JUDGE_REASONS}, got {reason!r}")
+  if verdict == MASK and reason == "ok":
     raise JudgeAnswerError('a mask needs a reason other than "ok"')
   if not isinstance(explanation, str):
-    raise JudgeAnswerError('explanation must be a string')
+    raise JudgeAnswerError("explanation must be a string")
   return verdict, reason, explanation
 
 
@@ -567,7 +624,7 @@ def _shorten(text: str, limit: int) -> str:
   if len(text) <= limit:
     return text
   half = limit // 2
-  return f'{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}'
+  return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
 
 
 class LLMJudge:
@@ -587,9 +644,15 @@ class LLMJudge:
     errors: Counter of failures ('malformed', 'backend'); each gave 'judge_error'.
   """
 
-  def __init__(self, backend: backends_lib.Backend, name: str = 'llm', history_steps: int = 8,
-               max_observation_chars: int = 1500, max_response_chars: int = 4000,
-               include_hidden_facts: bool = False):
+  def __init__(
+    self,
+    backend: backends_lib.Backend,
+    name: str = "llm",
+    history_steps: int = 8,
+    max_observation_chars: int = 1500,
+    max_response_chars: int = 4000,
+    include_hidden_facts: bool = False,
+  ):
     self.backend = backend
     self.name = name
     self.history_steps = history_steps
@@ -600,45 +663,63 @@ class LLMJudge:
     self.errors: collections.Counter[str] = collections.Counter()
 
   @classmethod
-  def from_openai(cls, base_url: str, model: str, api_key: str | None = None,
-                  timeout_s: float = 120.0, max_retries: int = 2, **kwargs: Any) -> 'LLMJudge':
+  def from_openai(
+    cls,
+    base_url: str,
+    model: str,
+    api_key: str | None = None,
+    timeout_s: float = 120.0,
+    max_retries: int = 2,
+    **kwargs: Any,
+  ) -> LLMJudge:
     """A judge on an OpenAI-compatible server, sampling greedily."""
     backend = backends_lib.OpenAIChatBackend(
-        base_url=base_url, model=model, api_key=api_key, timeout_s=timeout_s,
-        max_retries=max_retries, temperature=0.0, max_tokens=512)
+      base_url=base_url,
+      model=model,
+      api_key=api_key,
+      timeout_s=timeout_s,
+      max_retries=max_retries,
+      temperature=0.0,
+      max_tokens=512,
+    )
     return cls(backend, **kwargs)
 
   def build_messages(self, view: TrajectoryView, step_index: int) -> list[dict[str, str]]:
     """The judge's prompt for one step (system + one user message)."""
     step = view.step(step_index)
     guidance = view.delivered_guidance(step_index)
-    guidance_text = '\n'.join(f'- [shown at step {g.delivered_step}] {g.text}'
-                              for g in guidance) or '(none)'
+    guidance_text = (
+      "\n".join(f"- [shown at step {g.delivered_step}] {g.text}" for g in guidance) or "(none)"
+    )
     earlier = view.earlier(step_index)
     history = []
-    summaries = [s for s in earlier if s.kind == 'summary']
-    recent = [s for s in earlier if s.kind == 'action'][-self.history_steps:]
+    summaries = [s for s in earlier if s.kind == "summary"]
+    recent = [s for s in earlier if s.kind == "action"][-self.history_steps :]
     if summaries and (not recent or summaries[-1].step_index < recent[0].step_index):
-      history.append(f'(summary of older steps)\n{_shorten(summaries[-1].response, 3000)}')
+      history.append(f"(summary of older steps)\n{_shorten(summaries[-1].response, 3000)}")
     for s in recent:
-      call = (json.dumps(s.action) if s.action
-              else f'(invalid call: {s.parse_error})')
-      history.append(f'step {s.step_index}: {call}\n  -> '
-                     f'{_shorten(s.observation, 300).replace(chr(10), chr(10) + "     ")}')
+      call = json.dumps(s.action) if s.action else f"(invalid call: {s.parse_error})"
+      history.append(
+        f"step {s.step_index}: {call}\n  -> "
+        f"{_shorten(s.observation, 300).replace(chr(10), chr(10) + '     ')}"
+      )
     task = view.task_text()
     if self.include_hidden_facts and view.task is not None:
-      task += ('\n\nFacts about this task that the agent was not told: '
-               + json.dumps(view.task.hidden_facts(), sort_keys=True))
+      task += "\n\nFacts about this task that the agent was not told: " + json.dumps(
+        view.task.hidden_facts(), sort_keys=True
+      )
     user = JUDGE_USER_TEMPLATE.format(
-        task=_shorten(task, 4000), guidance=guidance_text,
-        history='\n'.join(history) or '(this is the first step)', step_index=step_index,
-        response=_shorten(step.response, self.max_response_chars),
-        observation=_shorten(step.observation, self.max_observation_chars))
-    return [{'role': 'system', 'content': JUDGE_SYSTEM_PROMPT},
-            {'role': 'user', 'content': user}]
+      task=_shorten(task, 4000),
+      guidance=guidance_text,
+      history="\n".join(history) or "(this is the first step)",
+      step_index=step_index,
+      response=_shorten(step.response, self.max_response_chars),
+      observation=_shorten(step.observation, self.max_observation_chars),
+    )
+    return [{"role": "system", "content": JUDGE_SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
   def judge(self, view: TrajectoryView, step_index: int) -> Label | None:
-    if view.step(step_index).kind != 'action':
+    if view.step(step_index).kind != "action":
       return None
     messages = self.build_messages(view, step_index)
     self.calls += 1
@@ -646,21 +727,22 @@ class LLMJudge:
       text = self.backend.complete(messages, ()).text
     except Exception as e:  # pylint: disable=broad-except
       # A judge outage must not stop data building: the action is kept, and counted.
-      self.errors['backend'] += 1
-      return Label(KEEP, 'judge_error', self.name, f'{type(e).__name__}: {e}'[:300])
+      self.errors["backend"] += 1
+      return Label(KEEP, "judge_error", self.name, f"{type(e).__name__}: {e}"[:300])
     try:
       verdict, reason, explanation = parse_judge_answer(text)
     except JudgeAnswerError as e:
-      self.errors['malformed'] += 1
-      return Label(KEEP, 'judge_error', self.name, f'{e}; answer: {text[:200]!r}')
+      self.errors["malformed"] += 1
+      return Label(KEEP, "judge_error", self.name, f"{e}; answer: {text[:200]!r}")
     return Label(verdict, reason, self.name, explanation)
 
 
 # --------------------------------------------------------------------------- combine
 
 
-def combine(labels: Iterable[Label | None], authoritative: Sequence[str] = ('human',),
-            name: str = 'combined') -> Label:
+def combine(
+  labels: Iterable[Label | None], authoritative: Sequence[str] = ("human",), name: str = "combined"
+) -> Label:
   """One verdict from the labels of one step.
 
   Policy: if a judge named in `authoritative` (the human) labelled the step, its
@@ -673,13 +755,17 @@ def combine(labels: Iterable[Label | None], authoritative: Sequence[str] = ('hum
   masks = [l for l in (decisive or present) if l.masked]
   if masks:
     codes = list(dict.fromkeys(c for l in masks for c in l.reason_codes))
-    detail = '; '.join(f'{l.judge}: {l.detail or l.reason}' for l in masks)
-    return Label(MASK, '+'.join(codes), name, detail)
+    detail = "; ".join(f"{l.judge}: {l.detail or l.reason}" for l in masks)
+    return Label(MASK, "+".join(codes), name, detail)
   if decisive:  # the human kept it, perhaps against another judge
     overridden = any(l.masked for l in present)
-    return Label(KEEP, 'human_override' if overridden else 'human_flag', name,
-                 '; '.join(f'{l.judge}: {l.detail or l.reason}' for l in decisive))
-  return Label(KEEP, 'ok', name)
+    return Label(
+      KEEP,
+      "human_override" if overridden else "human_flag",
+      name,
+      "; ".join(f"{l.judge}: {l.detail or l.reason}" for l in decisive),
+    )
+  return Label(KEEP, "ok", name)
 
 
 @dataclasses.dataclass
@@ -694,10 +780,16 @@ class SessionJudgement:
     return sorted(i for i, l in self.combined.items() if l.masked)
 
 
-def judge_session(store: storage_lib.TrajectoryStore, session_id: str,
-                  judges: Sequence[Judge], label_store: labels_lib.LabelStore | None = None,
-                  *, write_quality: bool = True, authoritative: Sequence[str] = ('human',),
-                  privileged: bool = True) -> SessionJudgement:
+def judge_session(
+  store: storage_lib.TrajectoryStore,
+  session_id: str,
+  judges: Sequence[Judge],
+  label_store: labels_lib.LabelStore | None = None,
+  *,
+  write_quality: bool = True,
+  authoritative: Sequence[str] = ("human",),
+  privileged: bool = True,
+) -> SessionJudgement:
   """Runs `judges` over every action step of a session and stores the labels.
 
   Args:
@@ -722,15 +814,17 @@ def judge_session(store: storage_lib.TrajectoryStore, session_id: str,
     label_store.replace_session_labels(session_id, [j.name for j in judges], by_step)
   if write_quality:
     for index, label in combined.items():
-      reason = label.reason + (f': {label.detail}' if label.detail else '')
-      store.set_quality(session_id, index, 'bad' if label.masked else 'good', reason[:1000])
+      reason = label.reason + (f": {label.detail}" if label.detail else "")
+      store.set_quality(session_id, index, "bad" if label.masked else "good", reason[:1000])
   return SessionJudgement(session_id, by_step, combined)
 
 
-def stored_verdicts(store: storage_lib.TrajectoryStore, session_id: str,
-                    label_store: labels_lib.LabelStore | None = None,
-                    authoritative: Sequence[str] = ('human',)
-                    ) -> dict[int, tuple[Label, list[Label]]]:
+def stored_verdicts(
+  store: storage_lib.TrajectoryStore,
+  session_id: str,
+  label_store: labels_lib.LabelStore | None = None,
+  authoritative: Sequence[str] = ("human",),
+) -> dict[int, tuple[Label, list[Label]]]:
   """step_index -> (combined verdict, all labels) of every action step, from storage.
 
   Labels in `label_store` are combined with `combine`; a step without any is
@@ -740,20 +834,24 @@ def stored_verdicts(store: storage_lib.TrajectoryStore, session_id: str,
   stored = label_store.get(session_id) if label_store is not None else {}
   out: dict[int, tuple[Label, list[Label]]] = {}
   for step in store.get_steps(session_id, full=False):
-    if step.kind != 'action':
+    if step.kind != "action":
       continue
     step_labels = stored.get(step.step_index, [])
     if step_labels:
       out[step.step_index] = (combine(step_labels, authoritative), step_labels)
-    elif step.quality == 'bad':
-      reason, _, detail = (step.quality_reason or 'quality').partition(': ')
-      out[step.step_index] = (Label(MASK, reason, 'quality', detail), [])
-    elif step.human_flag in ('good', 'bad'):
-      label = Label(MASK if step.human_flag == 'bad' else KEEP, 'human_flag', 'human',
-                    step.human_flag_reason or '')
+    elif step.quality == "bad":
+      reason, _, detail = (step.quality_reason or "quality").partition(": ")
+      out[step.step_index] = (Label(MASK, reason, "quality", detail), [])
+    elif step.human_flag in ("good", "bad"):
+      label = Label(
+        MASK if step.human_flag == "bad" else KEEP,
+        "human_flag",
+        "human",
+        step.human_flag_reason or "",
+      )
       out[step.step_index] = (combine([label], authoritative), [label])
     else:
-      out[step.step_index] = (Label(KEEP, 'unjudged', 'quality'), [])
+      out[step.step_index] = (Label(KEEP, "unjudged", "quality"), [])
   return out
 
 
@@ -775,14 +873,19 @@ def masking_stats(judgements: Iterable[SessionJudgement]) -> dict[str, Any]:
         masked += 1
         by_reason.update(label.reason_codes)
       for l in j.labels.get(index, []):
-        entry = judges.setdefault(l.judge, {'labelled': 0, 'masked': 0,
-                                            'reasons': collections.Counter()})
-        entry['labelled'] += 1
-        entry['masked'] += int(l.masked)
-        entry['reasons'].update(l.reason_codes)
+        entry = judges.setdefault(
+          l.judge, {"labelled": 0, "masked": 0, "reasons": collections.Counter()}
+        )
+        entry["labelled"] += 1
+        entry["masked"] += int(l.masked)
+        entry["reasons"].update(l.reason_codes)
   for entry in judges.values():
-    entry['fraction_masked'] = entry['masked'] / entry['labelled'] if entry['labelled'] else 0.0
-    entry['reasons'] = dict(entry['reasons'])
-  return {'actions': actions, 'masked': masked,
-          'fraction_masked': masked / actions if actions else 0.0,
-          'by_reason': dict(by_reason), 'judges': judges}
+    entry["fraction_masked"] = entry["masked"] / entry["labelled"] if entry["labelled"] else 0.0
+    entry["reasons"] = dict(entry["reasons"])
+  return {
+    "actions": actions,
+    "masked": masked,
+    "fraction_masked": masked / actions if actions else 0.0,
+    "by_reason": dict(by_reason),
+    "judges": judges,
+  }

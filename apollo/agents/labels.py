@@ -26,12 +26,12 @@ import contextlib
 import dataclasses
 import sqlite3
 import time
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from apollo.agents import storage as storage_lib
 
-KEEP = 'keep'
-MASK = 'mask'
+KEEP = "keep"
+MASK = "mask"
 VERDICTS = (KEEP, MASK)
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS step_labels(
@@ -60,11 +60,11 @@ class Label:
   verdict: str
   reason: str
   judge: str
-  detail: str = ''
+  detail: str = ""
 
   def __post_init__(self):
     if self.verdict not in VERDICTS:
-      raise ValueError(f'verdict must be one of {VERDICTS}, got {self.verdict!r}')
+      raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
 
   @property
   def masked(self) -> bool:
@@ -72,7 +72,7 @@ class Label:
 
   @property
   def reason_codes(self) -> list[str]:
-    return [r for r in self.reason.split('+') if r]
+    return [r for r in self.reason.split("+") if r]
 
   def to_json(self) -> dict[str, str]:
     return dataclasses.asdict(self)
@@ -95,8 +95,8 @@ class LabelStore:
 
   def _connect(self) -> sqlite3.Connection:
     conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-    conn.execute('PRAGMA journal_mode=WAL')
-    conn.execute('PRAGMA busy_timeout=60000')
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA busy_timeout=60000")
     return conn
 
   @contextlib.contextmanager
@@ -108,31 +108,37 @@ class LabelStore:
     finally:
       conn.close()
 
-  def replace_session_labels(self, session_id: str, judges: Sequence[str],
-                             labels: Mapping[int, Sequence[Label]]) -> int:
+  def replace_session_labels(
+    self, session_id: str, judges: Sequence[str], labels: Mapping[int, Sequence[Label]]
+  ) -> int:
     """Atomically drops the labels of `judges` for the session and stores `labels`.
 
     Returns the number of rows written. A label whose judge is not in `judges`
     is stored too (and replaces an older one of the same judge and step).
     """
     now = time.time()
-    rows = [(session_id, step, l.judge, l.verdict, l.reason, l.detail, now)
-            for step, step_labels in labels.items() for l in step_labels]
+    rows = [
+      (session_id, step, l.judge, l.verdict, l.reason, l.detail, now)
+      for step, step_labels in labels.items()
+      for l in step_labels
+    ]
     with self._write() as conn:
       for judge in judges:
-        conn.execute('DELETE FROM step_labels WHERE session_id = ? AND judge = ?',
-                     (session_id, judge))
-      conn.executemany('INSERT OR REPLACE INTO step_labels VALUES (?, ?, ?, ?, ?, ?, ?)',
-                       rows)
+        conn.execute(
+          "DELETE FROM step_labels WHERE session_id = ? AND judge = ?", (session_id, judge)
+        )
+      conn.executemany("INSERT OR REPLACE INTO step_labels VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
     return len(rows)
 
   def get(self, session_id: str) -> dict[int, list[Label]]:
     """step_index -> that step's labels (ordered by judge name)."""
     conn = self._connect()
     try:
-      rows = conn.execute('SELECT step_index, judge, verdict, reason, detail FROM '
-                          'step_labels WHERE session_id = ? ORDER BY step_index, judge',
-                          (session_id,)).fetchall()
+      rows = conn.execute(
+        "SELECT step_index, judge, verdict, reason, detail FROM "
+        "step_labels WHERE session_id = ? ORDER BY step_index, judge",
+        (session_id,),
+      ).fetchall()
     finally:
       conn.close()
     out: dict[int, list[Label]] = {}
@@ -143,7 +149,8 @@ class LabelStore:
   def delete(self, session_id: str, judge: str | None = None) -> None:
     with self._write() as conn:
       if judge is None:
-        conn.execute('DELETE FROM step_labels WHERE session_id = ?', (session_id,))
+        conn.execute("DELETE FROM step_labels WHERE session_id = ?", (session_id,))
       else:
-        conn.execute('DELETE FROM step_labels WHERE session_id = ? AND judge = ?',
-                     (session_id, judge))
+        conn.execute(
+          "DELETE FROM step_labels WHERE session_id = ? AND judge = ?", (session_id, judge)
+        )

@@ -20,64 +20,79 @@ import statistics
 import tempfile
 from typing import Any
 
-from apollo.agents import agent
-from apollo.agents import backends
-from apollo.agents import research_env
-from apollo.agents import service
-from apollo.agents import simulated_human
-from apollo.agents import storage
+from apollo.agents import agent, backends, research_env, service, simulated_human, storage
 
 
-def measure(split: str = 'train', episodes: int = 24, with_human: bool = False,
-            delay_steps: int = 2, budget: int = 4, start: int = 0,
-            store_path: str | None = None) -> dict[str, Any]:
+def measure(
+  split: str = "train",
+  episodes: int = 24,
+  with_human: bool = False,
+  delay_steps: int = 2,
+  budget: int = 4,
+  start: int = 0,
+  store_path: str | None = None,
+) -> dict[str, Any]:
   """Runs `episodes` seeded episodes; returns aggregate metrics."""
   tmp = None
   if store_path is None:
     tmp = tempfile.TemporaryDirectory()
-    store_path = os.path.join(tmp.name, 'metrics.sqlite')
+    store_path = os.path.join(tmp.name, "metrics.sqlite")
   store = storage.SQLiteStore(store_path)
-  human = simulated_human.SimulatedHuman(service.StoreClient(store), delay_steps=delay_steps,
-                                         budget=budget)
+  human = simulated_human.SimulatedHuman(
+    service.StoreClient(store), delay_steps=delay_steps, budget=budget
+  )
   rows = []
   try:
     for seed in research_env.seeds_for(split, episodes, start=start):
-      sid = f'{split}-{seed}-{"human" if with_human else "solo"}'
-      result = agent.run_episode(sid, research_env.ResearchEnv(),
-                                 backends.ScriptedResearchPolicy(seed), store, seed,
-                                 listeners=[human.on_step] if with_human else ())
-      rows.append({'seed': seed, **result, **{f'human_{k}': v for k, v in
-                                              human.interventions(sid).items()}})
+      sid = f"{split}-{seed}-{'human' if with_human else 'solo'}"
+      result = agent.run_episode(
+        sid,
+        research_env.ResearchEnv(),
+        backends.ScriptedResearchPolicy(seed),
+        store,
+        seed,
+        listeners=[human.on_step] if with_human else (),
+      )
+      rows.append(
+        {"seed": seed, **result, **{f"human_{k}": v for k, v in human.interventions(sid).items()}}
+      )
   finally:
     store.close()
     if tmp is not None:
       tmp.cleanup()
-  steps = [r['steps'] for r in rows]
+  steps = [r["steps"] for r in rows]
   return {
-      'split': split, 'episodes': len(rows), 'with_human': with_human,
-      'success_rate': sum(r['success'] for r in rows) / len(rows),
-      'mean_score': statistics.fmean(r['score'] for r in rows),
-      'median_steps': statistics.median(steps), 'min_steps': min(steps),
-      'max_steps': max(steps),
-      'mean_interventions': statistics.fmean(r['human_messages'] for r in rows),
-      'rows': rows,
+    "split": split,
+    "episodes": len(rows),
+    "with_human": with_human,
+    "success_rate": sum(r["success"] for r in rows) / len(rows),
+    "mean_score": statistics.fmean(r["score"] for r in rows),
+    "median_steps": statistics.median(steps),
+    "min_steps": min(steps),
+    "max_steps": max(steps),
+    "mean_interventions": statistics.fmean(r["human_messages"] for r in rows),
+    "rows": rows,
   }
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--episodes', type=int, default=40)
-  parser.add_argument('--split', default='train', choices=['train', 'test'])
+  parser.add_argument("--episodes", type=int, default=40)
+  parser.add_argument("--split", default="train", choices=["train", "test"])
   args = parser.parse_args()
-  print('| split | human | episodes | success | mean score | median steps | min steps '
-        '| interventions/episode |')
-  print('|---|---|---|---|---|---|---|---|')
+  print(
+    "| split | human | episodes | success | mean score | median steps | min steps "
+    "| interventions/episode |"
+  )
+  print("|---|---|---|---|---|---|---|---|")
   for with_human in (False, True):
     m = measure(args.split, args.episodes, with_human)
-    print(f'| {m["split"]} | {"yes" if with_human else "no"} | {m["episodes"]} | '
-          f'{m["success_rate"]:.0%} | {m["mean_score"]:.1f} | {m["median_steps"]:g} | '
-          f'{m["min_steps"]} | {m["mean_interventions"]:.2f} |')
+    print(
+      f"| {m['split']} | {'yes' if with_human else 'no'} | {m['episodes']} | "
+      f"{m['success_rate']:.0%} | {m['mean_score']:.1f} | {m['median_steps']:g} | "
+      f"{m['min_steps']} | {m['mean_interventions']:.2f} |"
+    )
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -42,7 +42,8 @@ import functools
 import json
 import os
 import shutil
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,6 @@ from apollo.agents import decoder as decoder_lib
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import mesh as mesh_lib
 from apollo.common import metrics as metrics_lib
-
 from apollo.common import training as train_lib
 
 # The generic trainer pieces shared with pretraining and fine-tuning.
@@ -65,8 +65,17 @@ build_optimizer = train_lib.build_optimizer
 check_checkpoint_shapes = train_lib.check_checkpoint_shapes
 
 # Decoder fields that decide parameter shapes: a workdir may only be resumed with these.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                "head_dim", "intermediate_size", "tie_word_embeddings", "attention_bias")
+SHAPE_FIELDS = (
+  "vocab_size",
+  "hidden_size",
+  "num_layers",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+  "intermediate_size",
+  "tie_word_embeddings",
+  "attention_bias",
+)
 BATCH_KEYS = ("input_ids", "targets", "weights", "segment_ids", "positions")
 POLICY_DIR = "policy"
 
@@ -76,8 +85,9 @@ POLICY_DIR = "policy"
 # -----------------------------------------------------------------------------
 
 
-def pack_samples(samples: Iterable[Mapping[str, Any]], seq_len: int, pad_id: int = 0
-                 ) -> dict[str, np.ndarray]:
+def pack_samples(
+  samples: Iterable[Mapping[str, Any]], seq_len: int, pad_id: int = 0
+) -> dict[str, np.ndarray]:
   """Packs samples (in order, next-fit) into rows of `seq_len` tokens.
 
   Args:
@@ -122,8 +132,8 @@ def pack_samples(samples: Iterable[Mapping[str, Any]], seq_len: int, pad_id: int
     for segment, (ids, mask) in enumerate(parts, start=1):
       n, end = len(ids), start + len(ids)
       out["input_ids"][r, start:end] = ids
-      out["targets"][r, start:end - 1] = ids[1:]
-      out["weights"][r, start:end - 1] = mask[1:]
+      out["targets"][r, start : end - 1] = ids[1:]
+      out["weights"][r, start : end - 1] = mask[1:]
       out["segment_ids"][r, start:end] = segment
       out["positions"][r, start:end] = np.arange(n)
       start = end
@@ -140,8 +150,14 @@ class PackedRowStream:
   JSON-able `{epoch, row}`: the position of the next batch.
   """
 
-  def __init__(self, samples: Sequence[Mapping[str, Any]], seq_len: int, batch_size: int,
-               seed: int, pad_id: int = 0):
+  def __init__(
+    self,
+    samples: Sequence[Mapping[str, Any]],
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    pad_id: int = 0,
+  ):
     if not samples:
       raise ValueError("No training samples.")
     self.samples, self.seq_len, self.batch_size = samples, seq_len, batch_size
@@ -174,7 +190,7 @@ class PackedRowStream:
       rows = self._epoch_rows()
       take = min(needed, len(rows["input_ids"]) - self.row)
       for k in BATCH_KEYS:
-        parts[k].append(rows[k][self.row:self.row + take])
+        parts[k].append(rows[k][self.row : self.row + take])
       self.row += take
       needed -= take
       if self.row >= len(rows["input_ids"]):
@@ -182,18 +198,20 @@ class PackedRowStream:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def eval_batches(samples: Sequence[Mapping[str, Any]], seq_len: int, batch_size: int,
-                 pad_id: int = 0) -> list[dict[str, np.ndarray]]:
+def eval_batches(
+  samples: Sequence[Mapping[str, Any]], seq_len: int, batch_size: int, pad_id: int = 0
+) -> list[dict[str, np.ndarray]]:
   """The held-out samples packed in order, in batches (the last padded with empty rows)."""
   rows = pack_samples(samples, seq_len, pad_id)
   n = len(rows["input_ids"])
   batches = []
   for start in range(0, n, batch_size):
-    batch = {k: rows[k][start:start + batch_size] for k in BATCH_KEYS}
+    batch = {k: rows[k][start : start + batch_size] for k in BATCH_KEYS}
     short = batch_size - len(batch["input_ids"])
     if short:
-      batch = {k: np.concatenate([v, np.zeros((short, seq_len), v.dtype)])
-               for k, v in batch.items()}
+      batch = {
+        k: np.concatenate([v, np.zeros((short, seq_len), v.dtype)]) for k, v in batch.items()
+      }
     batches.append(batch)
   return batches
 
@@ -206,31 +224,41 @@ def eval_batches(samples: Sequence[Mapping[str, Any]], seq_len: int, batch_size:
 def packed_logits(model: decoder_lib.Decoder, batch: Mapping[str, jax.Array]) -> jax.Array:
   """Logits [B, L, vocab] of packed rows: attention stays inside each segment."""
   segments = batch["segment_ids"]
-  logits, _ = model(batch["input_ids"], positions=batch["positions"],
-                    attention_mask=segments > 0, segment_ids=segments)
+  logits, _ = model(
+    batch["input_ids"],
+    positions=batch["positions"],
+    attention_mask=segments > 0,
+    segment_ids=segments,
+  )
   return logits
 
 
-def loss_sums(model: decoder_lib.Decoder, batch: Mapping[str, jax.Array]
-              ) -> dict[str, jax.Array]:
+def loss_sums(model: decoder_lib.Decoder, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   """Sum of the cross-entropy and of correct argmax over the weighted targets, and their count."""
   logits = packed_logits(model, batch).astype(jnp.float32)
   weights = batch["weights"].astype(jnp.float32)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   hit = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-  return dict(loss_sum=jnp.sum(nll * weights), correct=jnp.sum(hit * weights),
-              count=jnp.sum(weights))
+  return dict(
+    loss_sum=jnp.sum(nll * weights), correct=jnp.sum(hit * weights), count=jnp.sum(weights)
+  )
 
 
-def train_step(state: dict[str, Any], batch: Mapping[str, jax.Array], *,
-               graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-               lr_schedule: optax.Schedule) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+def train_step(
+  state: dict[str, Any],
+  batch: Mapping[str, jax.Array],
+  *,
+  graphdef: nnx.GraphDef,
+  optimizer: optax.GradientTransformation,
+  lr_schedule: optax.Schedule,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One update on the masked-token mean cross-entropy; a pure function of (state, batch).
 
   Returns:
     (new state, metrics): loss sums and counts, loss, grad_norm (before clipping),
     update_norm and this update's learning rate.
   """
+
   def loss_fn(params):
     sums = loss_sums(nnx.merge(graphdef, params), batch)
     return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
@@ -238,8 +266,9 @@ def train_step(state: dict[str, Any], batch: Mapping[str, jax.Array], *,
   return train_lib.gradient_step(state, loss_fn, optimizer, lr_schedule)
 
 
-def eval_step(params: Any, batch: Mapping[str, jax.Array], *, graphdef: nnx.GraphDef
-              ) -> dict[str, jax.Array]:
+def eval_step(
+  params: Any, batch: Mapping[str, jax.Array], *, graphdef: nnx.GraphDef
+) -> dict[str, jax.Array]:
   return loss_sums(nnx.merge(graphdef, params), batch)
 
 
@@ -261,8 +290,11 @@ class _Window:
     s = self.sums
     if not self.steps:
       return {}
-    out = dict(loss=s["loss_sum"] / max(s["count"], 1.0),
-               token_acc=s["correct"] / max(s["count"], 1.0), target_tokens=s["count"])
+    out = dict(
+      loss=s["loss_sum"] / max(s["count"], 1.0),
+      token_acc=s["correct"] / max(s["count"], 1.0),
+      target_tokens=s["count"],
+    )
     for k in ("grad_norm", "update_norm"):
       if k in s:
         out[k] = s[k] / self.steps
@@ -296,27 +328,36 @@ def write_jsonl_samples(path: str, samples: Iterable[Mapping[str, Any]]) -> int:
   n = 0
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     for s in samples:
-      f.write(json.dumps({"input_ids": [int(i) for i in s["input_ids"]],
-                          "loss_mask": [bool(m) for m in s["loss_mask"]]}) + "\n")
+      f.write(
+        json.dumps(
+          {
+            "input_ids": [int(i) for i in s["input_ids"]],
+            "loss_mask": [bool(m) for m in s["loss_mask"]],
+          }
+        )
+        + "\n"
+      )
       n += 1
   os.replace(path + ".tmp", path)
   return n
 
 
-def split_eval(samples: Sequence[Mapping[str, Any]], fraction: float, seed: int
-               ) -> tuple[list, list]:
+def split_eval(
+  samples: Sequence[Mapping[str, Any]], fraction: float, seed: int
+) -> tuple[list, list]:
   """(train, eval): a fixed random `fraction` of the samples held out (at least 1 if > 0)."""
   if fraction <= 0 or len(samples) < 2:
     return list(samples), []
   order = np.random.default_rng([seed, 7]).permutation(len(samples))
   n_eval = max(1, int(round(fraction * len(samples))))
   held = set(order[:n_eval].tolist())
-  return ([s for i, s in enumerate(samples) if i not in held],
-          [s for i, s in enumerate(samples) if i in held])
+  return (
+    [s for i, s in enumerate(samples) if i not in held],
+    [s for i, s in enumerate(samples) if i in held],
+  )
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str
-                 ) -> tuple[list, list, str]:
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> tuple[list, list, str]:
   """(train samples, eval samples, tokenizer.json path) from the config.
 
   An empty `data.train_path` builds demo samples from scripted rollouts into
@@ -328,6 +369,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str
     tokenizer_path = d.tokenizer_path or config.init_from
   else:
     from apollo.agents import compare  # pylint: disable=g-import-not-at-top
+
     data_dir = os.path.join(workdir, "data")
     train_path = os.path.join(data_dir, "samples.jsonl")
     tokenizer_path = os.path.join(data_dir, "tokenizer.json")
@@ -343,17 +385,23 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str
   return train, held, tokenizer_path
 
 
-def model_config_from(config: ml_collections.ConfigDict, vocab_size: int
-                      ) -> decoder_lib.DecoderConfig:
+def model_config_from(
+  config: ml_collections.ConfigDict, vocab_size: int
+) -> decoder_lib.DecoderConfig:
   m = config.model
   if config.init_from:
     from apollo.agents import decoder_import  # pylint: disable=g-import-not-at-top
+
     return decoder_import.config_from_hf(config.init_from, dtype=m.dtype)
-  overrides = {k: int(m[k]) for k in ("hidden_size", "num_layers", "num_heads",
-                                      "num_kv_heads", "intermediate_size") if m[k] > 0}
+  overrides = {
+    k: int(m[k])
+    for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+    if m[k] > 0
+  }
   max_pos = max(int(config.data.seq_len), 2 * int(config.data.seq_len))
-  return decoder_lib.get_config(m.preset, vocab_size=vocab_size, dtype=m.dtype,
-                                max_position_embeddings=max_pos, **overrides)
+  return decoder_lib.get_config(
+    m.preset, vocab_size=vocab_size, dtype=m.dtype, max_position_embeddings=max_pos, **overrides
+  )
 
 
 TrainSetup = train_lib.TrainSetup
@@ -362,41 +410,60 @@ TrainSetup = train_lib.TrainSetup
 def make_setup(config, model_config, mesh) -> TrainSetup:
   """Shapes and shardings of the state, computed abstractly."""
   return train_lib.make_setup(
-      lambda: decoder_lib.Decoder(model_config, rngs=nnx.Rngs(config.seed)),
-      model_config, config.optimizer, config.train_steps, mesh, decoder_lib.LOGICAL_AXIS_RULES)
+    lambda: decoder_lib.Decoder(model_config, rngs=nnx.Rngs(config.seed)),
+    model_config,
+    config.optimizer,
+    config.train_steps,
+    mesh,
+    decoder_lib.LOGICAL_AXIS_RULES,
+  )
 
 
 def init_state(config, setup: TrainSetup) -> dict[str, Any]:
   """A fresh state: the `init_from` policy (or a random init), created in its shards."""
   if config.init_from:
     from apollo.agents import decoder_import  # pylint: disable=g-import-not-at-top
+
     model, report = decoder_import.from_pretrained(
-        config.init_from, mesh=setup.mesh, rules=decoder_lib.LOGICAL_AXIS_RULES,
-        dtype=config.model.dtype)
+      config.init_from,
+      mesh=setup.mesh,
+      rules=decoder_lib.LOGICAL_AXIS_RULES,
+      dtype=config.model.dtype,
+    )
     logging.info("Initialised from %s: %s", config.init_from, report.summary())
   else:
     model = decoder_lib.create_sharded_model(
-        lambda: decoder_lib.Decoder(setup.model_config, rngs=nnx.Rngs(config.seed)),
-        setup.mesh, decoder_lib.LOGICAL_AXIS_RULES)
-  return train_lib.new_train_state(nnx.to_pure_dict(nnx.state(model)), setup.optimizer,
-                                   setup.mesh, setup.state_shardings, config.seed)
+      lambda: decoder_lib.Decoder(setup.model_config, rngs=nnx.Rngs(config.seed)),
+      setup.mesh,
+      decoder_lib.LOGICAL_AXIS_RULES,
+    )
+  return train_lib.new_train_state(
+    nnx.to_pure_dict(nnx.state(model)),
+    setup.optimizer,
+    setup.mesh,
+    setup.state_shardings,
+    config.seed,
+  )
 
 
 def export_policy(setup: TrainSetup, params: Any, tokenizer_path: str, out_dir: str) -> str:
   """Writes the policy as an HF-style directory the 'flax' backend loads."""
   from apollo.agents import decoder_import  # pylint: disable=g-import-not-at-top
+
   if train_lib.is_main():
     host = jax.device_get(params)
-    abstract = nnx.eval_shape(lambda: decoder_lib.Decoder(setup.model_config,
-                                                          rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: decoder_lib.Decoder(setup.model_config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, host)
     model = nnx.merge(graphdef, state)
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     decoder_import.export_hf(model, tmp)
-    src = tokenizer_path if tokenizer_path.endswith(".json") else os.path.join(
-        tokenizer_path, "tokenizer.json")
+    src = (
+      tokenizer_path
+      if tokenizer_path.endswith(".json")
+      else os.path.join(tokenizer_path, "tokenizer.json")
+    )
     shutil.copy(src, os.path.join(tmp, "tokenizer.json"))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
@@ -407,6 +474,7 @@ def export_policy(setup: TrainSetup, params: Any, tokenizer_path: str, out_dir: 
 def load_policy(policy_dir: str, **overrides: Any) -> tuple[decoder_lib.Decoder, Any]:
   """(model, tokenizer) of an exported policy directory."""
   from apollo.agents import decoder_import  # pylint: disable=g-import-not-at-top
+
   model, _ = decoder_import.from_pretrained(policy_dir, **overrides)
   return model, chat_lib.load_chat_tokenizer(policy_dir)
 
@@ -416,11 +484,15 @@ def load_policy(policy_dir: str, **overrides: Any) -> tuple[decoder_lib.Decoder,
 # -----------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       samples: Optional[Sequence[Mapping[str, Any]]] = None,
-                       eval_samples: Optional[Sequence[Mapping[str, Any]]] = None,
-                       tokenizer_path: str = "",
-                       on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  samples: Sequence[Mapping[str, Any]] | None = None,
+  eval_samples: Sequence[Mapping[str, Any]] | None = None,
+  tokenizer_path: str = "",
+  on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
   """Fine-tunes (or resumes) in `workdir` until `config.train_steps`; exports the policy.
 
   Args:
@@ -449,37 +521,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   template = chat_lib.ChatTemplate(tokenizer)
   model_config = model_config_from(config, tokenizer.get_vocab_size())
   train_lib.check_saved_config(workdir, model_config, SHAPE_FIELDS)
-  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                            axis_type="auto")
+  mesh = mesh_lib.make_mesh(
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor, axis_type="auto"
+  )
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.data.batch_size % (shards * jax.process_count()) and \
-      config.data.batch_size % shards:
-    raise ValueError(f"--config.data.batch_size={config.data.batch_size} is not divisible "
-                     f"by data*fsdp={shards}.")
+  if config.data.batch_size % (shards * jax.process_count()) and config.data.batch_size % shards:
+    raise ValueError(
+      f"--config.data.batch_size={config.data.batch_size} is not divisible by data*fsdp={shards}."
+    )
   setup = make_setup(config, model_config, mesh)
-  logging.info("Mesh %s; %d train / %d eval samples; model %s", mesh_lib.describe(mesh),
-               len(samples), len(eval_samples), model_config)
+  logging.info(
+    "Mesh %s; %d train / %d eval samples; model %s",
+    mesh_lib.describe(mesh),
+    len(samples),
+    len(eval_samples),
+    model_config,
+  )
 
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     max_to_keep=config.max_checkpoints)
+  ckpt = checkpoint_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"), max_to_keep=config.max_checkpoints
+  )
   writer = metrics_lib.MetricsWriter(workdir)
   try:
     check_checkpoint_shapes(ckpt, setup.abstract_state)
     train_lib.write_config(workdir, config, model_config)
-    stream = PackedRowStream(samples, config.data.seq_len, config.data.batch_size,
-                             config.seed, template.pad_id)
+    stream = PackedRowStream(
+      samples, config.data.seq_len, config.data.batch_size, config.seed, template.pad_id
+    )
     state, start_step, data = train_lib.resume_or_init(
-        ckpt, setup.abstract_state, lambda: init_state(config, setup))
+      ckpt, setup.abstract_state, lambda: init_state(config, setup)
+    )
     if "train_iterator" in data:
       stream.set_state(data["train_iterator"])
-    evals = eval_batches(eval_samples, config.data.seq_len, config.data.batch_size,
-                         template.pad_id) if eval_samples else []
-    result = _train_loop(config, setup, state, start_step, stream, evals, ckpt, writer,
-                         on_step)
+    evals = (
+      eval_batches(eval_samples, config.data.seq_len, config.data.batch_size, template.pad_id)
+      if eval_samples
+      else []
+    )
+    result = _train_loop(config, setup, state, start_step, stream, evals, ckpt, writer, on_step)
     result["policy_dir"] = ""
     if not result["preempted"] and config.export_policy:
-      result["policy_dir"] = export_policy(setup, result.pop("params"), tokenizer_path,
-                                           os.path.join(workdir, POLICY_DIR))
+      result["policy_dir"] = export_policy(
+        setup, result.pop("params"), tokenizer_path, os.path.join(workdir, POLICY_DIR)
+      )
     result.pop("params", None)
     return result
   finally:
@@ -491,41 +575,62 @@ def _host_slice(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """This process's rows of the global batch."""
   n, hosts, index = len(batch["input_ids"]), jax.process_count(), jax.process_index()
   per = n // hosts
-  return {k: v[index * per:(index + 1) * per] for k, v in batch.items()}
+  return {k: v[index * per : (index + 1) * per] for k, v in batch.items()}
 
 
-def _train_loop(config, setup: TrainSetup, state, start_step, stream, evals, ckpt, writer,
-                on_step) -> dict[str, Any]:
+def _train_loop(
+  config, setup: TrainSetup, state, start_step, stream, evals, ckpt, writer, on_step
+) -> dict[str, Any]:
   step_fn = train_lib.jit_train_step(
-      functools.partial(train_step, graphdef=setup.graphdef, optimizer=setup.optimizer,
-                        lr_schedule=setup.lr_schedule), setup)
+    functools.partial(
+      train_step, graphdef=setup.graphdef, optimizer=setup.optimizer, lr_schedule=setup.lr_schedule
+    ),
+    setup,
+  )
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=setup.graphdef))
-  log = train_lib.TrainLog(writer, _Window, start_step=start_step,
-                           total_steps=config.train_steps, every=config.log_every,
-                           units_per_step=config.data.batch_size * config.data.seq_len,
-                           unit="tokens")
+  log = train_lib.TrainLog(
+    writer,
+    _Window,
+    start_step=start_step,
+    total_steps=config.train_steps,
+    every=config.log_every,
+    units_per_step=config.data.batch_size * config.data.seq_len,
+    unit="tokens",
+  )
   result: dict[str, Any] = dict(step=start_step, preempted=False, train={}, eval={})
 
   def next_batch(step):
     batch = next(stream)
     # Saved with this step: the stream's position after its batch.
-    return (mesh_lib.shard_batch(_host_slice(batch), setup.mesh),
-            dict(train_iterator=stream.get_state(), step=step))
+    return (
+      mesh_lib.shard_batch(_host_slice(batch), setup.mesh),
+      dict(train_iterator=stream.get_state(), step=step),
+    )
 
   def evaluate_now(step, params):
     acc = _Window()
     for batch in evals:
-      acc.add(jax.device_get(eval_fn(params, mesh_lib.shard_batch(_host_slice(batch),
-                                                                  setup.mesh))))
-    result["eval"] = {k: v for k, v in acc.summary().items()
-                      if k in ("loss", "token_acc", "target_tokens")}
+      acc.add(jax.device_get(eval_fn(params, mesh_lib.shard_batch(_host_slice(batch), setup.mesh))))
+    result["eval"] = {
+      k: v for k, v in acc.summary().items() if k in ("loss", "token_acc", "target_tokens")
+    }
     writer.write(step, result["eval"], split="eval")
     log.restart_clock()  # Throughput counts training time only.
 
   state, result["step"], result["preempted"] = train_lib.train_loop(
-      state, mesh=setup.mesh, step_fn=step_fn, next_batch=next_batch, start_step=start_step,
-      total_steps=config.train_steps, ckpt=ckpt, log_step=log, log_every=config.log_every,
-      checkpoint_every=config.checkpoint_every, eval_every=config.eval_every,
-      evaluate=evaluate_now if evals else None, on_step=on_step)
+    state,
+    mesh=setup.mesh,
+    step_fn=step_fn,
+    next_batch=next_batch,
+    start_step=start_step,
+    total_steps=config.train_steps,
+    ckpt=ckpt,
+    log_step=log,
+    log_every=config.log_every,
+    checkpoint_every=config.checkpoint_every,
+    eval_every=config.eval_every,
+    evaluate=evaluate_now if evals else None,
+    on_step=on_step,
+  )
   result["train"], result["params"] = log.last, state["params"]
   return result

@@ -46,7 +46,8 @@ import collections
 import dataclasses
 import json
 import os
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,8 +57,8 @@ from apollo.agents import judging
 from apollo.agents import labels as labels_lib
 from apollo.agents import storage as storage_lib
 
-MODES = ('per_step', 'per_segment')
-HUMAN_MESSAGE_MODES = ('keep', 'remove')
+MODES = ("per_step", "per_segment")
+HUMAN_MESSAGE_MODES = ("keep", "remove")
 
 Message = dict[str, str]
 
@@ -84,18 +85,23 @@ class Sample:
     return len(self.input_ids)
 
   def to_json(self) -> dict[str, Any]:
-    return {'input_ids': self.input_ids.tolist(),
-            'loss_mask': self.loss_mask.astype(np.int8).tolist(),
-            'roles': self.roles.tolist(), 'segment_ids': self.segment_ids.tolist(),
-            'meta': self.meta}
+    return {
+      "input_ids": self.input_ids.tolist(),
+      "loss_mask": self.loss_mask.astype(np.int8).tolist(),
+      "roles": self.roles.tolist(),
+      "segment_ids": self.segment_ids.tolist(),
+      "meta": self.meta,
+    }
 
   @classmethod
-  def from_json(cls, data: Mapping[str, Any]) -> 'Sample':
-    return cls(input_ids=np.asarray(data['input_ids'], np.int32),
-               loss_mask=np.asarray(data['loss_mask'], bool),
-               roles=np.asarray(data['roles'], np.int8),
-               segment_ids=np.asarray(data['segment_ids'], np.int32),
-               meta=dict(data['meta']))
+  def from_json(cls, data: Mapping[str, Any]) -> Sample:
+    return cls(
+      input_ids=np.asarray(data["input_ids"], np.int32),
+      loss_mask=np.asarray(data["loss_mask"], bool),
+      roles=np.asarray(data["roles"], np.int8),
+      segment_ids=np.asarray(data["segment_ids"], np.int32),
+      meta=dict(data["meta"]),
+    )
 
 
 @dataclasses.dataclass
@@ -103,16 +109,15 @@ class SampleStats:
   """What a build produced (and what it left out)."""
 
   sessions: int = 0
-  actions: int = 0                  # action steps seen
-  masked_actions: int = 0           # ... judged 'mask' (not trained)
+  actions: int = 0  # action steps seen
+  masked_actions: int = 0  # ... judged 'mask' (not trained)
   samples: int = 0
   tokens: int = 0
   target_tokens: int = 0
-  guidance_tokens: int = 0          # tokens of human messages kept in the contexts
+  guidance_tokens: int = 0  # tokens of human messages kept in the contexts
   guidance_messages_removed: int = 0
-  dropped_too_long: int = 0         # samples over max_tokens
-  masked_by_reason: collections.Counter = dataclasses.field(
-      default_factory=collections.Counter)
+  dropped_too_long: int = 0  # samples over max_tokens
+  masked_by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
   @property
   def fraction_masked(self) -> float:
@@ -120,8 +125,8 @@ class SampleStats:
 
   def to_json(self) -> dict[str, Any]:
     data = dataclasses.asdict(self)
-    data['masked_by_reason'] = dict(self.masked_by_reason)
-    data['fraction_masked'] = self.fraction_masked
+    data["masked_by_reason"] = dict(self.masked_by_reason)
+    data["fraction_masked"] = self.fraction_masked
     return data
 
 
@@ -133,10 +138,14 @@ class _Turn:
   step: int | None = None
 
 
-def _verdict_json(label: labels_lib.Label, all_labels: Sequence[labels_lib.Label]
-                  ) -> dict[str, Any]:
-  return {'verdict': label.verdict, 'reason': label.reason,
-          'labels': [[l.judge, l.verdict, l.reason] for l in all_labels]}
+def _verdict_json(
+  label: labels_lib.Label, all_labels: Sequence[labels_lib.Label]
+) -> dict[str, Any]:
+  return {
+    "verdict": label.verdict,
+    "reason": label.reason,
+    "labels": [[l.judge, l.verdict, l.reason] for l in all_labels],
+  }
 
 
 def _segments(steps: Sequence[storage_lib.StepRecord]) -> list[list[storage_lib.StepRecord]]:
@@ -144,12 +153,17 @@ def _segments(steps: Sequence[storage_lib.StepRecord]) -> list[list[storage_lib.
   segments: list[list[storage_lib.StepRecord]] = []
   previous: storage_lib.StepRecord | None = None
   for step in steps:
-    if step.kind != 'action':
+    if step.kind != "action":
       previous = None  # a summary (compression) ends the segment
       continue
-    extends = previous is not None and len(step.messages) > len(previous.messages) and (
-        step.messages[:len(previous.messages) + 1]
-        == previous.messages + [{'role': 'assistant', 'content': previous.response}])
+    extends = (
+      previous is not None
+      and len(step.messages) > len(previous.messages)
+      and (
+        step.messages[: len(previous.messages) + 1]
+        == previous.messages + [{"role": "assistant", "content": previous.response}]
+      )
+    )
     if extends:
       segments[-1].append(step)
     else:
@@ -162,11 +176,11 @@ def _conversation(steps: Sequence[storage_lib.StepRecord]) -> list[_Turn]:
   """The final conversation of a segment with each of its own responses tagged."""
   last = steps[-1]
   turns = [_Turn(dict(m)) for m in last.messages]
-  turns.append(_Turn({'role': 'assistant', 'content': last.response}))
+  turns.append(_Turn({"role": "assistant", "content": last.response}))
   for step in steps:
     # Step s's response sits right after its prompt (the prompts extend each other).
     position = len(step.messages)
-    assert turns[position].message == {'role': 'assistant', 'content': step.response}
+    assert turns[position].message == {"role": "assistant", "content": step.response}
     turns[position].step = step.step_index
   return turns
 
@@ -186,17 +200,24 @@ class SampleBuilder:
     authoritative: judges whose label decides alone (`judging.combine`).
   """
 
-  def __init__(self, store: storage_lib.TrajectoryStore,
-               template: chat_template_lib.ChatTemplate, *, mode: str = 'per_step',
-               human_messages: str = 'keep',
-               label_store: labels_lib.LabelStore | None = None,
-               all_trainable: bool = False, max_tokens: int | None = None,
-               authoritative: Sequence[str] = ('human',)):
+  def __init__(
+    self,
+    store: storage_lib.TrajectoryStore,
+    template: chat_template_lib.ChatTemplate,
+    *,
+    mode: str = "per_step",
+    human_messages: str = "keep",
+    label_store: labels_lib.LabelStore | None = None,
+    all_trainable: bool = False,
+    max_tokens: int | None = None,
+    authoritative: Sequence[str] = ("human",),
+  ):
     if mode not in MODES:
-      raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+      raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if human_messages not in HUMAN_MESSAGE_MODES:
-      raise ValueError(f'human_messages must be one of {HUMAN_MESSAGE_MODES}, '
-                       f'got {human_messages!r}')
+      raise ValueError(
+        f"human_messages must be one of {HUMAN_MESSAGE_MODES}, got {human_messages!r}"
+      )
     self.store = store
     self.template = template
     self.mode = mode
@@ -207,20 +228,21 @@ class SampleBuilder:
     self.authoritative = tuple(authoritative)
     self.stats = SampleStats()
 
-  def verdicts(self, session_id: str
-               ) -> dict[int, tuple[labels_lib.Label, list[labels_lib.Label]]]:
+  def verdicts(self, session_id: str) -> dict[int, tuple[labels_lib.Label, list[labels_lib.Label]]]:
     """step -> (verdict, all labels) as this builder applies them."""
     if self.all_trainable:
-      return {s.step_index: (labels_lib.Label(labels_lib.KEEP, 'outcome_filter', 'outcome'), [])
-              for s in self.store.get_steps(session_id, full=False) if s.kind == 'action'}
-    return judging.stored_verdicts(self.store, session_id, self.label_store,
-                                   self.authoritative)
+      return {
+        s.step_index: (labels_lib.Label(labels_lib.KEEP, "outcome_filter", "outcome"), [])
+        for s in self.store.get_steps(session_id, full=False)
+        if s.kind == "action"
+      }
+    return judging.stored_verdicts(self.store, session_id, self.label_store, self.authoritative)
 
   def session_samples(self, session_id: str) -> Iterator[Sample]:
     """The samples of one session, in step order."""
     session = self.store.get_session(session_id)
     if session is None:
-      raise KeyError(f'unknown session {session_id!r}')
+      raise KeyError(f"unknown session {session_id!r}")
     verdicts = self.verdicts(session_id)
     steps = self.store.get_steps(session_id)
     self.stats.sessions += 1
@@ -229,35 +251,46 @@ class SampleBuilder:
       if label.masked:
         self.stats.masked_actions += 1
         self.stats.masked_by_reason.update(label.reason_codes)
-    base = {'session_id': session_id, 'env_name': session.env_name, 'seed': session.seed,
-            'score': (session.result or {}).get('score'), 'mode': self.mode,
-            'human_messages': self.human_messages}
-    if self.mode == 'per_step':
+    base = {
+      "session_id": session_id,
+      "env_name": session.env_name,
+      "seed": session.seed,
+      "score": (session.result or {}).get("score"),
+      "mode": self.mode,
+      "human_messages": self.human_messages,
+    }
+    if self.mode == "per_step":
       for step in steps:
-        if step.kind != 'action' or verdicts[step.step_index][0].masked:
+        if step.kind != "action" or verdicts[step.step_index][0].masked:
           continue  # a masked action has no target of its own
         turns = [_Turn(dict(m)) for m in step.messages]
-        turns.append(_Turn({'role': 'assistant', 'content': step.response}, step.step_index))
+        turns.append(_Turn({"role": "assistant", "content": step.response}, step.step_index))
         sample = self._render(turns, verdicts, base, only_steps={step.step_index})
         if sample is not None:
-          sample.meta['step'] = step.step_index
+          sample.meta["step"] = step.step_index
           yield sample
     else:
       for segment in _segments(steps):
         own = {s.step_index for s in segment}
         sample = self._render(_conversation(segment), verdicts, base, only_steps=own)
         if sample is not None:
-          sample.meta['first_step'], sample.meta['last_step'] = min(own), max(own)
+          sample.meta["first_step"], sample.meta["last_step"] = min(own), max(own)
           yield sample
 
-  def _render(self, turns: list[_Turn], verdicts: Mapping[int, tuple[labels_lib.Label, list]],
-              base: Mapping[str, Any], only_steps: set[int]) -> Sample | None:
-    if self.human_messages == 'remove':
+  def _render(
+    self,
+    turns: list[_Turn],
+    verdicts: Mapping[int, tuple[labels_lib.Label, list]],
+    base: Mapping[str, Any],
+    only_steps: set[int],
+  ) -> Sample | None:
+    if self.human_messages == "remove":
       kept = [t for t in turns if not guidance_lib.is_guidance_message(t.message)]
       self.stats.guidance_messages_removed += len(turns) - len(kept)
       turns = kept
-    targets = [t.step is not None and t.step in only_steps and not verdicts[t.step][0].masked
-               for t in turns]
+    targets = [
+      t.step is not None and t.step in only_steps and not verdicts[t.step][0].masked for t in turns
+    ]
     if not any(targets):
       return None  # every action of the segment was masked
     rendered = self.template.render([t.message for t in turns], trainable=targets)
@@ -267,53 +300,79 @@ class SampleBuilder:
     steps = [t.step for t in turns if t.step is not None]
     meta = dict(base)
     meta.update(
-        steps=steps,
-        trainable_steps=[t.step for t, x in zip(turns, targets) if x],
-        masked_steps=[s for s in steps if verdicts[s][0].masked],
-        verdicts={str(s): _verdict_json(*verdicts[s]) for s in steps if s in only_steps},
-        num_tokens=len(rendered), num_target_tokens=int(rendered.loss_mask.sum()))
+      steps=steps,
+      trainable_steps=[t.step for t, x in zip(turns, targets) if x],
+      masked_steps=[s for s in steps if verdicts[s][0].masked],
+      verdicts={str(s): _verdict_json(*verdicts[s]) for s in steps if s in only_steps},
+      num_tokens=len(rendered),
+      num_target_tokens=int(rendered.loss_mask.sum()),
+    )
     self.stats.samples += 1
     self.stats.tokens += len(rendered)
-    self.stats.target_tokens += meta['num_target_tokens']
+    self.stats.target_tokens += meta["num_target_tokens"]
     self.stats.guidance_tokens += int((rendered.roles == chat_template_lib.ROLE_GUIDANCE).sum())
-    return Sample(input_ids=rendered.ids, loss_mask=rendered.loss_mask, roles=rendered.roles,
-                  segment_ids=rendered.segments, meta=meta)
+    return Sample(
+      input_ids=rendered.ids,
+      loss_mask=rendered.loss_mask,
+      roles=rendered.roles,
+      segment_ids=rendered.segments,
+      meta=meta,
+    )
 
   def build(self, session_ids: Iterable[str] | None = None) -> Iterator[Sample]:
     """Samples of `session_ids` (default: every session in the store)."""
-    ids = (list(session_ids) if session_ids is not None
-           else [s.session_id for s in self.store.list_sessions()])
+    ids = (
+      list(session_ids)
+      if session_ids is not None
+      else [s.session_id for s in self.store.list_sessions()]
+    )
     for session_id in ids:
       yield from self.session_samples(session_id)
 
 
-def build_samples(store: storage_lib.TrajectoryStore, template: chat_template_lib.ChatTemplate,
-                  session_ids: Iterable[str] | None = None, **options: Any
-                  ) -> tuple[list[Sample], SampleStats]:
+def build_samples(
+  store: storage_lib.TrajectoryStore,
+  template: chat_template_lib.ChatTemplate,
+  session_ids: Iterable[str] | None = None,
+  **options: Any,
+) -> tuple[list[Sample], SampleStats]:
   """All samples of `session_ids` at once, with their stats (see `SampleBuilder`)."""
   builder = SampleBuilder(store, template, **options)
   samples = list(builder.build(session_ids))
   return samples, builder.stats
 
 
-def outcome_filter(store: storage_lib.TrajectoryStore, threshold: float,
-                   session_ids: Iterable[str] | None = None, score_key: str = 'score'
-                   ) -> list[str]:
+def outcome_filter(
+  store: storage_lib.TrajectoryStore,
+  threshold: float,
+  session_ids: Iterable[str] | None = None,
+  score_key: str = "score",
+) -> list[str]:
   """Sessions whose final result has `score_key` >= `threshold` (the baseline's data).
 
   Sessions without a result (still running, failed) are left out.
   """
-  sessions = (store.list_sessions() if session_ids is None
-              else [s for s in map(store.get_session, session_ids) if s is not None])
-  return [s.session_id for s in sessions
-          if s.result is not None and isinstance(s.result.get(score_key), (int, float))
-          and s.result[score_key] >= threshold]
+  sessions = (
+    store.list_sessions()
+    if session_ids is None
+    else [s for s in map(store.get_session, session_ids) if s is not None]
+  )
+  return [
+    s.session_id
+    for s in sessions
+    if s.result is not None
+    and isinstance(s.result.get(score_key), (int, float))
+    and s.result[score_key] >= threshold
+  ]
 
 
-def build_outcome_baseline(store: storage_lib.TrajectoryStore,
-                           template: chat_template_lib.ChatTemplate, threshold: float,
-                           session_ids: Iterable[str] | None = None, **options: Any
-                           ) -> tuple[list[Sample], SampleStats]:
+def build_outcome_baseline(
+  store: storage_lib.TrajectoryStore,
+  template: chat_template_lib.ChatTemplate,
+  threshold: float,
+  session_ids: Iterable[str] | None = None,
+  **options: Any,
+) -> tuple[list[Sample], SampleStats]:
   """Rejection-sampling baseline: every action of the sessions that reached `threshold`."""
   kept = outcome_filter(store, threshold, session_ids)
   return build_samples(store, template, kept, all_trainable=True, **options)
@@ -323,7 +382,7 @@ def build_outcome_baseline(store: storage_lib.TrajectoryStore,
 
 
 def encode_record(sample: Sample) -> bytes:
-  return json.dumps(sample.to_json(), separators=(',', ':')).encode()
+  return json.dumps(sample.to_json(), separators=(",", ":")).encode()
 
 
 def decode_record(record: bytes) -> Sample:
@@ -332,18 +391,18 @@ def decode_record(record: bytes) -> Sample:
 
 def write_jsonl(samples: Iterable[Sample], path: str) -> int:
   """One JSON object per line; written under a temporary name, then renamed."""
-  tmp = path + '.tmp'
+  tmp = path + ".tmp"
   count = 0
-  with open(tmp, 'w', encoding='utf-8') as f:
+  with open(tmp, "w", encoding="utf-8") as f:
     for sample in samples:
-      f.write(encode_record(sample).decode() + '\n')
+      f.write(encode_record(sample).decode() + "\n")
       count += 1
   os.replace(tmp, path)
   return count
 
 
 def read_jsonl(path: str) -> Iterator[Sample]:
-  with open(path, encoding='utf-8') as f:
+  with open(path, encoding="utf-8") as f:
     for line in f:
       if line.strip():
         yield decode_record(line.encode())
@@ -352,8 +411,9 @@ def read_jsonl(path: str) -> Iterator[Sample]:
 def write_array_record(samples: Iterable[Sample], path: str) -> int:
   """One JSON record per sample (group_size:1: cheapest random access)."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  tmp = path + '.tmp'
-  writer = array_record_module.ArrayRecordWriter(tmp, 'group_size:1')
+
+  tmp = path + ".tmp"
+  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   count = 0
   try:
     for sample in samples:
@@ -370,6 +430,7 @@ class ArrayRecordSamples:
 
   def __init__(self, path: str):
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
     self._reader = array_record_module.ArrayRecordReader(path)
 
   def __len__(self) -> int:
@@ -387,7 +448,7 @@ class ArrayRecordSamples:
   def close(self) -> None:
     self._reader.close()
 
-  def __enter__(self) -> 'ArrayRecordSamples':
+  def __enter__(self) -> ArrayRecordSamples:
     return self
 
   def __exit__(self, *exc: Any) -> None:

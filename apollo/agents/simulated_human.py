@@ -32,31 +32,34 @@ import json
 import re
 import threading
 import time
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from apollo.agents import research_env
 
-SOURCE = 'simulated_human'
-_LAUNCH_RE = re.compile(r'launched (r\d+) on gpu(\d) with data=(\w+) config=(\{.*?\})')
+SOURCE = "simulated_human"
+_LAUNCH_RE = re.compile(r"launched (r\d+) on gpu(\d) with data=(\w+) config=(\{.*?\})")
 
 
 class RolloutAPI(Protocol):
   """The operations a (simulated) human uses; the HTTP API offers the same."""
 
-  def get_session(self, session_id: str) -> dict[str, Any]:
-    ...
+  def get_session(self, session_id: str) -> dict[str, Any]: ...
 
-  def get_steps(self, session_id: str, since: int = -1) -> list[dict[str, Any]]:
-    ...
+  def get_steps(self, session_id: str, since: int = -1) -> list[dict[str, Any]]: ...
 
-  def send_guidance(self, session_id: str, text: str, source: str = 'human',
-                    client_msg_id: str | None = None,
-                    meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    ...
+  def send_guidance(
+    self,
+    session_id: str,
+    text: str,
+    source: str = "human",
+    client_msg_id: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+  ) -> dict[str, Any]: ...
 
-  def flag_step(self, session_id: str, step_index: int, flag: str | None,
-                reason: str | None = None) -> dict[str, Any]:
-    ...
+  def flag_step(
+    self, session_id: str, step_index: int, flag: str | None, reason: str | None = None
+  ) -> dict[str, Any]: ...
 
 
 @dataclasses.dataclass
@@ -65,7 +68,7 @@ class _Advice:
   due_time: float
   text: str
   rules: list[str]
-  key: str                # idempotency key: a resent message is not stored twice
+  key: str  # idempotency key: a resent message is not stored twice
 
 
 @dataclasses.dataclass
@@ -85,8 +88,14 @@ class _Watch:
 class SimulatedHuman:
   """Rule-based supervisor that knows each research task's hidden facts."""
 
-  def __init__(self, api: RolloutAPI, delay_steps: int = 2, delay_s: float = 0.0,
-               budget: int = 4, flag_steps: bool = True):
+  def __init__(
+    self,
+    api: RolloutAPI,
+    delay_steps: int = 2,
+    delay_s: float = 0.0,
+    budget: int = 4,
+    flag_steps: bool = True,
+  ):
     self.api = api
     self.delay_steps = delay_steps
     self.delay_s = delay_s
@@ -100,28 +109,31 @@ class SimulatedHuman:
     watch = self._watches.get(session_id)
     if watch is None:
       session = self.api.get_session(session_id)
-      task = (research_env.generate_task(int(session['seed']))
-              if session['env_name'] == 'research' else None)
+      task = (
+        research_env.generate_task(int(session["seed"]))
+        if session["env_name"] == "research"
+        else None
+      )
       watch = _Watch(task=task)
       # After a restart, count what this human already sent (it is in the store).
-      for g in session.get('guidance', []):
-        if g['source'] == SOURCE:
+      for g in session.get("guidance", []):
+        if g["source"] == SOURCE:
           watch.sent += 1
-          watch.fired.update(g['meta'].get('rules', []))
+          watch.fired.update(g["meta"].get("rules", []))
       self._watches[session_id] = watch
     return watch
 
   def interventions(self, session_id: str) -> dict[str, int]:
     watch = self._watches.get(session_id)
-    return {'messages': watch.sent if watch else 0, 'flags': watch.flags if watch else 0}
+    return {"messages": watch.sent if watch else 0, "flags": watch.flags if watch else 0}
 
   # ------------------------------------------------------------------ driving
   def on_step(self, step: Any) -> None:
     """Rollout listener: sees each step as it is stored (in-process mode)."""
-    data = step.to_json(full=False) if hasattr(step, 'to_json') else dict(step)
+    data = step.to_json(full=False) if hasattr(step, "to_json") else dict(step)
     with self._lock:
-      watch = self._watch(data['session_id'])
-      self._see(data['session_id'], watch, [data])
+      watch = self._watch(data["session_id"])
+      self._see(data["session_id"], watch, [data])
 
   def poll(self, session_id: str) -> None:
     """Reads the session's new steps through the API and reacts."""
@@ -131,11 +143,15 @@ class SimulatedHuman:
         return
       steps = self.api.get_steps(session_id, since=watch.seen)
       self._see(session_id, watch, steps)
-      if any(s.get('done') for s in steps):
+      if any(s.get("done") for s in steps):
         watch.done = True
 
-  def watch(self, session_ids: Sequence[str] | Callable[[], Sequence[str]],
-            stop: threading.Event, interval_s: float = 0.05) -> None:
+  def watch(
+    self,
+    session_ids: Sequence[str] | Callable[[], Sequence[str]],
+    stop: threading.Event,
+    interval_s: float = 0.05,
+  ) -> None:
     """Polls sessions until `stop` is set.
 
     Args:
@@ -152,78 +168,102 @@ class SimulatedHuman:
         except Exception:  # pylint: disable=broad-except
           pass  # a session that disappeared or a transient HTTP error: try again later
       if not callable(session_ids) and all(
-          self._watches.get(s) and self._watches[s].done for s in ids):
+        self._watches.get(s) and self._watches[s].done for s in ids
+      ):
         return
       stop.wait(interval_s)
 
   # ------------------------------------------------------------------ rules
   def _see(self, session_id: str, watch: _Watch, steps: Sequence[Mapping[str, Any]]) -> None:
     for step in steps:
-      if step['step_index'] <= watch.seen:
+      if step["step_index"] <= watch.seen:
         continue
-      watch.seen = step['step_index']
-      if watch.task is not None and step['kind'] == 'action' and step.get('action'):
+      watch.seen = step["step_index"]
+      if watch.task is not None and step["kind"] == "action" and step.get("action"):
         self._apply_rules(session_id, watch, step)
     self._send_due(session_id, watch)
 
   def _schedule(self, watch: _Watch, step_index: int, rules: list[str], text: str) -> None:
     watch.fired.update(rules)
-    watch.pending.append(_Advice(due_step=step_index + self.delay_steps,
-                                 due_time=time.time() + self.delay_s, text=text,
-                                 rules=rules, key=f'{SOURCE}-{"+".join(rules)}'))
+    watch.pending.append(
+      _Advice(
+        due_step=step_index + self.delay_steps,
+        due_time=time.time() + self.delay_s,
+        text=text,
+        rules=rules,
+        key=f"{SOURCE}-{'+'.join(rules)}",
+      )
+    )
 
   def _apply_rules(self, session_id: str, watch: _Watch, step: Mapping[str, Any]) -> None:
     task = watch.task
-    action, obs = step['action'], step['observation']
-    if action['tool'] == 'launch_run':
+    action, obs = step["action"], step["observation"]
+    if action["tool"] == "launch_run":
       launch = _LAUNCH_RE.search(obs)
       if not launch:
         return
       run_id, gpu, data = launch.group(1), int(launch.group(2)), launch.group(3)
-      lr = float(json.loads(launch.group(4))['learning_rate'])
+      lr = float(json.loads(launch.group(4))["learning_rate"])
       rules, parts = [], []
-      if task.noisy_labels and data == 'raw' and 'noisy_labels' not in watch.fired:
-        rules.append('noisy_labels')
-        parts.append(f'The labels in this dataset are noisy: about {100 * task.noise_rate:.0f}% '
-                     f'of the training labels are wrong. Run filter_labels first (it takes '
-                     f'about {task.filter_hours:g} hours) and train on data=filtered; a run on '
-                     'the raw data will not reach the target.')
-      if task.lr_diverges and lr > task.max_stable_lr * 1.01 and 'lr_diverges' not in watch.fired:
-        rules.append('lr_diverges')
-        parts.append(f'A learning rate of {lr:g} diverges on this task after an hour or two. '
-                     f'Set the learning rate to {task.max_stable_lr:g} and relaunch.')
-      if task.gpu_conflict and gpu == 0 and 'gpu_conflict' not in watch.fired:
-        rules.append('gpu_conflict')
-        parts.append('GPU 0 is shared with another team\'s job all day, so anything on it '
-                     'trains at less than half speed. Launch on gpu 1 instead.')
-      healthy = ((not task.noisy_labels or data == 'filtered')
-                 and (not task.lr_diverges or lr <= task.max_stable_lr * 1.01)
-                 and (not task.gpu_conflict or gpu != 0))
+      if task.noisy_labels and data == "raw" and "noisy_labels" not in watch.fired:
+        rules.append("noisy_labels")
+        parts.append(
+          f"The labels in this dataset are noisy: about {100 * task.noise_rate:.0f}% "
+          f"of the training labels are wrong. Run filter_labels first (it takes "
+          f"about {task.filter_hours:g} hours) and train on data=filtered; a run on "
+          "the raw data will not reach the target."
+        )
+      if task.lr_diverges and lr > task.max_stable_lr * 1.01 and "lr_diverges" not in watch.fired:
+        rules.append("lr_diverges")
+        parts.append(
+          f"A learning rate of {lr:g} diverges on this task after an hour or two. "
+          f"Set the learning rate to {task.max_stable_lr:g} and relaunch."
+        )
+      if task.gpu_conflict and gpu == 0 and "gpu_conflict" not in watch.fired:
+        rules.append("gpu_conflict")
+        parts.append(
+          "GPU 0 is shared with another team's job all day, so anything on it "
+          "trains at less than half speed. Launch on gpu 1 instead."
+        )
+      healthy = (
+        (not task.noisy_labels or data == "filtered")
+        and (not task.lr_diverges or lr <= task.max_stable_lr * 1.01)
+        and (not task.gpu_conflict or gpu != 0)
+      )
       if healthy:
         watch.healthy_runs.add(run_id)
-        if 'patience' not in watch.fired:
-          rules.append('patience')
+        if "patience" not in watch.fired:
+          rules.append("patience")
           a, b = task.plateau
-          parts.append(f'Run {run_id} is set up well. It needs about {task.hours_needed:.0f} '
-                       f'hours of training in total, and its loss stays flat for a few hours '
-                       f'in the middle (around hours {a * task.hours_needed:.0f}-'
-                       f'{b * task.hours_needed:.0f}); that is normal. Don\'t kill it: sleep '
-                       'and check back, then evaluate and submit when it finishes.')
+          parts.append(
+            f"Run {run_id} is set up well. It needs about {task.hours_needed:.0f} "
+            f"hours of training in total, and its loss stays flat for a few hours "
+            f"in the middle (around hours {a * task.hours_needed:.0f}-"
+            f"{b * task.hours_needed:.0f}); that is normal. Don't kill it: sleep "
+            "and check back, then evaluate and submit when it finishes."
+          )
       if rules:
-        self._schedule(watch, step['step_index'], rules, ' '.join(parts))
-    elif action['tool'] == 'kill_run':
-      run_id = action['arguments'].get('run_id')
-      if run_id in watch.healthy_runs and obs.startswith('killed'):
+        self._schedule(watch, step["step_index"], rules, " ".join(parts))
+    elif action["tool"] == "kill_run":
+      run_id = action["arguments"].get("run_id")
+      if run_id in watch.healthy_runs and obs.startswith("killed"):
         if self.flag_steps:
-          self.api.flag_step(session_id, step['step_index'], 'bad',
-                             f'[{SOURCE}] killed healthy run {run_id}, which only needed '
-                             'more time')
+          self.api.flag_step(
+            session_id,
+            step["step_index"],
+            "bad",
+            f"[{SOURCE}] killed healthy run {run_id}, which only needed more time",
+          )
           watch.flags += 1
-        if 'patience' not in watch.fired:
-          self._schedule(watch, step['step_index'], ['patience'],
-                         f'{run_id} was healthy: runs here need about '
-                         f'{task.hours_needed:.0f} hours and the loss is flat for a while in '
-                         'the middle. Relaunch the same setup and don\'t kill it this time.')
+        if "patience" not in watch.fired:
+          self._schedule(
+            watch,
+            step["step_index"],
+            ["patience"],
+            f"{run_id} was healthy: runs here need about "
+            f"{task.hours_needed:.0f} hours and the loss is flat for a while in "
+            "the middle. Relaunch the same setup and don't kill it this time.",
+          )
 
   def _send_due(self, session_id: str, watch: _Watch) -> None:
     now = time.time()
@@ -235,8 +275,13 @@ class SimulatedHuman:
       if watch.sent >= self.budget:
         continue  # out of budget: the advice is dropped
       try:
-        self.api.send_guidance(session_id, advice.text, source=SOURCE,
-                               client_msg_id=advice.key, meta={'rules': advice.rules})
+        self.api.send_guidance(
+          session_id,
+          advice.text,
+          source=SOURCE,
+          client_msg_id=advice.key,
+          meta={"rules": advice.rules},
+        )
         watch.sent += 1
       except Exception:  # pylint: disable=broad-except
         # Typically 409: the session finished before the advice was due.

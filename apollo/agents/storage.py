@@ -49,15 +49,16 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from apollo.agents import guidance as guidance_lib
 
 SCHEMA_VERSION = 1
-SESSION_STATUSES = ('created', 'running', 'paused', 'finished', 'stopped', 'failed')
-ACTIVE_STATUSES = ('created', 'running', 'paused')
-FLAGS = ('good', 'bad')
-QUALITIES = ('good', 'bad', 'unknown')
+SESSION_STATUSES = ("created", "running", "paused", "finished", "stopped", "failed")
+ACTIVE_STATUSES = ("created", "running", "paused")
+FLAGS = ("good", "bad")
+QUALITIES = ("good", "bad", "unknown")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -138,13 +139,13 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
   IMMEDIATE takes the write lock up front, so concurrent writers wait (busy
   timeout) instead of failing half-way through a transaction.
   """
-  conn.execute('BEGIN IMMEDIATE')
+  conn.execute("BEGIN IMMEDIATE")
   try:
     yield conn
   except BaseException:
-    conn.execute('ROLLBACK')
+    conn.execute("ROLLBACK")
     raise
-  conn.execute('COMMIT')
+  conn.execute("COMMIT")
 
 
 @dataclasses.dataclass
@@ -176,16 +177,16 @@ class StepRecord:
   policy_state: dict[str, Any] | None = None
   human_flag: str | None = None
   human_flag_reason: str | None = None
-  quality: str = 'unknown'
+  quality: str = "unknown"
   quality_reason: str | None = None
 
   def to_json(self, full: bool = True) -> dict[str, Any]:
     """JSON view; `full=False` drops the bulky messages and state snapshots."""
     data = dataclasses.asdict(self)
     if not full:
-      for key in ('messages', 'env_state', 'policy_state'):
+      for key in ("messages", "env_state", "policy_state"):
         data.pop(key)
-      data['num_messages'] = len(self.messages)
+      data["num_messages"] = len(self.messages)
     return data
 
 
@@ -196,7 +197,7 @@ class SessionRecord:
   seed: int
   backend: str
   config: dict[str, Any]
-  status: str = 'created'
+  status: str = "created"
   created_at: float = 0.0
   updated_at: float = 0.0
   result: dict[str, Any] | None = None
@@ -214,86 +215,89 @@ class TrajectoryStore(abc.ABC):
     """Inserts a session; returns False (and changes nothing) if the id exists."""
 
   @abc.abstractmethod
-  def get_session(self, session_id: str) -> SessionRecord | None:
-    ...
+  def get_session(self, session_id: str) -> SessionRecord | None: ...
 
   @abc.abstractmethod
-  def list_sessions(self, statuses: Sequence[str] | None = None) -> list[SessionRecord]:
-    ...
+  def list_sessions(self, statuses: Sequence[str] | None = None) -> list[SessionRecord]: ...
 
   @abc.abstractmethod
-  def update_session(self, session_id: str, *, status: str | None = None,
-                     result: Mapping[str, Any] | None = None,
-                     error: str | None = None) -> None:
-    ...
+  def update_session(
+    self,
+    session_id: str,
+    *,
+    status: str | None = None,
+    result: Mapping[str, Any] | None = None,
+    error: str | None = None,
+  ) -> None: ...
 
   @abc.abstractmethod
-  def append_step(self, step: StepRecord,
-                  delivered: Sequence[tuple[int, float]] = ()) -> bool:
+  def append_step(self, step: StepRecord, delivered: Sequence[tuple[int, float]] = ()) -> bool:
     """Atomically stores `step` and marks `delivered` (guidance id, time) as shown
     in it. Returns False, storing nothing, if the step index already exists."""
 
   @abc.abstractmethod
-  def last_step(self, session_id: str) -> StepRecord | None:
-    ...
+  def last_step(self, session_id: str) -> StepRecord | None: ...
 
   @abc.abstractmethod
-  def get_steps(self, session_id: str, since: int = -1, limit: int | None = None,
-                full: bool = True) -> list[StepRecord]:
+  def get_steps(
+    self, session_id: str, since: int = -1, limit: int | None = None, full: bool = True
+  ) -> list[StepRecord]:
     """Steps with index > `since`, in order."""
 
   @abc.abstractmethod
-  def get_step(self, session_id: str, step_index: int) -> StepRecord | None:
-    ...
+  def get_step(self, session_id: str, step_index: int) -> StepRecord | None: ...
 
   @abc.abstractmethod
-  def num_steps(self, session_id: str) -> int:
-    ...
+  def num_steps(self, session_id: str) -> int: ...
 
   @abc.abstractmethod
-  def set_flag(self, session_id: str, step_index: int, flag: str | None,
-               reason: str | None) -> bool:
+  def set_flag(
+    self, session_id: str, step_index: int, flag: str | None, reason: str | None
+  ) -> bool:
     """Human flag of one step (None clears it). False if the step does not exist."""
 
   @abc.abstractmethod
-  def set_quality(self, session_id: str, step_index: int, quality: str,
-                  reason: str | None = None) -> bool:
+  def set_quality(
+    self, session_id: str, step_index: int, quality: str, reason: str | None = None
+  ) -> bool:
     """The judge's label of one step."""
 
   @abc.abstractmethod
-  def add_guidance(self, session_id: str, text: str, source: str = 'human',
-                   client_msg_id: str | None = None,
-                   meta: Mapping[str, Any] | None = None
-                   ) -> tuple[guidance_lib.Guidance, bool]:
+  def add_guidance(
+    self,
+    session_id: str,
+    text: str,
+    source: str = "human",
+    client_msg_id: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+  ) -> tuple[guidance_lib.Guidance, bool]:
     """Buffers a message; returns (message, created). A repeated `client_msg_id`
     returns the stored message with created=False."""
 
   @abc.abstractmethod
-  def pending_guidance(self, session_id: str) -> list[guidance_lib.Guidance]:
-    ...
+  def pending_guidance(self, session_id: str) -> list[guidance_lib.Guidance]: ...
 
   @abc.abstractmethod
-  def list_guidance(self, session_id: str) -> list[guidance_lib.Guidance]:
-    ...
+  def list_guidance(self, session_id: str) -> list[guidance_lib.Guidance]: ...
 
   @abc.abstractmethod
-  def log_event(self, session_id: str, kind: str, data: Mapping[str, Any] | None = None
-                ) -> None:
-    ...
+  def log_event(
+    self, session_id: str, kind: str, data: Mapping[str, Any] | None = None
+  ) -> None: ...
 
   @abc.abstractmethod
-  def list_events(self, session_id: str) -> list[dict[str, Any]]:
-    ...
+  def list_events(self, session_id: str) -> list[dict[str, Any]]: ...
 
   def export_jsonl(self, path: str, session_ids: Iterable[str] | None = None) -> int:
     """Writes one JSON line per step (session fields included); returns the count."""
-    ids = list(session_ids) if session_ids is not None else [
-        s.session_id for s in self.list_sessions()]
+    ids = (
+      list(session_ids) if session_ids is not None else [s.session_id for s in self.list_sessions()]
+    )
     count = 0
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
       for line in self.iter_export(ids):
-        f.write(line + '\n')
+        f.write(line + "\n")
         count += 1
     os.replace(tmp, path)  # readers never see a half-written export
     return count
@@ -306,17 +310,21 @@ class TrajectoryStore(abc.ABC):
       guidance = {g.guidance_id: g.to_json() for g in self.list_guidance(sid)}
       for step in self.get_steps(sid):
         row = step.to_json()
-        row['session'] = {'env_name': session.env_name, 'seed': session.seed,
-                          'backend': session.backend, 'status': session.status,
-                          'result': session.result}
-        row['guidance'] = [guidance[i] for i in step.guidance_ids if i in guidance]
+        row["session"] = {
+          "env_name": session.env_name,
+          "seed": session.seed,
+          "backend": session.backend,
+          "status": session.status,
+          "result": session.result,
+        }
+        row["guidance"] = [guidance[i] for i in step.guidance_ids if i in guidance]
         yield json.dumps(row, ensure_ascii=False)
 
 
 class SQLiteStore(TrajectoryStore):
   """`TrajectoryStore` on one SQLite file (WAL), shared by many threads."""
 
-  def __init__(self, path: str, synchronous: str = 'NORMAL', pool_size: int = 32):
+  def __init__(self, path: str, synchronous: str = "NORMAL", pool_size: int = 32):
     self.path = path
     self.synchronous = synchronous
     self._pool: list[sqlite3.Connection] = []
@@ -325,19 +333,20 @@ class SQLiteStore(TrajectoryStore):
     self._closed = False
     with self._connection() as conn:
       conn.executescript(_SCHEMA)
-      conn.execute('INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)',
-                   ('schema_version', str(SCHEMA_VERSION)))
+      conn.execute(
+        "INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)",
+        ("schema_version", str(SCHEMA_VERSION)),
+      )
 
   # ------------------------------------------------------------------ plumbing
   def _connect(self) -> sqlite3.Connection:
     # isolation_level=None: no implicit transactions; writes use BEGIN IMMEDIATE so
     # two writers never deadlock upgrading a read lock.
-    conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None,
-                           check_same_thread=False)
+    conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
-    conn.execute('PRAGMA journal_mode=WAL')
-    conn.execute(f'PRAGMA synchronous={self.synchronous}')
-    conn.execute('PRAGMA busy_timeout=60000')
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={self.synchronous}")
+    conn.execute("PRAGMA busy_timeout=60000")
     return conn
 
   @contextlib.contextmanager
@@ -373,91 +382,128 @@ class SQLiteStore(TrajectoryStore):
     now = time.time()
     with self._write() as conn:
       cur = conn.execute(
-          'INSERT OR IGNORE INTO sessions(session_id, created_at, updated_at, status, '
-          'env_name, seed, backend, config_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
-          (session.session_id, session.created_at or now, now, session.status,
-           session.env_name, session.seed, session.backend, json.dumps(session.config)))
+        "INSERT OR IGNORE INTO sessions(session_id, created_at, updated_at, status, "
+        "env_name, seed, backend, config_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+          session.session_id,
+          session.created_at or now,
+          now,
+          session.status,
+          session.env_name,
+          session.seed,
+          session.backend,
+          json.dumps(session.config),
+        ),
+      )
       return cur.rowcount == 1
 
   def get_session(self, session_id: str) -> SessionRecord | None:
     with self._connection() as conn:
-      row = conn.execute('SELECT * FROM sessions WHERE session_id = ?',
-                         (session_id,)).fetchone()
+      row = conn.execute("SELECT * FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
     return _session_from_row(row) if row else None
 
   def list_sessions(self, statuses: Sequence[str] | None = None) -> list[SessionRecord]:
-    query, args = 'SELECT * FROM sessions', ()
+    query, args = "SELECT * FROM sessions", ()
     if statuses:
-      query += f' WHERE status IN ({",".join("?" * len(statuses))})'
+      query += f" WHERE status IN ({','.join('?' * len(statuses))})"
       args = tuple(statuses)
     with self._connection() as conn:
-      rows = conn.execute(query + ' ORDER BY created_at, session_id', args).fetchall()
+      rows = conn.execute(query + " ORDER BY created_at, session_id", args).fetchall()
     return [_session_from_row(r) for r in rows]
 
-  def update_session(self, session_id: str, *, status: str | None = None,
-                     result: Mapping[str, Any] | None = None,
-                     error: str | None = None) -> None:
-    sets, args = ['updated_at = ?'], [time.time()]
+  def update_session(
+    self,
+    session_id: str,
+    *,
+    status: str | None = None,
+    result: Mapping[str, Any] | None = None,
+    error: str | None = None,
+  ) -> None:
+    sets, args = ["updated_at = ?"], [time.time()]
     if status is not None:
       if status not in SESSION_STATUSES:
-        raise ValueError(f'bad status {status!r}')
-      sets.append('status = ?')
+        raise ValueError(f"bad status {status!r}")
+      sets.append("status = ?")
       args.append(status)
     if result is not None:
-      sets.append('result_json = ?')
+      sets.append("result_json = ?")
       args.append(json.dumps(result))
     if error is not None:
-      sets.append('error = ?')
+      sets.append("error = ?")
       args.append(error)
     with self._write() as conn:
-      conn.execute(f'UPDATE sessions SET {", ".join(sets)} WHERE session_id = ?',
-                   (*args, session_id))
+      conn.execute(
+        f"UPDATE sessions SET {', '.join(sets)} WHERE session_id = ?", (*args, session_id)
+      )
 
   # ------------------------------------------------------------------ steps
-  def append_step(self, step: StepRecord,
-                  delivered: Sequence[tuple[int, float]] = ()) -> bool:
-    message_rows = [(_message_id(m), m['role'], m['content']) for m in step.messages]
+  def append_step(self, step: StepRecord, delivered: Sequence[tuple[int, float]] = ()) -> bool:
+    message_rows = [(_message_id(m), m["role"], m["content"]) for m in step.messages]
     row = (
-        step.session_id, step.step_index, step.kind, step.started_at,
-        step.model_started_at, step.model_finished_at, step.finished_at,
-        step.env_hours_before, step.env_hours_after,
-        json.dumps([r[0] for r in message_rows]), step.response,
-        json.dumps(step.action) if step.action is not None else None, step.parse_error,
-        step.observation, step.reward, int(step.done), step.prompt_tokens,
-        step.completion_tokens, step.context_tokens, json.dumps(step.guidance_ids),
-        json.dumps(step.info), _dumps_or_none(step.env_state),
-        _dumps_or_none(step.policy_state), step.human_flag, step.human_flag_reason,
-        step.quality, step.quality_reason)
+      step.session_id,
+      step.step_index,
+      step.kind,
+      step.started_at,
+      step.model_started_at,
+      step.model_finished_at,
+      step.finished_at,
+      step.env_hours_before,
+      step.env_hours_after,
+      json.dumps([r[0] for r in message_rows]),
+      step.response,
+      json.dumps(step.action) if step.action is not None else None,
+      step.parse_error,
+      step.observation,
+      step.reward,
+      int(step.done),
+      step.prompt_tokens,
+      step.completion_tokens,
+      step.context_tokens,
+      json.dumps(step.guidance_ids),
+      json.dumps(step.info),
+      _dumps_or_none(step.env_state),
+      _dumps_or_none(step.policy_state),
+      step.human_flag,
+      step.human_flag_reason,
+      step.quality,
+      step.quality_reason,
+    )
     with self._write() as conn:
-      cur = conn.execute(f'INSERT OR IGNORE INTO steps VALUES ({",".join("?" * len(row))})',
-                         row)
+      cur = conn.execute(f"INSERT OR IGNORE INTO steps VALUES ({','.join('?' * len(row))})", row)
       if cur.rowcount != 1:
         return False
-      conn.executemany('INSERT OR IGNORE INTO messages(message_id, role, content) '
-                       'VALUES (?, ?, ?)', message_rows)
+      conn.executemany(
+        "INSERT OR IGNORE INTO messages(message_id, role, content) VALUES (?, ?, ?)", message_rows
+      )
       for guidance_id, at in delivered:
         # Only the first delivery counts; the WHERE clause makes a repeat a no-op.
-        conn.execute('UPDATE guidance SET delivered_at = ?, delivered_step = ? '
-                     'WHERE guidance_id = ? AND delivered_step IS NULL',
-                     (at, step.step_index, guidance_id))
-      conn.execute('UPDATE sessions SET updated_at = ? WHERE session_id = ?',
-                   (time.time(), step.session_id))
+        conn.execute(
+          "UPDATE guidance SET delivered_at = ?, delivered_step = ? "
+          "WHERE guidance_id = ? AND delivered_step IS NULL",
+          (at, step.step_index, guidance_id),
+        )
+      conn.execute(
+        "UPDATE sessions SET updated_at = ? WHERE session_id = ?", (time.time(), step.session_id)
+      )
       return True
 
   def last_step(self, session_id: str) -> StepRecord | None:
     with self._connection() as conn:
-      row = conn.execute('SELECT * FROM steps WHERE session_id = ? '
-                         'ORDER BY step_index DESC LIMIT 1', (session_id,)).fetchone()
+      row = conn.execute(
+        "SELECT * FROM steps WHERE session_id = ? ORDER BY step_index DESC LIMIT 1", (session_id,)
+      ).fetchone()
       return _step_from_row(row, _load_messages(conn, [row])) if row else None
 
-  def get_steps(self, session_id: str, since: int = -1, limit: int | None = None,
-                full: bool = True) -> list[StepRecord]:
-    columns = '*' if full else ', '.join(_LIGHT_COLUMNS)
-    query = (f'SELECT {columns} FROM steps WHERE session_id = ? AND step_index > ? '
-             'ORDER BY step_index')
+  def get_steps(
+    self, session_id: str, since: int = -1, limit: int | None = None, full: bool = True
+  ) -> list[StepRecord]:
+    columns = "*" if full else ", ".join(_LIGHT_COLUMNS)
+    query = (
+      f"SELECT {columns} FROM steps WHERE session_id = ? AND step_index > ? ORDER BY step_index"
+    )
     args: tuple[Any, ...] = (session_id, since)
     if limit is not None:
-      query += ' LIMIT ?'
+      query += " LIMIT ?"
       args += (limit,)
     with self._connection() as conn:
       rows = conn.execute(query, args).fetchall()
@@ -466,88 +512,135 @@ class SQLiteStore(TrajectoryStore):
 
   def get_step(self, session_id: str, step_index: int) -> StepRecord | None:
     with self._connection() as conn:
-      row = conn.execute('SELECT * FROM steps WHERE session_id = ? AND step_index = ?',
-                         (session_id, step_index)).fetchone()
+      row = conn.execute(
+        "SELECT * FROM steps WHERE session_id = ? AND step_index = ?", (session_id, step_index)
+      ).fetchone()
       return _step_from_row(row, _load_messages(conn, [row])) if row else None
 
   def num_steps(self, session_id: str) -> int:
     with self._connection() as conn:
-      return conn.execute('SELECT COUNT(*) FROM steps WHERE session_id = ?',
-                          (session_id,)).fetchone()[0]
+      return conn.execute(
+        "SELECT COUNT(*) FROM steps WHERE session_id = ?", (session_id,)
+      ).fetchone()[0]
 
-  def set_flag(self, session_id: str, step_index: int, flag: str | None,
-               reason: str | None) -> bool:
+  def set_flag(
+    self, session_id: str, step_index: int, flag: str | None, reason: str | None
+  ) -> bool:
     if flag is not None and flag not in FLAGS:
-      raise ValueError(f'flag must be one of {FLAGS} or null')
+      raise ValueError(f"flag must be one of {FLAGS} or null")
     with self._write() as conn:
-      cur = conn.execute('UPDATE steps SET human_flag = ?, human_flag_reason = ? '
-                         'WHERE session_id = ? AND step_index = ?',
-                         (flag, reason, session_id, step_index))
+      cur = conn.execute(
+        "UPDATE steps SET human_flag = ?, human_flag_reason = ? "
+        "WHERE session_id = ? AND step_index = ?",
+        (flag, reason, session_id, step_index),
+      )
       return cur.rowcount == 1
 
-  def set_quality(self, session_id: str, step_index: int, quality: str,
-                  reason: str | None = None) -> bool:
+  def set_quality(
+    self, session_id: str, step_index: int, quality: str, reason: str | None = None
+  ) -> bool:
     if quality not in QUALITIES:
-      raise ValueError(f'quality must be one of {QUALITIES}')
+      raise ValueError(f"quality must be one of {QUALITIES}")
     with self._write() as conn:
-      cur = conn.execute('UPDATE steps SET quality = ?, quality_reason = ? '
-                         'WHERE session_id = ? AND step_index = ?',
-                         (quality, reason, session_id, step_index))
+      cur = conn.execute(
+        "UPDATE steps SET quality = ?, quality_reason = ? WHERE session_id = ? AND step_index = ?",
+        (quality, reason, session_id, step_index),
+      )
       return cur.rowcount == 1
 
   # ------------------------------------------------------------------ guidance
-  def add_guidance(self, session_id: str, text: str, source: str = 'human',
-                   client_msg_id: str | None = None,
-                   meta: Mapping[str, Any] | None = None
-                   ) -> tuple[guidance_lib.Guidance, bool]:
+  def add_guidance(
+    self,
+    session_id: str,
+    text: str,
+    source: str = "human",
+    client_msg_id: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+  ) -> tuple[guidance_lib.Guidance, bool]:
     with self._write() as conn:
       cur = conn.execute(
-          'INSERT OR IGNORE INTO guidance(session_id, source, text, sent_at, client_msg_id, '
-          'meta_json) VALUES (?, ?, ?, ?, ?, ?)',
-          (session_id, source, text, time.time(), client_msg_id, json.dumps(meta or {})))
+        "INSERT OR IGNORE INTO guidance(session_id, source, text, sent_at, client_msg_id, "
+        "meta_json) VALUES (?, ?, ?, ?, ?, ?)",
+        (session_id, source, text, time.time(), client_msg_id, json.dumps(meta or {})),
+      )
       created = cur.rowcount == 1
       if created:
-        row = conn.execute('SELECT * FROM guidance WHERE guidance_id = ?',
-                           (cur.lastrowid,)).fetchone()
+        row = conn.execute(
+          "SELECT * FROM guidance WHERE guidance_id = ?", (cur.lastrowid,)
+        ).fetchone()
       else:
-        row = conn.execute('SELECT * FROM guidance WHERE session_id = ? AND '
-                           'client_msg_id = ?', (session_id, client_msg_id)).fetchone()
+        row = conn.execute(
+          "SELECT * FROM guidance WHERE session_id = ? AND client_msg_id = ?",
+          (session_id, client_msg_id),
+        ).fetchone()
     return _guidance_from_row(row), created
 
   def pending_guidance(self, session_id: str) -> list[guidance_lib.Guidance]:
     with self._connection() as conn:
-      rows = conn.execute('SELECT * FROM guidance WHERE session_id = ? AND '
-                          'delivered_step IS NULL ORDER BY guidance_id',
-                          (session_id,)).fetchall()
+      rows = conn.execute(
+        "SELECT * FROM guidance WHERE session_id = ? AND "
+        "delivered_step IS NULL ORDER BY guidance_id",
+        (session_id,),
+      ).fetchall()
     return [_guidance_from_row(r) for r in rows]
 
   def list_guidance(self, session_id: str) -> list[guidance_lib.Guidance]:
     with self._connection() as conn:
-      rows = conn.execute('SELECT * FROM guidance WHERE session_id = ? ORDER BY guidance_id',
-                          (session_id,)).fetchall()
+      rows = conn.execute(
+        "SELECT * FROM guidance WHERE session_id = ? ORDER BY guidance_id", (session_id,)
+      ).fetchall()
     return [_guidance_from_row(r) for r in rows]
 
   # ------------------------------------------------------------------ events
-  def log_event(self, session_id: str, kind: str, data: Mapping[str, Any] | None = None
-                ) -> None:
+  def log_event(self, session_id: str, kind: str, data: Mapping[str, Any] | None = None) -> None:
     with self._write() as conn:
-      conn.execute('INSERT INTO events(session_id, at, kind, data_json) VALUES (?, ?, ?, ?)',
-                   (session_id, time.time(), kind, json.dumps(data or {})))
+      conn.execute(
+        "INSERT INTO events(session_id, at, kind, data_json) VALUES (?, ?, ?, ?)",
+        (session_id, time.time(), kind, json.dumps(data or {})),
+      )
 
   def list_events(self, session_id: str) -> list[dict[str, Any]]:
     with self._connection() as conn:
-      rows = conn.execute('SELECT * FROM events WHERE session_id = ? ORDER BY event_id',
-                          (session_id,)).fetchall()
-    return [{'event_id': r['event_id'], 'at': r['at'], 'kind': r['kind'],
-             'data': json.loads(r['data_json'])} for r in rows]
+      rows = conn.execute(
+        "SELECT * FROM events WHERE session_id = ? ORDER BY event_id", (session_id,)
+      ).fetchall()
+    return [
+      {
+        "event_id": r["event_id"],
+        "at": r["at"],
+        "kind": r["kind"],
+        "data": json.loads(r["data_json"]),
+      }
+      for r in rows
+    ]
 
 
 _LIGHT_COLUMNS = (
-    'session_id', 'step_index', 'kind', 'started_at', 'model_started_at',
-    'model_finished_at', 'finished_at', 'env_hours_before', 'env_hours_after', 'response',
-    'action_json', 'parse_error', 'observation', 'reward', 'done', 'prompt_tokens',
-    'completion_tokens', 'context_tokens', 'guidance_ids_json', 'info_json', 'human_flag',
-    'human_flag_reason', 'quality', 'quality_reason')
+  "session_id",
+  "step_index",
+  "kind",
+  "started_at",
+  "model_started_at",
+  "model_finished_at",
+  "finished_at",
+  "env_hours_before",
+  "env_hours_after",
+  "response",
+  "action_json",
+  "parse_error",
+  "observation",
+  "reward",
+  "done",
+  "prompt_tokens",
+  "completion_tokens",
+  "context_tokens",
+  "guidance_ids_json",
+  "info_json",
+  "human_flag",
+  "human_flag_reason",
+  "quality",
+  "quality_reason",
+)
 
 
 def _dumps_or_none(value: Any) -> str | None:
@@ -560,53 +653,88 @@ def _loads_or_none(value: str | None) -> Any:
 
 def _session_from_row(row: sqlite3.Row) -> SessionRecord:
   return SessionRecord(
-      session_id=row['session_id'], env_name=row['env_name'], seed=row['seed'],
-      backend=row['backend'], config=json.loads(row['config_json']), status=row['status'],
-      created_at=row['created_at'], updated_at=row['updated_at'],
-      result=_loads_or_none(row['result_json']), error=row['error'])
+    session_id=row["session_id"],
+    env_name=row["env_name"],
+    seed=row["seed"],
+    backend=row["backend"],
+    config=json.loads(row["config_json"]),
+    status=row["status"],
+    created_at=row["created_at"],
+    updated_at=row["updated_at"],
+    result=_loads_or_none(row["result_json"]),
+    error=row["error"],
+  )
 
 
 def _message_id(message: Mapping[str, str]) -> str:
-  return hashlib.sha256(f'{message["role"]}\0{message["content"]}'.encode()).hexdigest()[:32]
+  return hashlib.sha256(f"{message['role']}\0{message['content']}".encode()).hexdigest()[:32]
 
 
-def _load_messages(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]
-                   ) -> dict[str, dict[str, str]]:
+def _load_messages(
+  conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]
+) -> dict[str, dict[str, str]]:
   """message_id -> message for every message referenced by `rows`."""
-  ids = sorted({i for r in rows for i in json.loads(r['messages_json'])})
+  ids = sorted({i for r in rows for i in json.loads(r["messages_json"])})
   found: dict[str, dict[str, str]] = {}
   for start in range(0, len(ids), 500):  # stay under SQLite's variable limit
-    chunk = ids[start:start + 500]
-    for r in conn.execute('SELECT message_id, role, content FROM messages WHERE message_id '
-                          f'IN ({",".join("?" * len(chunk))})', chunk):
-      found[r[0]] = {'role': r[1], 'content': r[2]}
+    chunk = ids[start : start + 500]
+    for r in conn.execute(
+      "SELECT message_id, role, content FROM messages WHERE message_id "
+      f"IN ({','.join('?' * len(chunk))})",
+      chunk,
+    ):
+      found[r[0]] = {"role": r[1], "content": r[2]}
   return found
 
 
 def _step_from_row(row: sqlite3.Row, messages: Mapping[str, dict[str, str]]) -> StepRecord:
   keys = row.keys()
   return StepRecord(
-      session_id=row['session_id'], step_index=row['step_index'], kind=row['kind'],
-      messages=([dict(messages[i]) for i in json.loads(row['messages_json'])]
-                if 'messages_json' in keys else []),
-      response=row['response'], observation=row['observation'],
-      action=_loads_or_none(row['action_json']), parse_error=row['parse_error'],
-      started_at=row['started_at'], model_started_at=row['model_started_at'],
-      model_finished_at=row['model_finished_at'], finished_at=row['finished_at'],
-      env_hours_before=row['env_hours_before'], env_hours_after=row['env_hours_after'],
-      reward=row['reward'], done=bool(row['done']), prompt_tokens=row['prompt_tokens'],
-      completion_tokens=row['completion_tokens'], context_tokens=row['context_tokens'],
-      guidance_ids=json.loads(row['guidance_ids_json']), info=json.loads(row['info_json']),
-      env_state=_loads_or_none(row['env_state_json']) if 'env_state_json' in keys else None,
-      policy_state=(_loads_or_none(row['policy_state_json'])
-                    if 'policy_state_json' in keys else None),
-      human_flag=row['human_flag'], human_flag_reason=row['human_flag_reason'],
-      quality=row['quality'], quality_reason=row['quality_reason'])
+    session_id=row["session_id"],
+    step_index=row["step_index"],
+    kind=row["kind"],
+    messages=(
+      [dict(messages[i]) for i in json.loads(row["messages_json"])]
+      if "messages_json" in keys
+      else []
+    ),
+    response=row["response"],
+    observation=row["observation"],
+    action=_loads_or_none(row["action_json"]),
+    parse_error=row["parse_error"],
+    started_at=row["started_at"],
+    model_started_at=row["model_started_at"],
+    model_finished_at=row["model_finished_at"],
+    finished_at=row["finished_at"],
+    env_hours_before=row["env_hours_before"],
+    env_hours_after=row["env_hours_after"],
+    reward=row["reward"],
+    done=bool(row["done"]),
+    prompt_tokens=row["prompt_tokens"],
+    completion_tokens=row["completion_tokens"],
+    context_tokens=row["context_tokens"],
+    guidance_ids=json.loads(row["guidance_ids_json"]),
+    info=json.loads(row["info_json"]),
+    env_state=_loads_or_none(row["env_state_json"]) if "env_state_json" in keys else None,
+    policy_state=(
+      _loads_or_none(row["policy_state_json"]) if "policy_state_json" in keys else None
+    ),
+    human_flag=row["human_flag"],
+    human_flag_reason=row["human_flag_reason"],
+    quality=row["quality"],
+    quality_reason=row["quality_reason"],
+  )
 
 
 def _guidance_from_row(row: sqlite3.Row) -> guidance_lib.Guidance:
   return guidance_lib.Guidance(
-      guidance_id=row['guidance_id'], session_id=row['session_id'], text=row['text'],
-      source=row['source'], sent_at=row['sent_at'], delivered_at=row['delivered_at'],
-      delivered_step=row['delivered_step'], client_msg_id=row['client_msg_id'],
-      meta=json.loads(row['meta_json']))
+    guidance_id=row["guidance_id"],
+    session_id=row["session_id"],
+    text=row["text"],
+    source=row["source"],
+    sent_at=row["sent_at"],
+    delivered_at=row["delivered_at"],
+    delivered_step=row["delivered_step"],
+    client_msg_id=row["client_msg_id"],
+    meta=json.loads(row["meta_json"]),
+  )

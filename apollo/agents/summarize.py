@@ -34,19 +34,24 @@ import collections
 import dataclasses
 import json
 import re
-from typing import Any, Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from apollo.agents import guidance as guidance_lib
 from apollo.agents import tokens as tokens_lib
 
-SUMMARY_TAG = 'context_summary'
-GUIDANCE_HEADER = '## Human guidance (one reflection per message; keep following it)'
-_OBS_RE = re.compile(r'<observation step="(\d+)"(?: tool="([^"]*)")?[^>]*>\n?(.*?)\n?</observation>',
-                     re.DOTALL)
-_REFLECTION_RE = re.compile(r'^- \[guidance id=(\d+)[^\]]*\].*$', re.MULTILINE)
-_FACT_RE = re.compile(r'(launched|killed|submission|dev |ERROR|started job|FINAL|diverged|'
-                      r'finished|interrupted|agreement|exit code|written|edited)', re.IGNORECASE)
-_STATE_RE = re.compile(r'^\[.*\]$', re.MULTILINE)
+SUMMARY_TAG = "context_summary"
+GUIDANCE_HEADER = "## Human guidance (one reflection per message; keep following it)"
+_OBS_RE = re.compile(
+  r'<observation step="(\d+)"(?: tool="([^"]*)")?[^>]*>\n?(.*?)\n?</observation>', re.DOTALL
+)
+_REFLECTION_RE = re.compile(r"^- \[guidance id=(\d+)[^\]]*\].*$", re.MULTILINE)
+_FACT_RE = re.compile(
+  r"(launched|killed|submission|dev |ERROR|started job|FINAL|diverged|"
+  r"finished|interrupted|agreement|exit code|written|edited)",
+  re.IGNORECASE,
+)
+_STATE_RE = re.compile(r"^\[.*\]$", re.MULTILINE)
 
 Message = dict[str, str]
 
@@ -55,24 +60,26 @@ Message = dict[str, str]
 class HumanMessage:
   guidance_id: int
   text: str
-  step: int | None                 # first step whose prompt held it
+  step: int | None  # first step whose prompt held it
   reflection_line: str | None = None  # set when carried over from an earlier summary
 
 
 class Summarizer(Protocol):
   name: str
 
-  def summarize(self, old: Sequence[Message], humans: Sequence[HumanMessage],
-                covered: tuple[int, int]) -> str:
+  def summarize(
+    self, old: Sequence[Message], humans: Sequence[HumanMessage], covered: tuple[int, int]
+  ) -> str:
     """The full `<context_summary ...>` text for the messages in `old`."""
 
 
 def is_summary_message(message: Mapping[str, str]) -> bool:
-  return message['role'] == 'user' and message['content'].startswith(f'<{SUMMARY_TAG}')
+  return message["role"] == "user" and message["content"].startswith(f"<{SUMMARY_TAG}")
 
 
-def choose_split(messages: Sequence[Message],
-                 counter: tokens_lib.TokenCounter = tokens_lib.approx_token_count) -> int | None:
+def choose_split(
+  messages: Sequence[Message], counter: tokens_lib.TokenCounter = tokens_lib.approx_token_count
+) -> int | None:
   """Index where the kept recent half starts (an assistant turn), or None.
 
   Messages 0 and 1 (system prompt, task) are always kept. The split is the first
@@ -80,12 +87,12 @@ def choose_split(messages: Sequence[Message],
   never separated from the observation that answers it.
   """
   history = list(range(2, len(messages)))
-  total = sum(counter(messages[i]['content']) for i in history)
+  total = sum(counter(messages[i]["content"]) for i in history)
   running = 0
   for i in history:
-    if running >= total / 2 and messages[i]['role'] == 'assistant':
+    if running >= total / 2 and messages[i]["role"] == "assistant":
       return i
-    running += counter(messages[i]['content'])
+    running += counter(messages[i]["content"])
   return None
 
 
@@ -96,17 +103,17 @@ def collect_human_messages(old: Sequence[Message]) -> list[HumanMessage]:
   # The step a guidance message was delivered in is the step of the next observation.
   for m in reversed(old):
     if is_summary_message(m):
-      for line_match in _REFLECTION_RE.finditer(m['content']):
+      for line_match in _REFLECTION_RE.finditer(m["content"]):
         gid = int(line_match.group(1))
-        humans.setdefault(gid, HumanMessage(gid, '', None, line_match.group(0)))
+        humans.setdefault(gid, HumanMessage(gid, "", None, line_match.group(0)))
       continue
-    obs = _OBS_RE.search(m['content'])
-    if obs and m['role'] == 'user':
+    obs = _OBS_RE.search(m["content"])
+    if obs and m["role"] == "user":
       next_step = int(obs.group(1))
     if guidance_lib.is_guidance_message(m):
-      for block in guidance_lib.parse_guidance_blocks(m['content']):
-        gid = int(block.get('id', -1))
-        humans[gid] = HumanMessage(gid, block['text'], next_step)
+      for block in guidance_lib.parse_guidance_blocks(m["content"]):
+        gid = int(block.get("id", -1))
+        humans[gid] = HumanMessage(gid, block["text"], next_step)
   return [humans[k] for k in sorted(humans)]
 
 
@@ -116,7 +123,7 @@ def _actions_after(old: Sequence[Message], step: int | None, limit: int = 4) -> 
     return []
   names = []
   for m in old:
-    obs = _OBS_RE.search(m['content']) if m['role'] == 'user' else None
+    obs = _OBS_RE.search(m["content"]) if m["role"] == "user" else None
     if obs and int(obs.group(1)) >= step and obs.group(2):
       names.append(obs.group(2))
   return names[:limit]
@@ -126,101 +133,111 @@ def reflection_line(h: HumanMessage, old: Sequence[Message]) -> str:
   """One line: the advice verbatim plus what was done about it."""
   if h.reflection_line:
     return h.reflection_line
-  text = ' '.join(h.text.split())
+  text = " ".join(h.text.split())
   done = _actions_after(old, h.step)
-  after = (f'afterwards I called {", ".join(done)}' if done
-           else 'it arrived just before this summary')
-  return (f'- [guidance id={h.guidance_id} step={h.step}] "{text}" Reflection: the human '
-          f'knows this task better than I do; {after}. I keep applying this advice '
-          f'until the task ends.')
+  after = (
+    f"afterwards I called {', '.join(done)}" if done else "it arrived just before this summary"
+  )
+  return (
+    f'- [guidance id={h.guidance_id} step={h.step}] "{text}" Reflection: the human '
+    f"knows this task better than I do; {after}. I keep applying this advice "
+    f"until the task ends."
+  )
 
 
-def ensure_reflections(summary: str, humans: Sequence[HumanMessage],
-                       old: Sequence[Message]) -> str:
+def ensure_reflections(summary: str, humans: Sequence[HumanMessage], old: Sequence[Message]) -> str:
   """Rewrites the guidance section so each human message has exactly one line."""
   body = summary
-  for closing in (f'</{SUMMARY_TAG}>',):
-    body = body.replace(closing, '')
+  for closing in (f"</{SUMMARY_TAG}>",):
+    body = body.replace(closing, "")
   head, _, _ = body.partition(GUIDANCE_HEADER)
   # Drop any reflection lines a model may have scattered elsewhere.
-  head = _REFLECTION_RE.sub('', head).rstrip()
+  head = _REFLECTION_RE.sub("", head).rstrip()
   lines = [reflection_line(h, old) for h in humans]
-  section = '\n'.join([GUIDANCE_HEADER] + (lines or ['- (none so far)']))
-  return f'{head}\n{section}\n</{SUMMARY_TAG}>'
+  section = "\n".join([GUIDANCE_HEADER] + (lines or ["- (none so far)"]))
+  return f"{head}\n{section}\n</{SUMMARY_TAG}>"
 
 
 class RuleBasedSummarizer:
   """Structured snapshot built from the observations, no model needed."""
 
-  name = 'rule-based'
+  name = "rule-based"
 
   def __init__(self, max_actions: int = 10, max_facts: int = 20):
     self.max_actions = max_actions
     self.max_facts = max_facts
 
-  def summarize(self, old: Sequence[Message], humans: Sequence[HumanMessage],
-                covered: tuple[int, int]) -> str:
+  def summarize(
+    self, old: Sequence[Message], humans: Sequence[HumanMessage], covered: tuple[int, int]
+  ) -> str:
     counts: collections.Counter[str] = collections.Counter()
     recent: list[str] = []
     facts: list[str] = []
-    state = ''
+    state = ""
     for m in old:
       if is_summary_message(m):
         # Carry the earlier snapshot's facts forward (its guidance is handled apart).
-        previous = m['content'].partition('## Facts learned')[2].partition('## ')[0]
-        facts.extend(line[2:] for line in previous.strip().splitlines()
-                     if line.startswith('- '))
+        previous = m["content"].partition("## Facts learned")[2].partition("## ")[0]
+        facts.extend(line[2:] for line in previous.strip().splitlines() if line.startswith("- "))
         continue
-      if m['role'] != 'user':
+      if m["role"] != "user":
         continue
-      for obs in _OBS_RE.finditer(m['content']):
-        step, tool, text = int(obs.group(1)), obs.group(2) or '?', obs.group(3)
+      for obs in _OBS_RE.finditer(m["content"]):
+        step, tool, text = int(obs.group(1)), obs.group(2) or "?", obs.group(3)
         counts[tool] += 1
-        first = text.strip().splitlines()[0][:160] if text.strip() else ''
-        recent.append(f'step {step}: {tool} -> {first}')
+        first = text.strip().splitlines()[0][:160] if text.strip() else ""
+        recent.append(f"step {step}: {tool} -> {first}")
         for line in text.splitlines():
           if _STATE_RE.match(line.strip()):
             state = line.strip()
           elif _FACT_RE.search(line):
-            facts.append(f'step {step}: {line.strip()[:200]}')
+            facts.append(f"step {step}: {line.strip()[:200]}")
     # Most recent facts matter most; keep order, drop duplicates.
-    facts = list(dict.fromkeys(facts))[-self.max_facts:]
+    facts = list(dict.fromkeys(facts))[-self.max_facts :]
     parts = [
-        f'<{SUMMARY_TAG} covers_steps="{covered[0]}-{covered[1]}" method="{self.name}">',
-        'Earlier turns were compressed into this snapshot.',
-        '## State', state or '(no status line seen)',
-        '## Actions so far',
-        'tool calls: ' + json.dumps(dict(counts.most_common())),
-        *[f'- {a}' for a in recent[-self.max_actions:]],
-        '## Facts learned', *[f'- {f}' for f in facts],
+      f'<{SUMMARY_TAG} covers_steps="{covered[0]}-{covered[1]}" method="{self.name}">',
+      "Earlier turns were compressed into this snapshot.",
+      "## State",
+      state or "(no status line seen)",
+      "## Actions so far",
+      "tool calls: " + json.dumps(dict(counts.most_common())),
+      *[f"- {a}" for a in recent[-self.max_actions :]],
+      "## Facts learned",
+      *[f"- {f}" for f in facts],
     ]
-    return ensure_reflections('\n'.join(parts), humans, old)
+    return ensure_reflections("\n".join(parts), humans, old)
 
 
 class ModelSummarizer:
   """Asks a backend for the snapshot; the guidance section is enforced by rules."""
 
-  name = 'model'
+  name = "model"
 
   def __init__(self, backend: Any, max_chars: int = 200_000):
     self.backend = backend
     self.max_chars = max_chars
 
-  def summarize(self, old: Sequence[Message], humans: Sequence[HumanMessage],
-                covered: tuple[int, int]) -> str:
-    transcript = '\n\n'.join(f'[{m["role"]}]\n{m["content"]}' for m in old)[-self.max_chars:]
+  def summarize(
+    self, old: Sequence[Message], humans: Sequence[HumanMessage], covered: tuple[int, int]
+  ) -> str:
+    transcript = "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in old)[-self.max_chars :]
     prompt = [
-        {'role': 'system', 'content': 'You compress an agent\'s working history into a '
-         'structured snapshot that lets it continue the task.'},
-        {'role': 'user', 'content':
-         f'History:\n{transcript}\n\nWrite the snapshot with the sections "## State", '
-         f'"## Actions so far", "## Facts learned" and "{GUIDANCE_HEADER}". In the last '
-         'section write exactly one line per human_guidance message, starting '
-         '"- [guidance id=N]", quoting the advice and reflecting on how to follow it.'},
+      {
+        "role": "system",
+        "content": "You compress an agent's working history into a "
+        "structured snapshot that lets it continue the task.",
+      },
+      {
+        "role": "user",
+        "content": f'History:\n{transcript}\n\nWrite the snapshot with the sections "## State", '
+        f'"## Actions so far", "## Facts learned" and "{GUIDANCE_HEADER}". In the last '
+        "section write exactly one line per human_guidance message, starting "
+        '"- [guidance id=N]", quoting the advice and reflecting on how to follow it.',
+      },
     ]
     text = self.backend.complete(prompt, ()).text
     head = f'<{SUMMARY_TAG} covers_steps="{covered[0]}-{covered[1]}" method="{self.name}">'
-    return ensure_reflections(f'{head}\n{text}', humans, old)
+    return ensure_reflections(f"{head}\n{text}", humans, old)
 
 
 @dataclasses.dataclass
@@ -235,19 +252,29 @@ class Compression:
 
 
 def covered_steps(old: Sequence[Message]) -> tuple[int, int]:
-  steps = [int(m.group(1)) for msg in old if msg['role'] == 'user'
-           for m in _OBS_RE.finditer(msg['content'])]
-  spans = [tuple(int(x) for x in m.group(1).split('-'))
-           for msg in old if is_summary_message(msg)
-           for m in [re.search(r'covers_steps="(\d+-\d+)"', msg['content'])] if m]
+  steps = [
+    int(m.group(1))
+    for msg in old
+    if msg["role"] == "user"
+    for m in _OBS_RE.finditer(msg["content"])
+  ]
+  spans = [
+    tuple(int(x) for x in m.group(1).split("-"))
+    for msg in old
+    if is_summary_message(msg)
+    for m in [re.search(r'covers_steps="(\d+-\d+)"', msg["content"])]
+    if m
+  ]
   lows = steps + [s[0] for s in spans]
   highs = steps + [s[1] for s in spans]
   return (min(lows), max(highs)) if lows else (0, 0)
 
 
-def compress(messages: Sequence[Message], summarizer: Summarizer,
-             counter: tokens_lib.TokenCounter = tokens_lib.approx_token_count
-             ) -> Compression | None:
+def compress(
+  messages: Sequence[Message],
+  summarizer: Summarizer,
+  counter: tokens_lib.TokenCounter = tokens_lib.approx_token_count,
+) -> Compression | None:
   """Summarises the older half of `messages`; None if there is nothing to compress."""
   keep_from = choose_split(messages, counter)
   if keep_from is None or keep_from <= 3:
@@ -256,13 +283,19 @@ def compress(messages: Sequence[Message], summarizer: Summarizer,
   humans = collect_human_messages(old)
   covered = covered_steps(old)
   summary = summarizer.summarize(old, humans, covered)
-  new_messages = [dict(messages[0]), dict(messages[1]), {'role': 'user', 'content': summary}]
+  new_messages = [dict(messages[0]), dict(messages[1]), {"role": "user", "content": summary}]
   new_messages += [dict(m) for m in messages[keep_from:]]
-  return Compression(new_messages=new_messages, summary=summary, keep_from=keep_from,
-                     covered=covered, guidance_ids=[h.guidance_id for h in humans])
+  return Compression(
+    new_messages=new_messages,
+    summary=summary,
+    keep_from=keep_from,
+    covered=covered,
+    guidance_ids=[h.guidance_id for h in humans],
+  )
 
 
 def apply_summary(messages: Sequence[Message], summary: str, keep_from: int) -> list[Message]:
   """Rebuilds the compressed context from a stored summary step (used on resume)."""
-  return ([dict(messages[0]), dict(messages[1]), {'role': 'user', 'content': summary}]
-          + [dict(m) for m in messages[keep_from:]])
+  return [dict(messages[0]), dict(messages[1]), {"role": "user", "content": summary}] + [
+    dict(m) for m in messages[keep_from:]
+  ]

@@ -10,7 +10,7 @@ English text and JSON, plus a few tokens of chat-template overhead per message);
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 TokenCounter = Callable[[str], int]
 
@@ -26,11 +26,13 @@ def approx_token_count(text: str) -> int:
 def tokenizer_counter(tokenizer_json_path: str) -> TokenCounter:
   """Exact counts from a `tokenizer.json` (Hugging Face `tokenizers`)."""
   from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+
   tokenizer = Tokenizer.from_file(tokenizer_json_path)
   return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
-def count_message_tokens(messages: Sequence[Mapping[str, str]],
-                         counter: TokenCounter = approx_token_count) -> int:
+def count_message_tokens(
+  messages: Sequence[Mapping[str, str]], counter: TokenCounter = approx_token_count
+) -> int:
   """Tokens of a chat context: content plus per-message template overhead."""
-  return sum(counter(m['content']) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+  return sum(counter(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in messages)

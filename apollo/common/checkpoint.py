@@ -24,7 +24,7 @@ import logging as std_logging
 import os
 import signal
 import threading
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -53,7 +53,7 @@ class CheckpointError(RuntimeError):
 class Restored:
   step: int
   state: Any
-  data: Optional[dict]
+  data: dict | None
 
 
 class Checkpointer:
@@ -69,27 +69,26 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(os.fspath(directory))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True,
+      max_to_keep=max_to_keep,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+      create=True,
     )
     # Handlers named up front, so that metadata can be read before any restore.
     handlers = dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler())
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_handlers=handlers)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def state_metadata(self, step: int) -> Any:
     """The saved state's tree of array metadata (shapes, dtypes) at `step`; reads no arrays."""
     return self._manager.item_metadata(step)["state"].tree
 
-  def save(self, step: int, state: Any, data: Optional[dict] = None, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, data: dict | None = None, force: bool = False) -> bool:
     """Starts saving `state` (and `data`) as step `step`; returns whether it saves."""
     if step in self._manager.all_steps():
       return False  # Already saved (e.g. a final save right after a periodic one).
@@ -111,7 +110,7 @@ class Checkpointer:
       raise CheckpointError(f"checkpoint {step_dir} could not be restored: {e}") from e
     return Restored(step=step, state=out["state"], data=out["data"] if has_data else None)
 
-  def restore_latest(self, abstract_state: Any) -> Optional[Restored]:
+  def restore_latest(self, abstract_state: Any) -> Restored | None:
     """The newest checkpoint that restores; None only if there is none at all.
 
     A damaged checkpoint is logged, moved aside to `<step>.corrupt`, and the one
@@ -129,7 +128,8 @@ class Checkpointer:
         self._set_aside(step)
     if errors:
       raise CheckpointError(
-          f"no checkpoint in {self.directory} could be restored:\n" + "\n".join(errors))
+        f"no checkpoint in {self.directory} could be restored:\n" + "\n".join(errors)
+      )
     return None
 
   def _set_aside(self, step: int) -> None:
@@ -168,7 +168,7 @@ class PreemptionGuard:
   def requested(self) -> bool:
     return self._event.is_set()
 
-  def __enter__(self) -> "PreemptionGuard":
+  def __enter__(self) -> PreemptionGuard:
     if threading.current_thread() is threading.main_thread():
       for sig in self._signals:
         self._previous[sig] = signal.signal(sig, lambda *_: self._event.set())

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
-import flax.linen as nn
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-LogicalRules = Sequence[tuple[str, Optional[str | tuple[str, ...]]]]
+LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, axis_type: str = "explicit") -> Mesh:
@@ -39,14 +40,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, axis_type: str = "
   sizes = [data, fsdp, tensor]
   n = jax.device_count()
   if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    raise ValueError(
+      f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}"
+    )
   if -1 in sizes:
     known = math.prod(s for s in sizes if s != -1)
     if n % known:
       raise ValueError(f"{n} devices cannot be split into mesh axes {dict(zip(MESH_AXES, sizes))}")
     sizes[sizes.index(-1)] = n // known
   if math.prod(sizes) != n:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {n}")
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {n}"
+    )
   types = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
   if axis_type not in types:
     raise ValueError(f"axis_type must be 'explicit' or 'auto', got {axis_type!r}")
@@ -65,8 +70,8 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
   of the global batch (`jax.make_array_from_process_local_data`).
   """
   return {
-      k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-      for k, v in batch.items()
+    k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+    for k, v in batch.items()
   }
 
 
@@ -83,7 +88,10 @@ def initialize_distributed() -> None:
 
 
 def describe(mesh: Mesh) -> str:
-  return " x ".join(f"{name}={size}" for name, size in mesh.shape.items()) + f" ({jax.devices()[0].platform})"
+  return (
+    " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    + f" ({jax.devices()[0].platform})"
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -117,20 +125,22 @@ def logical_partition_specs(state: Any, rules: LogicalRules) -> Any:
   with nn.logical_axis_rules(tuple(rules)):
     specs = nnx.get_partition_spec(state)
   return jax.tree.map(
-      lambda x: x.get_value() if isinstance(x, nnx.Variable) else x,
-      specs,
-      is_leaf=lambda x: isinstance(x, nnx.Variable),
+    lambda x: x.get_value() if isinstance(x, nnx.Variable) else x,
+    specs,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
   )
 
 
 def named_shardings(specs: Any, mesh: Mesh) -> Any:
   """Wraps every ``PartitionSpec`` leaf of ``specs`` in a ``NamedSharding`` on mesh."""
   return jax.tree.map(
-      lambda p: NamedSharding(mesh, p), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    lambda p: NamedSharding(mesh, p), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+  )
 
 
-def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh | None,
-                         rules: LogicalRules) -> nnx.Module:
+def create_sharded_model(
+  make_model: Callable[[], nnx.Module], mesh: Mesh | None, rules: LogicalRules
+) -> nnx.Module:
   """Builds a model whose parameters are created directly in their shards.
 
   The model is first traced abstractly (no memory), its logical axes are mapped to

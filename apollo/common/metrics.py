@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -28,8 +28,8 @@ def check_finite(metrics: Mapping[str, float], step: int, keys=("loss",)) -> Non
   for key in keys:
     if key in metrics and not math.isfinite(float(metrics[key])):
       raise NonFiniteLossError(
-          f"{key} is {metrics[key]} at step {step}; stopping. The last checkpoint "
-          "before this step is intact: lower the learning rate or check the data, then resume."
+        f"{key} is {metrics[key]} at step {step}; stopping. The last checkpoint "
+        "before this step is intact: lower the learning rate or check the data, then resume."
       )
 
 
@@ -96,7 +96,7 @@ class MetricsWriter:
         self._tb.close()
 
 
-def read_metrics(workdir: str | os.PathLike, split: Optional[str] = None) -> list[dict]:
+def read_metrics(workdir: str | os.PathLike, split: str | None = None) -> list[dict]:
   """All rows of `<workdir>/metrics.jsonl` (optionally of one split)."""
   path = os.path.join(os.fspath(workdir), "metrics.jsonl")
   with open(path, encoding="utf-8") as f:
@@ -114,7 +114,7 @@ class Progress:
     self.total, self.unit, self.every = total_steps, unit, every
     self._t0, self._step0, self._units = time.perf_counter(), start_step, 0.0
 
-  def update(self, step: int, units: float, scalars: Mapping[str, float] = ()) -> Optional[str]:
+  def update(self, step: int, units: float, scalars: Mapping[str, float] = ()) -> str | None:
     """Counts `units` done by `step`; returns (and logs) the line when due."""
     self._units += units
     if step % self.every and step != self.total:

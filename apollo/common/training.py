@@ -23,7 +23,8 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +36,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from apollo import optim as apollo_optim
 from apollo.common import checkpoint as checkpoint_lib
-from apollo.common import metrics as metrics_lib
 from apollo.common import mesh as mesh_lib
+from apollo.common import metrics as metrics_lib
 
 OPTIMIZERS = ("apollo", "adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -49,14 +50,17 @@ SCHEDULES = ("constant", "cosine", "linear")
 
 def decay_mask(params: Any) -> Any:
   """True for weight matrices and embeddings; False for biases and LayerNorm scales."""
+
   def decays(path, _):
     name = getattr(path[-1], "key", None)
     return name in ("kernel", "embedding")
+
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def learning_rate_schedule(opt: ml_collections.ConfigDict, train_steps: int
-                           ) -> tuple[optax.Schedule, optax.Schedule]:
+def learning_rate_schedule(
+  opt: ml_collections.ConfigDict, train_steps: int
+) -> tuple[optax.Schedule, optax.Schedule]:
   """(schedule after warmup, full schedule with warmup) of the update count.
 
   The decay (constant / cosine / linear to `end_lr_fraction * peak`) runs over the
@@ -64,8 +68,9 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, train_steps: int
   `apollo.optim.apollo_learning_rate`); for the others a linear ramp from 0.
   """
   if opt.schedule not in SCHEDULES:
-    raise ValueError(f"Unknown --config.optimizer.schedule={opt.schedule!r}; "
-                     f"choose from {SCHEDULES}.")
+    raise ValueError(
+      f"Unknown --config.optimizer.schedule={opt.schedule!r}; choose from {SCHEDULES}."
+    )
   peak, warmup = float(opt.learning_rate), int(opt.warmup_steps)
   end = peak * float(opt.end_lr_fraction)
   decay_steps = max(int(train_steps) - warmup, 1)
@@ -89,8 +94,9 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, train_steps: int
   return after_warmup, with_warmup
 
 
-def build_optimizer(opt: ml_collections.ConfigDict, train_steps: int
-                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build_optimizer(
+  opt: ml_collections.ConfigDict, train_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer named by `opt.name`, after global-norm clipping; and its lr schedule.
 
   Weight decay never touches biases or LayerNorm parameters (`decay_mask`).
@@ -101,15 +107,24 @@ def build_optimizer(opt: ml_collections.ConfigDict, train_steps: int
   wd = float(opt.weight_decay)
   if opt.name == "apollo":
     core = apollo_optim.apollo(
-        after_warmup, beta=opt.apollo_beta, eps=opt.apollo_eps, rebound=opt.apollo_rebound,
-        warmup=int(opt.warmup_steps), weight_decay=wd,
-        weight_decay_type=opt.apollo_weight_decay_type, mask=decay_mask)
+      after_warmup,
+      beta=opt.apollo_beta,
+      eps=opt.apollo_eps,
+      rebound=opt.apollo_rebound,
+      warmup=int(opt.warmup_steps),
+      weight_decay=wd,
+      weight_decay_type=opt.apollo_weight_decay_type,
+      mask=decay_mask,
+    )
   elif opt.name == "adamw":
     core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=wd, mask=decay_mask)
   else:
     # Adam and SGD take weight decay as an L2 term added to the gradient.
-    base = (optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps) if opt.name == "adam"
-            else optax.sgd(lr, momentum=float(opt.momentum) or None))
+    base = (
+      optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+      if opt.name == "adam"
+      else optax.sgd(lr, momentum=float(opt.momentum) or None)
+    )
     core = optax.chain(optax.add_decayed_weights(wd, decay_mask), base) if wd else base
   if opt.grad_clip_norm and opt.grad_clip_norm > 0:
     core = optax.chain(optax.clip_by_global_norm(float(opt.grad_clip_norm)), core)
@@ -128,6 +143,7 @@ def is_main() -> bool:
 def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -140,12 +156,13 @@ def write_json_atomically(path: str, obj: Any) -> None:
 
 
 def model_config_json(model_config: Any) -> dict:
-  return {k: (str(v) if k in ("dtype", "param_dtype") else v)
-          for k, v in dataclasses.asdict(model_config).items()}
+  return {
+    k: (str(v) if k in ("dtype", "param_dtype") else v)
+    for k, v in dataclasses.asdict(model_config).items()
+  }
 
 
-def check_saved_config(workdir: str, model_config: Any,
-                       shape_fields: Sequence[str]) -> None:
+def check_saved_config(workdir: str, model_config: Any, shape_fields: Sequence[str]) -> None:
   """Refuses a workdir whose `config.json` records other model shapes.
 
   Raises:
@@ -161,28 +178,39 @@ def check_saved_config(workdir: str, model_config: Any,
   if diffs:
     lines = ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in diffs.items())
     raise ValueError(
-        f"{path} belongs to a run with other model shapes ({lines}); its checkpoints "
-        f"cannot be resumed with this config. Use a new --workdir or the saved config.")
+      f"{path} belongs to a run with other model shapes ({lines}); its checkpoints "
+      f"cannot be resumed with this config. Use a new --workdir or the saved config."
+    )
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict,
-                 model_config: Any, **extra: Any) -> None:
+def write_config(
+  workdir: str, config: ml_collections.ConfigDict, model_config: Any, **extra: Any
+) -> None:
   """Records the config of this run (and the resolved model config) in workdir/config.json."""
   if is_main():
-    write_json_atomically(os.path.join(workdir, "config.json"),
-                          dict(config=json.loads(config.to_json_best_effort()),
-                               model_resolved=model_config_json(model_config), **extra))
+    write_json_atomically(
+      os.path.join(workdir, "config.json"),
+      dict(
+        config=json.loads(config.to_json_best_effort()),
+        model_resolved=model_config_json(model_config),
+        **extra,
+      ),
+    )
 
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
   """'encoder/layers/0/attention/query/kernel' -> shape (dict keys compared as strings)."""
+
   def name(entry):
     for attr in ("key", "idx", "name"):
       if hasattr(entry, attr):
         return str(getattr(entry, attr))
     return str(entry)
-  return {"/".join(name(e) for e in path): tuple(getattr(x, "shape", None) or ())
-          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  return {
+    "/".join(name(e) for e in path): tuple(getattr(x, "shape", None) or ())
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def check_checkpoint_shapes(ckpt: checkpoint_lib.Checkpointer, abstract_state: Any) -> None:
@@ -205,15 +233,20 @@ def check_checkpoint_shapes(ckpt: checkpoint_lib.Checkpointer, abstract_state: A
     logging.warning("No parameter metadata in %s; restoring will tell.", path)
     return
   wanted = _shapes_by_path(abstract_state["params"])
-  diffs = [f"{k}: checkpoint {saved[k]} vs config {v}"
-           for k, v in wanted.items() if k in saved and saved[k] != v]
+  diffs = [
+    f"{k}: checkpoint {saved[k]} vs config {v}"
+    for k, v in wanted.items()
+    if k in saved and saved[k] != v
+  ]
   missing = [k for k in wanted if k not in saved]
   if diffs or missing:
     detail = "; ".join(diffs[:5] + [f"{k} missing" for k in missing[:5]])
-    raise ValueError(f"Checkpoint {os.path.dirname(path)} does not match the configured "
-                     f"model ({len(diffs)} parameter shape differences, {len(missing)} "
-                     f"missing parameters: {detail}). Use a new --workdir or the config it was "
-                     f"written with.")
+    raise ValueError(
+      f"Checkpoint {os.path.dirname(path)} does not match the configured "
+      f"model ({len(diffs)} parameter shape differences, {len(missing)} "
+      f"missing parameters: {detail}). Use a new --workdir or the config it was "
+      f"written with."
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -221,10 +254,12 @@ def check_checkpoint_shapes(ckpt: checkpoint_lib.Checkpointer, abstract_state: A
 # -----------------------------------------------------------------------------
 
 
-def abstract_train_state(make_model: Callable[[], nnx.Module],
-                         optimizer: optax.GradientTransformation,
-                         mesh: jax.sharding.Mesh,
-                         rules: mesh_lib.LogicalRules) -> tuple[nnx.GraphDef, Any, Any]:
+def abstract_train_state(
+  make_model: Callable[[], nnx.Module],
+  optimizer: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  rules: mesh_lib.LogicalRules,
+) -> tuple[nnx.GraphDef, Any, Any]:
   """(graphdef, abstract state, state shardings) of `{params, opt_state, step, rng}`.
 
   Computed abstractly (no memory used); the ShapeDtypeStructs carry their
@@ -234,31 +269,42 @@ def abstract_train_state(make_model: Callable[[], nnx.Module],
   graphdef, abstract_nnx = nnx.split(nnx.eval_shape(make_model))
   specs = nnx.to_pure_dict(mesh_lib.logical_partition_specs(abstract_nnx, rules))
   abstract_params = jax.tree.map(
-      lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
-      nnx.to_pure_dict(abstract_nnx), specs)
+    lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
+    nnx.to_pure_dict(abstract_nnx),
+    specs,
+  )
   opt_shardings = apollo_optim.state_shardings(optimizer, abstract_params, mesh)
   abstract_opt = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      jax.eval_shape(optimizer.init, abstract_params), opt_shardings)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    jax.eval_shape(optimizer.init, abstract_params),
+    opt_shardings,
+  )
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_state = dict(
-      params=abstract_params, opt_state=abstract_opt,
-      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-      rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
+    params=abstract_params,
+    opt_state=abstract_opt,
+    step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+    rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
+  )
   return graphdef, abstract_state, jax.tree.map(lambda x: x.sharding, abstract_state)
 
 
-def new_train_state(params: Any, optimizer: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh, state_shardings: Any, seed: int
-                    ) -> dict[str, Any]:
+def new_train_state(
+  params: Any,
+  optimizer: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  state_shardings: Any,
+  seed: int,
+) -> dict[str, Any]:
   """Step 0 of `{params, opt_state, step, rng}`; `rng` (dropout) comes from seed + 1."""
   params = jax.device_put(params, state_shardings["params"])
   replicated = state_shardings["step"]
   return dict(
-      params=params,
-      opt_state=apollo_optim.init_sharded(optimizer, params, mesh),
-      step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-      rng=jax.device_put(jax.random.key_data(jax.random.PRNGKey(seed + 1)), replicated))
+    params=params,
+    opt_state=apollo_optim.init_sharded(optimizer, params, mesh),
+    step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+    rng=jax.device_put(jax.random.key_data(jax.random.PRNGKey(seed + 1)), replicated),
+  )
 
 
 @dataclasses.dataclass
@@ -274,19 +320,27 @@ class TrainSetup:
   state_shardings: Any
 
 
-def make_setup(make_model: Callable[[], nnx.Module], model_config: Any,
-               optimizer_config: ml_collections.ConfigDict, train_steps: int,
-               mesh: jax.sharding.Mesh, rules: mesh_lib.LogicalRules) -> TrainSetup:
+def make_setup(
+  make_model: Callable[[], nnx.Module],
+  model_config: Any,
+  optimizer_config: ml_collections.ConfigDict,
+  train_steps: int,
+  mesh: jax.sharding.Mesh,
+  rules: mesh_lib.LogicalRules,
+) -> TrainSetup:
   """The optimizer of `optimizer_config` and the state's shapes and shardings (abstract)."""
   optimizer, lr_schedule = build_optimizer(optimizer_config, train_steps)
   graphdef, abstract_state, state_shardings = abstract_train_state(
-      make_model, optimizer, mesh, rules)
-  return TrainSetup(mesh, model_config, graphdef, optimizer, lr_schedule, abstract_state,
-                    state_shardings)
+    make_model, optimizer, mesh, rules
+  )
+  return TrainSetup(
+    mesh, model_config, graphdef, optimizer, lr_schedule, abstract_state, state_shardings
+  )
 
 
-def resume_or_init(ckpt: checkpoint_lib.Checkpointer, abstract_state: Any,
-                   init: Callable[[], Any]) -> tuple[Any, int, dict[str, Any]]:
+def resume_or_init(
+  ckpt: checkpoint_lib.Checkpointer, abstract_state: Any, init: Callable[[], Any]
+) -> tuple[Any, int, dict[str, Any]]:
   """(state, step, saved data) of the latest checkpoint, or (init(), 0, {}) if none."""
   restored = ckpt.restore_latest(abstract_state)
   if restored is None:
@@ -295,28 +349,41 @@ def resume_or_init(ckpt: checkpoint_lib.Checkpointer, abstract_state: Any,
   return restored.state, restored.step, restored.data or {}
 
 
-def gradient_step(state: dict[str, Any], loss_fn: Callable[[Any], tuple[jax.Array, dict]],
-                  optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule
-                  ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+def gradient_step(
+  state: dict[str, Any],
+  loss_fn: Callable[[Any], tuple[jax.Array, dict]],
+  optimizer: optax.GradientTransformation,
+  lr_schedule: optax.Schedule,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One optimizer update of `{params, opt_state, step, rng}` on `loss_fn(params) ->
   (loss, sums)`; the metrics are the sums plus loss, grad_norm (before clipping),
   update_norm and this update's learning rate."""
   (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-  new_state = dict(params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
-                   step=state["step"] + 1, rng=state["rng"])
-  metrics = dict(sums, loss=loss, grad_norm=optax.tree.norm(grads),
-                 update_norm=optax.tree.norm(updates),
-                 learning_rate=jnp.asarray(lr_schedule(state["step"]), jnp.float32))
+  new_state = dict(
+    params=optax.apply_updates(state["params"], updates),
+    opt_state=opt_state,
+    step=state["step"] + 1,
+    rng=state["rng"],
+  )
+  metrics = dict(
+    sums,
+    loss=loss,
+    grad_norm=optax.tree.norm(grads),
+    update_norm=optax.tree.norm(updates),
+    learning_rate=jnp.asarray(lr_schedule(state["step"]), jnp.float32),
+  )
   return new_state, metrics
 
 
 def jit_train_step(train_step: Callable, setup: TrainSetup) -> Callable:
   """`train_step(state, batch) -> (state, metrics)` jitted: the state donated and kept
   in its shardings, the metrics replicated."""
-  return jax.jit(train_step,
-                 out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, PartitionSpec())),
-                 donate_argnums=0)
+  return jax.jit(
+    train_step,
+    out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, PartitionSpec())),
+    donate_argnums=0,
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -333,8 +400,9 @@ class LateMetrics:
   the step about to be saved are then checked finite first.
   """
 
-  def __init__(self, handle: Callable[[int, dict], None],
-               finite_keys: Sequence[str] = ("loss", "grad_norm")):
+  def __init__(
+    self, handle: Callable[[int, dict], None], finite_keys: Sequence[str] = ("loss", "grad_norm")
+  ):
     self._handle, self._keys, self._pending = handle, tuple(finite_keys), None
 
   def put(self, step: int, metrics: Any) -> None:
@@ -365,9 +433,18 @@ class TrainLog:
   'train' and kept as `last`.
   """
 
-  def __init__(self, writer: metrics_lib.MetricsWriter, new_window: Callable[[], Any], *,
-               start_step: int, total_steps: int, every: int, units_per_step: float,
-               unit: str, extra: Callable[[int], Mapping[str, float]] | None = None):
+  def __init__(
+    self,
+    writer: metrics_lib.MetricsWriter,
+    new_window: Callable[[], Any],
+    *,
+    start_step: int,
+    total_steps: int,
+    every: int,
+    units_per_step: float,
+    unit: str,
+    extra: Callable[[int], Mapping[str, float]] | None = None,
+  ):
     self._writer, self._new_window, self._extra = writer, new_window, extra
     self._total, self._every, self._per_step, self._unit = total_steps, every, units_per_step, unit
     self._progress = metrics_lib.Progress(total_steps, start_step, unit=unit, every=every)
@@ -382,8 +459,9 @@ class TrainLog:
     if step % self._every == 0 or step == self._total:
       now = time.perf_counter()
       summary = dict(self._window.summary())
-      summary[f"{self._unit}_per_s"] = (self._per_step * self._window.steps
-                                        / max(now - self._start, 1e-9))
+      summary[f"{self._unit}_per_s"] = (
+        self._per_step * self._window.steps / max(now - self._start, 1e-9)
+      )
       if self._extra is not None:
         summary.update(self._extra(step))
       self._writer.write(step, summary, split="train")
@@ -394,12 +472,22 @@ class TrainLog:
     self._start = time.perf_counter()
 
 
-def train_loop(state: Any, *, mesh: jax.sharding.Mesh, step_fn: Callable,
-               next_batch: Callable[[int], tuple[Any, Mapping[str, Any]]], start_step: int,
-               total_steps: int, ckpt: checkpoint_lib.Checkpointer, log_step: Callable,
-               log_every: int, checkpoint_every: int, eval_every: int = 0,
-               evaluate: Callable[[int, Any], None] | None = None,
-               on_step: Callable[[int], None] | None = None) -> tuple[Any, int, bool]:
+def train_loop(
+  state: Any,
+  *,
+  mesh: jax.sharding.Mesh,
+  step_fn: Callable,
+  next_batch: Callable[[int], tuple[Any, Mapping[str, Any]]],
+  start_step: int,
+  total_steps: int,
+  ckpt: checkpoint_lib.Checkpointer,
+  log_step: Callable,
+  log_every: int,
+  checkpoint_every: int,
+  eval_every: int = 0,
+  evaluate: Callable[[int, Any], None] | None = None,
+  on_step: Callable[[int], None] | None = None,
+) -> tuple[Any, int, bool]:
   """Runs steps `start_step + 1 .. total_steps`; returns (state, last step, preempted).
 
   Per step: `next_batch(step)` gives the device batch and the data to checkpoint
@@ -423,7 +511,8 @@ def train_loop(state: Any, *, mesh: jax.sharding.Mesh, step_fn: Callable,
         on_step(step)
       save = step % checkpoint_every == 0 or step == total_steps or guard.requested
       do_eval = evaluate is not None and (
-          (eval_every > 0 and step % eval_every == 0) or step == total_steps)
+        (eval_every > 0 and step % eval_every == 0) or step == total_steps
+      )
       if save or do_eval or step % log_every == 0:
         late.consume()  # Checked finite before anything of this step is saved.
       if do_eval:
@@ -431,8 +520,9 @@ def train_loop(state: Any, *, mesh: jax.sharding.Mesh, step_fn: Callable,
       if save:
         ckpt.save(step, state, data=data)
       if guard.requested:
-        logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume.",
-                        step, ckpt.directory)
+        logging.warning(
+          "SIGTERM: saved step %d in %s; rerun the same command to resume.", step, ckpt.directory
+        )
         preempted = True
         break
     late.consume()

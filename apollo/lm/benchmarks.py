@@ -45,17 +45,17 @@ _LETTERS = "ABCD"
 # Published split sizes (ReClor: Yu et al., ICLR 2020; LogiQA: Liu et al., IJCAI
 # 2020). LogiQA 2.0 is left out: its released files have not been checked here.
 PUBLISHED_SPLIT_SIZES: dict[str, dict[str, int]] = {
-    "reclor": {"train": 4638, "validation": 500, "test": 1000},
-    "logiqa": {"train": 7376, "validation": 651, "test": 651},
+  "reclor": {"train": 4638, "validation": 500, "test": 1000},
+  "logiqa": {"train": 7376, "validation": 651, "test": 651},
 }
 # The file names and split names the datasets use, mapped to one vocabulary.
 _SPLIT_ALIASES = {
-    "train": "train",
-    "val": "validation",
-    "dev": "validation",
-    "eval": "validation",
-    "validation": "validation",
-    "test": "test",
+  "train": "train",
+  "val": "validation",
+  "dev": "validation",
+  "eval": "validation",
+  "validation": "validation",
+  "test": "test",
 }
 # ReClor's test set is ordered: "test_0".."test_439" are EASY, the rest HARD.
 RECLOR_TEST_EASY_COUNT = 440
@@ -72,8 +72,7 @@ class MalformedRecordError(ValueError):
     reason: what was wrong.
   """
 
-  def __init__(self, path: str, record: int, reason: str,
-               line: int | None = None):
+  def __init__(self, path: str, record: int, reason: str, line: int | None = None):
     self.path = str(path)
     self.record = record
     self.line = line
@@ -90,8 +89,9 @@ class Examples(list):
   it is empty unless the reader was called with `skip_malformed=True`.
   """
 
-  def __init__(self, examples: Iterable[dict[str, Any]] = (),
-               errors: Iterable[MalformedRecordError] = ()):
+  def __init__(
+    self, examples: Iterable[dict[str, Any]] = (), errors: Iterable[MalformedRecordError] = ()
+  ):
     super().__init__(examples)
     self.errors: list[MalformedRecordError] = list(errors)
 
@@ -121,10 +121,16 @@ class _Collector:
       return False
 
 
-def _example(id_: str, context: str, question: str, options: Sequence[str],
-             label: int | None) -> dict[str, Any]:
-  return {"id": id_, "context": context, "question": question,
-          "options": list(options), "label": label}
+def _example(
+  id_: str, context: str, question: str, options: Sequence[str], label: int | None
+) -> dict[str, Any]:
+  return {
+    "id": id_,
+    "context": context,
+    "question": question,
+    "options": list(options),
+    "label": label,
+  }
 
 
 class _RecordChecks:
@@ -134,29 +140,30 @@ class _RecordChecks:
     self.path, self.record, self.line = path, record, line
 
   def fail(self, reason: str, line: int | None = None):
-    raise MalformedRecordError(self.path, self.record, reason,
-                               line=self.line if line is None else line)
+    raise MalformedRecordError(
+      self.path, self.record, reason, line=self.line if line is None else line
+    )
 
   def text(self, record: Mapping[str, Any], key: str) -> str:
     if key not in record:
       self.fail(f"missing field {key!r}")
     if not isinstance(record[key], str):
-      self.fail(f"field {key!r} should be a string, got "
-                f"{type(record[key]).__name__}")
+      self.fail(f"field {key!r} should be a string, got {type(record[key]).__name__}")
     return record[key]
 
   def options(self, record: Mapping[str, Any], key: str) -> list[str]:
     options = record.get(key)
-    if (not isinstance(options, list) or len(options) != NUM_CHOICES
-        or not all(isinstance(o, str) for o in options)):
-      self.fail(f"field {key!r} should be a list of {NUM_CHOICES} strings, "
-                f"got {options!r}")
+    if (
+      not isinstance(options, list)
+      or len(options) != NUM_CHOICES
+      or not all(isinstance(o, str) for o in options)
+    ):
+      self.fail(f"field {key!r} should be a list of {NUM_CHOICES} strings, got {options!r}")
     return options
 
   def label(self, label: Any) -> int:
     # bool is an int subclass, but True is not an answer index.
-    if (not isinstance(label, int) or isinstance(label, bool)
-        or not 0 <= label < NUM_CHOICES):
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < NUM_CHOICES:
       self.fail(f"expected a label in 0..{NUM_CHOICES - 1}, got {label!r}")
     return label
 
@@ -171,15 +178,16 @@ def _parse_reclor_record(path: str, number: int, record: Any) -> dict[str, Any]:
     check.fail(f"expected a JSON object, got {type(record).__name__}")
   label = record.get("label")
   hidden = label is None or label == -1
-  return _example(check.text(record, "id_string"),
-                  check.text(record, "context"),
-                  check.text(record, "question"),
-                  check.options(record, "answers"),
-                  None if hidden else check.label(label))
+  return _example(
+    check.text(record, "id_string"),
+    check.text(record, "context"),
+    check.text(record, "question"),
+    check.options(record, "answers"),
+    None if hidden else check.label(label),
+  )
 
 
-def read_reclor(path: str | os.PathLike[str], *,
-                skip_malformed: bool = False) -> Examples:
+def read_reclor(path: str | os.PathLike[str], *, skip_malformed: bool = False) -> Examples:
   """Reads one ReClor split (`train.json`, `val.json` or `test.json`).
 
   Each record is `{context, question, answers: [4 str], label, id_string}`;
@@ -203,11 +211,9 @@ def read_reclor(path: str | os.PathLike[str], *,
     try:
       records = json.load(f)
     except json.JSONDecodeError as error:
-      raise ValueError(f"{path}: not valid JSON (line {error.lineno}): "
-                       f"{error.msg}") from error
+      raise ValueError(f"{path}: not valid JSON (line {error.lineno}): {error.msg}") from error
   if not isinstance(records, list):
-    raise ValueError(f"{path}: expected a JSON array of examples, got "
-                     f"{type(records).__name__}")
+    raise ValueError(f"{path}: expected a JSON array of examples, got {type(records).__name__}")
   collector = _Collector(skip_malformed)
   for number, record in enumerate(records, start=1):
     collector.add(_parse_reclor_record, path, number, record)
@@ -224,8 +230,9 @@ def _is_answer_letter(line: str) -> bool:
   return line.strip().lower() in ("a", "b", "c", "d")
 
 
-def _parse_logiqa_record(path: str, stem: str, index: int, lines: list[str],
-                         start: int) -> dict[str, Any]:
+def _parse_logiqa_record(
+  path: str, stem: str, index: int, lines: list[str], start: int
+) -> dict[str, Any]:
   """Parses the record whose answer letter is at `lines[start]`."""
   check = _RecordChecks(path, index + 1)
 
@@ -235,26 +242,24 @@ def _parse_logiqa_record(path: str, stem: str, index: int, lines: list[str],
   if not _is_answer_letter(lines[start]):
     fail(f"expected an answer letter a-d, got {lines[start]!r}", 0)
   if start + _LOGIQA_RECORD_LINES > len(lines):
-    fail("record ends early: expected answer, context, question and 4 options",
-         len(lines) - start - 1)
+    fail(
+      "record ends early: expected answer, context, question and 4 options", len(lines) - start - 1
+    )
   context, question = lines[start + 1], lines[start + 2]
   options = []
   for k, letter in enumerate(_LETTERS):
     option = lines[start + 3 + k].strip()
     if not option.startswith(letter + "."):
-      fail(f"expected option {letter} to start with {letter + '.'!r}, got "
-           f"{option!r}", 3 + k)
+      fail(f"expected option {letter} to start with {letter + '.'!r}, got {option!r}", 3 + k)
     options.append(option[2:].strip())
   end = start + _LOGIQA_RECORD_LINES
   if end < len(lines) and lines[end].strip():
-    fail(f"expected a blank line after option D, got {lines[end]!r}",
-         _LOGIQA_RECORD_LINES)
+    fail(f"expected a blank line after option D, got {lines[end]!r}", _LOGIQA_RECORD_LINES)
   label = "abcd".index(lines[start].strip().lower())
   return _example(f"{stem}_{index}", context, question, options, label)
 
 
-def read_logiqa(path: str | os.PathLike[str], *,
-                skip_malformed: bool = False) -> Examples:
+def read_logiqa(path: str | os.PathLike[str], *, skip_malformed: bool = False) -> Examples:
   """Reads one LogiQA v1 split (`Train.txt`, `Eval.txt` or `Test.txt`).
 
   Each record is 8 lines: a blank line, the answer letter (a-d), the context,
@@ -296,8 +301,7 @@ def read_logiqa(path: str | os.PathLike[str], *,
     else:
       # Resynchronise at the next answer letter that follows a blank line.
       i += 1
-      while i < len(lines) and not (not lines[i - 1].strip()
-                                    and _is_answer_letter(lines[i])):
+      while i < len(lines) and not (not lines[i - 1].strip() and _is_answer_letter(lines[i])):
         i += 1
     index += 1
 
@@ -306,8 +310,7 @@ def read_logiqa(path: str | os.PathLike[str], *,
 # LogiQA 2.0: JSON lines.
 
 
-def _parse_logiqa2_line(path: str, number: int, line_number: int,
-                        line: str) -> dict[str, Any]:
+def _parse_logiqa2_line(path: str, number: int, line_number: int, line: str) -> dict[str, Any]:
   check = _RecordChecks(path, number, line=line_number)
   try:
     record = json.loads(line)
@@ -320,14 +323,16 @@ def _parse_logiqa2_line(path: str, number: int, line_number: int,
       check.fail(f"missing field {key!r}")
   if isinstance(record["id"], bool) or not isinstance(record["id"], (int, str)):
     check.fail(f"field 'id' should be an int or a string, got {record['id']!r}")
-  return _example(str(record["id"]), check.text(record, "text"),
-                  check.text(record, "question"),
-                  check.options(record, "options"),
-                  check.label(record["answer"]))
+  return _example(
+    str(record["id"]),
+    check.text(record, "text"),
+    check.text(record, "question"),
+    check.options(record, "options"),
+    check.label(record["answer"]),
+  )
 
 
-def read_logiqa2(path: str | os.PathLike[str], *,
-                 skip_malformed: bool = False) -> Examples:
+def read_logiqa2(path: str | os.PathLike[str], *, skip_malformed: bool = False) -> Examples:
   """Reads one LogiQA 2.0 split (JSON lines).
 
   Each line is `{id, answer: int 0-3, text, question, options: [4 str], type}`;
@@ -365,8 +370,7 @@ def canonical_split(split: str) -> str:
   """Maps a split or file name ("val", "Eval.txt") to train/validation/test."""
   stem = os.path.splitext(os.path.basename(split))[0].lower()
   if stem not in _SPLIT_ALIASES:
-    raise ValueError(f"unknown split {split!r}; expected one of "
-                     f"{sorted(_SPLIT_ALIASES)}")
+    raise ValueError(f"unknown split {split!r}; expected one of {sorted(_SPLIT_ALIASES)}")
   return _SPLIT_ALIASES[stem]
 
 
@@ -385,12 +389,13 @@ def check_split_size(dataset: str, split: str, num_examples: int) -> str | None:
     The warning message if the sizes differ, otherwise None (also None when no
     published size is known for this dataset and split).
   """
-  expected = PUBLISHED_SPLIT_SIZES.get(dataset.lower(), {}).get(
-      canonical_split(split))
+  expected = PUBLISHED_SPLIT_SIZES.get(dataset.lower(), {}).get(canonical_split(split))
   if expected is None or expected == num_examples:
     return None
-  message = (f"{dataset} {canonical_split(split)}: read {num_examples:,} "
-             f"examples, the published split has {expected:,}")
+  message = (
+    f"{dataset} {canonical_split(split)}: read {num_examples:,} "
+    f"examples, the published split has {expected:,}"
+  )
   logging.warning(message)
   return message
 
@@ -398,6 +403,7 @@ def check_split_size(dataset: str, split: str, num_examples: int) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class ReclorTestSubsets:
   """Positions (in the order given) of ReClor's Test-E and Test-H questions."""
+
   easy: list[int]
   hard: list[int]
 
@@ -410,8 +416,7 @@ def reclor_test_index(id_string: str) -> int:
   return int(match.group(1))
 
 
-def reclor_test_subsets(
-    examples_or_ids: Sequence[Mapping[str, Any] | str]) -> ReclorTestSubsets:
+def reclor_test_subsets(examples_or_ids: Sequence[Mapping[str, Any] | str]) -> ReclorTestSubsets:
   """Splits ReClor test questions into Test-E (EASY) and Test-H (HARD).
 
   The subset is decided by the id ("test_0".."test_439" are EASY), not by list
@@ -427,14 +432,14 @@ def reclor_test_subsets(
   easy, hard = [], []
   for position, item in enumerate(examples_or_ids):
     id_string = item if isinstance(item, str) else item["id"]
-    subset = easy if reclor_test_index(id_string) < RECLOR_TEST_EASY_COUNT \
-        else hard
+    subset = easy if reclor_test_index(id_string) < RECLOR_TEST_EASY_COUNT else hard
     subset.append(position)
   return ReclorTestSubsets(easy=easy, hard=hard)
 
 
-def write_reclor_predictions(path: str | os.PathLike[str],
-                             predictions: Mapping[str, int]) -> list[int]:
+def write_reclor_predictions(
+  path: str | os.PathLike[str], predictions: Mapping[str, int]
+) -> list[int]:
   """Writes ReClor leaderboard predictions: a list with entry i for "test_i".
 
   The list is written as JSON; a path ending in ".npy" gets a NumPy array
@@ -456,14 +461,14 @@ def write_reclor_predictions(path: str | os.PathLike[str],
   for id_string, prediction in predictions.items():
     prediction = int(prediction)  # numpy integers are not JSON-serialisable.
     if not 0 <= prediction < NUM_CHOICES:
-      raise ValueError(f"prediction for {id_string!r} is {prediction}, "
-                       f"expected 0..{NUM_CHOICES - 1}")
+      raise ValueError(
+        f"prediction for {id_string!r} is {prediction}, expected 0..{NUM_CHOICES - 1}"
+      )
     by_index[reclor_test_index(id_string)] = prediction
   missing = sorted(set(range(len(by_index))) - set(by_index))
   if missing:
     shown = [f"test_{i}" for i in missing[:5]]
-    raise ValueError(f"predictions are not for test_0..test_"
-                     f"{len(by_index) - 1}: missing {shown}")
+    raise ValueError(f"predictions are not for test_0..test_{len(by_index) - 1}: missing {shown}")
   check_split_size("reclor", "test", len(by_index))
   ordered = [by_index[i] for i in range(len(by_index))]
   if os.fspath(path).endswith(".npy"):

@@ -33,20 +33,30 @@ import numpy as np
 from absl import logging
 
 from apollo.common import metrics as metrics_lib
-from apollo.lm import finetune
-from apollo.lm import logic_mc
-from apollo.lm import pretrain
 from apollo.common import training as train_lib
+from apollo.lm import finetune, logic_mc, pretrain
 
 VARIANTS = ("apollo", "mlm", "none")
 LABELS = {"apollo": "S-MLM + E-CLS", "mlm": "plain MLM", "none": "no pretraining"}
 
 
-
-
-SMOKE_SIZES = dict(seeds=1, pretrain_steps=3, finetune_steps=2, max_len=48, train_questions=32,
-                   eval_questions=16, documents=200, hidden=32, layers=1, heads=2,
-                   intermediate=64, vocab=400, pretrain_batch=8, finetune_batch=8, smoke=1)
+SMOKE_SIZES = dict(
+  seeds=1,
+  pretrain_steps=3,
+  finetune_steps=2,
+  max_len=48,
+  train_questions=32,
+  eval_questions=16,
+  documents=200,
+  hidden=32,
+  layers=1,
+  heads=2,
+  intermediate=64,
+  vocab=400,
+  pretrain_batch=8,
+  finetune_batch=8,
+  smoke=1,
+)
 
 
 def _architecture(config, s: dict[str, int]) -> None:
@@ -83,8 +93,9 @@ def finetune_config(base, shared: str, s: dict[str, int], variant: str, seed: in
   c = copy.deepcopy(base)
   _architecture(c, s)
   c.seed = seed
-  c.init_from_pretrain = (os.path.join(root, f"seed{seed}", f"pretrain_{variant}")
-                          if variant != "none" else "")
+  c.init_from_pretrain = (
+    os.path.join(root, f"seed{seed}", f"pretrain_{variant}") if variant != "none" else ""
+  )
   c.data.tokenizer_path = os.path.join(shared, "data", "tokenizer", "tokenizer.json")
   c.data.data_dir = os.path.join(shared, "logic_mc")
   c.data.max_len = s["max_len"]
@@ -107,9 +118,11 @@ def prepare_shared(pretrain_base, root: str, s: dict[str, int]) -> str:
   pretrain.prepare_data(c, shared)
   logic_dir = os.path.join(shared, "logic_mc")
   if not os.path.isfile(os.path.join(logic_dir, "test.json")):
-    logic_mc.write_reclor_format(logic_dir + ".tmp", dict(
-        train=s["train_questions"], validation=s["eval_questions"], test=s["eval_questions"]),
-        seed=0)
+    logic_mc.write_reclor_format(
+      logic_dir + ".tmp",
+      dict(train=s["train_questions"], validation=s["eval_questions"], test=s["eval_questions"]),
+      seed=0,
+    )
     os.replace(logic_dir + ".tmp", logic_dir)
   return shared
 
@@ -129,7 +142,8 @@ def run_all(root: str, s: dict[str, int], pretrain_base, finetune_base) -> dict[
     for objective in ("apollo", "mlm"):
       workdir = os.path.join(root, f"seed{seed}", f"pretrain_{objective}")
       pretrain.train_and_evaluate(
-          pretrain_config(pretrain_base, shared, s, objective, seed), workdir)
+        pretrain_config(pretrain_base, shared, s, objective, seed), workdir
+      )
       pretrain_eval[objective] = metrics_lib.read_metrics(workdir, "eval")[-1]
       logging.info("seed %d pretrain %s: %s", seed, objective, pretrain_eval[objective])
     for variant in VARIANTS:
@@ -138,22 +152,28 @@ def run_all(root: str, s: dict[str, int], pretrain_base, finetune_base) -> dict[
       start = time.perf_counter()
       if not os.path.isfile(results_path):
         finetune.train_and_evaluate(
-            finetune_config(finetune_base, shared, s, variant, seed, root), workdir)
+          finetune_config(finetune_base, shared, s, variant, seed, root), workdir
+        )
       res = _read_json(results_path)
-      run = dict(seed=seed, variant=variant, seconds=time.perf_counter() - start,
-                 validation=res["eval"]["validation"]["accuracy"],
-                 test=res["eval"]["test"]["accuracy"],
-                 best_step=res["best"].get("step"),
-                 best_validation=res["best"].get("validation", {}).get("accuracy"),
-                 test_at_best_validation=res["best"].get("test", {}).get("accuracy"))
+      run = dict(
+        seed=seed,
+        variant=variant,
+        seconds=time.perf_counter() - start,
+        validation=res["eval"]["validation"]["accuracy"],
+        test=res["eval"]["test"]["accuracy"],
+        best_step=res["best"].get("step"),
+        best_validation=res["best"].get("validation", {}).get("accuracy"),
+        test_at_best_validation=res["best"].get("test", {}).get("accuracy"),
+      )
       if variant != "none":
         ev = pretrain_eval[variant]
         # The plain-MLM run never trains E-CLS (its data are all label 0): not reported.
         keys = ("mlm_acc", "mlm_loss") + (("ecls_acc",) if variant == "apollo" else ())
         run["pretrain"] = {k: ev[k] for k in keys if k in ev}
       runs.append(run)
-      logging.info("seed %d %s: validation %.4f test %.4f", seed, variant, run["validation"],
-                   run["test"])
+      logging.info(
+        "seed %d %s: validation %.4f test %.4f", seed, variant, run["validation"], run["test"]
+      )
   return dict(sizes=s, runs=runs, summary=summarize(runs))
 
 
@@ -174,27 +194,32 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def markdown_table(results: dict[str, Any]) -> str:
   s = results["sizes"]
-  lines = [f"Generated logic set, {s['train_questions']} training questions, "
-           f"{s['eval_questions']} validation / test; {s['seeds']} seeds; chance 25%. "
-           f"Accuracy % at the last step (mean ± sample std over seeds).",
-           "",
-           "| encoder | validation | test |",
-           "|---|---|---|"]
+  lines = [
+    f"Generated logic set, {s['train_questions']} training questions, "
+    f"{s['eval_questions']} validation / test; {s['seeds']} seeds; chance 25%. "
+    f"Accuracy % at the last step (mean ± sample std over seeds).",
+    "",
+    "| encoder | validation | test |",
+    "|---|---|---|",
+  ]
   for variant, row in results["summary"].items():
     cell = lambda k: f"{100 * row[k + '_mean']:.1f} ± {100 * row[k + '_std']:.1f}"
     lines.append(f"| {LABELS[variant]} | {cell('validation')} | {cell('test')} |")
   pre = [r for r in results["runs"] if "pretrain" in r]
   if pre:
-    lines += ["", "Pretraining held-out accuracy (mean over seeds): " + "; ".join(
-        f"{LABELS[v]}: MLM {100 * np.mean([r['pretrain']['mlm_acc'] for r in pre if r['variant'] == v]):.1f}%"
-        + (f", E-CLS {100 * np.mean([r['pretrain']['ecls_acc'] for r in pre if r['variant'] == v]):.1f}%"
-           if v == "apollo" else "")
-        for v in ("apollo", "mlm"))]
+    mean = lambda v, k: 100 * np.mean([r["pretrain"][k] for r in pre if r["variant"] == v])
+    parts = [
+      f"{LABELS['apollo']}: MLM {mean('apollo', 'mlm_acc'):.1f}%, "
+      f"E-CLS {mean('apollo', 'ecls_acc'):.1f}%",
+      f"{LABELS['mlm']}: MLM {mean('mlm', 'mlm_acc'):.1f}%",
+    ]
+    lines += ["", "Pretraining held-out accuracy (mean over seeds): " + "; ".join(parts)]
   return "\n".join(lines) + "\n"
 
 
 def plot(results: dict[str, Any], path: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -203,8 +228,14 @@ def plot(results: dict[str, Any], path: str) -> None:
   for ax, key in zip(axes, ("validation", "test")):
     for i, variant in enumerate(variants):
       row = results["summary"][variant]
-      ax.bar(i, 100 * row[f"{key}_mean"], yerr=100 * row[f"{key}_std"], capsize=4,
-             color=("C0", "C1", "C7")[i % 3], alpha=0.7)
+      ax.bar(
+        i,
+        100 * row[f"{key}_mean"],
+        yerr=100 * row[f"{key}_std"],
+        capsize=4,
+        color=("C0", "C1", "C7")[i % 3],
+        alpha=0.7,
+      )
       seeds = [100 * r[key] for r in results["runs"] if r["variant"] == variant]
       ax.scatter([i] * len(seeds), seeds, color="k", s=12, zorder=3)
     ax.axhline(25, color="gray", ls="--", lw=1)

@@ -28,8 +28,8 @@ which is acceptable for a classification signal but is worth knowing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import dataclasses
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -42,30 +42,92 @@ PERTURBATION_IDS = {"none": 0, "negation": 1, "keyword_swap": 2, "clause_swap": 
 
 # OUR choice: keyword -> a keyword with the opposite (or reversed) relation.
 OPPOSITE_KEYWORDS = {
-    "because": "although", "although": "because", "since": "although",
-    "given that": "although", "due to": "despite", "owing to": "despite",
-    "in view of": "in spite of", "as indicated by": "contrary to",
-    "therefore": "however", "however": "therefore", "thus": "however",
-    "hence": "however", "accordingly": "however",
-    "consequently": "nevertheless", "nevertheless": "consequently",
-    "as a result": "nevertheless", "so": "but", "but": "so", "yet": "so",
-    "whereas": "because", "if": "unless", "unless": "if", "only if": "even if",
-    "provided that": "unless",
+  "because": "although",
+  "although": "because",
+  "since": "although",
+  "given that": "although",
+  "due to": "despite",
+  "owing to": "despite",
+  "in view of": "in spite of",
+  "as indicated by": "contrary to",
+  "therefore": "however",
+  "however": "therefore",
+  "thus": "however",
+  "hence": "however",
+  "accordingly": "however",
+  "consequently": "nevertheless",
+  "nevertheless": "consequently",
+  "as a result": "nevertheless",
+  "so": "but",
+  "but": "so",
+  "yet": "so",
+  "whereas": "because",
+  "if": "unless",
+  "unless": "if",
+  "only if": "even if",
+  "provided that": "unless",
 }
 # Keywords whose two sides play different roles (cause/effect, condition/result).
-DIRECTIONAL_KEYWORDS = frozenset({
-    "because", "since", "given that", "therefore", "thus", "hence", "so",
-    "consequently", "accordingly", "as a result", "if", "only if", "unless",
-    "provided that", "whenever"})
+DIRECTIONAL_KEYWORDS = frozenset(
+  {
+    "because",
+    "since",
+    "given that",
+    "therefore",
+    "thus",
+    "hence",
+    "so",
+    "consequently",
+    "accordingly",
+    "as a result",
+    "if",
+    "only if",
+    "unless",
+    "provided that",
+    "whenever",
+  }
+)
 # A sentence opening with one of these starts with a subordinate clause.
-_SUBORDINATORS = frozenset({
-    "because", "since", "if", "unless", "although", "though", "whereas", "while",
-    "when", "whenever", "given", "provided", "as", "after", "before", "once",
-    "in"})
+_SUBORDINATORS = frozenset(
+  {
+    "because",
+    "since",
+    "if",
+    "unless",
+    "although",
+    "though",
+    "whereas",
+    "while",
+    "when",
+    "whenever",
+    "given",
+    "provided",
+    "as",
+    "after",
+    "before",
+    "once",
+    "in",
+  }
+)
 
-_COPULAS_AND_MODALS = frozenset({
-    "am", "is", "are", "was", "were", "can", "could", "will", "would", "shall",
-    "should", "may", "might", "must"})
+_COPULAS_AND_MODALS = frozenset(
+  {
+    "am",
+    "is",
+    "are",
+    "was",
+    "were",
+    "can",
+    "could",
+    "will",
+    "would",
+    "shall",
+    "should",
+    "may",
+    "might",
+    "must",
+  }
+)
 _DO_FORMS = frozenset({"do", "does", "did"})
 _HAVE_FORMS = frozenset({"have", "has", "had"})
 _FINITE_VERB_TAGS = frozenset({"VBZ", "VBD", "VBP", "MD"})
@@ -73,23 +135,78 @@ _FINITE_VERB_TAGS = frozenset({"VBZ", "VBD", "VBP", "MD"})
 _CONTRACTED_STEMS = {"ca": "can", "wo": "will", "sha": "shall"}
 # Irregular past tenses -> base form, for do-support ("sank" -> "did not sink").
 _IRREGULAR_PAST = {
-    "was": "be", "were": "be", "had": "have", "did": "do", "went": "go",
-    "came": "come", "saw": "see", "took": "take", "made": "make", "got": "get",
-    "gave": "give", "found": "find", "knew": "know", "thought": "think",
-    "told": "tell", "became": "become", "left": "leave", "felt": "feel",
-    "brought": "bring", "began": "begin", "kept": "keep", "held": "hold",
-    "wrote": "write", "stood": "stand", "heard": "hear", "let": "let",
-    "meant": "mean", "set": "set", "met": "meet", "ran": "run", "paid": "pay",
-    "sat": "sit", "spoke": "speak", "lay": "lie", "led": "lead", "read": "read",
-    "grew": "grow", "lost": "lose", "fell": "fall", "sent": "send",
-    "built": "build", "understood": "understand", "drew": "draw",
-    "broke": "break", "spent": "spend", "cut": "cut", "rose": "rise",
-    "drove": "drive", "bought": "buy", "wore": "wear", "chose": "choose",
-    "sank": "sink", "sang": "sing", "swam": "swim", "hid": "hide",
-    "shone": "shine", "won": "win", "ate": "eat", "fought": "fight",
-    "threw": "throw", "flew": "fly", "caught": "catch", "taught": "teach",
-    "sold": "sell", "said": "say", "put": "put", "struck": "strike",
-    "forgot": "forget", "slept": "sleep", "fed": "feed", "hit": "hit"}
+  "was": "be",
+  "were": "be",
+  "had": "have",
+  "did": "do",
+  "went": "go",
+  "came": "come",
+  "saw": "see",
+  "took": "take",
+  "made": "make",
+  "got": "get",
+  "gave": "give",
+  "found": "find",
+  "knew": "know",
+  "thought": "think",
+  "told": "tell",
+  "became": "become",
+  "left": "leave",
+  "felt": "feel",
+  "brought": "bring",
+  "began": "begin",
+  "kept": "keep",
+  "held": "hold",
+  "wrote": "write",
+  "stood": "stand",
+  "heard": "hear",
+  "let": "let",
+  "meant": "mean",
+  "set": "set",
+  "met": "meet",
+  "ran": "run",
+  "paid": "pay",
+  "sat": "sit",
+  "spoke": "speak",
+  "lay": "lie",
+  "led": "lead",
+  "read": "read",
+  "grew": "grow",
+  "lost": "lose",
+  "fell": "fall",
+  "sent": "send",
+  "built": "build",
+  "understood": "understand",
+  "drew": "draw",
+  "broke": "break",
+  "spent": "spend",
+  "cut": "cut",
+  "rose": "rise",
+  "drove": "drive",
+  "bought": "buy",
+  "wore": "wear",
+  "chose": "choose",
+  "sank": "sink",
+  "sang": "sing",
+  "swam": "swim",
+  "hid": "hide",
+  "shone": "shine",
+  "won": "win",
+  "ate": "eat",
+  "fought": "fight",
+  "threw": "throw",
+  "flew": "fly",
+  "caught": "catch",
+  "taught": "teach",
+  "sold": "sell",
+  "said": "say",
+  "put": "put",
+  "struck": "strike",
+  "forgot": "forget",
+  "slept": "sleep",
+  "fed": "feed",
+  "hit": "hit",
+}
 _SILENT_E_ENDINGS = ("at", "iz", "ur", "iv", "ov", "rg", "dg", "c", "ut")
 _IRREGULAR_PRESENT = {"has": "have", "does": "do", "is": "be", "goes": "go"}
 
@@ -102,15 +219,15 @@ class TaggedSentence:
   keywords: tuple[keywords_lib.KeywordMatch, ...]
 
   @classmethod
-  def from_text(cls, text: str, tagger: tagging.Tagger,
-                matcher: keywords_lib.KeywordMatcher) -> TaggedSentence:
+  def from_text(
+    cls, text: str, tagger: tagging.Tagger, matcher: keywords_lib.KeywordMatcher
+  ) -> TaggedSentence:
     words = tuple(tagging.word_tokenize(text))
     tags = tuple(t for _, t in tagger.tag([w.text for w in words])) if words else ()
     return cls(text, words, tags, tuple(matcher.find(text)))
 
 
-def verb_base_form(word: str, tag: str,
-                   is_known_word: Callable[[str], bool] | None = None) -> str:
+def verb_base_form(word: str, tag: str, is_known_word: Callable[[str], bool] | None = None) -> str:
   """The base form of a finite verb ("swims" -> "swim", "hummed" -> "hum").
 
   Regular forms are tried against `is_known_word` (e.g. the tagger's
@@ -162,8 +279,8 @@ def _main_clause_start(sentence: TaggedSentence) -> int:
 
 
 def negate_main_clause(
-    sentence: TaggedSentence,
-    is_known_word: Callable[[str], bool] | None = None) -> str | None:
+  sentence: TaggedSentence, is_known_word: Callable[[str], bool] | None = None
+) -> str | None:
   """Inserts or removes the negation of the main clause's first finite verb."""
   words, tags, text = sentence.words, sentence.tags, sentence.text
   for i in range(_main_clause_start(sentence), len(words)):
@@ -174,14 +291,16 @@ def negate_main_clause(
       # No auxiliary came before it, so this is a past tense the tagger
       # mistook for a participle ("The zorblets migrated south").
       tag = "VBD"
-    if (tag not in _FINITE_VERB_TAGS and lower not in _COPULAS_AND_MODALS
-        and next_lower != "n't"):
+    if tag not in _FINITE_VERB_TAGS and lower not in _COPULAS_AND_MODALS and next_lower != "n't":
       continue
     is_auxiliary = (
-        lower in _COPULAS_AND_MODALS or lower == "cannot" or next_lower == "n't"
-        or (lower in _DO_FORMS and next_lower in ("not", "n't"))
-        or (lower in _DO_FORMS and i + 1 < len(tags) and tags[i + 1] == "VB")
-        or (lower in _HAVE_FORMS and any(t == "VBN" for t in tags[i + 1:i + 4])))
+      lower in _COPULAS_AND_MODALS
+      or lower == "cannot"
+      or next_lower == "n't"
+      or (lower in _DO_FORMS and next_lower in ("not", "n't"))
+      or (lower in _DO_FORMS and i + 1 < len(tags) and tags[i + 1] == "VB")
+      or (lower in _HAVE_FORMS and any(t == "VBN" for t in tags[i + 1 : i + 4]))
+    )
     if is_auxiliary:
       if lower == "cannot":
         return _replace(text, word.start, word.end, word.text[:3])
@@ -211,9 +330,8 @@ def swap_keyword(sentence: TaggedSentence) -> str | None:
   for match in sentence.keywords:
     opposite = OPPOSITE_KEYWORDS.get(match.keyword)
     if opposite is not None:
-      original = sentence.text[match.start:match.end]
-      return _replace(sentence.text, match.start, match.end,
-                      _match_case(original, opposite))
+      original = sentence.text[match.start : match.end]
+      return _replace(sentence.text, match.start, match.end, _match_case(original, opposite))
   return None
 
 
@@ -250,12 +368,12 @@ def swap_clauses(sentence: TaggedSentence) -> str | None:
   for match in sentence.keywords:
     if match.keyword not in DIRECTIONAL_KEYWORDS or match.end > len(body):
       continue
-    if not text[:match.start].strip():
+    if not text[: match.start].strip():
       # "Because B, A." -> "Because A, B."; "If B, then A." -> "If A, then B."
       comma = body.find(",", match.end)
       if comma < 0:
         continue
-      condition = body[match.end:comma].strip()
+      condition = body[match.end : comma].strip()
       rest_start = comma + 1
       consequence = body[rest_start:].strip()
       separator = ", "
@@ -265,19 +383,19 @@ def swap_clauses(sentence: TaggedSentence) -> str | None:
         continue
       consequence_start = body.index(consequence, rest_start)
       moved = _lower_clause_start(sentence, consequence, consequence_start)
-      return f"{text[:match.end]} {moved}{separator}{condition}{final}"
+      return f"{text[: match.end]} {moved}{separator}{condition}{final}"
     # "A because B." -> "B because A."; "A; therefore, B." -> "B; therefore, A."
-    left = body[:match.start]
+    left = body[: match.start]
     left_clause = left.rstrip(" ,;:")
     if left_clause.lower().endswith((" and", " but")):
       left_clause = left_clause[:-4].rstrip(" ,;:")
-    before = body[len(left_clause):match.start]  # e.g. "; " or ", and "
-    right = body[match.end:]
+    before = body[len(left_clause) : match.start]  # e.g. "; " or ", and "
+    right = body[match.end :]
     right_clause = right.lstrip(" ,;:")
-    after = right[:len(right) - len(right_clause)]  # e.g. ", " or " "
+    after = right[: len(right) - len(right_clause)]  # e.g. ", " or " "
     if len(left_clause.split()) < 2 or len(right_clause.split()) < 2:
       continue
-    keyword_text = text[match.start:match.end]
+    keyword_text = text[match.start : match.end]
     if keyword_text[:1].isupper() and match.start == 0:
       continue
     first = right_clause[:1].upper() + right_clause[1:]
@@ -287,15 +405,19 @@ def swap_clauses(sentence: TaggedSentence) -> str | None:
 
 
 def applicable_perturbations(
-    sentence: TaggedSentence, enabled: Sequence[str] = PERTURBATIONS,
-    is_known_word: Callable[[str], bool] | None = None) -> dict[str, str]:
+  sentence: TaggedSentence,
+  enabled: Sequence[str] = PERTURBATIONS,
+  is_known_word: Callable[[str], bool] | None = None,
+) -> dict[str, str]:
   """The perturbed texts, by perturbation name, of every enabled rule that applies."""
   unknown = set(enabled) - set(PERTURBATIONS)
   if unknown:
-    raise ValueError(f"Unknown perturbations {sorted(unknown)}; "
-                     f"expected some of {PERTURBATIONS}.")
-  rules = {"negation": lambda s: negate_main_clause(s, is_known_word),
-           "keyword_swap": swap_keyword, "clause_swap": swap_clauses}
+    raise ValueError(f"Unknown perturbations {sorted(unknown)}; expected some of {PERTURBATIONS}.")
+  rules = {
+    "negation": lambda s: negate_main_clause(s, is_known_word),
+    "keyword_swap": swap_keyword,
+    "clause_swap": swap_clauses,
+  }
   results = {}
   for name in PERTURBATIONS:  # Fixed order, so the rng draw is reproducible.
     if name in enabled:
@@ -306,9 +428,11 @@ def applicable_perturbations(
 
 
 def make_contradiction(
-    sentence: TaggedSentence, rng: np.random.Generator,
-    enabled: Sequence[str] = PERTURBATIONS,
-    is_known_word: Callable[[str], bool] | None = None) -> tuple[str, str] | None:
+  sentence: TaggedSentence,
+  rng: np.random.Generator,
+  enabled: Sequence[str] = PERTURBATIONS,
+  is_known_word: Callable[[str], bool] | None = None,
+) -> tuple[str, str] | None:
   """`(perturbation name, perturbed text)` drawn uniformly from those that apply.
 
   Returns None when no enabled perturbation applies (the caller counts these).

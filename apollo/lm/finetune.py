@@ -47,7 +47,8 @@ import functools
 import json
 import math
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -62,29 +63,37 @@ from jax.sharding import NamedSharding, PartitionSpec
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import mesh as mesh_lib
 from apollo.common import metrics as metrics_lib
-from apollo.lm import benchmarks
-from apollo.lm import hf_import
-from apollo.lm import logic_mc
-from apollo.lm import model as model_lib
-from apollo.lm import pretrain
-from apollo.lm import tokenizer as tokenizer_lib
 from apollo.common import training as train_lib
+from apollo.lm import benchmarks, hf_import, logic_mc, pretrain
+from apollo.lm import model as model_lib
+from apollo.lm import tokenizer as tokenizer_lib
 
 NUM_CHOICES = benchmarks.NUM_CHOICES
 SPLITS = ("train", "validation", "test")
 # Dataset name -> (reader, file name of each split).
 DATASETS: dict[str, tuple[Callable[..., list], dict[str, str]]] = {
-    "reclor": (benchmarks.read_reclor, logic_mc.RECLOR_FILE_NAMES),
-    "logiqa": (benchmarks.read_logiqa,
-               {"train": "Train.txt", "validation": "Eval.txt", "test": "Test.txt"}),
-    "logiqa2": (benchmarks.read_logiqa2,
-                {"train": "train.txt", "validation": "dev.txt", "test": "test.txt"}),
-    # The generated logic set (`logic_mc`), in ReClor's files (labels kept on test).
-    "logic_mc": (benchmarks.read_reclor, logic_mc.RECLOR_FILE_NAMES),
+  "reclor": (benchmarks.read_reclor, logic_mc.RECLOR_FILE_NAMES),
+  "logiqa": (
+    benchmarks.read_logiqa,
+    {"train": "Train.txt", "validation": "Eval.txt", "test": "Test.txt"},
+  ),
+  "logiqa2": (
+    benchmarks.read_logiqa2,
+    {"train": "train.txt", "validation": "dev.txt", "test": "test.txt"},
+  ),
+  # The generated logic set (`logic_mc`), in ReClor's files (labels kept on test).
+  "logic_mc": (benchmarks.read_reclor, logic_mc.RECLOR_FILE_NAMES),
 }
 # Model fields that decide parameter shapes: a workdir may only be resumed with these.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads",
-                "intermediate_size", "max_position_embeddings", "type_vocab_size")
+SHAPE_FIELDS = (
+  "vocab_size",
+  "hidden_size",
+  "num_layers",
+  "num_heads",
+  "intermediate_size",
+  "max_position_embeddings",
+  "type_vocab_size",
+)
 _DEVICE_KEYS = ("input_ids", "attention_mask", "label", "example_mask")
 _VOCAB_MULTIPLE = 128  # As pretraining: a trained tokenizer's vocabulary is padded.
 
@@ -94,8 +103,9 @@ _VOCAB_MULTIPLE = 128  # As pretraining: a trained tokenizer's vocabulary is pad
 # -----------------------------------------------------------------------------
 
 
-def encode_pair(first: Sequence[int], second: Sequence[int], special: tokenizer_lib.SpecialIds,
-                max_len: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def encode_pair(
+  first: Sequence[int], second: Sequence[int], special: tokenizer_lib.SpecialIds, max_len: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
   """`<s> first </s></s> second </s> <pad>...` of length `max_len` (RoBERTa's pair format).
 
   Too long: `first` (the context) is cut from its end first; if `second` alone
@@ -110,12 +120,12 @@ def encode_pair(first: Sequence[int], second: Sequence[int], special: tokenizer_
   first, second = list(first), list(second)
   truncated = len(first) + len(second) > budget
   second = second[:budget]
-  first = first[:budget - len(second)]
+  first = first[: budget - len(second)]
   ids = [special.bos, *first, special.eos, special.eos, *second, special.eos]
   input_ids = np.full(max_len, special.pad, np.int32)
-  input_ids[:len(ids)] = ids
+  input_ids[: len(ids)] = ids
   mask = np.zeros(max_len, np.int32)
-  mask[:len(ids)] = 1
+  mask[: len(ids)] = 1
   return input_ids, mask, truncated
 
 
@@ -137,8 +147,9 @@ class EncodedSplit:
     return bool(len(self.label)) and bool(np.all(self.label >= 0))
 
 
-def encode_examples(examples: Sequence[Mapping[str, Any]], tokenizer: tokenizers.Tokenizer,
-                    max_len: int) -> EncodedSplit:
+def encode_examples(
+  examples: Sequence[Mapping[str, Any]], tokenizer: tokenizers.Tokenizer, max_len: int
+) -> EncodedSplit:
   """Reader examples -> `EncodedSplit` ([N, NUM_CHOICES, max_len] arrays)."""
   special = tokenizer_lib.special_ids(tokenizer)
   pairs = [benchmarks.choice_texts(e) for e in examples]
@@ -151,8 +162,9 @@ def encode_examples(examples: Sequence[Mapping[str, Any]], tokenizer: tokenizers
   truncated = 0
   for i, ps in enumerate(pairs):
     if len(ps) != NUM_CHOICES:
-      raise ValueError(f"Example {examples[i]['id']!r} has {len(ps)} options, "
-                       f"expected {NUM_CHOICES}.")
+      raise ValueError(
+        f"Example {examples[i]['id']!r} has {len(ps)} options, expected {NUM_CHOICES}."
+      )
     for c, (first, second) in enumerate(ps):
       a, b = token_ids[first], token_ids[second]
       input_ids[i, c], attention_mask[i, c], cut = encode_pair(a, b, special, max_len)
@@ -170,39 +182,51 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The split files' directory; the generated set is written into the workdir once."""
   d = config.data
   if d.dataset not in DATASETS:
-    raise ValueError(f"Unknown --config.data.dataset={d.dataset!r}; choose from "
-                     f"{tuple(DATASETS)}.")
+    raise ValueError(f"Unknown --config.data.dataset={d.dataset!r}; choose from {tuple(DATASETS)}.")
   if d.data_dir:
     if not os.path.isdir(d.data_dir):
       raise FileNotFoundError(f"--config.data.data_dir={d.data_dir} does not exist.")
     return d.data_dir
   if d.dataset != "logic_mc":
-    raise ValueError(f"--config.data.data_dir is required for {d.dataset} (the directory "
-                     f"with {sorted(DATASETS[d.dataset][1].values())}).")
+    raise ValueError(
+      f"--config.data.data_dir is required for {d.dataset} (the directory "
+      f"with {sorted(DATASETS[d.dataset][1].values())})."
+    )
   directory = os.path.join(workdir, "data", "logic_mc")
   if train_lib.is_main() and not os.path.isfile(os.path.join(directory, "test.json")):
     tmp = directory + ".tmp"  # Renamed when complete: a crash never leaves half a set.
-    logic_mc.write_reclor_format(tmp, dict(train=d.logic_mc_train, validation=d.logic_mc_validation,
-                                           test=d.logic_mc_test), seed=d.logic_mc_seed)
+    logic_mc.write_reclor_format(
+      tmp,
+      dict(train=d.logic_mc_train, validation=d.logic_mc_validation, test=d.logic_mc_test),
+      seed=d.logic_mc_seed,
+    )
     os.replace(tmp, directory)
   train_lib.sync("apollo_finetune_logic_mc")
   return directory
 
 
-def read_split(config: ml_collections.ConfigDict, directory: str, split: str
-               ) -> list[dict[str, Any]]:
+def read_split(
+  config: ml_collections.ConfigDict, directory: str, split: str
+) -> list[dict[str, Any]]:
   reader, names = DATASETS[config.data.dataset]
   path = os.path.join(directory, names[split])
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"No {split} file for {config.data.dataset}: {path} "
-                            f"(--config.data.data_dir).")
+    raise FileNotFoundError(
+      f"No {split} file for {config.data.dataset}: {path} (--config.data.data_dir)."
+    )
   examples = reader(path)
   benchmarks.check_split_size(config.data.dataset, split, len(examples))
   return examples
 
 
-def train_batch(split: EncodedSplit, step: int, batch_size: int, seed: int,
-                shard_index: int = 0, shard_count: int = 1) -> dict[str, np.ndarray]:
+def train_batch(
+  split: EncodedSplit,
+  step: int,
+  batch_size: int,
+  seed: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+) -> dict[str, np.ndarray]:
   """This host's part of the global batch of `step` (0-based); see the module docstring."""
   n, per_host = len(split), batch_size // shard_count
   positions = step * batch_size + shard_index * per_host + np.arange(per_host)
@@ -211,8 +235,12 @@ def train_batch(split: EncodedSplit, step: int, batch_size: int, seed: int,
   for epoch in np.unique(epochs):
     order = np.random.default_rng([seed, int(epoch)]).permutation(n)
     index[epochs == epoch] = order[offsets[epochs == epoch]]
-  return dict(input_ids=split.input_ids[index], attention_mask=split.attention_mask[index],
-              label=split.label[index], example_mask=np.ones(per_host, np.int32))
+  return dict(
+    input_ids=split.input_ids[index],
+    attention_mask=split.attention_mask[index],
+    label=split.label[index],
+    example_mask=np.ones(per_host, np.int32),
+  )
 
 
 def eval_batches(split: EncodedSplit, batch_size: int):
@@ -221,10 +249,15 @@ def eval_batches(split: EncodedSplit, batch_size: int):
     index = np.arange(start, min(start + batch_size, len(split)))
     pad = batch_size - len(index)
     take = np.concatenate([index, np.zeros(pad, np.int64)])
-    yield dict(input_ids=split.input_ids[take], attention_mask=split.attention_mask[take],
-               label=split.label[take],
-               example_mask=np.concatenate([np.ones(len(index), np.int32),
-                                            np.zeros(pad, np.int32)])), len(index)
+    yield (
+      dict(
+        input_ids=split.input_ids[take],
+        attention_mask=split.attention_mask[take],
+        label=split.label[take],
+        example_mask=np.concatenate([np.ones(len(index), np.int32), np.zeros(pad, np.int32)]),
+      ),
+      len(index),
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -232,37 +265,48 @@ def eval_batches(split: EncodedSplit, batch_size: int):
 # -----------------------------------------------------------------------------
 
 
-def choice_sums(model: model_lib.MultipleChoiceModel, batch: Mapping[str, jax.Array], *,
-                deterministic: bool = True, rngs: Optional[jax.Array] = None
-                ) -> tuple[dict[str, jax.Array], jax.Array]:
+def choice_sums(
+  model: model_lib.MultipleChoiceModel,
+  batch: Mapping[str, jax.Array],
+  *,
+  deterministic: bool = True,
+  rngs: jax.Array | None = None,
+) -> tuple[dict[str, jax.Array], jax.Array]:
   """(sums and counts of cross-entropy and hits over labelled rows, logits [B, C])."""
-  logits = model(batch["input_ids"], batch["attention_mask"], deterministic=deterministic,
-                 rngs=rngs).astype(jnp.float32)
+  logits = model(
+    batch["input_ids"], batch["attention_mask"], deterministic=deterministic, rngs=rngs
+  ).astype(jnp.float32)
   labelled = batch["example_mask"].astype(jnp.float32) * (batch["label"] >= 0)
   labels = jnp.maximum(batch["label"], 0)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  return dict(loss_sum=jnp.sum(nll * labelled), correct=jnp.sum(hit * labelled),
-              count=jnp.sum(labelled)), logits
+  return dict(
+    loss_sum=jnp.sum(nll * labelled), correct=jnp.sum(hit * labelled), count=jnp.sum(labelled)
+  ), logits
 
 
-def train_step(state: dict[str, Any], batch: Mapping[str, jax.Array], *,
-               graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-               lr_schedule: optax.Schedule) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+def train_step(
+  state: dict[str, Any],
+  batch: Mapping[str, jax.Array],
+  *,
+  graphdef: nnx.GraphDef,
+  optimizer: optax.GradientTransformation,
+  lr_schedule: optax.Schedule,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One update on the mean cross-entropy over the batch; dropout key = fold_in(rng, step)."""
   step = state["step"]
   dropout_key = jax.random.fold_in(state["rng"], step)
 
   def loss_fn(params):
-    sums, _ = choice_sums(nnx.merge(graphdef, params), batch, deterministic=False,
-                          rngs=dropout_key)
+    sums, _ = choice_sums(nnx.merge(graphdef, params), batch, deterministic=False, rngs=dropout_key)
     return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
 
   return train_lib.gradient_step(state, loss_fn, optimizer, lr_schedule)
 
 
-def eval_step(params: Any, batch: Mapping[str, jax.Array], *, graphdef: nnx.GraphDef
-              ) -> tuple[dict[str, jax.Array], jax.Array]:
+def eval_step(
+  params: Any, batch: Mapping[str, jax.Array], *, graphdef: nnx.GraphDef
+) -> tuple[dict[str, jax.Array], jax.Array]:
   """Sums, counts and logits on one batch (no dropout)."""
   return choice_sums(nnx.merge(graphdef, params), batch)
 
@@ -294,12 +338,15 @@ def _load_tokenizer(path: str, flag: str) -> tokenizers.Tokenizer:
 
 def _saved_pretrain_config(pretrain_dir: str) -> dict:
   if not os.path.isdir(pretrain_dir):
-    raise FileNotFoundError(f"--config.init_from_pretrain={pretrain_dir} does not exist; "
-                            f"run `python -m experiments.pretrain --workdir={pretrain_dir}` first.")
+    raise FileNotFoundError(
+      f"--config.init_from_pretrain={pretrain_dir} does not exist; "
+      f"run `python -m experiments.pretrain --workdir={pretrain_dir}` first."
+    )
   path = os.path.join(pretrain_dir, "config.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"--config.init_from_pretrain={pretrain_dir} is not a pretraining "
-                            f"workdir: no {path}.")
+    raise FileNotFoundError(
+      f"--config.init_from_pretrain={pretrain_dir} is not a pretraining workdir: no {path}."
+    )
   with open(path, encoding="utf-8") as f:
     return json.load(f)
 
@@ -311,49 +358,69 @@ def resolve_init(config: ml_collections.ConfigDict) -> InitSource:
     ValueError / FileNotFoundError: naming the flag and the path.
   """
   m = config.model
-  common = dict(hidden_dropout_rate=m.hidden_dropout_rate,
-                attention_dropout_rate=m.attention_dropout_rate, dtype=m.dtype)
+  common = dict(
+    hidden_dropout_rate=m.hidden_dropout_rate,
+    attention_dropout_rate=m.attention_dropout_rate,
+    dtype=m.dtype,
+  )
   tokenizer_path = config.data.tokenizer_path
   if config.init_from_pretrain and config.init_from_hf:
     raise ValueError("Set at most one of --config.init_from_pretrain and --config.init_from_hf.")
   if config.init_from_pretrain:
     path = config.init_from_pretrain
     saved = _saved_pretrain_config(path)
-    resolved = {k: v for k, v in saved["model_resolved"].items()
-                if k in {f.name for f in dataclasses.fields(model_lib.EncoderConfig)}}
+    resolved = {
+      k: v
+      for k, v in saved["model_resolved"].items()
+      if k in {f.name for f in dataclasses.fields(model_lib.EncoderConfig)}
+    }
     model_config = model_lib.EncoderConfig(**{**resolved, **common})
     if not tokenizer_path:
       pdata = saved.get("config", {}).get("data", {})
-      tokenizer_path = (pdata.get("tokenizer_path") or saved["config"].get("init_from_hf")
-                        or os.path.join(path, "data", "tokenizer"))
+      tokenizer_path = (
+        pdata.get("tokenizer_path")
+        or saved["config"].get("init_from_hf")
+        or os.path.join(path, "data", "tokenizer")
+      )
     kind = "pretrain"
   elif config.init_from_hf:
     path = config.init_from_hf
     if not os.path.isfile(os.path.join(path, hf_import.CONFIG_NAME)):
-      raise FileNotFoundError(f"--config.init_from_hf={path}: no "
-                              f"{os.path.join(path, hf_import.CONFIG_NAME)}.")
+      raise FileNotFoundError(
+        f"--config.init_from_hf={path}: no {os.path.join(path, hf_import.CONFIG_NAME)}."
+      )
     model_config = hf_import.config_from_hf(path, **common)
     tokenizer_path = tokenizer_path or path
     kind = "hf"
   else:
     path, kind = "", "scratch"
     if not tokenizer_path:
-      raise ValueError("Fine-tuning from scratch needs --config.data.tokenizer_path (or set "
-                       "--config.init_from_pretrain / --config.init_from_hf).")
-  flag = "--config.data.tokenizer_path" if config.data.tokenizer_path else (
-      f"the tokenizer of --config.init_from_{'pretrain' if kind == 'pretrain' else 'hf'}")
+      raise ValueError(
+        "Fine-tuning from scratch needs --config.data.tokenizer_path (or set "
+        "--config.init_from_pretrain / --config.init_from_hf)."
+      )
+  flag = (
+    "--config.data.tokenizer_path"
+    if config.data.tokenizer_path
+    else (f"the tokenizer of --config.init_from_{'pretrain' if kind == 'pretrain' else 'hf'}")
+  )
   tokenizer = _load_tokenizer(tokenizer_path, flag)
   if kind == "scratch":
-    overrides = {k: m[k] for k in ("hidden_size", "num_layers", "num_heads",
-                                   "intermediate_size") if m[k] > 0}
+    overrides = {
+      k: m[k] for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size") if m[k] > 0
+    }
     vocab = -(-tokenizer.get_vocab_size() // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
     model_config = model_lib.get_config(m.preset, vocab_size=vocab, **overrides, **common)
   if tokenizer.get_vocab_size() > model_config.vocab_size:
-    raise ValueError(f"The tokenizer at {tokenizer_path} has {tokenizer.get_vocab_size()} "
-                     f"tokens but the model only {model_config.vocab_size} embeddings.")
+    raise ValueError(
+      f"The tokenizer at {tokenizer_path} has {tokenizer.get_vocab_size()} "
+      f"tokens but the model only {model_config.vocab_size} embeddings."
+    )
   if config.data.max_len > model_config.max_sequence_length:
-    raise ValueError(f"--config.data.max_len={config.data.max_len} exceeds the model's "
-                     f"{model_config.max_sequence_length} positions.")
+    raise ValueError(
+      f"--config.data.max_len={config.data.max_len} exceeds the model's "
+      f"{model_config.max_sequence_length} positions."
+    )
   return InitSource(kind, path, model_config, tokenizer, tokenizer_path)
 
 
@@ -361,14 +428,20 @@ def restore_pretrained_encoder(pretrain_dir: str, mesh: jax.sharding.Mesh) -> tu
   """(encoder params, step) of the latest checkpoint of a pretraining workdir."""
   saved = _saved_pretrain_config(pretrain_dir)
   pconfig = ml_collections.ConfigDict(saved["config"])
-  pmodel = model_lib.EncoderConfig(**{
-      k: v for k, v in saved["model_resolved"].items()
-      if k in {f.name for f in dataclasses.fields(model_lib.EncoderConfig)}})
+  pmodel = model_lib.EncoderConfig(
+    **{
+      k: v
+      for k, v in saved["model_resolved"].items()
+      if k in {f.name for f in dataclasses.fields(model_lib.EncoderConfig)}
+    }
+  )
   setup = pretrain.make_setup(pconfig, pmodel, mesh)
   directory = os.path.join(pretrain_dir, "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"--config.init_from_pretrain={pretrain_dir} has no checkpoints "
-                            f"({directory}); let the pretraining run save one.")
+    raise FileNotFoundError(
+      f"--config.init_from_pretrain={pretrain_dir} has no checkpoints "
+      f"({directory}); let the pretraining run save one."
+    )
   ckpt = checkpoint_lib.Checkpointer(directory)
   try:
     train_lib.check_checkpoint_shapes(ckpt, setup.abstract_state)
@@ -376,8 +449,9 @@ def restore_pretrained_encoder(pretrain_dir: str, mesh: jax.sharding.Mesh) -> tu
   finally:
     ckpt.close()
   if restored is None:
-    raise FileNotFoundError(f"--config.init_from_pretrain={pretrain_dir}: no checkpoint in "
-                            f"{directory}.")
+    raise FileNotFoundError(
+      f"--config.init_from_pretrain={pretrain_dir}: no checkpoint in {directory}."
+    )
   return restored.state["params"]["encoder"], restored.step
 
 
@@ -391,8 +465,9 @@ def _graft(target: dict, source: dict, where: str = "encoder") -> dict:
       out[key] = _graft(target[key], value, f"{where}/{key}")
     else:
       if tuple(value.shape) != tuple(target[key].shape):
-        raise ValueError(f"Shape mismatch at {where}/{key}: pretrained {value.shape} vs "
-                         f"model {target[key].shape}.")
+        raise ValueError(
+          f"Shape mismatch at {where}/{key}: pretrained {value.shape} vs model {target[key].shape}."
+        )
       out[key] = value
   return out
 
@@ -416,38 +491,56 @@ def resolve_schedule(config: ml_collections.ConfigDict, num_train: int) -> tuple
   return steps, warmup
 
 
-def make_setup(config: ml_collections.ConfigDict, model_config: model_lib.EncoderConfig,
-               mesh: jax.sharding.Mesh, train_steps: int, warmup_steps: int) -> TrainSetup:
+def make_setup(
+  config: ml_collections.ConfigDict,
+  model_config: model_lib.EncoderConfig,
+  mesh: jax.sharding.Mesh,
+  train_steps: int,
+  warmup_steps: int,
+) -> TrainSetup:
   """Shapes and shardings of the state, for the resolved schedule (`resolve_schedule`)."""
   opt = ml_collections.ConfigDict(config.optimizer.to_dict())
   opt.warmup_steps = warmup_steps
   return train_lib.make_setup(
-      lambda: model_lib.MultipleChoiceModel(model_config, rngs=nnx.Rngs(config.seed)),
-      model_config, opt, train_steps, mesh, model_lib.LOGICAL_AXIS_RULES)
+    lambda: model_lib.MultipleChoiceModel(model_config, rngs=nnx.Rngs(config.seed)),
+    model_config,
+    opt,
+    train_steps,
+    mesh,
+    model_lib.LOGICAL_AXIS_RULES,
+  )
 
 
-def init_state(config: ml_collections.ConfigDict, setup: TrainSetup, source: InitSource
-               ) -> dict[str, Any]:
+def init_state(
+  config: ml_collections.ConfigDict, setup: TrainSetup, source: InitSource
+) -> dict[str, Any]:
   """A fresh state from the init source, every array created in its shards."""
   m = config.model
   if source.kind == "hf":
     model, report = hf_import.from_pretrained(
-        source.path, model_lib.MultipleChoiceModel, seed=config.seed, mesh=setup.mesh,
-        hidden_dropout_rate=m.hidden_dropout_rate,
-        attention_dropout_rate=m.attention_dropout_rate, dtype=m.dtype)
+      source.path,
+      model_lib.MultipleChoiceModel,
+      seed=config.seed,
+      mesh=setup.mesh,
+      hidden_dropout_rate=m.hidden_dropout_rate,
+      attention_dropout_rate=m.attention_dropout_rate,
+      dtype=m.dtype,
+    )
     logging.info("Imported %s: %s", source.path, report.summary())
     params = nnx.to_pure_dict(nnx.state(model))
   else:
     model = model_lib.create_sharded_model(
-        lambda: model_lib.MultipleChoiceModel(setup.model_config, rngs=nnx.Rngs(config.seed)),
-        setup.mesh)
+      lambda: model_lib.MultipleChoiceModel(setup.model_config, rngs=nnx.Rngs(config.seed)),
+      setup.mesh,
+    )
     params = nnx.to_pure_dict(nnx.state(model))
     if source.kind == "pretrain":
       encoder, step = restore_pretrained_encoder(source.path, setup.mesh)
       params = dict(params, encoder=_graft(params["encoder"], encoder))
       logging.info("Encoder from %s (step %d); pooler and scorer are new.", source.path, step)
-  return train_lib.new_train_state(params, setup.optimizer, setup.mesh,
-                                   setup.state_shardings, config.seed)
+  return train_lib.new_train_state(
+    params, setup.optimizer, setup.mesh, setup.state_shardings, config.seed
+  )
 
 
 def _device_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -458,19 +551,29 @@ def _check_reclor_test_ids(split: EncodedSplit) -> None:
   """The leaderboard file needs ids test_0..test_{n-1}: checked before training."""
   indices = sorted(benchmarks.reclor_test_index(i) for i in split.ids)
   if indices != list(range(len(indices))):
-    raise ValueError(f"ReClor test ids are not test_0..test_{len(indices) - 1}; the "
-                     f"leaderboard file could not be written.")
+    raise ValueError(
+      f"ReClor test ids are not test_0..test_{len(indices) - 1}; the "
+      f"leaderboard file could not be written."
+    )
 
 
-def evaluate_split(config, setup: TrainSetup, eval_fn, params, name: str,
-                   split: EncodedSplit, workdir: str, step: int) -> dict[str, float]:
+def evaluate_split(
+  config,
+  setup: TrainSetup,
+  eval_fn,
+  params,
+  name: str,
+  split: EncodedSplit,
+  workdir: str,
+  step: int,
+) -> dict[str, float]:
   """Accuracy (and Test-E/H for ReClor test) of one split; writes its prediction files."""
   logits_all, sums = [], dict(loss_sum=0.0, correct=0.0, count=0.0)
   batch_size = config.data.eval_batch_size or config.data.batch_size
   per_host, host = batch_size // jax.process_count(), jax.process_index()
   for batch, real in eval_batches(split, batch_size):
     # Every host builds the whole batch and passes its rows; outputs come back replicated.
-    local = {k: v[host * per_host:(host + 1) * per_host] for k, v in batch.items()}
+    local = {k: v[host * per_host : (host + 1) * per_host] for k, v in batch.items()}
     out, logits = jax.device_get(eval_fn(params, _device_batch(local, setup.mesh)))
     for k in sums:
       sums[k] += float(out[k])
@@ -488,19 +591,30 @@ def evaluate_split(config, setup: TrainSetup, eval_fn, params, name: str,
       if rows:
         result[key] = float(np.mean(predicted[rows] == split.label[rows]))
   if train_lib.is_main():
-    rows = [dict(id=i, prediction=int(p), label=(int(l) if l >= 0 else None),
-                 logits=[round(float(x), 5) for x in row])
-            for i, p, l, row in zip(split.ids, predicted, split.label, logits)]
-    train_lib.write_json_atomically(os.path.join(workdir, f"predictions_{name}.json"),
-                                    dict(step=step, split=name, predictions=rows))
+    rows = [
+      dict(
+        id=i,
+        prediction=int(p),
+        label=(int(l) if l >= 0 else None),
+        logits=[round(float(x), 5) for x in row],
+      )
+      for i, p, l, row in zip(split.ids, predicted, split.label, logits)
+    ]
+    train_lib.write_json_atomically(
+      os.path.join(workdir, f"predictions_{name}.json"),
+      dict(step=step, split=name, predictions=rows),
+    )
     if reclor_test:
-      benchmarks.write_reclor_predictions(os.path.join(workdir, "reclor_test_predictions.json"),
-                                          dict(zip(split.ids, predicted.tolist())))
+      benchmarks.write_reclor_predictions(
+        os.path.join(workdir, "reclor_test_predictions.json"),
+        dict(zip(split.ids, predicted.tolist())),
+      )
   return result
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, on_step: Callable[[int], None] | None = None
+) -> dict[str, Any]:
   """Fine-tunes (or resumes) in `workdir`; evaluates every `eval_every` steps and at the end.
 
   Args:
@@ -530,59 +644,99 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   max_len = config.data.max_len
   train_examples = read_split(config, directory, "train")
   if config.data.max_train_examples > 0:
-    train_examples = train_examples[:config.data.max_train_examples]
+    train_examples = train_examples[: config.data.max_train_examples]
   train_split = encode_examples(train_examples, source.tokenizer, max_len)
   if not train_split.has_labels or not len(train_split):
     raise ValueError(f"The training split in {directory} is empty or lacks labels.")
-  eval_splits = {name: encode_examples(read_split(config, directory, name), source.tokenizer,
-                                       max_len) for name in config.eval_splits}
+  eval_splits = {
+    name: encode_examples(read_split(config, directory, name), source.tokenizer, max_len)
+    for name in config.eval_splits
+  }
   if config.data.dataset == "reclor" and "test" in eval_splits:
     _check_reclor_test_ids(eval_splits["test"])
   for name, split in (("train", train_split), *eval_splits.items()):
-    logging.info("%s: %d questions, %d of %d sequences truncated to %d tokens.", name,
-                 len(split), split.truncated, len(split) * NUM_CHOICES, max_len)
+    logging.info(
+      "%s: %d questions, %d of %d sequences truncated to %d tokens.",
+      name,
+      len(split),
+      split.truncated,
+      len(split) * NUM_CHOICES,
+      max_len,
+    )
 
   train_lib.check_saved_config(workdir, source.model_config, SHAPE_FIELDS)
-  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                            axis_type="auto")
+  mesh = mesh_lib.make_mesh(
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor, axis_type="auto"
+  )
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   for key in ("batch_size", "eval_batch_size"):
     size = config.data[key]
     if size and (size % batch_shards or size % jax.process_count()):
-      raise ValueError(f"--config.data.{key}={size} is not divisible by data*fsdp="
-                       f"{batch_shards} and the {jax.process_count()} processes.")
+      raise ValueError(
+        f"--config.data.{key}={size} is not divisible by data*fsdp="
+        f"{batch_shards} and the {jax.process_count()} processes."
+      )
   train_steps, warmup_steps = resolve_schedule(config, len(train_split))
   setup = make_setup(config, source.model_config, mesh, train_steps, warmup_steps)
-  logging.info("Mesh %s; model %s; %d steps (%d warmup) of %d questions.",
-               mesh_lib.describe(mesh), source.model_config, train_steps, warmup_steps,
-               config.data.batch_size)
+  logging.info(
+    "Mesh %s; model %s; %d steps (%d warmup) of %d questions.",
+    mesh_lib.describe(mesh),
+    source.model_config,
+    train_steps,
+    warmup_steps,
+    config.data.batch_size,
+  )
 
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     max_to_keep=config.max_checkpoints)
+  ckpt = checkpoint_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"), max_to_keep=config.max_checkpoints
+  )
   writer = metrics_lib.MetricsWriter(workdir)
   try:
     train_lib.check_checkpoint_shapes(ckpt, setup.abstract_state)
-    train_lib.write_config(workdir, config, source.model_config,
-                           init=dict(kind=source.kind, path=source.path,
-                                     tokenizer=source.tokenizer_path),
-                           schedule=dict(train_steps=train_steps, warmup_steps=warmup_steps))
+    train_lib.write_config(
+      workdir,
+      config,
+      source.model_config,
+      init=dict(kind=source.kind, path=source.path, tokenizer=source.tokenizer_path),
+      schedule=dict(train_steps=train_steps, warmup_steps=warmup_steps),
+    )
     state, start_step, data = train_lib.resume_or_init(
-        ckpt, setup.abstract_state, lambda: init_state(config, setup, source))
+      ckpt, setup.abstract_state, lambda: init_state(config, setup, source)
+    )
     if data.get("num_train_examples", len(train_split)) != len(train_split):
-      raise ValueError(f"{ckpt.directory} was trained on {data['num_train_examples']} "
-                       f"questions, the training split now has {len(train_split)}; use a new "
-                       f"--workdir.")
-    result = _train_loop(config, setup, train_steps, state, start_step, train_split,
-                         eval_splits, ckpt, writer, workdir, on_step)
+      raise ValueError(
+        f"{ckpt.directory} was trained on {data['num_train_examples']} "
+        f"questions, the training split now has {len(train_split)}; use a new "
+        f"--workdir."
+      )
+    result = _train_loop(
+      config,
+      setup,
+      train_steps,
+      state,
+      start_step,
+      train_split,
+      eval_splits,
+      ckpt,
+      writer,
+      workdir,
+      on_step,
+    )
   finally:
     ckpt.close()  # Waits for in-flight saves: earlier checkpoints are complete.
     writer.close()
   if not result["preempted"]:
     result["best"] = best_evaluation(workdir)
     if train_lib.is_main():
-      train_lib.write_json_atomically(os.path.join(workdir, "results.json"), dict(
-          step=result["step"], eval=result["eval"], best=result["best"],
-          init=dict(kind=source.kind, path=source.path)))
+      train_lib.write_json_atomically(
+        os.path.join(workdir, "results.json"),
+        dict(
+          step=result["step"],
+          eval=result["eval"],
+          best=result["best"],
+          init=dict(kind=source.kind, path=source.path),
+        ),
+      )
   return result
 
 
@@ -593,9 +747,9 @@ def best_evaluation(workdir: str) -> dict[str, Any]:
   for row in rows:
     if row["split"] in ("validation", "test"):
       by_step.setdefault(row["step"], {})[row["split"]] = {
-          k: v for k, v in row.items() if k not in ("step", "split")}
-  scored = [(s, e) for s, e in sorted(by_step.items())
-            if "accuracy" in e.get("validation", {})]
+        k: v for k, v in row.items() if k not in ("step", "split")
+      }
+  scored = [(s, e) for s, e in sorted(by_step.items()) if "accuracy" in e.get("validation", {})]
   if not scored:
     return {}
   step, evaluation = max(scored, key=lambda se: (se[1]["validation"]["accuracy"], -se[0]))
@@ -618,46 +772,86 @@ class _TrainWindow:
 
   def summary(self) -> dict[str, float]:
     s, n = self.sums, max(self.steps, 1)
-    return dict(loss=s["loss"] / n, accuracy=s["correct"] / max(s["count"], 1.0),
-                grad_norm=s["grad_norm"] / n, update_norm=s["update_norm"] / n,
-                learning_rate=self.learning_rate)
+    return dict(
+      loss=s["loss"] / n,
+      accuracy=s["correct"] / max(s["count"], 1.0),
+      grad_norm=s["grad_norm"] / n,
+      update_norm=s["update_norm"] / n,
+      learning_rate=self.learning_rate,
+    )
 
 
-def _train_loop(config, setup: TrainSetup, total: int, state, start_step, train_split,
-                eval_splits, ckpt, writer, workdir, on_step) -> dict[str, Any]:
+def _train_loop(
+  config,
+  setup: TrainSetup,
+  total: int,
+  state,
+  start_step,
+  train_split,
+  eval_splits,
+  ckpt,
+  writer,
+  workdir,
+  on_step,
+) -> dict[str, Any]:
   step_fn = train_lib.jit_train_step(
-      functools.partial(train_step, graphdef=setup.graphdef, optimizer=setup.optimizer,
-                        lr_schedule=setup.lr_schedule), setup)
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=setup.graphdef),
-                    out_shardings=NamedSharding(setup.mesh, PartitionSpec()))
+    functools.partial(
+      train_step, graphdef=setup.graphdef, optimizer=setup.optimizer, lr_schedule=setup.lr_schedule
+    ),
+    setup,
+  )
+  eval_fn = jax.jit(
+    functools.partial(eval_step, graphdef=setup.graphdef),
+    out_shardings=NamedSharding(setup.mesh, PartitionSpec()),
+  )
   batch_size = config.data.batch_size
   steps_per_epoch = max(1, math.ceil(len(train_split) / batch_size))
   log = train_lib.TrainLog(
-      writer, _TrainWindow, start_step=start_step, total_steps=total, every=config.log_every,
-      units_per_step=batch_size, unit="questions",
-      extra=lambda step: dict(epoch=step * batch_size / len(train_split)))
+    writer,
+    _TrainWindow,
+    start_step=start_step,
+    total_steps=total,
+    every=config.log_every,
+    units_per_step=batch_size,
+    unit="questions",
+    extra=lambda step: dict(epoch=step * batch_size / len(train_split)),
+  )
   result: dict[str, Any] = dict(step=start_step, preempted=False, train={}, eval={})
   host, hosts = jax.process_index(), jax.process_count()
 
   def next_batch(step):
     batch = train_batch(train_split, step - 1, batch_size, config.seed, host, hosts)
     return _device_batch(batch, setup.mesh), dict(
-        step=step, examples_seen=step * batch_size, num_train_examples=len(train_split),
-        seed=config.seed)
+      step=step,
+      examples_seen=step * batch_size,
+      num_train_examples=len(train_split),
+      seed=config.seed,
+    )
 
   def evaluate_now(step, params):
     for name, split in eval_splits.items():
       summary = evaluate_split(config, setup, eval_fn, params, name, split, workdir, step)
       writer.write(step, summary, split=name)
       result["eval"][name] = summary
-      logging.info("%s at step %d: %s", name, step,
-                   " | ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+      logging.info(
+        "%s at step %d: %s", name, step, " | ".join(f"{k} {v:.4g}" for k, v in summary.items())
+      )
     log.restart_clock()  # Throughput counts training time only.
 
   _, result["step"], result["preempted"] = train_lib.train_loop(
-      state, mesh=setup.mesh, step_fn=step_fn, next_batch=next_batch, start_step=start_step,
-      total_steps=total, ckpt=ckpt, log_step=log, log_every=config.log_every,
-      checkpoint_every=config.checkpoint_every, eval_every=config.eval_every or steps_per_epoch,
-      evaluate=evaluate_now, on_step=on_step)
+    state,
+    mesh=setup.mesh,
+    step_fn=step_fn,
+    next_batch=next_batch,
+    start_step=start_step,
+    total_steps=total,
+    ckpt=ckpt,
+    log_step=log,
+    log_every=config.log_every,
+    checkpoint_every=config.checkpoint_every,
+    eval_every=config.eval_every or steps_per_epoch,
+    evaluate=evaluate_now,
+    on_step=on_step,
+  )
   result["train"] = log.last
   return result

@@ -18,86 +18,151 @@ be a realistic language sample.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import dataclasses
+from collections.abc import Iterator
 
 import numpy as np
 
-_SYLLABLES = ("ka", "lo", "mi", "ra", "zen", "tu", "vo", "bel", "dar", "fen",
-              "gor", "hal", "isk", "jor", "lym", "mar", "nev", "pel", "quin",
-              "sar", "tev", "ul", "wyn", "xan", "zim", "dro", "cal", "bri")
+_SYLLABLES = (
+  "ka",
+  "lo",
+  "mi",
+  "ra",
+  "zen",
+  "tu",
+  "vo",
+  "bel",
+  "dar",
+  "fen",
+  "gor",
+  "hal",
+  "isk",
+  "jor",
+  "lym",
+  "mar",
+  "nev",
+  "pel",
+  "quin",
+  "sar",
+  "tev",
+  "ul",
+  "wyn",
+  "xan",
+  "zim",
+  "dro",
+  "cal",
+  "bri",
+)
 # (singular, plural) invented kinds of thing.
-_KINDS = (("quandril", "quandrils"), ("zorblet", "zorblets"),
-          ("fennock", "fennocks"), ("skarrow", "skarrows"),
-          ("mubbin", "mubbins"), ("trellisaur", "trellisaurs"),
-          ("glimmet", "glimmets"), ("vostrel", "vostrels"),
-          ("pelliwick", "pelliwicks"), ("draskin", "draskins"))
-_PROPERTIES = ("brittle", "luminous", "heavy", "restless", "transparent",
-               "fragrant", "nocturnal", "venomous", "hollow", "magnetic",
-               "silent", "ancient", "fragile", "striped", "poisonous", "warm")
+_KINDS = (
+  ("quandril", "quandrils"),
+  ("zorblet", "zorblets"),
+  ("fennock", "fennocks"),
+  ("skarrow", "skarrows"),
+  ("mubbin", "mubbins"),
+  ("trellisaur", "trellisaurs"),
+  ("glimmet", "glimmets"),
+  ("vostrel", "vostrels"),
+  ("pelliwick", "pelliwicks"),
+  ("draskin", "draskins"),
+)
+_PROPERTIES = (
+  "brittle",
+  "luminous",
+  "heavy",
+  "restless",
+  "transparent",
+  "fragrant",
+  "nocturnal",
+  "venomous",
+  "hollow",
+  "magnetic",
+  "silent",
+  "ancient",
+  "fragile",
+  "striped",
+  "poisonous",
+  "warm",
+)
 # (base, third person singular, past) verbs, regular and irregular.
-_VERBS = (("glow", "glows", "glowed"), ("float", "floats", "floated"),
-          ("migrate", "migrates", "migrated"), ("hum", "hums", "hummed"),
-          ("sink", "sinks", "sank"), ("sing", "sings", "sang"),
-          ("dissolve", "dissolves", "dissolved"), ("swim", "swims", "swam"),
-          ("hibernate", "hibernates", "hibernated"), ("grow", "grows", "grew"),
-          ("hide", "hides", "hid"), ("shine", "shines", "shone"))
-_PLACES = ("Harrowmere", "the Velk Valley", "the eastern marsh", "Ostrellin",
-           "the Copper Hills", "Lake Ambrin", "the northern forest", "Quillport")
+_VERBS = (
+  ("glow", "glows", "glowed"),
+  ("float", "floats", "floated"),
+  ("migrate", "migrates", "migrated"),
+  ("hum", "hums", "hummed"),
+  ("sink", "sinks", "sank"),
+  ("sing", "sings", "sang"),
+  ("dissolve", "dissolves", "dissolved"),
+  ("swim", "swims", "swam"),
+  ("hibernate", "hibernates", "hibernated"),
+  ("grow", "grows", "grew"),
+  ("hide", "hides", "hid"),
+  ("shine", "shines", "shone"),
+)
+_PLACES = (
+  "Harrowmere",
+  "the Velk Valley",
+  "the eastern marsh",
+  "Ostrellin",
+  "the Copper Hills",
+  "Lake Ambrin",
+  "the northern forest",
+  "Quillport",
+)
 _OBJECTS = ("baskets", "lanterns", "maps", "bridges", "wells", "towers")
 
 # Each template is filled from a dict of slots; "{N}" a name, "{kind}"/"{kinds}"
 # a kind, "{p}"/"{p2}" properties, "{v}"/"{vs}"/"{vd}" a verb's three forms.
 LOGICAL_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "conclusion": (
-        "All {kinds} are {p}, and {N} is a {kind}; therefore, {N} is {p}.",
-        "{N} is a {kind}, so {N} is {p}.",
-        "Every {kind} {vs} at night; thus {N} {vs} at night.",
-        "The {kinds} multiplied quickly, and as a result {place} became {p}.",
-        "{N} {vd} yesterday; consequently, the {kinds} are {p}.",
-        "Each {kind} in {place} is {p}, hence {N} is {p}.",
-    ),
-    "premise": (
-        "{N} is {p} because every {kind} is {p}.",
-        "Since {N} {vs} often, {N} must be a {kind}.",
-        "Given that the {kinds} are {p}, {N} can {v}.",
-        "The {kinds} {vd} due to the {p} weather.",
-        "{N} is {p} owing to its {p2} shell.",
-        "In view of the evidence, {N} is a {kind}.",
-    ),
-    "conditional": (
-        "If a {kind} is {p}, then it {vs}.",
-        "Unless {N} is {p}, {N} will {v} tonight.",
-        "{N} {vs} only if {place} is {p}.",
-        "Provided that the {kinds} are {p}, {N} can {v}.",
-        "Whenever {N} is {p}, the {kinds} {v}.",
-    ),
-    "contrast": (
-        "{N} is {p}, but {N2} is {p2}.",
-        "Although {N} is a {kind}, {N} is {p}.",
-        "The {kinds} are {p}, whereas the {kinds2} are {p2}.",
-        "{N} is {p}; however, {N2} {vs} every day.",
-        "{N} is {p}; nevertheless, {N} {vs}.",
-        "{N} is small, yet {N} is {p}.",
-    ),
-    "negation": (
-        "{N} is not {p}.",
-        "No {kind} can {v}.",
-        "{N} never {vs} in {place}.",
-        "Neither {N} nor {N2} is a {kind}.",
-        "The {kinds} did not {v} last winter.",
-    ),
+  "conclusion": (
+    "All {kinds} are {p}, and {N} is a {kind}; therefore, {N} is {p}.",
+    "{N} is a {kind}, so {N} is {p}.",
+    "Every {kind} {vs} at night; thus {N} {vs} at night.",
+    "The {kinds} multiplied quickly, and as a result {place} became {p}.",
+    "{N} {vd} yesterday; consequently, the {kinds} are {p}.",
+    "Each {kind} in {place} is {p}, hence {N} is {p}.",
+  ),
+  "premise": (
+    "{N} is {p} because every {kind} is {p}.",
+    "Since {N} {vs} often, {N} must be a {kind}.",
+    "Given that the {kinds} are {p}, {N} can {v}.",
+    "The {kinds} {vd} due to the {p} weather.",
+    "{N} is {p} owing to its {p2} shell.",
+    "In view of the evidence, {N} is a {kind}.",
+  ),
+  "conditional": (
+    "If a {kind} is {p}, then it {vs}.",
+    "Unless {N} is {p}, {N} will {v} tonight.",
+    "{N} {vs} only if {place} is {p}.",
+    "Provided that the {kinds} are {p}, {N} can {v}.",
+    "Whenever {N} is {p}, the {kinds} {v}.",
+  ),
+  "contrast": (
+    "{N} is {p}, but {N2} is {p2}.",
+    "Although {N} is a {kind}, {N} is {p}.",
+    "The {kinds} are {p}, whereas the {kinds2} are {p2}.",
+    "{N} is {p}; however, {N2} {vs} every day.",
+    "{N} is {p}; nevertheless, {N} {vs}.",
+    "{N} is small, yet {N} is {p}.",
+  ),
+  "negation": (
+    "{N} is not {p}.",
+    "No {kind} can {v}.",
+    "{N} never {vs} in {place}.",
+    "Neither {N} nor {N2} is a {kind}.",
+    "The {kinds} did not {v} last winter.",
+  ),
 }
 # Filler sentences contain no keyword of the default list (tests check this).
 FILLER_TEMPLATES: tuple[str, ...] = (
-    "{N} lives near {place}.",
-    "The village of {place} has {num} old {objects}.",
-    "{N} visited {place} in {year}.",
-    "{N} and {N2} are good friends.",
-    "Many {kinds} live in {place}.",
-    "The weather in {place} was mild last spring.",
-    "{N} wrote a long letter to {N2}.",
-    "{N} sells {objects} at the market.",
+  "{N} lives near {place}.",
+  "The village of {place} has {num} old {objects}.",
+  "{N} visited {place} in {year}.",
+  "{N} and {N2} are good friends.",
+  "Many {kinds} live in {place}.",
+  "The weather in {place} was mild last spring.",
+  "{N} wrote a long letter to {N2}.",
+  "{N} sells {objects} at the market.",
 )
 
 
@@ -128,10 +193,21 @@ def _fill(template: str, rng: np.random.Generator) -> str:
   while name2 == name1:
     name2 = _name(rng)
   slots = dict(
-      N=name1, N2=name2, kind=_KINDS[first][0], kinds=_KINDS[first][1],
-      kinds2=_KINDS[second][1], p=p1, p2=p2, v=verb[0], vs=verb[1], vd=verb[2],
-      place=str(rng.choice(_PLACES)), objects=str(rng.choice(_OBJECTS)),
-      num=int(rng.integers(3, 40)), year=int(rng.integers(1820, 2020)))
+    N=name1,
+    N2=name2,
+    kind=_KINDS[first][0],
+    kinds=_KINDS[first][1],
+    kinds2=_KINDS[second][1],
+    p=p1,
+    p2=p2,
+    v=verb[0],
+    vs=verb[1],
+    vd=verb[2],
+    place=str(rng.choice(_PLACES)),
+    objects=str(rng.choice(_OBJECTS)),
+    num=int(rng.integers(3, 40)),
+    year=int(rng.integers(1820, 2020)),
+  )
   return _capitalize_first(template.format(**slots))
 
 
@@ -151,7 +227,8 @@ def generate_document(index: int, config: GeneratedCorpusConfig) -> tuple[str, s
 
 
 def iter_generated_documents(
-    config: GeneratedCorpusConfig, start: int = 0) -> Iterator[tuple[int, str, str]]:
+  config: GeneratedCorpusConfig, start: int = 0
+) -> Iterator[tuple[int, str, str]]:
   """Yields `(index, title, text)` for documents `start, start+1, ...`."""
   for index in range(start, config.num_documents):
     title, text = generate_document(index, config)

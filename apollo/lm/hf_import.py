@@ -37,20 +37,21 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
 from apollo.lm.model import (
-    LOGICAL_AXIS_RULES,
-    Encoder,
-    EncoderConfig,
-    MultipleChoiceModel,
-    PretrainingModel,
-    create_sharded_model,
+  LOGICAL_AXIS_RULES,
+  Encoder,
+  EncoderConfig,
+  MultipleChoiceModel,
+  PretrainingModel,
+  create_sharded_model,
 )
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,7 @@ _BUFFER_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
 # -----------------------------------------------------------------------------
 
 
-def config_from_hf(
-    hf_config: dict | str | os.PathLike, **overrides: Any
-) -> EncoderConfig:
+def config_from_hf(hf_config: dict | str | os.PathLike, **overrides: Any) -> EncoderConfig:
   """Builds an :class:`EncoderConfig` from a HF RoBERTa ``config.json``.
 
   Args:
@@ -98,19 +97,19 @@ def config_from_hf(
   if h.get("model_type", "roberta") != "roberta":
     log.warning("config model_type=%r; loading it as RoBERTa.", h.get("model_type"))
   fields = dict(
-      vocab_size=h["vocab_size"],
-      hidden_size=h["hidden_size"],
-      num_layers=h["num_hidden_layers"],
-      num_heads=h["num_attention_heads"],
-      intermediate_size=h["intermediate_size"],
-      max_position_embeddings=h["max_position_embeddings"],
-      type_vocab_size=h.get("type_vocab_size", 1),
-      layer_norm_eps=h.get("layer_norm_eps", 1e-5),
-      hidden_dropout_rate=h.get("hidden_dropout_prob", 0.1),
-      attention_dropout_rate=h.get("attention_probs_dropout_prob", 0.1),
-      classifier_dropout_rate=h.get("classifier_dropout"),
-      pad_token_id=h.get("pad_token_id", 1),
-      initializer_range=h.get("initializer_range", 0.02),
+    vocab_size=h["vocab_size"],
+    hidden_size=h["hidden_size"],
+    num_layers=h["num_hidden_layers"],
+    num_heads=h["num_attention_heads"],
+    intermediate_size=h["intermediate_size"],
+    max_position_embeddings=h["max_position_embeddings"],
+    type_vocab_size=h.get("type_vocab_size", 1),
+    layer_norm_eps=h.get("layer_norm_eps", 1e-5),
+    hidden_dropout_rate=h.get("hidden_dropout_prob", 0.1),
+    attention_dropout_rate=h.get("attention_probs_dropout_prob", 0.1),
+    classifier_dropout_rate=h.get("classifier_dropout"),
+    pad_token_id=h.get("pad_token_id", 1),
+    initializer_range=h.get("initializer_range", 0.02),
   )
   return EncoderConfig(**{**fields, **overrides})
 
@@ -119,28 +118,28 @@ def config_to_hf(config: EncoderConfig, architecture: str = "RobertaForMaskedLM"
   """The HF ``config.json`` dict describing ``config``."""
   c = config
   return {
-      "architectures": [architecture],
-      "model_type": "roberta",
-      "vocab_size": c.vocab_size,
-      "hidden_size": c.hidden_size,
-      "num_hidden_layers": c.num_layers,
-      "num_attention_heads": c.num_heads,
-      "intermediate_size": c.intermediate_size,
-      "hidden_act": "gelu",
-      "max_position_embeddings": c.max_position_embeddings,
-      "type_vocab_size": c.type_vocab_size,
-      "layer_norm_eps": c.layer_norm_eps,
-      "hidden_dropout_prob": c.hidden_dropout_rate,
-      "attention_probs_dropout_prob": c.attention_dropout_rate,
-      "classifier_dropout": c.classifier_dropout_rate,
-      "initializer_range": c.initializer_range,
-      "position_embedding_type": "absolute",
-      "pad_token_id": c.pad_token_id,
-      "bos_token_id": 0,
-      "eos_token_id": 2,
-      "num_labels": c.num_ecls_labels,
-      "tie_word_embeddings": True,
-      "torch_dtype": "float32",
+    "architectures": [architecture],
+    "model_type": "roberta",
+    "vocab_size": c.vocab_size,
+    "hidden_size": c.hidden_size,
+    "num_hidden_layers": c.num_layers,
+    "num_attention_heads": c.num_heads,
+    "intermediate_size": c.intermediate_size,
+    "hidden_act": "gelu",
+    "max_position_embeddings": c.max_position_embeddings,
+    "type_vocab_size": c.type_vocab_size,
+    "layer_norm_eps": c.layer_norm_eps,
+    "hidden_dropout_prob": c.hidden_dropout_rate,
+    "attention_probs_dropout_prob": c.attention_dropout_rate,
+    "classifier_dropout": c.classifier_dropout_rate,
+    "initializer_range": c.initializer_range,
+    "position_embedding_type": "absolute",
+    "pad_token_id": c.pad_token_id,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "num_labels": c.num_ecls_labels,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
   }
 
 
@@ -160,8 +159,8 @@ def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
     import torch  # Optional: only legacy .bin checkpoints need it.
   except ImportError as e:
     raise ImportError(
-        f"{path} is a PyTorch pickle and torch is not installed. Install torch, or "
-        "convert the checkpoint to model.safetensors."
+      f"{path} is a PyTorch pickle and torch is not installed. Install torch, or "
+      "convert the checkpoint to model.safetensors."
     ) from e
   state = torch.load(path, map_location="cpu", weights_only=True)
   # .float() first: numpy has no bfloat16 in torch's conversion.
@@ -169,7 +168,7 @@ def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
 
 
 def load_hf_state_dict(
-    checkpoint_dir: str | os.PathLike,
+  checkpoint_dir: str | os.PathLike,
 ) -> tuple[dict[str, np.ndarray], str]:
   """Reads all tensors of a local HF checkpoint directory.
 
@@ -184,8 +183,10 @@ def load_hf_state_dict(
   d = Path(checkpoint_dir)
   if (d / SAFETENSORS_NAME).exists():
     return _load_safetensors(d / SAFETENSORS_NAME), str(d / SAFETENSORS_NAME)
-  for index_name, loader in ((SAFETENSORS_INDEX_NAME, _load_safetensors),
-                             (PYTORCH_INDEX_NAME, _load_torch_bin)):
+  for index_name, loader in (
+    (SAFETENSORS_INDEX_NAME, _load_safetensors),
+    (PYTORCH_INDEX_NAME, _load_torch_bin),
+  ):
     if (d / index_name).exists():
       weight_map = json.loads((d / index_name).read_text())["weight_map"]
       tensors: dict[str, np.ndarray] = {}
@@ -195,7 +196,8 @@ def load_hf_state_dict(
   if (d / PYTORCH_NAME).exists():
     return _load_torch_bin(d / PYTORCH_NAME), str(d / PYTORCH_NAME)
   raise FileNotFoundError(
-      f"No {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} or {PYTORCH_NAME} in {d}.")
+    f"No {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} or {PYTORCH_NAME} in {d}."
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -230,7 +232,7 @@ class HFTensor:
   def hf_shape(self) -> tuple[int, ...]:
     shape = tuple(self.param.get_value().shape)
     if self.kind == "kernel":
-      return (int(np.prod(shape[self.num_in:])), int(np.prod(shape[: self.num_in])))
+      return (int(np.prod(shape[self.num_in :])), int(np.prod(shape[: self.num_in])))
     if self.kind == "bias":
       return (int(np.prod(shape)),)
     return shape
@@ -326,8 +328,10 @@ class ImportReport:
   unused: list[str] = dataclasses.field(default_factory=list)
 
   def summary(self) -> str:
-    return (f"{self.source}: loaded {len(self.loaded)} tensors; "
-            f"missing (kept at init) {self.missing}; unused {self.unused}")
+    return (
+      f"{self.source}: loaded {len(self.loaded)} tensors; "
+      f"missing (kept at init) {self.missing}; unused {self.unused}"
+    )
 
 
 def _encoder_prefix(names: set[str]) -> str:
@@ -336,11 +340,11 @@ def _encoder_prefix(names: set[str]) -> str:
 
 
 def import_hf_state_dict(
-    model: nnx.Module,
-    tensors: dict[str, np.ndarray],
-    *,
-    source: str = "<state dict>",
-    strict: bool = False,
+  model: nnx.Module,
+  tensors: dict[str, np.ndarray],
+  *,
+  source: str = "<state dict>",
+  strict: bool = False,
 ) -> ImportReport:
   """Copies HF-named tensors into ``model`` (in place).
 
@@ -369,16 +373,16 @@ def import_hf_state_dict(
   for t in expected:
     if t.hf_name not in tensors:
       if t.required or strict:
-        raise ValueError(
-            f"{source}: tensor {t.hf_name!r} is missing from the checkpoint.")
+        raise ValueError(f"{source}: tensor {t.hf_name!r} is missing from the checkpoint.")
       report.missing.append(t.hf_name)
       continue
     value = np.asarray(tensors[t.hf_name])
     if value.shape != t.hf_shape():
       raise ValueError(
-          f"{source}: tensor {t.hf_name!r} has shape {value.shape}, but the model "
-          f"config expects {t.hf_shape()}. Does the EncoderConfig match the "
-          "checkpoint's config.json?")
+        f"{source}: tensor {t.hf_name!r} has shape {value.shape}, but the model "
+        f"config expects {t.hf_shape()}. Does the EncoderConfig match the "
+        "checkpoint's config.json?"
+      )
     new_values.append((t, t.from_hf(value)))
     report.loaded.append(t.hf_name)
 
@@ -398,7 +402,7 @@ def import_hf_state_dict(
 
 
 def _resolve_tied_lm_head(
-    tensors: dict[str, np.ndarray], source: str
+  tensors: dict[str, np.ndarray], source: str
 ) -> tuple[dict[str, np.ndarray], set[str]]:
   """Accepts the tied copies a HF masked-LM checkpoint may store; refuses untied ones.
 
@@ -413,11 +417,13 @@ def _resolve_tied_lm_head(
   emb_name = _encoder_prefix(set(tensors)) + "embeddings.word_embeddings.weight"
   decoder = tensors.get("lm_head.decoder.weight")
   if decoder is not None and emb_name in tensors:
-    if not np.array_equal(np.asarray(decoder, np.float32),
-                          np.asarray(tensors[emb_name], np.float32)):
+    if not np.array_equal(
+      np.asarray(decoder, np.float32), np.asarray(tensors[emb_name], np.float32)
+    ):
       raise ValueError(
-          f"{source}: lm_head.decoder.weight differs from {emb_name}; this model "
-          "ties the MLM decoder to the word embeddings.")
+        f"{source}: lm_head.decoder.weight differs from {emb_name}; this model "
+        "ties the MLM decoder to the word embeddings."
+      )
     tied.add("lm_head.decoder.weight")
   decoder_bias = tensors.get("lm_head.decoder.bias")
   if decoder_bias is not None:
@@ -425,21 +431,22 @@ def _resolve_tied_lm_head(
     if "lm_head.bias" not in tensors:
       # Some exports keep only the decoder's (tied) copy of the output bias.
       tensors = {**tensors, "lm_head.bias": decoder_bias}
-    elif not np.array_equal(np.asarray(decoder_bias, np.float32),
-                            np.asarray(tensors["lm_head.bias"], np.float32)):
+    elif not np.array_equal(
+      np.asarray(decoder_bias, np.float32), np.asarray(tensors["lm_head.bias"], np.float32)
+    ):
       raise ValueError(f"{source}: lm_head.decoder.bias differs from lm_head.bias.")
   return tensors, tied
 
 
 def from_pretrained(
-    checkpoint_dir: str | os.PathLike,
-    model_cls: Callable[..., nnx.Module] = PretrainingModel,
-    *,
-    seed: int = 0,
-    strict: bool = False,
-    mesh: jax.sharding.Mesh | None = None,
-    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
-    **config_overrides: Any,
+  checkpoint_dir: str | os.PathLike,
+  model_cls: Callable[..., nnx.Module] = PretrainingModel,
+  *,
+  seed: int = 0,
+  strict: bool = False,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+  **config_overrides: Any,
 ) -> tuple[nnx.Module, ImportReport]:
   """Builds ``model_cls`` from a local HF RoBERTa checkpoint directory.
 
@@ -477,9 +484,8 @@ def hf_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   """
   prefix = "" if isinstance(model, Encoder) else "roberta."
   return {
-      t.hf_name: np.ascontiguousarray(
-          t.to_hf(np.asarray(t.param.get_value(), np.float32)))
-      for t in _model_tensors(model, prefix)
+    t.hf_name: np.ascontiguousarray(t.to_hf(np.asarray(t.param.get_value(), np.float32)))
+    for t in _model_tensors(model, prefix)
   }
 
 

@@ -20,19 +20,34 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import dataclasses
 import re
+from collections.abc import Mapping, Sequence
 
 # OUR choice (see the module docstring): group name -> keywords, lower case.
 DEFAULT_KEYWORD_GROUPS: Mapping[str, tuple[str, ...]] = {
-    "conclusion": ("therefore", "thus", "hence", "consequently", "accordingly",
-                   "as a result", "so", "it follows that"),
-    "premise": ("because", "since", "given that", "due to", "owing to",
-                "as indicated by", "in view of"),
-    "conditional": ("if", "unless", "only if", "provided that", "whenever"),
-    "contrast": ("but", "however", "although", "whereas", "nevertheless", "yet"),
-    "negation": ("not", "no", "never", "neither", "nor"),
+  "conclusion": (
+    "therefore",
+    "thus",
+    "hence",
+    "consequently",
+    "accordingly",
+    "as a result",
+    "so",
+    "it follows that",
+  ),
+  "premise": (
+    "because",
+    "since",
+    "given that",
+    "due to",
+    "owing to",
+    "as indicated by",
+    "in view of",
+  ),
+  "conditional": ("if", "unless", "only if", "provided that", "whenever"),
+  "contrast": ("but", "however", "although", "whereas", "nevertheless", "yet"),
+  "negation": ("not", "no", "never", "neither", "nor"),
 }
 
 
@@ -55,23 +70,22 @@ class KeywordMatcher:
 
   def __init__(self, groups: Mapping[str, Sequence[str]] | None = None):
     groups = DEFAULT_KEYWORD_GROUPS if groups is None else groups
-    self.groups = {name: tuple(_canonical(k) for k in kws)
-                   for name, kws in groups.items()}
+    self.groups = {name: tuple(_canonical(k) for k in kws) for name, kws in groups.items()}
     self._group_of: dict[str, str] = {}
     for name, keywords in self.groups.items():
       for keyword in keywords:
         if not keyword:
           raise ValueError(f"Empty keyword in group {name!r}.")
         if keyword in self._group_of and self._group_of[keyword] != name:
-          raise ValueError(f"Keyword {keyword!r} is in two groups: "
-                           f"{self._group_of[keyword]!r} and {name!r}.")
+          raise ValueError(
+            f"Keyword {keyword!r} is in two groups: {self._group_of[keyword]!r} and {name!r}."
+          )
         self._group_of[keyword] = name
     if not self._group_of:
       raise ValueError("The keyword list is empty.")
     # Longest first, so the regex alternation prefers "only if" over "if".
     ordered = sorted(self._group_of, key=lambda k: (-len(k), k))
-    alternatives = "|".join(r"\s+".join(map(re.escape, k.split()))
-                            for k in ordered)
+    alternatives = "|".join(r"\s+".join(map(re.escape, k.split())) for k in ordered)
     # Lookarounds instead of \b: keywords are words, so a match must not touch
     # another word character on either side ("so" must not match "also").
     self._pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
@@ -88,8 +102,7 @@ class KeywordMatcher:
     matches = []
     for m in self._pattern.finditer(text):
       keyword = _canonical(m.group(0))
-      matches.append(KeywordMatch(keyword, self._group_of[keyword],
-                                  m.start(), m.end()))
+      matches.append(KeywordMatch(keyword, self._group_of[keyword], m.start(), m.end()))
     return matches
 
 
@@ -107,8 +120,7 @@ def parse_keyword_groups(spec: str) -> dict[str, tuple[str, ...]]:
     name, sep, keywords = part.partition("=")
     if not sep or not name.strip():
       raise ValueError(f"Bad keyword group {part!r}: expected 'group=kw1,kw2'.")
-    groups[name.strip()] = tuple(
-        k.strip() for k in keywords.split(",") if k.strip())
+    groups[name.strip()] = tuple(k.strip() for k in keywords.split(",") if k.strip())
   if not groups:
     raise ValueError(f"No keyword groups in {spec!r}.")
   return groups

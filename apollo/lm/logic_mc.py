@@ -57,55 +57,70 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-QUESTION_TYPES = ("must_be_true", "cannot_be_true", "sufficient_assumption",
-                  "refutes_conclusion")
+QUESTION_TYPES = ("must_be_true", "cannot_be_true", "sufficient_assumption", "refutes_conclusion")
 SPLITS = ("train", "validation", "test")
 # ReClor's file names, so that `benchmarks.read_reclor` reads our files too.
-RECLOR_FILE_NAMES = {"train": "train.json", "validation": "val.json",
-                     "test": "test.json"}
+RECLOR_FILE_NAMES = {"train": "train.json", "validation": "val.json", "test": "test.json"}
 DEFAULT_SIZES = {"train": 4000, "validation": 500, "test": 500}
 _ID_PREFIX = {"train": "train", "validation": "val", "test": "test"}  # ReClor's
 
 _QUESTIONS = {
-    "must_be_true": (
-        "Which of the following must be true?",
-        "Which one of the following can be properly inferred from the "
-        "statements above?",
-        "If the statements above are true, which of the following must also "
-        "be true?",
-        "Which of the following follows logically from the statements above?",
-    ),
-    "cannot_be_true": (
-        "Which of the following cannot be true?",
-        "If the statements above are true, each of the following could be "
-        "true EXCEPT:",
-        "If the statements above are true, which one of the following must be "
-        "false?",
-    ),
-    "sufficient_assumption": (
-        "The conclusion follows logically if which one of the following is "
-        "assumed?",
-        "Which one of the following, if assumed, allows the conclusion above "
-        "to be properly drawn?",
-    ),
-    "refutes_conclusion": (
-        "Which of the following, if true, most seriously weakens the argument?",
-        "Which of the following, if true, shows that the conclusion above is "
-        "false?",
-    ),
+  "must_be_true": (
+    "Which of the following must be true?",
+    "Which one of the following can be properly inferred from the statements above?",
+    "If the statements above are true, which of the following must also be true?",
+    "Which of the following follows logically from the statements above?",
+  ),
+  "cannot_be_true": (
+    "Which of the following cannot be true?",
+    "If the statements above are true, each of the following could be true EXCEPT:",
+    "If the statements above are true, which one of the following must be false?",
+  ),
+  "sufficient_assumption": (
+    "The conclusion follows logically if which one of the following is assumed?",
+    "Which one of the following, if assumed, allows the conclusion above to be properly drawn?",
+  ),
+  "refutes_conclusion": (
+    "Which of the following, if true, most seriously weakens the argument?",
+    "Which of the following, if true, shows that the conclusion above is false?",
+  ),
 }
-_CONCLUSION_MARKERS = ("Therefore,", "Hence,", "So", "Thus,",
-                       "It follows that")
+_CONCLUSION_MARKERS = ("Therefore,", "Hence,", "So", "Thus,", "It follows that")
 
 # ---------------------------------------------------------------------------
 # Invented words. Onsets are consonants, so "a <kind>" is always right.
 
-_ONSETS = ("b", "br", "d", "dr", "f", "fl", "g", "gl", "gr", "k", "kl", "l",
-           "m", "n", "p", "pl", "pr", "r", "s", "sk", "sl", "sn", "st", "t",
-           "tr", "v", "z")
+_ONSETS = (
+  "b",
+  "br",
+  "d",
+  "dr",
+  "f",
+  "fl",
+  "g",
+  "gl",
+  "gr",
+  "k",
+  "kl",
+  "l",
+  "m",
+  "n",
+  "p",
+  "pl",
+  "pr",
+  "r",
+  "s",
+  "sk",
+  "sl",
+  "sn",
+  "st",
+  "t",
+  "tr",
+  "v",
+  "z",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ee", "oo")
-_CODAS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "nd",
-          "rk", "lt", "sk")
+_CODAS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "nd", "rk", "lt", "sk")
 _ADJECTIVE_SUFFIXES = ("ish", "ic", "ous", "y", "al", "ive", "ant", "ed")
 _NOUN_SUFFIXES = ("", "et", "on", "ar", "ix")
 
@@ -117,10 +132,11 @@ def _syllable(rng: random.Random) -> str:
 @dataclasses.dataclass(frozen=True)
 class _World:
   """The invented vocabulary of one example."""
-  kind: str           # singular noun, e.g. "brelon"
-  kinds: str          # its plural
-  names: tuple[str, ...]   # individuals; names[0] is the one reasoned about
-  props: tuple[str, ...]   # adjectives; index = truth-table variable
+
+  kind: str  # singular noun, e.g. "brelon"
+  kinds: str  # its plural
+  names: tuple[str, ...]  # individuals; names[0] is the one reasoned about
+  props: tuple[str, ...]  # adjectives; index = truth-table variable
 
 
 def _sample_world(rng: random.Random, num_names=3, num_props=7) -> _World:
@@ -135,10 +151,9 @@ def _sample_world(rng: random.Random, num_names=3, num_props=7) -> _World:
   kind = _syllable(rng) + rng.choice(_NOUN_SUFFIXES)
   plural = kind + ("es" if kind.endswith(("s", "x", "sk")) else "s")
   names = distinct(
-      lambda: (rng.choice(_ONSETS) + rng.choice(_VOWELS)).capitalize()
-      + _syllable(rng), num_names)
-  props = distinct(lambda: _syllable(rng) + rng.choice(_ADJECTIVE_SUFFIXES),
-                   num_props)
+    lambda: (rng.choice(_ONSETS) + rng.choice(_VOWELS)).capitalize() + _syllable(rng), num_names
+  )
+  props = distinct(lambda: _syllable(rng) + rng.choice(_ADJECTIVE_SUFFIXES), num_props)
   return _World(kind, plural, names, props)
 
 
@@ -154,8 +169,7 @@ class _TruthTables:
   def __init__(self, num_props: int):
     assignments = range(1 << num_props)
     self.full = (1 << (1 << num_props)) - 1
-    self.atoms = [sum(1 << a for a in assignments if a >> p & 1)
-                  for p in range(num_props)]
+    self.atoms = [sum(1 << a for a in assignments if a >> p & 1) for p in range(num_props)]
 
   def literal(self, lit: Literal) -> int:
     prop, holds = lit
@@ -176,6 +190,7 @@ class _Statement:
   of the kind; `table` is the truth table (over one individual's properties) of
   what the sentence says about its subject.
   """
+
   subject: str | None
   table: int
   text: str
@@ -186,7 +201,7 @@ class _Theory:
 
   def __init__(self, tables: _TruthTables, names, statements=()):
     self.tables = tables
-    self.rules = tables.full                   # what holds of every member
+    self.rules = tables.full  # what holds of every member
     self.facts = {name: tables.full for name in names}
     for statement in statements:
       self._add(statement)
@@ -222,31 +237,38 @@ class _Theory:
 # Sentences. Templates are keyed by the polarities of the two literals.
 
 _RULE_TEMPLATES = {
-    (True, True): ("Every {a} {k} is {b}.", "All {a} {ks} are {b}.",
-                   "If a {k} is {a}, then it is {b}.",
-                   "A {k} is {a} only if it is {b}.",
-                   "Being {a} makes a {k} {b}.",
-                   "Any {k} that is {a} is also {b}."),
-    (True, False): ("No {a} {k} is {b}.",
-                    "If a {k} is {a}, then it is not {b}.",
-                    "Any {k} that is {a} is not {b}.",
-                    "A {k} is {b} only if it is not {a}."),
-    (False, True): ("Every {k} is {a} or {b}.",
-                    "A {k} is {b} unless it is {a}.",
-                    "If a {k} is not {a}, then it is {b}.",
-                    "Any {k} that is not {a} is {b}."),
-    (False, False): ("If a {k} is not {a}, then it is not {b}.",
-                     "Only {a} {ks} are {b}.",
-                     "A {k} is {b} only if it is {a}."),
+  (True, True): (
+    "Every {a} {k} is {b}.",
+    "All {a} {ks} are {b}.",
+    "If a {k} is {a}, then it is {b}.",
+    "A {k} is {a} only if it is {b}.",
+    "Being {a} makes a {k} {b}.",
+    "Any {k} that is {a} is also {b}.",
+  ),
+  (True, False): (
+    "No {a} {k} is {b}.",
+    "If a {k} is {a}, then it is not {b}.",
+    "Any {k} that is {a} is not {b}.",
+    "A {k} is {b} only if it is not {a}.",
+  ),
+  (False, True): (
+    "Every {k} is {a} or {b}.",
+    "A {k} is {b} unless it is {a}.",
+    "If a {k} is not {a}, then it is {b}.",
+    "Any {k} that is not {a} is {b}.",
+  ),
+  (False, False): (
+    "If a {k} is not {a}, then it is not {b}.",
+    "Only {a} {ks} are {b}.",
+    "A {k} is {b} only if it is {a}.",
+  ),
 }
 _CAUSAL_CHAIN = "Being {a} makes a {k} {b}, which in turn makes it {c}."
 _PAIR_FACT_TEMPLATES = {
-    (True, True): ("{n} is both {a} and {b}.",),
-    (True, False): ("{n} is {a}, but it is not {b}.",
-                    "Although {n} is {a}, it is not {b}."),
-    (False, True): ("{n} is not {a}, yet it is {b}.",
-                    "Although {n} is not {a}, it is {b}."),
-    (False, False): ("{n} is neither {a} nor {b}.",),
+  (True, True): ("{n} is both {a} and {b}.",),
+  (True, False): ("{n} is {a}, but it is not {b}.", "Although {n} is {a}, it is not {b}."),
+  (False, True): ("{n} is not {a}, yet it is {b}.", "Although {n} is not {a}, it is {b}."),
+  (False, False): ("{n} is neither {a} nor {b}.",),
 }
 
 
@@ -264,25 +286,26 @@ class _Sentences:
 
   def pair_fact(self, name: str, a: Literal, b: Literal) -> _Statement:
     template = self.rng.choice(_PAIR_FACT_TEMPLATES[a[1], b[1]])
-    text = template.format(n=name, a=self.world.props[a[0]],
-                           b=self.world.props[b[0]])
-    return _Statement(name, self.tables.literal(a) & self.tables.literal(b),
-                      text)
+    text = template.format(n=name, a=self.world.props[a[0]], b=self.world.props[b[0]])
+    return _Statement(name, self.tables.literal(a) & self.tables.literal(b), text)
 
   def rule(self, a: Literal, b: Literal) -> _Statement:
-    """"a -> b" for every member of the kind."""
+    """ "a -> b" for every member of the kind."""
     template = self.rng.choice(_RULE_TEMPLATES[a[1], b[1]])
-    text = template.format(a=self.world.props[a[0]], b=self.world.props[b[0]],
-                           k=self.world.kind, ks=self.world.kinds)
+    text = template.format(
+      a=self.world.props[a[0]], b=self.world.props[b[0]], k=self.world.kind, ks=self.world.kinds
+    )
     return _Statement(None, self.tables.implies(a, b), text)
 
   def causal_chain(self, a: Literal, b: Literal, c: Literal) -> _Statement:
-    """"a -> b -> c" in one sentence (all three literals positive)."""
-    text = _CAUSAL_CHAIN.format(a=self.world.props[a[0]],
-                                b=self.world.props[b[0]],
-                                c=self.world.props[c[0]], k=self.world.kind)
-    return _Statement(None, self.tables.implies(a, b)
-                      & self.tables.implies(b, c), text)
+    """ "a -> b -> c" in one sentence (all three literals positive)."""
+    text = _CAUSAL_CHAIN.format(
+      a=self.world.props[a[0]],
+      b=self.world.props[b[0]],
+      c=self.world.props[c[0]],
+      k=self.world.kind,
+    )
+    return _Statement(None, self.tables.implies(a, b) & self.tables.implies(b, c), text)
 
   def conclusion(self, statement: _Statement) -> str:
     marker = self.rng.choice(_CONCLUSION_MARKERS)
@@ -317,9 +340,13 @@ def _sample_premises(rng, say: _Sentences, chain, gap: int | None):
       i += 1
       continue
     # Two positive links may be told as one causal chain.
-    if (i + 1 != gap and i + 2 < len(chain) and rng.random() < 0.25
-        and all(holds for _, holds in chain[i:i + 3])):
-      premises.append(say.causal_chain(*chain[i:i + 3]))
+    if (
+      i + 1 != gap
+      and i + 2 < len(chain)
+      and rng.random() < 0.25
+      and all(holds for _, holds in chain[i : i + 3])
+    ):
+      premises.append(say.causal_chain(*chain[i : i + 3]))
       i += 2
     else:
       premises.append(say.rule(chain[i], chain[i + 1]))
@@ -331,7 +358,7 @@ def _sample_problem(rng: random.Random, question_type: str) -> _Problem:
   world = _sample_world(rng)
   say = _Sentences(world, rng)
   main, other, third = world.names
-  k = rng.choice((2, 3))                       # links in the reasoning chain
+  k = rng.choice((2, 3))  # links in the reasoning chain
   chain = [(p, rng.random() < 0.7) for p in range(k + 1)]
   side = [(p, rng.random() < 0.5) for p in range(k + 1, len(world.props))]
   first, last = chain[0], chain[-1]
@@ -345,41 +372,56 @@ def _sample_problem(rng: random.Random, question_type: str) -> _Problem:
   # give it the antecedent), `third` lacks the antecedent (denying the
   # antecedent tempts one to deny it the consequent).
   if rng.random() < 0.7:
-    premises.append(say.pair_fact(other, last, side[2]) if rng.random() < 0.4
-                    else say.fact(other, last))
+    premises.append(
+      say.pair_fact(other, last, side[2]) if rng.random() < 0.4 else say.fact(other, last)
+    )
   if rng.random() < 0.6:
     premises.append(say.fact(third, _negated(first)))
   if rng.random() < 0.6:
     premises.append(say.rule(side[0], side[1]))  # an irrelevant rule
 
-  candidates: list[_Statement] = []   # tempting distractors, in no order
+  candidates: list[_Statement] = []  # tempting distractors, in no order
   if question_type in ("must_be_true", "cannot_be_true"):
     modes = ("forward", "backward", "universal")
     if question_type == "cannot_be_true":
       modes = modes[:2]  # a universal's contrary is existential: not expressed
     mode = rng.choice(modes)
-    if mode == "forward":           # modus ponens along the chain
+    if mode == "forward":  # modus ponens along the chain
       premises.append(say.fact(main, first))
       j = rng.randint(2, k)
       follows = chain[j]
-      candidates += [say.fact(other, first), say.fact(third, _negated(follows)),
-                     say.fact(other, follows), say.fact(main, chain[1])]
-    elif mode == "backward":        # modus tollens along the chain
+      candidates += [
+        say.fact(other, first),
+        say.fact(third, _negated(follows)),
+        say.fact(other, follows),
+        say.fact(main, chain[1]),
+      ]
+    elif mode == "backward":  # modus tollens along the chain
       premises.append(say.fact(main, _negated(last)))
       j = rng.randint(0, k - 2)
       follows = _negated(chain[j])
-      candidates += [say.fact(main, first), say.fact(third, _negated(last)),
-                     say.fact(other, chain[j]), say.fact(main, last)]
-    else:                           # hypothetical syllogism
+      candidates += [
+        say.fact(main, first),
+        say.fact(third, _negated(last)),
+        say.fact(other, chain[j]),
+        say.fact(main, last),
+      ]
+    else:  # hypothetical syllogism
       follows = None
       i = rng.randint(0, k - 2)
       j = rng.randint(i + 2, k)
-      target = (say.rule(chain[i], chain[j]) if rng.random() < 0.5 else
-                say.rule(_negated(chain[j]), _negated(chain[i])))
-      candidates += [say.rule(chain[j], chain[i]),
-                     say.rule(_negated(chain[i]), _negated(chain[j])),
-                     say.rule(chain[i], _negated(chain[j])),
-                     say.rule(side[0], chain[j]), say.rule(chain[i], side[1])]
+      target = (
+        say.rule(chain[i], chain[j])
+        if rng.random() < 0.5
+        else say.rule(_negated(chain[j]), _negated(chain[i]))
+      )
+      candidates += [
+        say.rule(chain[j], chain[i]),
+        say.rule(_negated(chain[i]), _negated(chain[j])),
+        say.rule(chain[i], _negated(chain[j])),
+        say.rule(side[0], chain[j]),
+        say.rule(chain[i], side[1]),
+      ]
     if follows is not None:
       # must_be_true: what follows, its negation a distractor; cannot_be_true:
       # the other way round.
@@ -392,37 +434,47 @@ def _sample_problem(rng: random.Random, question_type: str) -> _Problem:
     conclusion = say.fact(main, last)
     a, b = chain[gap], chain[gap + 1]
     # Assuming the conclusion itself (b == last) would be no answer at all.
-    target = (say.fact(main, b) if b != last and rng.random() < 0.3
-              else say.rule(a, b))
-    candidates += [say.rule(b, a), say.rule(_negated(a), _negated(b)),
-                   say.rule(a, _negated(b)), say.rule(side[0], b),
-                   say.fact(other, b), say.fact(main, _negated(b)),
-                   say.fact(main, side[0])]
+    target = say.fact(main, b) if b != last and rng.random() < 0.3 else say.rule(a, b)
+    candidates += [
+      say.rule(b, a),
+      say.rule(_negated(a), _negated(b)),
+      say.rule(a, _negated(b)),
+      say.rule(side[0], b),
+      say.fact(other, b),
+      say.fact(main, _negated(b)),
+      say.fact(main, side[0]),
+    ]
   else:  # refutes_conclusion
     lure = side[-1]
-    if rng.random() < 0.5:          # affirming the consequent
+    if rng.random() < 0.5:  # affirming the consequent
       premises.append(say.fact(main, last))
       conclusion = say.fact(main, first)
       premises.append(say.rule(lure, _negated(first)))
-    else:                           # denying the antecedent
+    else:  # denying the antecedent
       premises.append(say.fact(main, _negated(first)))
       conclusion = say.fact(main, _negated(last))
       premises.append(say.rule(lure, last))
     target = say.fact(main, lure)
-    candidates += [say.fact(main, _negated(lure)), say.fact(other, lure),
-                   say.fact(main, chain[1]), say.fact(main, side[0]),
-                   say.fact(third, lure)]
+    candidates += [
+      say.fact(main, _negated(lure)),
+      say.fact(other, lure),
+      say.fact(main, chain[1]),
+      say.fact(main, side[0]),
+      say.fact(third, lure),
+    ]
 
   # Generic fill: every fact about every individual, so that enough verified
   # distractors exist and the tempting ones do not stand out.
-  generic = [say.fact(name, (p, holds)) for name in world.names
-             for p in range(len(world.props)) for holds in (True, False)]
-  return _assemble(rng, say, question_type, premises, conclusion, target,
-                   candidates, generic)
+  generic = [
+    say.fact(name, (p, holds))
+    for name in world.names
+    for p in range(len(world.props))
+    for holds in (True, False)
+  ]
+  return _assemble(rng, say, question_type, premises, conclusion, target, candidates, generic)
 
 
-def _decided_by_one_premise(statement: _Statement, premises,
-                            tables: _TruthTables) -> bool:
+def _decided_by_one_premise(statement: _Statement, premises, tables: _TruthTables) -> bool:
   """Whether a single premise already settles `statement` (a give-away)."""
   for premise in premises:
     if premise.subject is None or premise.subject == statement.subject:
@@ -433,8 +485,9 @@ def _decided_by_one_premise(statement: _Statement, premises,
   return False
 
 
-def _assemble(rng, say, question_type, premises, conclusion, target,
-              candidates, generic) -> _Problem:
+def _assemble(
+  rng, say, question_type, premises, conclusion, target, candidates, generic
+) -> _Problem:
   names = say.world.names
   theory = _Theory(say.tables, names, premises)
   if not theory.consistent():
@@ -473,8 +526,13 @@ def _assemble(rng, say, question_type, premises, conclusion, target,
     kept = []
     for s in pool:
       words = {w.strip(".,") for w in s.text.split()}
-      if ((s.subject, s.table) not in seen and s.text not in premise_texts
-          and not words & unmentioned and not is_answer(s) and is_fair(s)):
+      if (
+        (s.subject, s.table) not in seen
+        and s.text not in premise_texts
+        and not words & unmentioned
+        and not is_answer(s)
+        and is_fair(s)
+      ):
         seen.add((s.subject, s.table))
         kept.append(s)
     return kept
@@ -502,8 +560,7 @@ def _assemble(rng, say, question_type, premises, conclusion, target,
   if conclusion is not None:
     context.append(say.conclusion(conclusion))
   question = rng.choice(_QUESTIONS[question_type])
-  return _Problem(" ".join(context), question, target.text,
-                  [d.text for d in distractors])
+  return _Problem(" ".join(context), question, target.text, [d.text for d in distractors])
 
 
 def _is_central(options: list[str]) -> bool:
@@ -520,6 +577,7 @@ def _pick_distractors(rng, say, target, tempting, filler):
   be rewarded, so the answer's own negation is offered only as often as some
   pair of mutually contradictory distractors is.
   """
+
   def complement(a, b):
     return a.subject == b.subject and a.table == say.tables.negate(b.table)
 
@@ -554,8 +612,9 @@ def _split_of(context: str) -> str:
   return SPLITS[digest[0] % len(SPLITS)]
 
 
-def generate_split(split: str, num_examples: int, *, seed: int = 0,
-                   question_types=QUESTION_TYPES) -> list[dict[str, Any]]:
+def generate_split(
+  split: str, num_examples: int, *, seed: int = 0, question_types=QUESTION_TYPES
+) -> list[dict[str, Any]]:
   """Generates one split of the benchmark.
 
   Examples are reader-shaped dicts (`id`, `context`, `question`, `options`,
@@ -590,8 +649,7 @@ def generate_split(split: str, num_examples: int, *, seed: int = 0,
         problem = _sample_problem(rng, question_type)
       except _Rejected:
         continue
-      if (_split_of(problem.context) == split
-          and problem.context not in contexts):
+      if _split_of(problem.context) == split and problem.context not in contexts:
         break
     contexts.add(problem.context)
     if not labels:  # a fresh permutation of the positions every 4 examples
@@ -600,28 +658,30 @@ def generate_split(split: str, num_examples: int, *, seed: int = 0,
     options = list(problem.distractors)
     rng.shuffle(options)
     options.insert(label, problem.answer)
-    examples.append({
+    examples.append(
+      {
         "id": f"{_ID_PREFIX[split]}_{len(examples)}",
         "context": problem.context,
         "question": problem.question,
         "options": options,
         "label": label,
         "question_type": question_type,
-    })
+      }
+    )
   return examples
 
 
-def generate_splits(sizes: Mapping[str, int] | None = None, *,
-                    seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+def generate_splits(
+  sizes: Mapping[str, int] | None = None, *, seed: int = 0
+) -> dict[str, list[dict[str, Any]]]:
   """`generate_split` for each split in `sizes` (default `DEFAULT_SIZES`)."""
   sizes = DEFAULT_SIZES if sizes is None else sizes
-  return {split: generate_split(split, n, seed=seed)
-          for split, n in sizes.items()}
+  return {split: generate_split(split, n, seed=seed) for split, n in sizes.items()}
 
 
-def write_reclor_format(directory: str | os.PathLike[str],
-                        sizes: Mapping[str, int] | None = None, *,
-                        seed: int = 0) -> dict[str, str]:
+def write_reclor_format(
+  directory: str | os.PathLike[str], sizes: Mapping[str, int] | None = None, *, seed: int = 0
+) -> dict[str, str]:
   """Writes the splits as ReClor files (train.json, val.json, test.json).
 
   Records are `{context, question, answers, label, id_string, question_type}`;
@@ -639,10 +699,17 @@ def write_reclor_format(directory: str | os.PathLike[str],
   os.makedirs(directory, exist_ok=True)
   paths = {}
   for split, examples in generate_splits(sizes, seed=seed).items():
-    records = [{"context": e["context"], "question": e["question"],
-                "answers": e["options"], "label": e["label"],
-                "id_string": e["id"], "question_type": e["question_type"]}
-               for e in examples]
+    records = [
+      {
+        "context": e["context"],
+        "question": e["question"],
+        "answers": e["options"],
+        "label": e["label"],
+        "id_string": e["id"],
+        "question_type": e["question_type"],
+      }
+      for e in examples
+    ]
     paths[split] = os.path.join(directory, RECLOR_FILE_NAMES[split])
     with open(paths[split], "w", encoding="utf-8") as f:
       json.dump(records, f, indent=1, ensure_ascii=False)

@@ -22,8 +22,8 @@ example so the trainer can count it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -56,9 +56,12 @@ class MaskedTokens:
   too_few_candidates: bool  # The candidates hold fewer than `budget` tokens.
 
 
-def candidate_words(words: Sequence[tagging.Word], tags: Sequence[str],
-                    keyword_matches: Sequence[keywords_lib.KeywordMatch],
-                    config: MaskingConfig) -> list[int]:
+def candidate_words(
+  words: Sequence[tagging.Word],
+  tags: Sequence[str],
+  keyword_matches: Sequence[keywords_lib.KeywordMatch],
+  config: MaskingConfig,
+) -> list[int]:
   """Indices of the words that may be masked: POS-selected or keyword words."""
   chosen = set()
   for i, tag in enumerate(tags):
@@ -72,8 +75,9 @@ def candidate_words(words: Sequence[tagging.Word], tags: Sequence[str],
   return sorted(chosen)
 
 
-def tokens_to_words(token_offsets: Sequence[tuple[int, int]],
-                    words: Sequence[tagging.Word]) -> np.ndarray:
+def tokens_to_words(
+  token_offsets: Sequence[tuple[int, int]], words: Sequence[tagging.Word]
+) -> np.ndarray:
   """For each token, the index of the word it overlaps most (-1: none).
 
   Byte-level BPE and our word split disagree at the edges ("doesn" + "'t" vs
@@ -98,9 +102,15 @@ def tokens_to_words(token_offsets: Sequence[tuple[int, int]],
 
 
 def mask_selected_words(
-    token_ids: np.ndarray, token_words: np.ndarray,
-    candidates: Sequence[int], rng: np.random.Generator, config: MaskingConfig,
-    mask_id: int, vocab_size: int, special_ids: Sequence[int]) -> MaskedTokens:
+  token_ids: np.ndarray,
+  token_words: np.ndarray,
+  candidates: Sequence[int],
+  rng: np.random.Generator,
+  config: MaskingConfig,
+  mask_id: int,
+  vocab_size: int,
+  special_ids: Sequence[int],
+) -> MaskedTokens:
   """Applies S-MLM to one sentence's tokens (no special tokens in `token_ids`).
 
   Args:
@@ -153,14 +163,14 @@ def mask_selected_words(
     if u < config.mask_token_prob:
       input_ids[positions] = mask_id
     elif u < config.mask_token_prob + config.random_token_prob:
-      input_ids[positions] = _random_tokens(rng, len(positions), vocab_size,
-                                            special_ids)
+      input_ids[positions] = _random_tokens(rng, len(positions), vocab_size, special_ids)
   too_few = sum(len(tokens_of_word[w]) for w in words) < budget
   return MaskedTokens(input_ids, labels, budget, too_few)
 
 
-def _random_tokens(rng: np.random.Generator, n: int, vocab_size: int,
-                   special_ids: Sequence[int]) -> np.ndarray:
+def _random_tokens(
+  rng: np.random.Generator, n: int, vocab_size: int, special_ids: Sequence[int]
+) -> np.ndarray:
   """`n` ids drawn uniformly from the vocabulary minus the special tokens."""
   special = np.asarray(special_ids)
   ids = rng.integers(0, vocab_size, size=n)

@@ -36,7 +36,8 @@ function of (params, batch, key).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,12 +52,12 @@ from apollo.common.mesh import logical_init, named_shardings  # noqa: F401  (re-
 # 'tensor' (Megatron-style tensor parallelism). The head dimension ('kv') and the
 # position table are small and stay replicated.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("position", None),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("position", None),
 )
 
 
@@ -94,8 +95,7 @@ class EncoderConfig:
     object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
     if self.hidden_size % self.num_heads:
       raise ValueError(
-          f"hidden_size={self.hidden_size} is not divisible by "
-          f"num_heads={self.num_heads}."
+        f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}."
       )
 
   @property
@@ -109,26 +109,42 @@ class EncoderConfig:
 
 
 _PRESETS: dict[str, dict[str, Any]] = {
-    # For unit tests and CPU quickstarts.
-    "tiny": dict(
-        vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
-        intermediate_size=128, max_position_embeddings=130,
-    ),
-    # A few-minute CPU/GPU scale model that still has a real vocabulary.
-    "small": dict(
-        vocab_size=50265, hidden_size=256, num_layers=4, num_heads=4,
-        intermediate_size=1024, max_position_embeddings=514,
-    ),
-    # roberta-base.
-    "base": dict(
-        vocab_size=50265, hidden_size=768, num_layers=12, num_heads=12,
-        intermediate_size=3072, max_position_embeddings=514,
-    ),
-    # roberta-large (the APOLLO paper's backbone).
-    "large": dict(
-        vocab_size=50265, hidden_size=1024, num_layers=24, num_heads=16,
-        intermediate_size=4096, max_position_embeddings=514,
-    ),
+  # For unit tests and CPU quickstarts.
+  "tiny": dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=130,
+  ),
+  # A few-minute CPU/GPU scale model that still has a real vocabulary.
+  "small": dict(
+    vocab_size=50265,
+    hidden_size=256,
+    num_layers=4,
+    num_heads=4,
+    intermediate_size=1024,
+    max_position_embeddings=514,
+  ),
+  # roberta-base.
+  "base": dict(
+    vocab_size=50265,
+    hidden_size=768,
+    num_layers=12,
+    num_heads=12,
+    intermediate_size=3072,
+    max_position_embeddings=514,
+  ),
+  # roberta-large (the APOLLO paper's backbone).
+  "large": dict(
+    vocab_size=50265,
+    hidden_size=1024,
+    num_layers=24,
+    num_heads=16,
+    intermediate_size=4096,
+    max_position_embeddings=514,
+  ),
 }
 
 PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)
@@ -149,13 +165,18 @@ def get_config(name: str, **overrides: Any) -> EncoderConfig:
 # -----------------------------------------------------------------------------
 
 
-def logical_partition_specs(state: Any, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+def logical_partition_specs(
+  state: Any, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES
+) -> Any:
   """`apollo.common.mesh.logical_partition_specs` with the encoder's rules by default."""
   return mesh_lib.logical_partition_specs(state, rules)
 
 
-def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: jax.sharding.Mesh | None,
-                         rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> nnx.Module:
+def create_sharded_model(
+  make_model: Callable[[], nnx.Module],
+  mesh: jax.sharding.Mesh | None,
+  rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+) -> nnx.Module:
   """`apollo.common.mesh.create_sharded_model` with the encoder's rules by default."""
   return mesh_lib.create_sharded_model(make_model, mesh, rules)
 
@@ -193,14 +214,17 @@ class Embeddings(nnx.Module):
     init = nnx.initializers.normal(c.initializer_range)
     common = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
     self.word_embeddings = nnx.Embed(
-        c.vocab_size, c.hidden_size,
-        embedding_init=logical_init(init, ("vocab", "embed")), **common)
+      c.vocab_size, c.hidden_size, embedding_init=logical_init(init, ("vocab", "embed")), **common
+    )
     self.position_embeddings = nnx.Embed(
-        c.max_position_embeddings, c.hidden_size,
-        embedding_init=logical_init(init, ("position", "embed")), **common)
+      c.max_position_embeddings,
+      c.hidden_size,
+      embedding_init=logical_init(init, ("position", "embed")),
+      **common,
+    )
     self.token_type_embeddings = nnx.Embed(
-        c.type_vocab_size, c.hidden_size,
-        embedding_init=logical_init(init, (None, "embed")), **common)
+      c.type_vocab_size, c.hidden_size, embedding_init=logical_init(init, (None, "embed")), **common
+    )
     self.layer_norm = _layer_norm(c, rngs)
     self.dropout = nnx.Dropout(c.hidden_dropout_rate)
 
@@ -210,9 +234,9 @@ class Embeddings(nnx.Module):
       token_type_ids = jnp.zeros_like(input_ids)
     position_ids = roberta_position_ids(input_ids, c.pad_token_id)
     x = (
-        self.word_embeddings(input_ids)
-        + self.token_type_embeddings(token_type_ids)
-        + self.position_embeddings(position_ids)
+      self.word_embeddings(input_ids)
+      + self.token_type_embeddings(token_type_ids)
+      + self.position_embeddings(position_ids)
     )
     x = self.layer_norm(x)
     return self.dropout(x, deterministic=deterministic, rngs=rngs)
@@ -222,19 +246,23 @@ def _layer_norm(c: EncoderConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
   # Vectors of width 'embed' are replicated: sharding them saves nothing and would
   # cost a gather per use. Exact (two-pass) variance to match PyTorch's LayerNorm.
   return nnx.LayerNorm(
-      c.hidden_size, epsilon=c.layer_norm_eps, use_fast_variance=False,
-      dtype=c.dtype, param_dtype=c.param_dtype,
-      scale_init=logical_init(nnx.initializers.ones_init(), (None,)),
-      bias_init=logical_init(nnx.initializers.zeros_init(), (None,)),
-      rngs=rngs)
+    c.hidden_size,
+    epsilon=c.layer_norm_eps,
+    use_fast_variance=False,
+    dtype=c.dtype,
+    param_dtype=c.param_dtype,
+    scale_init=logical_init(nnx.initializers.ones_init(), (None,)),
+    bias_init=logical_init(nnx.initializers.zeros_init(), (None,)),
+    rngs=rngs,
+  )
 
 
 def _dense(
-    c: EncoderConfig,
-    in_features: int,
-    out_features: int,
-    axes: tuple[str | None, str | None],
-    rngs: nnx.Rngs,
+  c: EncoderConfig,
+  in_features: int,
+  out_features: int,
+  axes: tuple[str | None, str | None],
+  rngs: nnx.Rngs,
 ) -> nnx.Linear:
   """A Linear layer with HF's init and logical names ``axes`` for its kernel.
 
@@ -243,10 +271,14 @@ def _dense(
   """
   bias_axis = None if axes[1] == "embed" else axes[1]
   return nnx.Linear(
-      in_features, out_features, dtype=c.dtype, param_dtype=c.param_dtype,
-      kernel_init=logical_init(nnx.initializers.normal(c.initializer_range), axes),
-      bias_init=logical_init(nnx.initializers.zeros_init(), (bias_axis,)),
-      rngs=rngs)
+    in_features,
+    out_features,
+    dtype=c.dtype,
+    param_dtype=c.param_dtype,
+    kernel_init=logical_init(nnx.initializers.normal(c.initializer_range), axes),
+    bias_init=logical_init(nnx.initializers.zeros_init(), (bias_axis,)),
+    rngs=rngs,
+  )
 
 
 class SelfAttention(nnx.Module):
@@ -264,20 +296,28 @@ class SelfAttention(nnx.Module):
 
     def projection():
       return nnx.LinearGeneral(
-          c.hidden_size, heads, dtype=c.dtype, param_dtype=c.param_dtype,
-          kernel_init=logical_init(init, ("embed", "heads", "kv")),
-          bias_init=logical_init(nnx.initializers.zeros_init(), ("heads", "kv")),
-          rngs=rngs)
+        c.hidden_size,
+        heads,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+        kernel_init=logical_init(init, ("embed", "heads", "kv")),
+        bias_init=logical_init(nnx.initializers.zeros_init(), ("heads", "kv")),
+        rngs=rngs,
+      )
 
     self.query = projection()
     self.key = projection()
     self.value = projection()
     self.output = nnx.LinearGeneral(
-        heads, c.hidden_size, axis=(-2, -1), dtype=c.dtype,
-        param_dtype=c.param_dtype,
-        kernel_init=logical_init(init, ("heads", "kv", "embed")),
-        bias_init=logical_init(nnx.initializers.zeros_init(), (None,)),
-        rngs=rngs)
+      heads,
+      c.hidden_size,
+      axis=(-2, -1),
+      dtype=c.dtype,
+      param_dtype=c.param_dtype,
+      kernel_init=logical_init(init, ("heads", "kv", "embed")),
+      bias_init=logical_init(nnx.initializers.zeros_init(), (None,)),
+      rngs=rngs,
+    )
     self.dropout = nnx.Dropout(c.attention_dropout_rate)
 
   def __call__(self, x, mask, *, deterministic=True, rngs=None):
@@ -304,10 +344,8 @@ class TransformerLayer(nnx.Module):
     c = config
     self.attention = SelfAttention(c, rngs=rngs)
     self.attention_layer_norm = _layer_norm(c, rngs)
-    self.intermediate = _dense(c, c.hidden_size, c.intermediate_size,
-                               ("embed", "mlp"), rngs)
-    self.output = _dense(c, c.intermediate_size, c.hidden_size, ("mlp", "embed"),
-                         rngs)
+    self.intermediate = _dense(c, c.hidden_size, c.intermediate_size, ("embed", "mlp"), rngs)
+    self.output = _dense(c, c.intermediate_size, c.hidden_size, ("mlp", "embed"), rngs)
     self.output_layer_norm = _layer_norm(c, rngs)
     self.dropout = nnx.Dropout(c.hidden_dropout_rate)
 
@@ -341,22 +379,20 @@ class Encoder(nnx.Module):
       ``RobertaForMaskedLM``, which has no pooler).
   """
 
-  def __init__(self, config: EncoderConfig, *, add_pooler: bool = True,
-               rngs: nnx.Rngs):
+  def __init__(self, config: EncoderConfig, *, add_pooler: bool = True, rngs: nnx.Rngs):
     self.config = config
     self.embeddings = Embeddings(config, rngs=rngs)
-    self.layers = nnx.List(
-        [TransformerLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.layers = nnx.List([TransformerLayer(config, rngs=rngs) for _ in range(config.num_layers)])
     self.pooler = Pooler(config, rngs=rngs) if add_pooler else None
 
   def __call__(
-      self,
-      input_ids: jax.Array,
-      attention_mask: jax.Array | None = None,
-      token_type_ids: jax.Array | None = None,
-      *,
-      deterministic: bool = True,
-      rngs: nnx.Rngs | jax.Array | None = None,
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    token_type_ids: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | jax.Array | None = None,
   ) -> jax.Array:
     """Encodes a batch of token ids.
 
@@ -375,13 +411,13 @@ class Encoder(nnx.Module):
     rngs = _dropout_rngs(rngs)
     if input_ids.shape[-1] > c.max_sequence_length:
       raise ValueError(
-          f"Sequence length {input_ids.shape[-1]} exceeds the position table "
-          f"({c.max_sequence_length} tokens).")
+        f"Sequence length {input_ids.shape[-1]} exceeds the position table "
+        f"({c.max_sequence_length} tokens)."
+      )
     if attention_mask is None:
       attention_mask = input_ids != c.pad_token_id
     mask = attention_mask.astype(bool)[:, None, None, :]
-    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic,
-                        rngs=rngs)
+    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
     for layer in self.layers:
       x = layer(x, mask, deterministic=deterministic, rngs=rngs)
     return x
@@ -404,8 +440,10 @@ class MLMHead(nnx.Module):
     self.dense = _dense(c, c.hidden_size, c.hidden_size, ("embed", "mlp"), rngs)
     self.layer_norm = _layer_norm(c, rngs)
     self.bias = nnx.Param(
-        logical_init(nnx.initializers.zeros_init(), ("vocab",))(
-            rngs.params(), (c.vocab_size,), c.param_dtype))
+      logical_init(nnx.initializers.zeros_init(), ("vocab",))(
+        rngs.params(), (c.vocab_size,), c.param_dtype
+      )
+    )
 
   def __call__(self, hidden_states, word_embeddings: nnx.Embed):
     x = jax.nn.gelu(self.dense(hidden_states), approximate=False)
@@ -419,8 +457,7 @@ class ClassificationHead(nnx.Module):
 
   def __init__(self, config: EncoderConfig, num_labels: int, *, rngs: nnx.Rngs):
     c = config
-    rate = (c.hidden_dropout_rate if c.classifier_dropout_rate is None
-            else c.classifier_dropout_rate)
+    rate = c.hidden_dropout_rate if c.classifier_dropout_rate is None else c.classifier_dropout_rate
     self.dense = _dense(c, c.hidden_size, c.hidden_size, ("embed", "mlp"), rngs)
     self.out_proj = _dense(c, c.hidden_size, num_labels, ("mlp", None), rngs)
     self.dropout = nnx.Dropout(rate)
@@ -454,14 +491,14 @@ class PretrainingModel(nnx.Module):
     self.ecls_head = ClassificationHead(config, config.num_ecls_labels, rngs=rngs)
 
   def __call__(
-      self,
-      input_ids: jax.Array,
-      attention_mask: jax.Array | None = None,
-      token_type_ids: jax.Array | None = None,
-      *,
-      mlm_positions: jax.Array | None = None,
-      deterministic: bool = True,
-      rngs: nnx.Rngs | jax.Array | None = None,
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    token_type_ids: jax.Array | None = None,
+    *,
+    mlm_positions: jax.Array | None = None,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | jax.Array | None = None,
   ) -> PretrainingOutput:
     """Runs the encoder once and both heads.
 
@@ -476,8 +513,9 @@ class PretrainingModel(nnx.Module):
       :class:`PretrainingOutput` (mlm_logits, ecls_logits), float in compute dtype.
     """
     rngs = _dropout_rngs(rngs)
-    hidden = self.encoder(input_ids, attention_mask, token_type_ids,
-                          deterministic=deterministic, rngs=rngs)
+    hidden = self.encoder(
+      input_ids, attention_mask, token_type_ids, deterministic=deterministic, rngs=rngs
+    )
     mlm_hidden = hidden
     if mlm_positions is not None:
       mlm_hidden = jnp.take_along_axis(hidden, mlm_positions[..., None], axis=1)
@@ -501,13 +539,13 @@ class MultipleChoiceModel(nnx.Module):
     self.scorer = _dense(c, c.hidden_size, 1, ("mlp", None), rngs)
 
   def __call__(
-      self,
-      input_ids: jax.Array,
-      attention_mask: jax.Array | None = None,
-      token_type_ids: jax.Array | None = None,
-      *,
-      deterministic: bool = True,
-      rngs: nnx.Rngs | jax.Array | None = None,
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    token_type_ids: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | jax.Array | None = None,
   ) -> jax.Array:
     """Scores each choice.
 
@@ -522,9 +560,13 @@ class MultipleChoiceModel(nnx.Module):
     rngs = _dropout_rngs(rngs)
     batch, num_choices, length = input_ids.shape
     flat = lambda a: None if a is None else a.reshape(batch * num_choices, length)
-    hidden = self.encoder(flat(input_ids), flat(attention_mask),
-                          flat(token_type_ids), deterministic=deterministic,
-                          rngs=rngs)
+    hidden = self.encoder(
+      flat(input_ids),
+      flat(attention_mask),
+      flat(token_type_ids),
+      deterministic=deterministic,
+      rngs=rngs,
+    )
     pooled = self.encoder.pooler(hidden)
     pooled = self.dropout(pooled, deterministic=deterministic, rngs=rngs)
     return self.scorer(pooled).reshape(batch, num_choices)

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,24 +55,40 @@ from flax import nnx
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import mesh as mesh_lib
 from apollo.common import metrics as metrics_lib
-from apollo.lm import contradiction
-from apollo.lm import generated_corpus
-from apollo.lm import hf_import
-from apollo.lm import model as model_lib
-from apollo.lm import pretrain_data
-from apollo.lm import selection
-from apollo.lm import tagging
-from apollo.lm import text_sources
 from apollo.common import training as train_lib
+from apollo.lm import (
+  contradiction,
+  generated_corpus,
+  hf_import,
+  pretrain_data,
+  selection,
+  tagging,
+  text_sources,
+)
+from apollo.lm import model as model_lib
 from apollo.lm import tokenizer as tokenizer_lib
 
 # Model fields that decide parameter shapes: a workdir may only be resumed with these.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads",
-                "intermediate_size", "max_position_embeddings", "type_vocab_size",
-                "num_ecls_labels")
+SHAPE_FIELDS = (
+  "vocab_size",
+  "hidden_size",
+  "num_layers",
+  "num_heads",
+  "intermediate_size",
+  "max_position_embeddings",
+  "type_vocab_size",
+  "num_ecls_labels",
+)
 # Keys the device needs; the rest of a batch stays on the host.
-_DEVICE_KEYS = ("input_ids", "attention_mask", "mlm_labels", "mlm_weights",
-                "ecls_label", "ecls_perturbation", "example_mask")
+_DEVICE_KEYS = (
+  "input_ids",
+  "attention_mask",
+  "mlm_labels",
+  "mlm_weights",
+  "ecls_label",
+  "ecls_perturbation",
+  "example_mask",
+)
 _VOCAB_MULTIPLE = 128  # A trained tokenizer's vocabulary is padded up to this.
 
 
@@ -89,9 +106,14 @@ build_optimizer = train_lib.build_optimizer
 # -----------------------------------------------------------------------------
 
 
-def objective_sums(model: model_lib.PretrainingModel, batch: Mapping[str, jax.Array],
-                   max_predictions: int, *, deterministic: bool = True,
-                   rngs: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+def objective_sums(
+  model: model_lib.PretrainingModel,
+  batch: Mapping[str, jax.Array],
+  max_predictions: int,
+  *,
+  deterministic: bool = True,
+  rngs: jax.Array | None = None,
+) -> dict[str, jax.Array]:
   """Runs the model once; returns sums and counts of both objectives (float32).
 
   S-MLM logits are computed at `max_predictions` positions per row: the target
@@ -104,8 +126,13 @@ def objective_sums(model: model_lib.PretrainingModel, batch: Mapping[str, jax.Ar
   # Targets score in (1, 2], the rest in (-1, 0]; earlier positions first.
   score = 2.0 * weights - jnp.arange(length, dtype=jnp.float32) / length
   _, positions = jax.lax.top_k(score, num)
-  out = model(batch["input_ids"], batch["attention_mask"], mlm_positions=positions,
-              deterministic=deterministic, rngs=rngs)
+  out = model(
+    batch["input_ids"],
+    batch["attention_mask"],
+    mlm_positions=positions,
+    deterministic=deterministic,
+    rngs=rngs,
+  )
 
   labels = jnp.take_along_axis(batch["mlm_labels"], positions, axis=1)
   mlm_w = jnp.take_along_axis(weights, positions, axis=1)
@@ -121,12 +148,16 @@ def objective_sums(model: model_lib.PretrainingModel, batch: Mapping[str, jax.Ar
   kinds = jax.nn.one_hot(batch["ecls_perturbation"], len(contradiction.PERTURBATION_IDS))
   kinds = kinds * example_w[:, None]
   return dict(
-      mlm_loss_sum=jnp.sum(mlm_nll * mlm_w), mlm_correct=jnp.sum(mlm_hit * mlm_w),
-      mlm_count=jnp.sum(mlm_w), mlm_dropped_targets=jnp.sum(weights) - jnp.sum(mlm_w),
-      ecls_loss_sum=jnp.sum(ecls_nll * example_w), ecls_correct=jnp.sum(ecls_hit * example_w),
-      ecls_count=jnp.sum(example_w),
-      ecls_correct_by_kind=jnp.sum(kinds * ecls_hit[:, None], axis=0),
-      ecls_count_by_kind=jnp.sum(kinds, axis=0))
+    mlm_loss_sum=jnp.sum(mlm_nll * mlm_w),
+    mlm_correct=jnp.sum(mlm_hit * mlm_w),
+    mlm_count=jnp.sum(mlm_w),
+    mlm_dropped_targets=jnp.sum(weights) - jnp.sum(mlm_w),
+    ecls_loss_sum=jnp.sum(ecls_nll * example_w),
+    ecls_correct=jnp.sum(ecls_hit * example_w),
+    ecls_count=jnp.sum(example_w),
+    ecls_correct_by_kind=jnp.sum(kinds * ecls_hit[:, None], axis=0),
+    ecls_count_by_kind=jnp.sum(kinds, axis=0),
+  )
 
 
 def total_loss(sums: Mapping[str, jax.Array], ecls_weight: float) -> jax.Array:
@@ -136,10 +167,16 @@ def total_loss(sums: Mapping[str, jax.Array], ecls_weight: float) -> jax.Array:
   return mlm + ecls_weight * ecls
 
 
-def train_step(state: dict[str, Any], batch: Mapping[str, jax.Array], *,
-               graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-               lr_schedule: optax.Schedule, ecls_weight: float, max_predictions: int
-               ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+def train_step(
+  state: dict[str, Any],
+  batch: Mapping[str, jax.Array],
+  *,
+  graphdef: nnx.GraphDef,
+  optimizer: optax.GradientTransformation,
+  lr_schedule: optax.Schedule,
+  ecls_weight: float,
+  max_predictions: int,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One update. A pure function of (state, batch); dropout key = fold_in(rng, step).
 
   Args:
@@ -157,15 +194,15 @@ def train_step(state: dict[str, Any], batch: Mapping[str, jax.Array], *,
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params)
-    sums = objective_sums(model, batch, max_predictions, deterministic=False,
-                          rngs=dropout_key)
+    sums = objective_sums(model, batch, max_predictions, deterministic=False, rngs=dropout_key)
     return total_loss(sums, ecls_weight), sums
 
   return train_lib.gradient_step(state, loss_fn, optimizer, lr_schedule)
 
 
-def eval_step(params: Any, batch: Mapping[str, jax.Array], *, graphdef: nnx.GraphDef,
-              max_predictions: int) -> dict[str, jax.Array]:
+def eval_step(
+  params: Any, batch: Mapping[str, jax.Array], *, graphdef: nnx.GraphDef, max_predictions: int
+) -> dict[str, jax.Array]:
   """Objective sums and counts on one held-out batch (no dropout)."""
   return objective_sums(nnx.merge(graphdef, params), batch, max_predictions)
 
@@ -233,23 +270,33 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
   """
   d = config.data
   if d.tagger not in tagging.TAGGERS:
-    raise ValueError(f"Unknown --config.data.tagger={d.tagger!r}; expected one of "
-                     f"{tagging.TAGGERS}.")
+    raise ValueError(
+      f"Unknown --config.data.tagger={d.tagger!r}; expected one of {tagging.TAGGERS}."
+    )
   if d.shard_dir:
     shard_dir = d.shard_dir
     if not selection.list_shards(shard_dir):
       raise FileNotFoundError(
-          f"--config.data.shard_dir={shard_dir} holds no sentences*.array_record shards; "
-          f"prepare it with `python -m experiments.select_sentences --out_dir={shard_dir}`.")
+        f"--config.data.shard_dir={shard_dir} holds no sentences*.array_record shards; "
+        f"prepare it with `python -m experiments.select_sentences --out_dir={shard_dir}`."
+      )
   else:
     shard_dir = os.path.join(workdir, "data", "sentences")
     if _is_main():
-      source = text_sources.GeneratedSource(generated_corpus.GeneratedCorpusConfig(
-          num_documents=d.generated_documents, seed=d.generated_seed))
+      source = text_sources.GeneratedSource(
+        generated_corpus.GeneratedCorpusConfig(
+          num_documents=d.generated_documents, seed=d.generated_seed
+        )
+      )
       counts = selection.run_selection(
-          source, shard_dir, selection.SelectionConfig(num_workers=d.selection_workers))
-      logging.info("Generated corpus: %d documents, %d logic sentences in %s.",
-                   counts.documents_read, counts.sentences_kept, shard_dir)
+        source, shard_dir, selection.SelectionConfig(num_workers=d.selection_workers)
+      )
+      logging.info(
+        "Generated corpus: %d documents, %d logic sentences in %s.",
+        counts.documents_read,
+        counts.sentences_kept,
+        shard_dir,
+      )
     _sync("apollo_pretrain_selection")
 
   tokenizer_path = d.tokenizer_path or config.init_from_hf
@@ -266,8 +313,10 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
       # Train into a temporary directory and rename: a crash never leaves half a tokenizer.
       tmp = tokenizer_dir + ".tmp"
       tokenizer_lib.train_bpe_tokenizer(
-          (r["text"] for r in selection.iter_records(shard_dir)), tmp,
-          vocab_size=d.tokenizer_vocab_size)
+        (r["text"] for r in selection.iter_records(shard_dir)),
+        tmp,
+        vocab_size=d.tokenizer_vocab_size,
+      )
       os.replace(tmp, tokenizer_dir)
     _sync("apollo_pretrain_tokenizer")
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_json)
@@ -275,28 +324,37 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
   return shard_dir, tokenizer
 
 
-def model_config_from(config: ml_collections.ConfigDict, vocab_size: int
-                      ) -> model_lib.EncoderConfig:
+def model_config_from(
+  config: ml_collections.ConfigDict, vocab_size: int
+) -> model_lib.EncoderConfig:
   """The encoder config: from `init_from_hf`'s config.json, or the preset + overrides."""
   m = config.model
-  common = dict(hidden_dropout_rate=m.hidden_dropout_rate,
-                attention_dropout_rate=m.attention_dropout_rate, dtype=m.dtype)
+  common = dict(
+    hidden_dropout_rate=m.hidden_dropout_rate,
+    attention_dropout_rate=m.attention_dropout_rate,
+    dtype=m.dtype,
+  )
   if config.init_from_hf:
     path = os.path.join(config.init_from_hf, hf_import.CONFIG_NAME)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"--config.init_from_hf={config.init_from_hf}: no {path}.")
     model_config = hf_import.config_from_hf(config.init_from_hf, **common)
     if vocab_size > model_config.vocab_size:
-      raise ValueError(f"The tokenizer has {vocab_size} tokens but {path} only "
-                       f"{model_config.vocab_size} embeddings.")
+      raise ValueError(
+        f"The tokenizer has {vocab_size} tokens but {path} only "
+        f"{model_config.vocab_size} embeddings."
+      )
   else:
-    overrides = {k: m[k] for k in ("hidden_size", "num_layers", "num_heads",
-                                   "intermediate_size") if m[k] > 0}
+    overrides = {
+      k: m[k] for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size") if m[k] > 0
+    }
     padded = -(-vocab_size // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
     model_config = model_lib.get_config(m.preset, vocab_size=padded, **overrides, **common)
   if config.data.max_len > model_config.max_sequence_length:
-    raise ValueError(f"--config.data.max_len={config.data.max_len} exceeds the model's "
-                     f"{model_config.max_sequence_length} positions.")
+    raise ValueError(
+      f"--config.data.max_len={config.data.max_len} exceeds the model's "
+      f"{model_config.max_sequence_length} positions."
+    )
   return model_config
 
 
@@ -317,12 +375,18 @@ check_checkpoint_shapes = train_lib.check_checkpoint_shapes
 TrainSetup = train_lib.TrainSetup
 
 
-def make_setup(config: ml_collections.ConfigDict, model_config: model_lib.EncoderConfig,
-               mesh: jax.sharding.Mesh) -> TrainSetup:
+def make_setup(
+  config: ml_collections.ConfigDict, model_config: model_lib.EncoderConfig, mesh: jax.sharding.Mesh
+) -> TrainSetup:
   """Shapes and shardings of the state, computed abstractly (no memory used)."""
   return train_lib.make_setup(
-      lambda: model_lib.PretrainingModel(model_config, rngs=nnx.Rngs(config.seed)),
-      model_config, config.optimizer, config.train_steps, mesh, model_lib.LOGICAL_AXIS_RULES)
+    lambda: model_lib.PretrainingModel(model_config, rngs=nnx.Rngs(config.seed)),
+    model_config,
+    config.optimizer,
+    config.train_steps,
+    mesh,
+    model_lib.LOGICAL_AXIS_RULES,
+  )
 
 
 def init_state(config: ml_collections.ConfigDict, setup: TrainSetup) -> dict[str, Any]:
@@ -330,16 +394,26 @@ def init_state(config: ml_collections.ConfigDict, setup: TrainSetup) -> dict[str
   if config.init_from_hf:
     m = config.model
     model, report = hf_import.from_pretrained(
-        config.init_from_hf, model_lib.PretrainingModel, seed=config.seed, mesh=setup.mesh,
-        hidden_dropout_rate=m.hidden_dropout_rate,
-        attention_dropout_rate=m.attention_dropout_rate, dtype=m.dtype)
+      config.init_from_hf,
+      model_lib.PretrainingModel,
+      seed=config.seed,
+      mesh=setup.mesh,
+      hidden_dropout_rate=m.hidden_dropout_rate,
+      attention_dropout_rate=m.attention_dropout_rate,
+      dtype=m.dtype,
+    )
     logging.info("Imported %s: %s", config.init_from_hf, report.summary())
   else:
     model = model_lib.create_sharded_model(
-        lambda: model_lib.PretrainingModel(setup.model_config, rngs=nnx.Rngs(config.seed)),
-        setup.mesh)
-  return train_lib.new_train_state(nnx.to_pure_dict(nnx.state(model)), setup.optimizer,
-                                   setup.mesh, setup.state_shardings, config.seed)
+      lambda: model_lib.PretrainingModel(setup.model_config, rngs=nnx.Rngs(config.seed)), setup.mesh
+    )
+  return train_lib.new_train_state(
+    nnx.to_pure_dict(nnx.state(model)),
+    setup.optimizer,
+    setup.mesh,
+    setup.state_shardings,
+    config.seed,
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -356,46 +430,65 @@ def _data_config(config: ml_collections.ConfigDict) -> pretrain_data.PretrainDat
   d = config.data
   objective = config.get("objective", "apollo")
   if objective not in pretrain_data.OBJECTIVES:
-    raise ValueError(f"Unknown --config.objective={objective!r}; choose from "
-                     f"{pretrain_data.OBJECTIVES}.")
+    raise ValueError(
+      f"Unknown --config.objective={objective!r}; choose from {pretrain_data.OBJECTIVES}."
+    )
   hosts = jax.process_count()
   if d.batch_size % hosts:
-    raise ValueError(f"--config.data.batch_size={d.batch_size} is not divisible by the "
-                     f"{hosts} processes.")
+    raise ValueError(
+      f"--config.data.batch_size={d.batch_size} is not divisible by the {hosts} processes."
+    )
   return pretrain_data.PretrainDataConfig(
-      max_len=d.max_len, batch_size=d.batch_size // hosts, seed=config.seed,
-      mask_ratio=d.mask_ratio, mask_pos_prefixes=tuple(d.mask_pos_prefixes),
-      mask_keywords=d.mask_keywords, perturbations=tuple(d.perturbations),
-      mlm_on_perturbed=d.mlm_on_perturbed, tagger=d.tagger,
-      eval_fraction=d.eval_fraction, read_threads=d.read_threads,
-      num_workers=d.num_workers, objective=objective)
+    max_len=d.max_len,
+    batch_size=d.batch_size // hosts,
+    seed=config.seed,
+    mask_ratio=d.mask_ratio,
+    mask_pos_prefixes=tuple(d.mask_pos_prefixes),
+    mask_keywords=d.mask_keywords,
+    perturbations=tuple(d.perturbations),
+    mlm_on_perturbed=d.mlm_on_perturbed,
+    tagger=d.tagger,
+    eval_fraction=d.eval_fraction,
+    read_threads=d.read_threads,
+    num_workers=d.num_workers,
+    objective=objective,
+  )
 
 
 def _device_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   return mesh_lib.shard_batch({k: batch[k] for k in _DEVICE_KEYS}, mesh)
 
 
-def evaluate(config, setup: TrainSetup, eval_fn, params, shard_dir, tokenizer,
-             data_config) -> dict[str, float]:
+def evaluate(
+  config, setup: TrainSetup, eval_fn, params, shard_dir, tokenizer, data_config
+) -> dict[str, float]:
   """Mean objectives and accuracies over the held-out split (or `eval_batches` of it)."""
   dataset = pretrain_data.make_pretrain_dataset(
-      shard_dir, tokenizer, data_config, split="eval",
-      shard_index=jax.process_index(), shard_count=jax.process_count())
+    shard_dir,
+    tokenizer,
+    data_config,
+    split="eval",
+    shard_index=jax.process_index(),
+    shard_count=jax.process_count(),
+  )
   acc = _MetricAccumulator()
   for i, batch in enumerate(dataset):
     if config.eval_batches and i >= config.eval_batches:
       break
     acc.add(jax.device_get(eval_fn(params, _device_batch(batch, setup.mesh))))
   if not acc.steps:
-    raise ValueError(f"The held-out split of {shard_dir} is empty: raise "
-                     f"--config.data.eval_fraction (now {config.data.eval_fraction}).")
+    raise ValueError(
+      f"The held-out split of {shard_dir} is empty: raise "
+      f"--config.data.eval_fraction (now {config.data.eval_fraction})."
+    )
   out = acc.summary()
   out["loss"] = out["mlm_loss"] + effective_ecls_weight(config) * out["ecls_loss"]
   return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, on_step: Callable[[int], None] | None = None
+) -> dict[str, Any]:
   """Trains (or resumes) in `workdir` until `config.train_steps`; evaluates on the way.
 
   Args:
@@ -422,67 +515,126 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   shard_dir, tokenizer = prepare_data(config, workdir)
   model_config = model_config_from(config, tokenizer.get_vocab_size())
   check_saved_config(workdir, model_config)
-  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                            axis_type="auto")
+  mesh = mesh_lib.make_mesh(
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor, axis_type="auto"
+  )
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.data.batch_size % batch_shards:
-    raise ValueError(f"--config.data.batch_size={config.data.batch_size} is not divisible "
-                     f"by data*fsdp={batch_shards}.")
+    raise ValueError(
+      f"--config.data.batch_size={config.data.batch_size} is not divisible "
+      f"by data*fsdp={batch_shards}."
+    )
   logging.info("Mesh %s; model %s", mesh_lib.describe(mesh), model_config)
   data_config = _data_config(config)
   setup = make_setup(config, model_config, mesh)
 
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     max_to_keep=config.max_checkpoints)
+  ckpt = checkpoint_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"), max_to_keep=config.max_checkpoints
+  )
   writer = metrics_lib.MetricsWriter(workdir)
   try:
     check_checkpoint_shapes(ckpt, setup.abstract_state)
     write_config(workdir, config, model_config)  # Only once the workdir is known to fit.
     state, start_step, data = train_lib.resume_or_init(
-        ckpt, setup.abstract_state, lambda: init_state(config, setup))
-    train_it = iter(pretrain_data.make_pretrain_dataset(
-        shard_dir, tokenizer, data_config, split="train",
-        shard_index=jax.process_index(), shard_count=jax.process_count()))
+      ckpt, setup.abstract_state, lambda: init_state(config, setup)
+    )
+    train_it = iter(
+      pretrain_data.make_pretrain_dataset(
+        shard_dir,
+        tokenizer,
+        data_config,
+        split="train",
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+      )
+    )
     if "train_iterator" in data:
       train_it.set_state(data["train_iterator"])
-    return _train_loop(config, setup, state, start_step, train_it, ckpt, writer,
-                       shard_dir, tokenizer, data_config, on_step)
+    return _train_loop(
+      config,
+      setup,
+      state,
+      start_step,
+      train_it,
+      ckpt,
+      writer,
+      shard_dir,
+      tokenizer,
+      data_config,
+      on_step,
+    )
   finally:
     ckpt.close()  # Waits for in-flight saves: earlier checkpoints are complete.
     writer.close()
 
 
-def _train_loop(config, setup: TrainSetup, state, start_step, train_it, ckpt, writer,
-                shard_dir, tokenizer, data_config, on_step) -> dict[str, Any]:
+def _train_loop(
+  config,
+  setup: TrainSetup,
+  state,
+  start_step,
+  train_it,
+  ckpt,
+  writer,
+  shard_dir,
+  tokenizer,
+  data_config,
+  on_step,
+) -> dict[str, Any]:
   step_fn = train_lib.jit_train_step(
-      functools.partial(train_step, graphdef=setup.graphdef, optimizer=setup.optimizer,
-                        lr_schedule=setup.lr_schedule, ecls_weight=effective_ecls_weight(config),
-                        max_predictions=config.mlm_max_predictions), setup)
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=setup.graphdef,
-                                      max_predictions=config.mlm_max_predictions))
-  log = train_lib.TrainLog(writer, _MetricAccumulator, start_step=start_step,
-                           total_steps=config.train_steps, every=config.log_every,
-                           units_per_step=config.data.batch_size * config.data.max_len,
-                           unit="tokens")
+    functools.partial(
+      train_step,
+      graphdef=setup.graphdef,
+      optimizer=setup.optimizer,
+      lr_schedule=setup.lr_schedule,
+      ecls_weight=effective_ecls_weight(config),
+      max_predictions=config.mlm_max_predictions,
+    ),
+    setup,
+  )
+  eval_fn = jax.jit(
+    functools.partial(
+      eval_step, graphdef=setup.graphdef, max_predictions=config.mlm_max_predictions
+    )
+  )
+  log = train_lib.TrainLog(
+    writer,
+    _MetricAccumulator,
+    start_step=start_step,
+    total_steps=config.train_steps,
+    every=config.log_every,
+    units_per_step=config.data.batch_size * config.data.max_len,
+    unit="tokens",
+  )
   result: dict[str, Any] = dict(step=start_step, preempted=False, train={}, eval={})
 
   def next_batch(step):
     batch = next(train_it)
     # Saved with this step: the data position after its batch.
-    return _device_batch(batch, setup.mesh), dict(train_iterator=train_it.get_state(),
-                                                   step=step)
+    return _device_batch(batch, setup.mesh), dict(train_iterator=train_it.get_state(), step=step)
 
   def evaluate_now(step, params):
     result["eval"] = evaluate(config, setup, eval_fn, params, shard_dir, tokenizer, data_config)
     writer.write(step, result["eval"], split="eval")
-    logging.info("eval at step %d: %s", step,
-                 " | ".join(f"{k} {v:.4g}" for k, v in result["eval"].items()))
+    logging.info(
+      "eval at step %d: %s", step, " | ".join(f"{k} {v:.4g}" for k, v in result["eval"].items())
+    )
     log.restart_clock()  # Throughput counts training time only.
 
   _, result["step"], result["preempted"] = train_lib.train_loop(
-      state, mesh=setup.mesh, step_fn=step_fn, next_batch=next_batch, start_step=start_step,
-      total_steps=config.train_steps, ckpt=ckpt, log_step=log, log_every=config.log_every,
-      checkpoint_every=config.checkpoint_every, eval_every=config.eval_every,
-      evaluate=evaluate_now, on_step=on_step)
+    state,
+    mesh=setup.mesh,
+    step_fn=step_fn,
+    next_batch=next_batch,
+    start_step=start_step,
+    total_steps=config.train_steps,
+    ckpt=ckpt,
+    log_step=log,
+    log_every=config.log_every,
+    checkpoint_every=config.checkpoint_every,
+    eval_every=config.eval_every,
+    evaluate=evaluate_now,
+    on_step=on_step,
+  )
   result["train"] = log.last
   return result

@@ -56,21 +56,18 @@ shuffled example order (`MapDataset` slicing), so global batches are
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
 import tokenizers
 
-from apollo.lm import contradiction
+from apollo.lm import contradiction, masking, selection, tagging
 from apollo.lm import keywords as keywords_lib
-from apollo.lm import masking
-from apollo.lm import selection
-from apollo.lm import tagging
 from apollo.lm import tokenizer as tokenizer_lib
 
 SPLITS = ("train", "eval")
@@ -106,16 +103,17 @@ class PretrainDataConfig:
   @property
   def masking(self) -> masking.MaskingConfig:
     return masking.MaskingConfig(
-        mask_ratio=self.mask_ratio,
-        candidate_tag_prefixes=tuple(self.mask_pos_prefixes),
-        mask_keywords=self.mask_keywords, mask_token_prob=self.mask_token_prob,
-        random_token_prob=self.random_token_prob)
+      mask_ratio=self.mask_ratio,
+      candidate_tag_prefixes=tuple(self.mask_pos_prefixes),
+      mask_keywords=self.mask_keywords,
+      mask_token_prob=self.mask_token_prob,
+      random_token_prob=self.random_token_prob,
+    )
 
 
 def in_eval_split(text: str, eval_fraction: float) -> bool:
   """Whether a sentence is held out: a stable hash of its text, not its position."""
-  digest = hashlib.blake2b(" ".join(text.split()).encode("utf-8"),
-                           digest_size=8).digest()
+  digest = hashlib.blake2b(" ".join(text.split()).encode("utf-8"), digest_size=8).digest()
   return int.from_bytes(digest, "big") / 2**64 < eval_fraction
 
 
@@ -124,8 +122,9 @@ def open_sentence_records(shard_dir: str) -> grain.sources.ArrayRecordDataSource
   paths = selection.list_shards(shard_dir)
   if not paths:
     raise FileNotFoundError(
-        f"No sentences*.array_record shards in {shard_dir}; run "
-        f"`python -m experiments.select_sentences --out_dir={shard_dir}` first.")
+      f"No sentences*.array_record shards in {shard_dir}; run "
+      f"`python -m experiments.select_sentences --out_dir={shard_dir}` first."
+    )
   return grain.sources.ArrayRecordDataSource(paths)
 
 
@@ -155,15 +154,18 @@ class SentenceAnalyzer:
   def perturbations(self, sentence: contradiction.TaggedSentence) -> dict[str, str]:
     vocabulary = getattr(self.tagger, "vocabulary", None)
     return contradiction.applicable_perturbations(
-        sentence, self.config.perturbations,
-        vocabulary.__contains__ if vocabulary is not None else None)
+      sentence,
+      self.config.perturbations,
+      vocabulary.__contains__ if vocabulary is not None else None,
+    )
 
 
 class MakeExample(grain.transforms.RandomMap):
   """(sentence index, label) -> one example of both objectives, or None (dropped)."""
 
-  def __init__(self, records, tokenizer: tokenizers.Tokenizer,
-               config: PretrainDataConfig, split: str):
+  def __init__(
+    self, records, tokenizer: tokenizers.Tokenizer, config: PretrainDataConfig, split: str
+  ):
     self._records = records
     self._tokenizer = tokenizer
     self._config = config
@@ -189,54 +191,76 @@ class MakeExample(grain.transforms.RandomMap):
       sentence = self._analyzer.analyze(options[kind])
     return self._encode(sentence, label, kind, rng)
 
-  def _encode(self, sentence: contradiction.TaggedSentence, label: int, kind: str,
-              rng: np.random.Generator) -> dict[str, Any]:
+  def _encode(
+    self, sentence: contradiction.TaggedSentence, label: int, kind: str, rng: np.random.Generator
+  ) -> dict[str, Any]:
     config, special = self._config, self._special
     encoding = self._tokenizer.encode(sentence.text, add_special_tokens=False)
     content = config.max_len - 2
     token_ids = np.asarray(encoding.ids[:content], dtype=np.int32)
     token_words = masking.tokens_to_words(encoding.offsets[:content], sentence.words)
-    candidates = masking.candidate_words(sentence.words, sentence.tags,
-                                         sentence.keywords, config.masking)
+    candidates = masking.candidate_words(
+      sentence.words, sentence.tags, sentence.keywords, config.masking
+    )
     masked = masking.mask_selected_words(
-        token_ids, token_words, candidates, rng, config.masking,
-        mask_id=special.mask, vocab_size=self._vocab_size,
-        special_ids=special.as_tuple())
+      token_ids,
+      token_words,
+      candidates,
+      rng,
+      config.masking,
+      mask_id=special.mask,
+      vocab_size=self._vocab_size,
+      special_ids=special.as_tuple(),
+    )
     labels = masked.labels
     if label == 1 and not config.mlm_on_perturbed:
       labels = np.full_like(labels, masking.IGNORE_LABEL)
     return self._pack(masked.input_ids, labels, label, kind, masked.too_few_candidates)
 
-  def _pack(self, masked_ids: np.ndarray, labels: np.ndarray, label: int, kind: str,
-            too_few_candidates: bool) -> dict[str, Any]:
+  def _pack(
+    self,
+    masked_ids: np.ndarray,
+    labels: np.ndarray,
+    label: int,
+    kind: str,
+    too_few_candidates: bool,
+  ) -> dict[str, Any]:
     """<s> masked sentence </s> <pad>... and the arrays of the module docstring."""
     config, special = self._config, self._special
     length = len(masked_ids) + 2
     input_ids = np.full(config.max_len, special.pad, dtype=np.int32)
     input_ids[0], input_ids[length - 1] = special.bos, special.eos
-    input_ids[1:length - 1] = masked_ids
+    input_ids[1 : length - 1] = masked_ids
     mlm_labels = np.full(config.max_len, masking.IGNORE_LABEL, dtype=np.int32)
-    mlm_labels[1:length - 1] = labels
+    mlm_labels[1 : length - 1] = labels
     attention_mask = np.zeros(config.max_len, dtype=np.int32)
     attention_mask[:length] = 1
     return dict(
-        input_ids=input_ids, attention_mask=attention_mask,
-        mlm_labels=mlm_labels,
-        mlm_weights=(mlm_labels != masking.IGNORE_LABEL).astype(np.float32),
-        ecls_label=np.int32(label),
-        ecls_perturbation=np.int32(contradiction.PERTURBATION_IDS[kind]),
-        mlm_too_few_candidates=np.int32(too_few_candidates),
-        example_mask=np.int32(1))
+      input_ids=input_ids,
+      attention_mask=attention_mask,
+      mlm_labels=mlm_labels,
+      mlm_weights=(mlm_labels != masking.IGNORE_LABEL).astype(np.float32),
+      ecls_label=np.int32(label),
+      ecls_perturbation=np.int32(contradiction.PERTURBATION_IDS[kind]),
+      mlm_too_few_candidates=np.int32(too_few_candidates),
+      example_mask=np.int32(1),
+    )
 
   def _encode_plain_mlm(self, text: str, rng: np.random.Generator) -> dict[str, Any]:
     """Plain MLM: every token is its own candidate "word", so any 15% may be masked."""
     encoding = self._tokenizer.encode(text, add_special_tokens=False)
-    token_ids = np.asarray(encoding.ids[:self._config.max_len - 2], dtype=np.int32)
+    token_ids = np.asarray(encoding.ids[: self._config.max_len - 2], dtype=np.int32)
     positions = np.arange(len(token_ids))
     masked = masking.mask_selected_words(
-        token_ids, positions, positions.tolist(), rng, self._config.masking,
-        mask_id=self._special.mask, vocab_size=self._vocab_size,
-        special_ids=self._special.as_tuple())
+      token_ids,
+      positions,
+      positions.tolist(),
+      rng,
+      self._config.masking,
+      mask_id=self._special.mask,
+      vocab_size=self._vocab_size,
+      special_ids=self._special.as_tuple(),
+    )
     return self._pack(masked.input_ids, masked.labels, 0, "none", False)
 
 
@@ -267,10 +291,14 @@ def _sentence_only(example_index: int) -> tuple[int, int]:
   return example_index, 0
 
 
-def make_pretrain_dataset(shard_dir: str, tokenizer: tokenizers.Tokenizer,
-                          config: PretrainDataConfig = PretrainDataConfig(),
-                          split: str = "train", shard_index: int = 0,
-                          shard_count: int = 1) -> grain.IterDataset:
+def make_pretrain_dataset(
+  shard_dir: str,
+  tokenizer: tokenizers.Tokenizer,
+  config: PretrainDataConfig = PretrainDataConfig(),
+  split: str = "train",
+  shard_index: int = 0,
+  shard_count: int = 1,
+) -> grain.IterDataset:
   """The batched APOLLO pretraining dataset (keys in the module docstring).
 
   Args:
@@ -292,33 +320,39 @@ def make_pretrain_dataset(shard_dir: str, tokenizer: tokenizers.Tokenizer,
   records = open_sentence_records(shard_dir)
   is_train = split == "train"
   plain_mlm = config.objective == "mlm"
-  examples = (grain.MapDataset.range((1 if plain_mlm else 2) * len(records))
-              .map(_sentence_only if plain_mlm else _sentence_and_label)
-              .shuffle(seed=config.seed)
-              .repeat(config.num_epochs if is_train else 1))
+  examples = (
+    grain.MapDataset.range((1 if plain_mlm else 2) * len(records))
+    .map(_sentence_only if plain_mlm else _sentence_and_label)
+    .shuffle(seed=config.seed)
+    .repeat(config.num_epochs if is_train else 1)
+  )
   if shard_count > 1:
     examples = examples[shard_index::shard_count]
-  examples = examples.random_map(
-      MakeExample(records, tokenizer, config, split), seed=config.seed)
+  examples = examples.random_map(MakeExample(records, tokenizer, config, split), seed=config.seed)
   dataset = examples.to_iter_dataset(
-      grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=64))
+    grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=64)
+  )
   # Each split drops the other split's sentences by design (98% of records for
   # "eval"): grain's warning about heavy filtering would only be noise here.
   dataset = grain.experimental.WithOptionsIterDataset(
-      dataset, grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None))
+    dataset, grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None)
+  )
   if config.num_workers > 0:
-    dataset = dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=config.num_workers))
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
   return dataset.batch(
-      config.batch_size, drop_remainder=is_train,
-      batch_fn=_stack_and_pad(config.batch_size,
-                              tokenizer_lib.special_ids(tokenizer).pad))
+    config.batch_size,
+    drop_remainder=is_train,
+    batch_fn=_stack_and_pad(config.batch_size, tokenizer_lib.special_ids(tokenizer).pad),
+  )
 
 
 def measure_objective_coverage(
-    shard_dir: str, tokenizer: tokenizers.Tokenizer,
-    config: PretrainDataConfig = PretrainDataConfig(), split: str = "train",
-    max_sentences: int | None = None) -> dict[str, Any]:
+  shard_dir: str,
+  tokenizer: tokenizers.Tokenizer,
+  config: PretrainDataConfig = PretrainDataConfig(),
+  split: str = "train",
+  max_sentences: int | None = None,
+) -> dict[str, Any]:
   """Counts, over a split, what the two objectives can use.
 
   Returns a dict with `sentences` (in the split), `no_perturbation` (dropped
@@ -328,8 +362,12 @@ def measure_objective_coverage(
   records = open_sentence_records(shard_dir)
   maker = MakeExample(records, tokenizer, config, split)
   analyzer = SentenceAnalyzer(config)
-  counts = dict(sentences=0, no_perturbation=0, too_few_mask_candidates=0,
-                perturbation_applies={p: 0 for p in config.perturbations})
+  counts = dict(
+    sentences=0,
+    no_perturbation=0,
+    too_few_mask_candidates=0,
+    perturbation_applies={p: 0 for p in config.perturbations},
+  )
   rng = np.random.default_rng(config.seed)
   for index in range(len(records)):
     if max_sentences is not None and counts["sentences"] >= max_sentences:

@@ -60,7 +60,6 @@ splitter failures); a sentence counts once for each group it matches.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
 import collections
 import dataclasses
 import glob
@@ -68,6 +67,7 @@ import json
 import multiprocessing
 import os
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -101,10 +101,14 @@ class SelectionConfig:
   def fingerprint(self) -> dict[str, Any]:
     """The settings that decide the output; a resume must not change them."""
     groups = keywords_lib.KeywordMatcher(self.keyword_groups).groups
-    return dict(keyword_groups={k: list(v) for k, v in groups.items()},
-                docs_per_shard=self.docs_per_shard, min_words=self.min_words,
-                max_chars=self.max_chars, host_index=self.host_index,
-                host_count=self.host_count)
+    return dict(
+      keyword_groups={k: list(v) for k, v in groups.items()},
+      docs_per_shard=self.docs_per_shard,
+      min_words=self.min_words,
+      max_chars=self.max_chars,
+      host_index=self.host_index,
+      host_count=self.host_count,
+    )
 
 
 @dataclasses.dataclass
@@ -119,22 +123,31 @@ class SelectionCounts:
     self.documents_read += other.documents_read
     self.sentences_seen += other.sentences_seen
     self.sentences_kept += other.sentences_kept
-    for mine, theirs in ((self.kept_per_group, other.kept_per_group),
-                         (self.kept_per_keyword, other.kept_per_keyword)):
+    for mine, theirs in (
+      (self.kept_per_group, other.kept_per_group),
+      (self.kept_per_keyword, other.kept_per_keyword),
+    ):
       for key, value in theirs.items():
         mine[key] = mine.get(key, 0) + value
 
   def to_json(self) -> dict[str, Any]:
-    return dict(documents_read=self.documents_read,
-                sentences_seen=self.sentences_seen,
-                sentences_kept=self.sentences_kept,
-                kept_per_group=dict(sorted(self.kept_per_group.items())),
-                kept_per_keyword=dict(sorted(self.kept_per_keyword.items())))
+    return dict(
+      documents_read=self.documents_read,
+      sentences_seen=self.sentences_seen,
+      sentences_kept=self.sentences_kept,
+      kept_per_group=dict(sorted(self.kept_per_group.items())),
+      kept_per_keyword=dict(sorted(self.kept_per_keyword.items())),
+    )
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any]) -> SelectionCounts:
-    return cls(d["documents_read"], d["sentences_seen"], d["sentences_kept"],
-               dict(d["kept_per_group"]), dict(d["kept_per_keyword"]))
+    return cls(
+      d["documents_read"],
+      d["sentences_seen"],
+      d["sentences_kept"],
+      dict(d["kept_per_group"]),
+      dict(d["kept_per_keyword"]),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -150,15 +163,18 @@ def _worker_tools(keyword_groups) -> tuple[Any, keywords_lib.KeywordMatcher]:
     import pysbd  # pylint: disable=g-import-not-at-top
 
     _WORKER_CACHE.update(
-        key=key, segmenter=pysbd.Segmenter(language="en", clean=False),
-        matcher=keywords_lib.KeywordMatcher(keyword_groups))
+      key=key,
+      segmenter=pysbd.Segmenter(language="en", clean=False),
+      matcher=keywords_lib.KeywordMatcher(keyword_groups),
+    )
   return _WORKER_CACHE["segmenter"], _WORKER_CACHE["matcher"]
 
 
 def select_from_documents(
-    documents: Sequence[tuple[int, str, str]],
-    keyword_groups: Mapping[str, Sequence[str]] | None,
-    min_words: int, max_chars: int,
+  documents: Sequence[tuple[int, str, str]],
+  keyword_groups: Mapping[str, Sequence[str]] | None,
+  min_words: int,
+  max_chars: int,
 ) -> tuple[list[bytes], SelectionCounts]:
   """Splits `(index, doc_id, text)` documents and keeps the logic sentences.
 
@@ -166,14 +182,14 @@ def select_from_documents(
     The kept sentences as serialised records (see the module docstring), in
     document and sentence order, and the counts for these documents.
   """
-  segmenter, matcher = _worker_tools(
-      None if keyword_groups is None else dict(keyword_groups))
+  segmenter, matcher = _worker_tools(None if keyword_groups is None else dict(keyword_groups))
   counts = SelectionCounts(documents_read=len(documents))
   group_counts, keyword_counts = collections.Counter(), collections.Counter()
   records = []
   for index, doc_id, text in documents:
     for number, sentence in enumerate(
-        s.strip() for s in segmenter.segment(" ".join(text.split())) if s.strip()):
+      s.strip() for s in segmenter.segment(" ".join(text.split())) if s.strip()
+    ):
       counts.sentences_seen += 1
       if len(sentence.split()) < min_words or len(sentence) > max_chars:
         continue
@@ -183,11 +199,18 @@ def select_from_documents(
       groups = sorted({m.group for m in matches})
       group_counts.update(groups)
       keyword_counts.update({m.keyword for m in matches})
-      records.append(json.dumps(dict(
-          text=sentence, doc_id=doc_id, sentence_id=f"{index}:{number}",
-          groups=groups,
-          keywords=[[m.keyword, m.group, m.start, m.end] for m in matches]),
-          ensure_ascii=False).encode("utf-8"))
+      records.append(
+        json.dumps(
+          dict(
+            text=sentence,
+            doc_id=doc_id,
+            sentence_id=f"{index}:{number}",
+            groups=groups,
+            keywords=[[m.keyword, m.group, m.start, m.end] for m in matches],
+          ),
+          ensure_ascii=False,
+        ).encode("utf-8")
+      )
   counts.sentences_kept = len(records)
   counts.kept_per_group = dict(group_counts)
   counts.kept_per_keyword = dict(keyword_counts)
@@ -281,7 +304,7 @@ def _clean_uncommitted(out_dir: str, config: SelectionConfig, next_shard: int) -
   tag = _host_tag(config)
   for path in glob.glob(os.path.join(out_dir, f"sentences{tag}-*.array_record*")):
     name = os.path.basename(path)
-    number = name[len(f"sentences{tag}-"):].split(".", 1)[0]
+    number = name[len(f"sentences{tag}-") :].split(".", 1)[0]
     if not number.isdigit():
       continue  # Another host's file (its name has an -hNNNofNNN tag).
     if path.endswith(".tmp") or int(number) >= next_shard:
@@ -293,20 +316,24 @@ def _clean_uncommitted(out_dir: str, config: SelectionConfig, next_shard: int) -
 # The job.
 
 
-def _host_documents(source: text_sources.DocumentSource, start: int,
-                    config: SelectionConfig) -> Iterator[text_sources.Document]:
+def _host_documents(
+  source: text_sources.DocumentSource, start: int, config: SelectionConfig
+) -> Iterator[text_sources.Document]:
   for doc in source.iter_documents(start):
     if doc.index % config.host_count == config.host_index:
       yield doc
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-  return [items[i:i + size] for i in range(0, len(items), size)]
+  return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def run_selection(source: text_sources.DocumentSource, out_dir: str,
-                  config: SelectionConfig = SelectionConfig(),
-                  max_shards: int | None = None) -> SelectionCounts:
+def run_selection(
+  source: text_sources.DocumentSource,
+  out_dir: str,
+  config: SelectionConfig = SelectionConfig(),
+  max_shards: int | None = None,
+) -> SelectionCounts:
   """Selects the logic sentences of `source` into shards under `out_dir`.
 
   Resumes from `out_dir`'s state file when one exists (see the module
@@ -328,8 +355,9 @@ def run_selection(source: text_sources.DocumentSource, out_dir: str,
     ValueError: `out_dir` holds a run with another source or other settings.
   """
   if not 0 <= config.host_index < config.host_count:
-    raise ValueError(f"host_index={config.host_index} is not in "
-                     f"[0, host_count={config.host_count}).")
+    raise ValueError(
+      f"host_index={config.host_index} is not in [0, host_count={config.host_count})."
+    )
   os.makedirs(out_dir, exist_ok=True)
   fingerprint = config.fingerprint()
   state_file = state_path(out_dir, config)
@@ -338,37 +366,48 @@ def run_selection(source: text_sources.DocumentSource, out_dir: str,
       state = json.load(f)
     if state["source"] != source.name or state["config"] != fingerprint:
       raise ValueError(
-          f"{out_dir} holds a selection run of {state['source']} with settings "
-          f"{state['config']}; this run is {source.name} with {fingerprint}. "
-          f"Use another --out_dir or the same arguments.")
-    logging.info("Resuming %s at document %d, shard %d.", source.name,
-                 state["next_document"], state["next_shard"])
+        f"{out_dir} holds a selection run of {state['source']} with settings "
+        f"{state['config']}; this run is {source.name} with {fingerprint}. "
+        f"Use another --out_dir or the same arguments."
+      )
+    logging.info(
+      "Resuming %s at document %d, shard %d.",
+      source.name,
+      state["next_document"],
+      state["next_shard"],
+    )
   else:
-    state = dict(version=STATE_VERSION, source=source.name, config=fingerprint,
-                 next_document=0, next_shard=0, shards=[], done=False,
-                 counts=SelectionCounts().to_json())
+    state = dict(
+      version=STATE_VERSION,
+      source=source.name,
+      config=fingerprint,
+      next_document=0,
+      next_shard=0,
+      shards=[],
+      done=False,
+      counts=SelectionCounts().to_json(),
+    )
   counts = SelectionCounts.from_json(state["counts"])
   if state["done"]:
     return counts
   _clean_uncommitted(out_dir, config, state["next_shard"])
 
   num_workers = config.num_workers or os.cpu_count() or 1
-  pool = (multiprocessing.get_context("spawn").Pool(num_workers)
-          if num_workers > 1 else None)
+  pool = multiprocessing.get_context("spawn").Pool(num_workers) if num_workers > 1 else None
   documents = _host_documents(source, state["next_document"], config)
   start_time, last_log, docs_this_run, shards_this_run = time.time(), 0.0, 0, 0
   try:
     while True:
       if max_shards is not None and shards_this_run >= max_shards:
-        logging.info("Stopping after %d shards (max_shards); run again to "
-                     "resume.", shards_this_run)
+        logging.info("Stopping after %d shards (max_shards); run again to resume.", shards_this_run)
         return counts
-      batch = [(d.index, d.doc_id, d.text)
-               for _, d in zip(range(config.docs_per_shard), documents)]
+      batch = [(d.index, d.doc_id, d.text) for _, d in zip(range(config.docs_per_shard), documents)]
       if not batch:
         break
-      tasks = [(chunk, config.keyword_groups, config.min_words, config.max_chars)
-               for chunk in _chunks(batch, config.docs_per_task)]
+      tasks = [
+        (chunk, config.keyword_groups, config.min_words, config.max_chars)
+        for chunk in _chunks(batch, config.docs_per_task)
+      ]
       results = pool.map(_select_task, tasks) if pool else map(_select_task, tasks)
       shard_records, shard_counts = [], SelectionCounts()
       for records, task_counts in results:
@@ -381,8 +420,7 @@ def run_selection(source: text_sources.DocumentSource, out_dir: str,
         write_shard(path, shard_records)
         state["shards"].append(os.path.basename(path))
       counts.add(shard_counts)
-      state.update(next_document=batch[-1][0] + 1, next_shard=shard + 1,
-                   counts=counts.to_json())
+      state.update(next_document=batch[-1][0] + 1, next_shard=shard + 1, counts=counts.to_json())
       commit_state(state_file, state)
       shards_this_run += 1
       docs_this_run += len(batch)
@@ -391,10 +429,14 @@ def run_selection(source: text_sources.DocumentSource, out_dir: str,
       if now - last_log >= config.log_every_seconds:
         last_log = now
         logging.info(
-            "shard %d committed: %d docs (%.1f docs/s), %d sentences seen, "
-            "%d kept, per group %s", shard, counts.documents_read,
-            docs_this_run / max(now - start_time, 1e-9), counts.sentences_seen,
-            counts.sentences_kept, counts.kept_per_group)
+          "shard %d committed: %d docs (%.1f docs/s), %d sentences seen, %d kept, per group %s",
+          shard,
+          counts.documents_read,
+          docs_this_run / max(now - start_time, 1e-9),
+          counts.sentences_seen,
+          counts.sentences_kept,
+          counts.kept_per_group,
+        )
   finally:
     if pool:
       pool.close()
@@ -404,8 +446,9 @@ def run_selection(source: text_sources.DocumentSource, out_dir: str,
     raise EmptySourceError(f"Source {source.name} produced no documents.")
   if counts.sentences_kept == 0:
     raise NoLogicSentencesError(
-        f"Source {source.name}: none of its {counts.sentences_seen} sentences "
-        f"({counts.documents_read} documents) contains a logical keyword.")
+      f"Source {source.name}: none of its {counts.sentences_seen} sentences "
+      f"({counts.documents_read} documents) contains a logical keyword."
+    )
   state["done"] = True
   _write_json_atomically(counts_path(out_dir, config), counts.to_json())
   commit_state(state_file, state)

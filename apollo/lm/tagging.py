@@ -22,7 +22,6 @@ character spans, so masking can map words onto subword tokens by offsets.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import collections
 import dataclasses
 import functools
@@ -30,6 +29,7 @@ import importlib.util
 import os
 import pickle
 import re
+from collections.abc import Sequence
 from typing import Protocol
 
 TaggedWord = tuple[str, str]
@@ -38,8 +38,7 @@ TaggedWord = tuple[str, str]
 class Tagger(Protocol):
   """Assigns a Penn Treebank tag to every word of one sentence."""
 
-  def tag(self, words: Sequence[str]) -> list[TaggedWord]:
-    ...
+  def tag(self, words: Sequence[str]) -> list[TaggedWord]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +50,8 @@ class Word:
 
 # Penn-Treebank-like: "doesn't" -> "does" "n't", "John's" -> "John" "'s",
 # punctuation split off, numbers and hyphenated words kept whole.
-_WORD_PATTERN = re.compile(r"""
+_WORD_PATTERN = re.compile(
+  r"""
     \w+(?=n't\b)                # "does" of "doesn't", "ca" of "can't"
   | n't\b
   | '(?:s|re|ve|ll|d|m)\b       # clitics
@@ -59,13 +59,14 @@ _WORD_PATTERN = re.compile(r"""
   | \w+(?:-\w+)*                # words, hyphenated words
   | \.\.\.
   | [^\w\s]                     # any other symbol, one at a time
-""", re.VERBOSE | re.IGNORECASE)
+""",
+  re.VERBOSE | re.IGNORECASE,
+)
 
 
 def word_tokenize(sentence: str) -> list[Word]:
   """Splits a sentence into words with character spans."""
-  return [Word(m.group(0), m.start(), m.end())
-          for m in _WORD_PATTERN.finditer(sentence)]
+  return [Word(m.group(0), m.start(), m.end()) for m in _WORD_PATTERN.finditer(sentence)]
 
 
 def _default_perceptron_path() -> str:
@@ -74,10 +75,10 @@ def _default_perceptron_path() -> str:
   spec = importlib.util.find_spec("textblob_aptagger")
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
-        "The perceptron tagger model ships in the textblob-aptagger wheel; "
-        "pip install textblob-aptagger, or pass the pickle's path.")
-  return os.path.join(list(spec.submodule_search_locations)[0],
-                      "trontagger-0.1.0.pickle")
+      "The perceptron tagger model ships in the textblob-aptagger wheel; "
+      "pip install textblob-aptagger, or pass the pickle's path."
+    )
+  return os.path.join(list(spec.submodule_search_locations)[0], "trontagger-0.1.0.pickle")
 
 
 class PerceptronTagger:
@@ -100,7 +101,7 @@ class PerceptronTagger:
   def vocabulary(self) -> frozenset[str]:
     """Lower-cased words the model has a feature for (used by lemmatisation)."""
     prefix = "i word "
-    return frozenset(f[len(prefix):] for f in self.weights if f.startswith(prefix))
+    return frozenset(f[len(prefix) :] for f in self.weights if f.startswith(prefix))
 
   def tag(self, words: Sequence[str]) -> list[TaggedWord]:
     prev, prev2 = self.START
@@ -135,8 +136,9 @@ class PerceptronTagger:
       return "!DIGITS"
     return word.lower()
 
-  def _features(self, i: int, word: str, context: Sequence[str], prev: str,
-                prev2: str) -> dict[str, int]:
+  def _features(
+    self, i: int, word: str, context: Sequence[str], prev: str, prev2: str
+  ) -> dict[str, int]:
     features = collections.defaultdict(int)
 
     def add(name, *args):
@@ -167,13 +169,15 @@ class SpacyTagger:
     try:
       import spacy  # pylint: disable=g-import-not-at-top
     except ImportError as e:
-      raise ImportError("--tagger=spacy needs the spacy package "
-                        "(pip install spacy) and a local model.") from e
+      raise ImportError(
+        "--tagger=spacy needs the spacy package (pip install spacy) and a local model."
+      ) from e
     try:
       self._nlp = spacy.load(model, exclude=["parser", "ner", "lemmatizer"])
     except OSError as e:
-      raise OSError(f"spaCy model {model!r} is not installed; install it "
-                    f"locally or use --tagger=perceptron.") from e
+      raise OSError(
+        f"spaCy model {model!r} is not installed; install it locally or use --tagger=perceptron."
+      ) from e
 
   def tag(self, words: Sequence[str]) -> list[TaggedWord]:
     from spacy.tokens import Doc  # pylint: disable=g-import-not-at-top

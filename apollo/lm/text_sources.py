@@ -23,11 +23,11 @@ of a multi-machine job finds its range). Four sources:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 import dataclasses
 import glob
 import json
 import os
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from apollo.lm import generated_corpus
@@ -55,12 +55,10 @@ class GeneratedSource:
 
   def __init__(self, config: generated_corpus.GeneratedCorpusConfig | None = None):
     self.config = config or generated_corpus.GeneratedCorpusConfig()
-    self.name = (f"generated(num_documents={self.config.num_documents}, "
-                 f"seed={self.config.seed})")
+    self.name = f"generated(num_documents={self.config.num_documents}, seed={self.config.seed})"
 
   def iter_documents(self, start: int = 0) -> Iterator[Document]:
-    for index, title, text in generated_corpus.iter_generated_documents(
-        self.config, start):
+    for index, title, text in generated_corpus.iter_generated_documents(self.config, start):
       yield Document(index, f"generated:{index}:{title}", text)
 
 
@@ -73,8 +71,12 @@ def expand_paths(patterns: Sequence[str], suffixes: Sequence[str]) -> list[str]:
   files, missing = set(), []
   for pattern in patterns:
     if os.path.isdir(pattern):
-      found = [os.path.join(root, f) for root, _, names in os.walk(pattern)
-               for f in names if f.endswith(tuple(suffixes))]
+      found = [
+        os.path.join(root, f)
+        for root, _, names in os.walk(pattern)
+        for f in names
+        if f.endswith(tuple(suffixes))
+      ]
     else:
       found = [p for p in glob.glob(pattern) if os.path.isfile(p)]
     if not found:
@@ -82,8 +84,9 @@ def expand_paths(patterns: Sequence[str], suffixes: Sequence[str]) -> list[str]:
     files.update(found)
   if missing:
     raise FileNotFoundError(
-        f"No input files found for {missing} (looked for files, globs, or "
-        f"directories holding {list(suffixes)} files).")
+      f"No input files found for {missing} (looked for files, globs, or "
+      f"directories holding {list(suffixes)} files)."
+    )
   return sorted(files)
 
 
@@ -122,8 +125,7 @@ class TextFileSource:
 class JsonlSource:
   """JSON-lines files; each non-empty line is one document."""
 
-  def __init__(self, paths: Sequence[str], text_field: str = "text",
-               id_field: str | None = "id"):
+  def __init__(self, paths: Sequence[str], text_field: str = "text", id_field: str | None = "id"):
     self.files = expand_paths(paths, suffixes=(".jsonl", ".json"))
     self.text_field = text_field
     self.id_field = id_field
@@ -139,8 +141,9 @@ class JsonlSource:
           if index >= start:
             record = json.loads(line)
             if self.text_field not in record:
-              raise KeyError(f"{path}:{line_number} has no field "
-                             f"{self.text_field!r} (fields: {sorted(record)}).")
+              raise KeyError(
+                f"{path}:{line_number} has no field {self.text_field!r} (fields: {sorted(record)})."
+              )
             doc_id = record.get(self.id_field) if self.id_field else None
             doc_id = str(doc_id) if doc_id is not None else f"{path}:{line_number}"
             yield Document(index, doc_id, str(record[self.text_field]))
@@ -150,8 +153,14 @@ class JsonlSource:
 class TfdsSource:
   """A TFDS dataset already prepared under a local data dir; no downloads."""
 
-  def __init__(self, dataset: str, data_dir: str, split: str = "train",
-               text_feature: str = "text", title_feature: str = "title"):
+  def __init__(
+    self,
+    dataset: str,
+    data_dir: str,
+    split: str = "train",
+    text_feature: str = "text",
+    title_feature: str = "title",
+  ):
     self.dataset = dataset
     self.data_dir = data_dir
     self.split = split
@@ -169,21 +178,23 @@ class TfdsSource:
     except Exception as e:  # tfds raises several types for unknown names/configs.
       first_line = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
       raise FileNotFoundError(
-          f"TFDS dataset {self.dataset!r} is not prepared in {self.data_dir} "
-          f"({first_line}).") from e
+        f"TFDS dataset {self.dataset!r} is not prepared in {self.data_dir} ({first_line})."
+      ) from e
     if not builder.is_prepared():
       raise FileNotFoundError(
-          f"TFDS dataset {self.dataset!r} is not prepared in {self.data_dir} "
-          f"(expected files under {builder.data_dir}). Prepare it with "
-          f"file_format='array_record' on a machine with network access and "
-          f"point --tfds_data_dir at that directory.")
+        f"TFDS dataset {self.dataset!r} is not prepared in {self.data_dir} "
+        f"(expected files under {builder.data_dir}). Prepare it with "
+        f"file_format='array_record' on a machine with network access and "
+        f"point --tfds_data_dir at that directory."
+      )
     try:
       return builder.as_data_source(split=self.split)
     except Exception as e:
       raise ValueError(
-          f"TFDS dataset {self.dataset!r} in {self.data_dir} cannot be read "
-          f"without TensorFlow; it must be prepared with "
-          f"file_format='array_record': {e}") from e
+        f"TFDS dataset {self.dataset!r} in {self.data_dir} cannot be read "
+        f"without TensorFlow; it must be prepared with "
+        f"file_format='array_record': {e}"
+      ) from e
 
   def iter_documents(self, start: int = 0) -> Iterator[Document]:
     source = self._data_source()

@@ -18,9 +18,9 @@ itself, so the same code serves trained and loaded tokenizers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 import dataclasses
 import os
+from collections.abc import Iterable
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -46,8 +46,9 @@ def special_ids(tokenizer: tokenizers.Tokenizer) -> SpecialIds:
   for token in SPECIAL_TOKENS:
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
-      raise ValueError(f"The tokenizer has no {token!r} token; APOLLO needs "
-                       f"all of {SPECIAL_TOKENS}.")
+      raise ValueError(
+        f"The tokenizer has no {token!r} token; APOLLO needs all of {SPECIAL_TOKENS}."
+      )
     ids.append(token_id)
   return SpecialIds(*ids)
 
@@ -56,14 +57,17 @@ def _add_roberta_pieces(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
   tokenizer.post_processor = processors.RobertaProcessing(
-      ("</s>", tokenizer.token_to_id("</s>")),
-      ("<s>", tokenizer.token_to_id("<s>")),
-      trim_offsets=True, add_prefix_space=False)
+    ("</s>", tokenizer.token_to_id("</s>")),
+    ("<s>", tokenizer.token_to_id("<s>")),
+    trim_offsets=True,
+    add_prefix_space=False,
+  )
   return tokenizer
 
 
-def train_bpe_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 8192,
-                        min_frequency: int = 2) -> tokenizers.Tokenizer:
+def train_bpe_tokenizer(
+  texts: Iterable[str], out_dir: str, vocab_size: int = 8192, min_frequency: int = 2
+) -> tokenizers.Tokenizer:
   """Trains a byte-level BPE on `texts`; writes `out_dir/tokenizer.json`.
 
   Args:
@@ -79,10 +83,13 @@ def train_bpe_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 81
   tokenizer = tokenizers.Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size, min_frequency=min_frequency,
-      special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-      # Every byte is in the vocabulary, so no text is ever out of vocabulary.
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    vocab_size=vocab_size,
+    min_frequency=min_frequency,
+    special_tokens=list(SPECIAL_TOKENS),
+    show_progress=False,
+    # Every byte is in the vocabulary, so no text is ever out of vocabulary.
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tokenizer.train_from_iterator(texts, trainer=trainer)
   _add_roberta_pieces(tokenizer)
   os.makedirs(out_dir, exist_ok=True)
@@ -100,16 +107,19 @@ def load_tokenizer(path: str) -> tokenizers.Tokenizer:
   if os.path.isfile(path):
     return tokenizers.Tokenizer.from_file(path)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"No tokenizer at {path} (expected tokenizer.json "
-                            f"or a directory with vocab.json + merges.txt).")
+    raise FileNotFoundError(
+      f"No tokenizer at {path} (expected tokenizer.json "
+      f"or a directory with vocab.json + merges.txt)."
+    )
   tokenizer_json = os.path.join(path, "tokenizer.json")
   if os.path.isfile(tokenizer_json):
     return tokenizers.Tokenizer.from_file(tokenizer_json)
   vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
   missing = [p for p in (vocab, merges) if not os.path.isfile(p)]
   if missing:
-    raise FileNotFoundError(f"No tokenizer in {path}: neither {tokenizer_json} "
-                            f"nor {' and '.join(missing)} exist.")
+    raise FileNotFoundError(
+      f"No tokenizer in {path}: neither {tokenizer_json} nor {' and '.join(missing)} exist."
+    )
   tokenizer = tokenizers.Tokenizer(models.BPE.from_file(vocab, merges))
   special_ids(tokenizer)  # Fail early, naming the missing token.
   return _add_roberta_pieces(tokenizer)

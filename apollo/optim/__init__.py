@@ -9,10 +9,10 @@ from apollo.optim.apollo import ScaleByApolloState, apollo, apollo_learning_rate
 from apollo.optim.sharding import init_sharded, state_shardings
 
 __all__ = [
-    "ScaleByApolloState",
-    "apollo",
-    "apollo_learning_rate",
-    "init_sharded",
-    "scale_by_apollo",
-    "state_shardings",
+  "ScaleByApolloState",
+  "apollo",
+  "apollo_learning_rate",
+  "init_sharded",
+  "scale_by_apollo",
+  "state_shardings",
 ]

@@ -20,14 +20,15 @@ decoupled or stable weight decay, because `d` feeds the next curvature update), 
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
-MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
+ScalarOrSchedule = float | jax.Array | optax.Schedule
+MaskOrFn = Any | Callable[[optax.Params], Any] | None
 
 REBOUNDS = ("constant", "belief")
 WEIGHT_DECAY_TYPES = ("L2", "decoupled", "stable")
@@ -80,11 +81,11 @@ def _validate(**hparams) -> None:
   wd_type = hparams["weight_decay_type"]
   if wd_type is not None and wd_type not in WEIGHT_DECAY_TYPES:
     raise ValueError(
-        f"weight_decay_type must be one of {WEIGHT_DECAY_TYPES} or None, got {wd_type!r}."
+      f"weight_decay_type must be one of {WEIGHT_DECAY_TYPES} or None, got {wd_type!r}."
     )
 
 
-def _default_weight_decay_type(rebound: str, weight_decay_type: Optional[str]) -> str:
+def _default_weight_decay_type(rebound: str, weight_decay_type: str | None) -> str:
   if weight_decay_type is not None:
     return weight_decay_type
   return "L2" if rebound == "constant" else "decoupled"
@@ -127,23 +128,22 @@ def _tensor_reductions(g, m, b, d, max_delta: bool = False):
   inits = tuple(jnp.zeros((), t.dtype) for t in sums + maxes)  # |g - m| >= 0.
 
   def combine(xs, ys):
-    added = tuple(x + y for x, y in zip(xs[:len(sums)], ys[:len(sums)]))
-    return added + tuple(jnp.maximum(x, y) for x, y in zip(xs[len(sums):], ys[len(sums):]))
+    added = tuple(x + y for x, y in zip(xs[: len(sums)], ys[: len(sums)]))
+    return added + tuple(jnp.maximum(x, y) for x, y in zip(xs[len(sums) :], ys[len(sums) :]))
 
   rows = jax.lax.reduce(sums + maxes, inits, combine, (d.ndim - 1,))
-  return (tuple(jnp.sum(r) for r in rows[:len(sums)])
-          + tuple(jnp.max(r) for r in rows[len(sums):]))
+  return tuple(jnp.sum(r) for r in rows[: len(sums)]) + tuple(jnp.max(r) for r in rows[len(sums) :])
 
 
 def scale_by_apollo(
-    beta: float = 0.9,
-    eps: float = 1e-4,
-    rebound: str = "constant",
-    weight_decay: float = 0.0,
-    weight_decay_type: Optional[str] = None,
-    mask: MaskOrFn = None,
-    sigma: float = 0.01,
-    state_dtype: Optional[jnp.dtype] = None,
+  beta: float = 0.9,
+  eps: float = 1e-4,
+  rebound: str = "constant",
+  weight_decay: float = 0.0,
+  weight_decay_type: str | None = None,
+  mask: MaskOrFn = None,
+  sigma: float = 0.01,
+  state_dtype: jnp.dtype | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by Apollo's rectified diagonal quasi-Newton preconditioner.
 
@@ -197,8 +197,12 @@ def scale_by_apollo(
     Nonconvex Stochastic Optimization", arXiv 2009.13586, 2020.
   """
   _validate(
-      beta=beta, eps=eps, rebound=rebound, weight_decay=weight_decay,
-      weight_decay_type=weight_decay_type, sigma=sigma,
+    beta=beta,
+    eps=eps,
+    rebound=rebound,
+    weight_decay=weight_decay,
+    weight_decay_type=weight_decay_type,
+    sigma=sigma,
   )
   decay_type = _default_weight_decay_type(rebound, weight_decay_type)
   # A Python 0 switches decay off statically; a traced value (inject_hyperparams)
@@ -210,10 +214,10 @@ def scale_by_apollo(
       return jnp.zeros_like(p, dtype=state_dtype or p.dtype)
 
     return ScaleByApolloState(
-        count=jnp.zeros([], jnp.int32),
-        mu=jax.tree.map(zeros, params),
-        curvature=jax.tree.map(zeros, params),
-        direction=jax.tree.map(zeros, params),
+      count=jnp.zeros([], jnp.int32),
+      mu=jax.tree.map(zeros, params),
+      curvature=jax.tree.map(zeros, params),
+      direction=jax.tree.map(zeros, params),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -240,7 +244,8 @@ def scale_by_apollo(
       # shared node is materialised as a full-size temporary (~2x slower on
       # CPU). Hence the reductions and the update are written with distinct ops.
       sum_d4, delta_dot_d, b_dot_dd, *max_delta = _tensor_reductions(
-          g, m, b, d, max_delta=rebound == "belief")
+        g, m, b, d, max_delta=rebound == "belief"
+      )
       norm = jnp.sqrt(jnp.sqrt(sum_d4)) + eps_norm
       inv_norm_sq = 1.0 / (norm * norm)
       # c = -alpha <delta, u> / D - <B, u^2>, with u = d / D.
@@ -271,10 +276,10 @@ def scale_by_apollo(
     cast_like = lambda new, old: jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
     new_updates = cast_like(d_new, updates)
     new_state = ScaleByApolloState(
-        count=count,
-        mu=cast_like(m_new, state.mu),
-        curvature=cast_like(b_new, state.curvature),
-        direction=cast_like(d_new, state.direction),
+      count=count,
+      mu=cast_like(m_new, state.mu),
+      curvature=cast_like(b_new, state.curvature),
+      direction=cast_like(d_new, state.direction),
     )
     return new_updates, new_state
 
@@ -282,9 +287,9 @@ def scale_by_apollo(
 
 
 def apollo_learning_rate(
-    learning_rate: ScalarOrSchedule,
-    warmup: int = 500,
-    init_lr: Optional[float] = None,
+  learning_rate: ScalarOrSchedule,
+  warmup: int = 500,
+  init_lr: float | None = None,
 ) -> optax.Schedule:
   """Apollo's learning rate: a linear warmup from `init_lr`, then `learning_rate`.
 
@@ -300,9 +305,15 @@ def apollo_learning_rate(
   `warmup=0` the learning rate (or the schedule) decides alone from step one.
   """
   _validate(
-      learning_rate=None if callable(learning_rate) else learning_rate,
-      warmup=warmup, init_lr=init_lr, beta=0.0, eps=0.0, weight_decay=0.0,
-      sigma=1.0, rebound="constant", weight_decay_type=None,
+    learning_rate=None if callable(learning_rate) else learning_rate,
+    warmup=warmup,
+    init_lr=init_lr,
+    beta=0.0,
+    eps=0.0,
+    weight_decay=0.0,
+    sigma=1.0,
+    rebound="constant",
+    weight_decay_type=None,
   )
 
   def schedule(count):
@@ -315,17 +326,17 @@ def apollo_learning_rate(
 
 
 def apollo(
-    learning_rate: ScalarOrSchedule,
-    beta: float = 0.9,
-    eps: float = 1e-4,
-    rebound: str = "constant",
-    warmup: int = 500,
-    init_lr: Optional[float] = None,
-    weight_decay: float = 0.0,
-    weight_decay_type: Optional[str] = None,
-    mask: MaskOrFn = None,
-    sigma: float = 0.01,
-    state_dtype: Optional[jnp.dtype] = None,
+  learning_rate: ScalarOrSchedule,
+  beta: float = 0.9,
+  eps: float = 1e-4,
+  rebound: str = "constant",
+  warmup: int = 500,
+  init_lr: float | None = None,
+  weight_decay: float = 0.0,
+  weight_decay_type: str | None = None,
+  mask: MaskOrFn = None,
+  sigma: float = 0.01,
+  state_dtype: jnp.dtype | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Apollo optimizer (Ma, 2020), with the reference's defaults.
 
@@ -371,15 +382,26 @@ def apollo(
     Nonconvex Stochastic Optimization", arXiv 2009.13586, 2020.
   """
   _validate(
-      learning_rate=None if callable(learning_rate) else learning_rate,
-      beta=beta, eps=eps, rebound=rebound, warmup=warmup, init_lr=init_lr,
-      weight_decay=weight_decay, weight_decay_type=weight_decay_type, sigma=sigma,
+    learning_rate=None if callable(learning_rate) else learning_rate,
+    beta=beta,
+    eps=eps,
+    rebound=rebound,
+    warmup=warmup,
+    init_lr=init_lr,
+    weight_decay=weight_decay,
+    weight_decay_type=weight_decay_type,
+    sigma=sigma,
   )
   return optax.chain(
-      scale_by_apollo(
-          beta=beta, eps=eps, rebound=rebound, weight_decay=weight_decay,
-          weight_decay_type=weight_decay_type, mask=mask, sigma=sigma,
-          state_dtype=state_dtype,
-      ),
-      optax.scale_by_learning_rate(apollo_learning_rate(learning_rate, warmup, init_lr)),
+    scale_by_apollo(
+      beta=beta,
+      eps=eps,
+      rebound=rebound,
+      weight_decay=weight_decay,
+      weight_decay_type=weight_decay_type,
+      mask=mask,
+      sigma=sigma,
+      state_dtype=state_dtype,
+    ),
+    optax.scale_by_learning_rate(apollo_learning_rate(learning_rate, warmup, init_lr)),
   )

@@ -22,8 +22,8 @@ def _param_shardings(params: Any, mesh: Mesh | None) -> Any:
     sharding = getattr(p, "sharding", None)
     if sharding is None:
       raise ValueError(
-          "init_sharded needs params with shardings: sharded jax.Arrays, or "
-          "jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(...))."
+        "init_sharded needs params with shardings: sharded jax.Arrays, or "
+        "jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(...))."
       )
     # `jax.eval_shape` under Explicit axes returns shardings on an AbstractMesh.
     if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, AbstractMesh):
@@ -36,7 +36,7 @@ def _param_shardings(params: Any, mesh: Mesh | None) -> Any:
 
 
 def state_shardings(
-    optimizer: optax.GradientTransformation, params: Any, mesh: Mesh | None = None
+  optimizer: optax.GradientTransformation, params: Any, mesh: Mesh | None = None
 ) -> Any:
   """Shardings for `optimizer.init(params)`: each per-parameter leaf like its param.
 
@@ -57,17 +57,17 @@ def state_shardings(
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_state = jax.eval_shape(optimizer.init, params)
   return optax.tree.map_params(
-      optimizer,
-      lambda _, sharding: sharding,
-      abstract_state,
-      param_shardings,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    optimizer,
+    lambda _, sharding: sharding,
+    abstract_state,
+    param_shardings,
+    transform_non_params=lambda _: replicated,
+    is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
   )
 
 
 def init_sharded(
-    optimizer: optax.GradientTransformation, params: Any, mesh: Mesh | None = None
+  optimizer: optax.GradientTransformation, params: Any, mesh: Mesh | None = None
 ) -> optax.OptState:
   """`optimizer.init(params)`, created directly with `state_shardings`.
 

@@ -1,1 +1,4 @@
-"""ml_collections config files for the experiments (`--config=experiments/configs/NAME.py:preset`)."""
+"""ml_collections config files for the experiments.
+
+Use one as `--config=experiments/configs/NAME.py:preset`.
+"""

@@ -75,9 +75,14 @@ def _base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 24  # Questions per global batch (x4 sequences); divisible by data*fsdp.
   c.data.eval_batch_size = 0  # Questions per eval batch; 0 = batch_size.
 
-  c.optimizer = optimizer_config(name="adamw", learning_rate=1e-5, schedule="linear",
-                                 warmup_steps=0, weight_decay=0.01,
-                                 apollo_weight_decay_type="decoupled")
+  c.optimizer = optimizer_config(
+    name="adamw",
+    learning_rate=1e-5,
+    schedule="linear",
+    warmup_steps=0,
+    weight_decay=0.01,
+    apollo_weight_decay_type="decoupled",
+  )
   c.optimizer.warmup_fraction = 0.1  # > 0: warmup = this share of the updates (else warmup_steps).
 
   c.mesh = mesh_config()

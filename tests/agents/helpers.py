@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from apollo.agents import backends
 
@@ -17,7 +18,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
     if value:
       return value
     if time.monotonic() > deadline:
-      raise AssertionError(f'condition not met within {timeout}s')
+      raise AssertionError(f"condition not met within {timeout}s")
     time.sleep(interval)
 
 
@@ -26,7 +27,7 @@ class GatedBackend:
 
   def __init__(self, inner: Any):
     self.inner = inner
-    self.name = 'gated'
+    self.name = "gated"
     self.permits = threading.Semaphore(0)
     self.calls = 0
     self.entered = threading.Event()
@@ -37,7 +38,7 @@ class GatedBackend:
 
   def complete(self, messages: Sequence[Mapping[str, str]], tools: Any) -> backends.ModelResponse:
     self.entered.set()
-    assert self.permits.acquire(timeout=30), 'test never released the model call'
+    assert self.permits.acquire(timeout=30), "test never released the model call"
     self.calls += 1
     return self.inner.complete(messages, tools)
 
@@ -51,7 +52,7 @@ class GatedBackend:
 class ListBackend:
   """Returns canned responses in order (then repeats the last)."""
 
-  name = 'list'
+  name = "list"
 
   def __init__(self, responses: Sequence[str]):
     self.responses = list(responses)
@@ -64,7 +65,7 @@ class ListBackend:
     return backends.ModelResponse(text=text, prompt_tokens=1, completion_tokens=1)
 
   def snapshot(self):
-    return {'n': len(self.seen)}
+    return {"n": len(self.seen)}
 
   def restore(self, state):
     del state

@@ -6,15 +6,27 @@ import os
 from apollo.agents import compare
 from experiments.configs import agent_sft as agent_sft_config
 
-FIELDS = ("score_mean", "score_std", "success_rate_mean", "success_rate_std",
-          "interventions_per_episode", "fraction_masked", "collection_env_steps")
+FIELDS = (
+  "score_mean",
+  "score_std",
+  "success_rate_mean",
+  "success_rate_std",
+  "interventions_per_episode",
+  "fraction_masked",
+  "collection_env_steps",
+)
 
 
 def test_policy_view_keeps_the_tail_and_optionally_guidance():
-  messages = [{"role": "system", "content": "long"}, {"role": "user", "content": "task"},
-              {"role": "assistant", "content": "a1"}, {"role": "user", "content": "o1"},
-              {"role": "user", "content": '<human_guidance id="1" source="h">x</human_guidance>'},
-              {"role": "assistant", "content": "a2"}, {"role": "user", "content": "o2"}]
+  messages = [
+    {"role": "system", "content": "long"},
+    {"role": "user", "content": "task"},
+    {"role": "assistant", "content": "a1"},
+    {"role": "user", "content": "o1"},
+    {"role": "user", "content": '<human_guidance id="1" source="h">x</human_guidance>'},
+    {"role": "assistant", "content": "a2"},
+    {"role": "user", "content": "o2"},
+  ]
   view = compare.policy_view(messages, 2)
   assert [m["content"] for m in view[1:]] == ["a2", "o2"]
   view = compare.policy_view(messages, 3)

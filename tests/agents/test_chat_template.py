@@ -5,23 +5,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apollo.agents import backends
+from apollo.agents import backends, flax_backend, guidance
 from apollo.agents import chat_template as C
 from apollo.agents import decoder as D
 from apollo.agents import decoder_import as DI
-from apollo.agents import flax_backend
-from apollo.agents import guidance
 
-GUIDANCE = guidance.format_guidance(guidance.Guidance(
-    guidance_id=3, session_id="s", text="Use gpu 1 instead.", source="human",
-    sent_at=0.0))
+GUIDANCE = guidance.format_guidance(
+  guidance.Guidance(
+    guidance_id=3, session_id="s", text="Use gpu 1 instead.", source="human", sent_at=0.0
+  )
+)
 MESSAGES = [
-    {"role": "system", "content": "You are a research agent."},
-    {"role": "user", "content": "Train the model."},
-    {"role": "assistant", "content": 'Reading.\n{"tool": "read_file"}'},
-    {"role": "user", "content": "[observation] README: train.py"},
-    {"role": "user", "content": GUIDANCE},
-    {"role": "assistant", "content": '{"tool": "launch_run", "arguments": {"gpu": 1}}'},
+  {"role": "system", "content": "You are a research agent."},
+  {"role": "user", "content": "Train the model."},
+  {"role": "assistant", "content": 'Reading.\n{"tool": "read_file"}'},
+  {"role": "user", "content": "[observation] README: train.py"},
+  {"role": "user", "content": GUIDANCE},
+  {"role": "assistant", "content": '{"tool": "launch_run", "arguments": {"gpu": 1}}'},
 ]
 
 
@@ -43,10 +43,12 @@ def test_special_tokens_and_text(tokenizer, template):
   assert [tokenizer.token_to_id(t) for t in C.CHAT_SPECIAL_TOKENS] == [0, 1, 2]
   assert template.stop_ids == (2, 0) and template.pad_id == 0
   text = template.render_text(MESSAGES[:3], add_generation_prompt=True)
-  assert text == ("<|im_start|>system\nYou are a research agent.<|im_end|>\n"
-                  "<|im_start|>user\nTrain the model.<|im_end|>\n"
-                  '<|im_start|>assistant\nReading.\n{"tool": "read_file"}<|im_end|>\n'
-                  "<|im_start|>assistant\n")
+  assert text == (
+    "<|im_start|>system\nYou are a research agent.<|im_end|>\n"
+    "<|im_start|>user\nTrain the model.<|im_end|>\n"
+    '<|im_start|>assistant\nReading.\n{"tool": "read_file"}<|im_end|>\n'
+    "<|im_start|>assistant\n"
+  )
   rendered = template.render(MESSAGES, add_generation_prompt=True)
   assert _text(tokenizer, rendered.ids) == template.render_text(MESSAGES, True)
   assert len(rendered) == len(rendered.roles) == len(rendered.segments)
@@ -83,8 +85,14 @@ def test_filtered_actions_stay_in_context_but_are_not_targets(template):
 def test_roles_and_segments(template):
   r = template.render(MESSAGES, add_generation_prompt=True)
   per_message = [int(r.roles[r.segments == i][0]) for i in range(len(MESSAGES))]
-  assert per_message == [C.ROLE_SYSTEM, C.ROLE_USER, C.ROLE_ASSISTANT, C.ROLE_USER,
-                         C.ROLE_GUIDANCE, C.ROLE_ASSISTANT]
+  assert per_message == [
+    C.ROLE_SYSTEM,
+    C.ROLE_USER,
+    C.ROLE_ASSISTANT,
+    C.ROLE_USER,
+    C.ROLE_GUIDANCE,
+    C.ROLE_ASSISTANT,
+  ]
   assert (np.diff(r.segments) >= 0).all()
   prompt = r.segments == len(MESSAGES)  # The generation prompt.
   assert (r.roles[prompt] == C.ROLE_ASSISTANT).all() and not r.loss_mask[prompt].any()
@@ -114,6 +122,7 @@ def test_load_tokenizer(tmp_path, tokenizer):
   with pytest.raises(FileNotFoundError):
     C.load_chat_tokenizer(tmp_path / "nowhere")
   from tokenizers import Tokenizer, models
+
   plain = Tokenizer(models.BPE())
   plain.save(str(tmp_path / "plain.json"))
   with pytest.raises(ValueError, match="im_start"):
@@ -124,19 +133,21 @@ def test_same_ids_as_qwen2_jinja_template(tokenizer, template):
   """Equal to transformers' apply_chat_template with Qwen2's own template."""
   transformers = pytest.importorskip("transformers")
   qwen2_template = (
-      "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system'"
-      " %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif"
-      " %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'"
-      " + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n'"
-      " }}{% endif %}")
-  hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer,
-                                            chat_template=qwen2_template)
-  expected = hf.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
-                                    return_dict=False)
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system'"
+    " %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif"
+    " %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'"
+    " + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n'"
+    " }}{% endif %}"
+  )
+  hf = transformers.PreTrainedTokenizerFast(
+    tokenizer_object=tokenizer, chat_template=qwen2_template
+  )
+  expected = hf.apply_chat_template(
+    MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False
+  )
   if isinstance(expected, dict) or hasattr(expected, "keys"):
     expected = expected["input_ids"]
-  np.testing.assert_array_equal(
-      template.render(MESSAGES, add_generation_prompt=True).ids, expected)
+  np.testing.assert_array_equal(template.render(MESSAGES, add_generation_prompt=True).ids, expected)
 
 
 # ----------------------------------------------------------------------------- backend
@@ -147,19 +158,21 @@ def policy(tokenizer):
   config = D.get_config("tiny", vocab_size=tokenizer.get_vocab_size())
   model = DI.abstract_decoder(config)
   rng = np.random.default_rng(0)
-  DI.import_hf_state_dict(model, {n: rng.normal(0, 0.2, s).astype(np.float32)
-                                  for n, s in DI.hf_shapes(model).items()})
+  DI.import_hf_state_dict(
+    model, {n: rng.normal(0, 0.2, s).astype(np.float32) for n, s in DI.hf_shapes(model).items()}
+  )
   return model
 
 
 def test_backend_returns_text(policy, tokenizer):
-  backend = flax_backend.FlaxPolicyBackend(policy, tokenizer, max_new_tokens=12,
-                                           temperature=0.8, top_k=50, seed=1,
-                                           prompt_bucket=64)
+  backend = flax_backend.FlaxPolicyBackend(
+    policy, tokenizer, max_new_tokens=12, temperature=0.8, top_k=50, seed=1, prompt_bucket=64
+  )
   response = backend.complete(MESSAGES[:2], tools=())
   assert isinstance(response, backends.ModelResponse) and isinstance(response.text, str)
   assert response.prompt_tokens == len(
-      backend.template.render(MESSAGES[:2], add_generation_prompt=True))
+    backend.template.render(MESSAGES[:2], add_generation_prompt=True)
+  )
   assert 1 <= response.completion_tokens <= 12
   assert "<|im_end|>" not in response.text
   # Resuming from a snapshot redraws the same sample; the next turn differs in key.
@@ -174,24 +187,24 @@ def test_backend_returns_text(policy, tokenizer):
 
 
 def test_backend_greedy_text_is_the_models_argmax(policy, tokenizer, template):
-  backend = flax_backend.FlaxPolicyBackend(policy, tokenizer, max_new_tokens=6,
-                                           temperature=0, prompt_bucket=64)
+  backend = flax_backend.FlaxPolicyBackend(
+    policy, tokenizer, max_new_tokens=6, temperature=0, prompt_bucket=64
+  )
   text, _, completion = backend.generate(MESSAGES[:2])
   prompt = template.render(MESSAGES[:2], add_generation_prompt=True).ids
-  expected = D.generate(policy, jnp.asarray(prompt)[None], 6, temperature=0,
-                        eos_id=template.stop_ids).tokens[0, :completion]
+  expected = D.generate(
+    policy, jnp.asarray(prompt)[None], 6, temperature=0, eos_id=template.stop_ids
+  ).tokens[0, :completion]
   assert text == template.decode_response(np.asarray(expected))
 
 
 def test_backend_refuses_an_overlong_context(policy, tokenizer):
-  backend = flax_backend.FlaxPolicyBackend(policy, tokenizer, max_new_tokens=8,
-                                           max_context=32)
+  backend = flax_backend.FlaxPolicyBackend(policy, tokenizer, max_new_tokens=8, max_context=32)
   with pytest.raises(backends.BackendError, match="max_context"):
     backend.complete([{"role": "user", "content": "word " * 100}], tools=())
 
 
 def test_registered_as_flax_backend():
-  backend = backends.make_backend("flax", seed=0, max_new_tokens=4, temperature=0,
-                                  prompt_bucket=64)
+  backend = backends.make_backend("flax", seed=0, max_new_tokens=4, temperature=0, prompt_bucket=64)
   assert isinstance(backend, flax_backend.FlaxPolicyBackend) and backend.name == "flax"
   assert isinstance(backend.complete(MESSAGES[:2], tools=()).text, str)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from apollo.agents import decoder as D
 from apollo.agents import decoder_import as DI
@@ -58,10 +59,13 @@ def test_presets_and_overrides():
     D.get_config("tiny", rope_scaling="yarn")
 
 
-@pytest.mark.parametrize("name, expected", [
+@pytest.mark.parametrize(
+  "name, expected",
+  [
     ("qwen2_0_5b", 494_032_768),  # Qwen2-0.5B (tied head).
     ("llama_7b", 6_738_415_616),  # Llama-2-7b.
-])
+  ],
+)
 def test_parameter_counts_match_published_models(name, expected):
   abstract = nnx.eval_shape(lambda: D.Decoder(D.get_config(name), rngs=nnx.Rngs(0)))
   assert D.count_params(abstract) == expected
@@ -124,13 +128,19 @@ def test_grouped_query_attention_equals_repeated_kv_heads(config, model):
 def test_tied_embeddings_have_no_head():
   tied = DI.abstract_decoder(D.get_config("tiny", tie_word_embeddings=True))
   rng = np.random.default_rng(0)
-  DI.import_hf_state_dict(tied, {name: rng.normal(0, 0.2, shape).astype(np.float32)
-                                 for name, shape in DI.hf_shapes(tied).items()})
+  DI.import_hf_state_dict(
+    tied,
+    {
+      name: rng.normal(0, 0.2, shape).astype(np.float32)
+      for name, shape in DI.hf_shapes(tied).items()
+    },
+  )
   assert tied.lm_head is None
   logits, _ = _call(tied, _ids(tied.config))
   graphdef, state = nnx.split(tied)
   hidden = jax.jit(lambda s, ids: _final_hidden(nnx.merge(graphdef, s), ids))(
-      state, _ids(tied.config))
+    state, _ids(tied.config)
+  )
   expected = jnp.einsum("ble,ve->blv", hidden, tied.embed_tokens.embedding.get_value())
   np.testing.assert_allclose(logits, expected, atol=1e-5)
 
@@ -182,7 +192,7 @@ def test_cached_logits_equal_uncached_with_left_padding(config, model):
   first, cache = _call(model, ids[:, :5], mask[:, :5], cache)
   pieces = [first]
   for i in range(5, 12):
-    logits, cache = _call(model, ids[:, i:i + 1], None, cache)
+    logits, cache = _call(model, ids[:, i : i + 1], None, cache)
     pieces.append(logits)
   np.testing.assert_array_equal(cache.positions, [12, 9])
   cached = jnp.concatenate(pieces, 1)
@@ -260,22 +270,25 @@ def _sharded_copy(model, mesh):
 @pytest.mark.parametrize("axis_type", ["auto", "explicit"])
 def test_sharded_forward_matches_unsharded(config, model, axis_type):
   """Params are created in their shards on a 2x2x2 mesh; logits match 1 device."""
-  kind = {"auto": jax.sharding.AxisType.Auto,
-          "explicit": jax.sharding.AxisType.Explicit}[axis_type]
+  kind = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}[axis_type]
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(kind,) * 3)
   ids = _ids(config, batch=4, length=8)
   mask = jnp.arange(8)[None] >= jnp.asarray([[0], [2], [0], [5]])
   expected, _ = _call(model, ids, mask)  # Same seed, one device.
 
   if axis_type == "auto":  # Created in its shards (same seed as `model`).
-    sharded = D.create_sharded_model(lambda: D.Decoder(config, rngs=nnx.Rngs(0)), mesh,
-                                     D.LOGICAL_AXIS_RULES)
+    sharded = D.create_sharded_model(
+      lambda: D.Decoder(config, rngs=nnx.Rngs(0)), mesh, D.LOGICAL_AXIS_RULES
+    )
   else:  # Imported into its shards (no initializer to compile).
     sharded = _sharded_copy(model, mesh)
   k_kernel = sharded.layers[0].self_attn.k_proj.kernel.get_value()
   assert k_kernel.sharding.spec == P("fsdp", "tensor", None)
   assert k_kernel.addressable_shards[0].data.shape == (
-      config.hidden_size // 2, config.num_kv_heads // 2, config.head_dim)
+    config.hidden_size // 2,
+    config.num_kv_heads // 2,
+    config.head_dim,
+  )
 
   graphdef, state = nnx.split(sharded)
 
@@ -286,15 +299,15 @@ def test_sharded_forward_matches_unsharded(config, model, axis_type):
     forward = jax.sharding.auto_axes(forward, out_sharding=P("data"))
   with jax.set_mesh(mesh):
     batch = NamedSharding(mesh, P("data"))
-    logits = jax.jit(forward)(state, jax.device_put(ids, batch),
-                              jax.device_put(mask, batch))
+    logits = jax.jit(forward)(state, jax.device_put(ids, batch), jax.device_put(mask, batch))
   assert logits.sharding.spec[0] == "data"
   np.testing.assert_allclose(logits, expected, atol=1e-5)
 
 
 def test_sharded_generate_matches_unsharded(config, model):
-  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh(
+    (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
   prompt = _ids(config, length=4, seed=1)
   expected = D.generate(model, prompt, 8, temperature=0).tokens
   sharded = _sharded_copy(model, mesh)

@@ -12,14 +12,16 @@ import threading
 
 import pytest
 
-from apollo.agents import agent
-from apollo.agents import backends
-from apollo.agents import judging
-from apollo.agents import labels
-from apollo.agents import research_env
-from apollo.agents import service
-from apollo.agents import simulated_human
-from apollo.agents import storage
+from apollo.agents import (
+  agent,
+  backends,
+  judging,
+  labels,
+  research_env,
+  service,
+  simulated_human,
+  storage,
+)
 from tests.agents.helpers import ListBackend
 
 # Seed 1: no noisy labels, learning rates above 5e-4 diverge, no GPU conflict.
@@ -29,13 +31,13 @@ HEALTHY_SEED, NOISY_SEED = 1, 4
 
 @pytest.fixture
 def store(tmp_path):
-  s = storage.SQLiteStore(os.path.join(tmp_path, 'store.sqlite'))
+  s = storage.SQLiteStore(os.path.join(tmp_path, "store.sqlite"))
   yield s
   s.close()
 
 
 def call(tool, **arguments):
-  return f'Next.\n{json.dumps({"tool": tool, "arguments": arguments})}'
+  return f"Next.\n{json.dumps({'tool': tool, 'arguments': arguments})}"
 
 
 def run(store, session_id, seed, responses, guidance_after=None):
@@ -47,9 +49,15 @@ def run(store, session_id, seed, responses, guidance_after=None):
     if step.step_index in guidance_after:
       store.add_guidance(session_id, guidance_after[step.step_index])
 
-  agent.run_episode(session_id, research_env.ResearchEnv(), ListBackend(responses), store,
-                    seed, config=agent.AgentConfig(max_steps=len(responses)),
-                    listeners=[listener])
+  agent.run_episode(
+    session_id,
+    research_env.ResearchEnv(),
+    ListBackend(responses),
+    store,
+    seed,
+    config=agent.AgentConfig(max_steps=len(responses)),
+    listeners=[listener],
+  )
   assert store.num_steps(session_id) == len(responses)
   return judging.TrajectoryView.load(store, session_id)
 
@@ -68,136 +76,177 @@ def fired(judge, view):
 
 
 def test_invalid_call_rule_fires_on_each_kind_of_bad_call(store):
-  view = run(store, 'a', HEALTHY_SEED, [
-      '{"tool": "sleep", "arguments": {"hours": 0.5}',         # unparseable
-      call('launch_rocket'),                                    # unknown tool
-      call('launch_run', gpu=5),                                # fails the schema
-      call('check_run', run_id='r9'),                           # env: unknown run
-      call('launch_run', gpu=0, data='filtered'),               # env: no filtered data yet
-      call('list_files'),
-      call('read_file', path='README.md'),
-  ])
-  judge = judging.RuleJudge(rules=['invalid_call'])
-  assert fired(judge, view) == {i: ['invalid_call'] for i in range(5)}
+  view = run(
+    store,
+    "a",
+    HEALTHY_SEED,
+    [
+      '{"tool": "sleep", "arguments": {"hours": 0.5}',  # unparseable
+      call("launch_rocket"),  # unknown tool
+      call("launch_run", gpu=5),  # fails the schema
+      call("check_run", run_id="r9"),  # env: unknown run
+      call("launch_run", gpu=0, data="filtered"),  # env: no filtered data yet
+      call("list_files"),
+      call("read_file", path="README.md"),
+    ],
+  )
+  judge = judging.RuleJudge(rules=["invalid_call"])
+  assert fired(judge, view) == {i: ["invalid_call"] for i in range(5)}
   label = judge.judge(view, 5)
-  assert (label.verdict, label.reason, label.judge) == ('keep', 'ok', 'rules')
-  assert 'unparseable' in judge.judge(view, 0).detail
+  assert (label.verdict, label.reason, label.judge) == ("keep", "ok", "rules")
+  assert "unparseable" in judge.judge(view, 0).detail
 
 
 def test_repeated_noop_rule(store):
-  view = run(store, 'a', HEALTHY_SEED, [
-      call('read_file', path='README.md'),
-      call('read_file', path='README.md'),                # 1: same read-only call
-      call('set_config', key='learning_rate', value=0.0005),
-      call('launch_run', gpu=0),
-      call('check_run', run_id='r1'),
-      call('check_run', run_id='r1'),                     # 5: nothing happened in between
-      call('sleep', hours=0.5),
-      call('sleep', hours=0.5),                           # 7: waiting is not a no-op
-      call('check_run', run_id='r1'),                     # 8: time passed: new information
-      '{"tool": "sleep"',                                 # 9: invalid, changes nothing
-      call('check_run', run_id='r1'),                     # 10: repeats step 8
-      call('list_jobs'),
-      call('list_jobs'),                                  # 12: repeat, but advice arrived
-      call('set_config', key='learning_rate', value=0.0005),
-      call('set_config', key='learning_rate', value=0.0005),  # 14: same observation
-  ], guidance_after={11: 'Keep an eye on the jobs.'})
-  assert fired(judging.RuleJudge(rules=['repeated_noop']), view) == {
-      1: ['repeated_noop'], 5: ['repeated_noop'], 10: ['repeated_noop'],
-      14: ['repeated_noop']}
+  view = run(
+    store,
+    "a",
+    HEALTHY_SEED,
+    [
+      call("read_file", path="README.md"),
+      call("read_file", path="README.md"),  # 1: same read-only call
+      call("set_config", key="learning_rate", value=0.0005),
+      call("launch_run", gpu=0),
+      call("check_run", run_id="r1"),
+      call("check_run", run_id="r1"),  # 5: nothing happened in between
+      call("sleep", hours=0.5),
+      call("sleep", hours=0.5),  # 7: waiting is not a no-op
+      call("check_run", run_id="r1"),  # 8: time passed: new information
+      '{"tool": "sleep"',  # 9: invalid, changes nothing
+      call("check_run", run_id="r1"),  # 10: repeats step 8
+      call("list_jobs"),
+      call("list_jobs"),  # 12: repeat, but advice arrived
+      call("set_config", key="learning_rate", value=0.0005),
+      call("set_config", key="learning_rate", value=0.0005),  # 14: same observation
+    ],
+    guidance_after={11: "Keep an eye on the jobs."},
+  )
+  assert fired(judging.RuleJudge(rules=["repeated_noop"]), view) == {
+    1: ["repeated_noop"],
+    5: ["repeated_noop"],
+    10: ["repeated_noop"],
+    14: ["repeated_noop"],
+  }
 
 
 DESTROY_SCRIPT = [
-    call('set_config', key='learning_rate', value=0.0005),
-    call('launch_run', gpu=1),                  # r1: healthy (stable lr, clean labels)
-    call('check_run', run_id='r1'),
-    call('sleep', hours=0.5),
-    call('kill_run', run_id='r1'),              # 4: destroys progress
-    call('set_config', key='learning_rate', value=0.003),
-    call('launch_run', gpu=1),                  # r2: lr 3e-3 diverges on this task
-    call('check_run', run_id='r2'),
-    call('kill_run', run_id='r2'),              # 8: doomed run: fine to kill
-    call('kill_run', run_id='r2'),              # 9: not running any more: nothing destroyed
-    call('launch_run', gpu=0),                  # r3: never looked at
-    call('kill_run', run_id='r3'),              # 11
+  call("set_config", key="learning_rate", value=0.0005),
+  call("launch_run", gpu=1),  # r1: healthy (stable lr, clean labels)
+  call("check_run", run_id="r1"),
+  call("sleep", hours=0.5),
+  call("kill_run", run_id="r1"),  # 4: destroys progress
+  call("set_config", key="learning_rate", value=0.003),
+  call("launch_run", gpu=1),  # r2: lr 3e-3 diverges on this task
+  call("check_run", run_id="r2"),
+  call("kill_run", run_id="r2"),  # 8: doomed run: fine to kill
+  call("kill_run", run_id="r2"),  # 9: not running any more: nothing destroyed
+  call("launch_run", gpu=0),  # r3: never looked at
+  call("kill_run", run_id="r3"),  # 11
 ]
 
 
 def test_destroys_progress_with_hidden_facts(store):
-  view = run(store, 'a', HEALTHY_SEED, DESTROY_SCRIPT)
+  view = run(store, "a", HEALTHY_SEED, DESTROY_SCRIPT)
   assert view.task is not None and view.task.lr_diverges and not view.task.noisy_labels
-  judge = judging.RuleJudge(rules=['destroys_progress'])
-  assert fired(judge, view) == {4: ['destroys_progress']}
-  assert 'healthy run' in judge.judge(view, 4).detail
+  judge = judging.RuleJudge(rules=["destroys_progress"])
+  assert fired(judge, view) == {4: ["destroys_progress"]}
+  assert "healthy run" in judge.judge(view, 4).detail
   # The snapshot is the first signal; the launch log alone gives the same answer.
   for step in view.steps:
     step.env_state = None
-  assert fired(judge, view) == {4: ['destroys_progress']}
+  assert fired(judge, view) == {4: ["destroys_progress"]}
 
 
 def test_destroys_progress_from_the_log_without_hidden_facts(store):
-  run(store, 'a', HEALTHY_SEED, DESTROY_SCRIPT)
-  view = judging.TrajectoryView.load(store, 'a', privileged=False)
+  run(store, "a", HEALTHY_SEED, DESTROY_SCRIPT)
+  view = judging.TrajectoryView.load(store, "a", privileged=False)
   assert view.task is None
   # Only what the agent saw: r1 and r2 both looked fine when last checked (r2's
   # divergence is hidden), r3 was never checked.
-  assert fired(judging.RuleJudge(rules=['destroys_progress']), view) == {
-      4: ['destroys_progress'], 8: ['destroys_progress']}
-  no_facts = judging.RuleJudge(rules=['destroys_progress'],
-                               config=judging.RuleConfig(use_hidden_facts=False))
-  assert fired(no_facts, judging.TrajectoryView.load(store, 'a')) == fired(
-      judging.RuleJudge(rules=['destroys_progress']), view)
+  assert fired(judging.RuleJudge(rules=["destroys_progress"]), view) == {
+    4: ["destroys_progress"],
+    8: ["destroys_progress"],
+  }
+  no_facts = judging.RuleJudge(
+    rules=["destroys_progress"], config=judging.RuleConfig(use_hidden_facts=False)
+  )
+  assert fired(no_facts, judging.TrajectoryView.load(store, "a")) == fired(
+    judging.RuleJudge(rules=["destroys_progress"]), view
+  )
 
 
 def test_ignores_advice_rule(store):
-  gpu_and_lr = ("GPU 0 is shared with another team's job all day. Launch on gpu 1 instead. "
-                'A learning rate of 0.003 diverges here; set the learning rate to 0.0005.')
-  patience = ("Run r3 is set up well. It needs about 13 hours of training; don't kill it: "
-              'sleep and check back.')
-  view = run(store, 'a', HEALTHY_SEED, [
-      call('launch_run', gpu=0),                                  # 0: no advice yet
-      call('launch_run', gpu=0),                                  # 1: against gpu + lr advice
-      call('set_config', key='learning_rate', value=0.003),       # 2: against lr advice
-      call('set_config', key='learning_rate', value=0.0005),      # 3
-      call('launch_run', gpu=1),                                  # 4: r3, as advised
-      call('check_run', run_id='r3'),
-      call('kill_run', run_id='r3'),                              # 6: "don't kill"
-      call('kill_run', run_id='r1'),                              # 7: r1 goes against advice
-  ], guidance_after={0: gpu_and_lr, 4: patience})
-  judge = judging.RuleJudge(rules=['ignores_advice'])
-  assert fired(judge, view) == {1: ['ignores_advice'], 2: ['ignores_advice'],
-                                6: ['ignores_advice']}
+  gpu_and_lr = (
+    "GPU 0 is shared with another team's job all day. Launch on gpu 1 instead. "
+    "A learning rate of 0.003 diverges here; set the learning rate to 0.0005."
+  )
+  patience = (
+    "Run r3 is set up well. It needs about 13 hours of training; don't kill it: "
+    "sleep and check back."
+  )
+  view = run(
+    store,
+    "a",
+    HEALTHY_SEED,
+    [
+      call("launch_run", gpu=0),  # 0: no advice yet
+      call("launch_run", gpu=0),  # 1: against gpu + lr advice
+      call("set_config", key="learning_rate", value=0.003),  # 2: against lr advice
+      call("set_config", key="learning_rate", value=0.0005),  # 3
+      call("launch_run", gpu=1),  # 4: r3, as advised
+      call("check_run", run_id="r3"),
+      call("kill_run", run_id="r3"),  # 6: "don't kill"
+      call("kill_run", run_id="r1"),  # 7: r1 goes against advice
+    ],
+    guidance_after={0: gpu_and_lr, 4: patience},
+  )
+  judge = judging.RuleJudge(rules=["ignores_advice"])
+  assert fired(judge, view) == {1: ["ignores_advice"], 2: ["ignores_advice"], 6: ["ignores_advice"]}
   detail = judge.judge(view, 1).detail
-  assert 'gpu=0' in detail and 'lr=0.003' in detail
+  assert "gpu=0" in detail and "lr=0.003" in detail
   # All rules together: the kill of the healthy r3 is both destructive and disobedient.
-  assert judging.RuleJudge().judge(view, 6).reason == 'destroys_progress+ignores_advice'
+  assert judging.RuleJudge().judge(view, 6).reason == "destroys_progress+ignores_advice"
 
 
 def test_ignores_filter_advice(store):
-  view = run(store, 'a', NOISY_SEED, [
-      call('list_files'),
-      call('launch_run', gpu=0, data='raw'),                     # 1: against the advice
-      call('filter_labels'),
-  ], guidance_after={0: 'The labels are noisy. Run filter_labels first and train on '
-                        'data=filtered.'})
-  assert fired(judging.RuleJudge(rules=['ignores_advice']), view) == {1: ['ignores_advice']}
+  view = run(
+    store,
+    "a",
+    NOISY_SEED,
+    [
+      call("list_files"),
+      call("launch_run", gpu=0, data="raw"),  # 1: against the advice
+      call("filter_labels"),
+    ],
+    guidance_after={0: "The labels are noisy. Run filter_labels first and train on data=filtered."},
+  )
+  assert fired(judging.RuleJudge(rules=["ignores_advice"]), view) == {1: ["ignores_advice"]}
 
 
 def test_rules_on_a_guided_scripted_episode(store):
   """The scripted policy follows advice: only its malformed calls and re-checks are
   masked, and the runs it kills on the human's advice are not 'destroyed'."""
   human = simulated_human.SimulatedHuman(service.StoreClient(store))
-  agent.run_episode('s', research_env.ResearchEnv(), backends.ScriptedResearchPolicy(0),
-                    store, 0, listeners=[human.on_step])
-  assert store.list_guidance('s'), 'the simulated human should have advised'
-  result = judging.judge_session(store, 's', [judging.RuleJudge(), judging.HumanFlagJudge()])
+  agent.run_episode(
+    "s",
+    research_env.ResearchEnv(),
+    backends.ScriptedResearchPolicy(0),
+    store,
+    0,
+    listeners=[human.on_step],
+  )
+  assert store.list_guidance("s"), "the simulated human should have advised"
+  result = judging.judge_session(store, "s", [judging.RuleJudge(), judging.HumanFlagJudge()])
   reasons = {c for l in result.combined.values() for c in l.reason_codes}
-  assert reasons <= {'ok', 'invalid_call', 'repeated_noop'}
-  for step in store.get_steps('s', full=False):
+  assert reasons <= {"ok", "invalid_call", "repeated_noop"}
+  for step in store.get_steps("s", full=False):
     if step.parse_error:
-      assert result.combined[step.step_index].reason_codes == ['invalid_call']
-  kills = [s.step_index for s in store.get_steps('s', full=False)
-           if s.action and s.action['tool'] == 'kill_run']
+      assert result.combined[step.step_index].reason_codes == ["invalid_call"]
+  kills = [
+    s.step_index
+    for s in store.get_steps("s", full=False)
+    if s.action and s.action["tool"] == "kill_run"
+  ]
   assert all(not result.combined[i].masked for i in kills)
 
 
@@ -205,41 +254,51 @@ def test_rules_on_a_guided_scripted_episode(store):
 
 
 def test_human_flags_and_their_override(store):
-  view = run(store, 'a', HEALTHY_SEED, [
-      call('list_files'), '{"tool": "sleep"', call('read_file', path='README.md'),
-      call('list_jobs')])
-  store.set_flag('a', 1, 'good', 'the sleep was right, only malformed')
-  store.set_flag('a', 2, 'bad', 'reading the README again wastes time')
-  view = judging.TrajectoryView.load(store, 'a')
+  view = run(
+    store,
+    "a",
+    HEALTHY_SEED,
+    [
+      call("list_files"),
+      '{"tool": "sleep"',
+      call("read_file", path="README.md"),
+      call("list_jobs"),
+    ],
+  )
+  store.set_flag("a", 1, "good", "the sleep was right, only malformed")
+  store.set_flag("a", 2, "bad", "reading the README again wastes time")
+  view = judging.TrajectoryView.load(store, "a")
   human = judging.HumanFlagJudge()
   assert human.judge(view, 0) is None
-  assert human.judge(view, 1) == labels.Label('keep', 'human_flag', 'human',
-                                              'the sleep was right, only malformed')
-  assert human.judge(view, 2) == labels.Label('mask', 'human_flag', 'human',
-                                              'reading the README again wastes time')
+  assert human.judge(view, 1) == labels.Label(
+    "keep", "human_flag", "human", "the sleep was right, only malformed"
+  )
+  assert human.judge(view, 2) == labels.Label(
+    "mask", "human_flag", "human", "reading the README again wastes time"
+  )
   rules = judging.RuleJudge()
   step1 = [rules.judge(view, 1), human.judge(view, 1)]
   assert step1[0].masked
-  assert judging.combine(step1).verdict == 'keep'                 # the human decides
-  assert judging.combine(step1).reason == 'human_override'
-  assert judging.combine(step1, authoritative=()).verdict == 'mask'  # plain any-mask
+  assert judging.combine(step1).verdict == "keep"  # the human decides
+  assert judging.combine(step1).reason == "human_override"
+  assert judging.combine(step1, authoritative=()).verdict == "mask"  # plain any-mask
   step2 = judging.combine([rules.judge(view, 2), human.judge(view, 2)])
-  assert (step2.verdict, step2.reason) == ('mask', 'human_flag')
-  assert 'wastes time' in step2.detail
+  assert (step2.verdict, step2.reason) == ("mask", "human_flag")
+  assert "wastes time" in step2.detail
 
 
 def test_combine_any_mask_wins_and_records_all():
-  keep = labels.Label('keep', 'ok', 'rules')
-  llm = labels.Label('mask', 'redundant', 'llm', 'same check again')
-  rules = labels.Label('mask', 'repeated_noop+ignores_advice', 'rules', 'x')
-  assert judging.combine([]) == labels.Label('keep', 'ok', 'combined')
-  assert judging.combine([keep, None]).verdict == 'keep'
+  keep = labels.Label("keep", "ok", "rules")
+  llm = labels.Label("mask", "redundant", "llm", "same check again")
+  rules = labels.Label("mask", "repeated_noop+ignores_advice", "rules", "x")
+  assert judging.combine([]) == labels.Label("keep", "ok", "combined")
+  assert judging.combine([keep, None]).verdict == "keep"
   merged = judging.combine([keep, rules, llm])
-  assert merged.verdict == 'mask' and merged.judge == 'combined'
-  assert merged.reason_codes == ['repeated_noop', 'ignores_advice', 'redundant']
-  assert 'llm: same check again' in merged.detail
+  assert merged.verdict == "mask" and merged.judge == "combined"
+  assert merged.reason_codes == ["repeated_noop", "ignores_advice", "redundant"]
+  assert "llm: same check again" in merged.detail
   with pytest.raises(ValueError):
-    labels.Label('drop', 'x', 'y')
+    labels.Label("drop", "x", "y")
 
 
 # --------------------------------------------------------------------------- LLM
@@ -254,33 +313,39 @@ class _FakeChatServer:
     outer = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
-
       def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         outer.requests.append((self.path, body))
         answer = outer.answers.pop(0)
         if isinstance(answer, int):
           payload, status = b'{"error": "bad request"}', answer
         else:
-          payload, status = json.dumps({
-              'choices': [{'message': {'role': 'assistant', 'content': answer}}],
-              'usage': {'prompt_tokens': 10, 'completion_tokens': 5}}).encode(), 200
+          payload, status = (
+            json.dumps(
+              {
+                "choices": [{"message": {"role": "assistant", "content": answer}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5},
+              }
+            ).encode(),
+            200,
+          )
         self.send_response(status)
-        self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(payload)))
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
 
       def log_message(self, *args):
         del args
 
-    self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-    self.thread = threading.Thread(target=self.server.serve_forever,
-                                   kwargs={'poll_interval': 0.05}, daemon=True)
+    self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.thread = threading.Thread(
+      target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
 
   @property
   def url(self):
-    return f'http://127.0.0.1:{self.server.server_address[1]}/v1'
+    return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
   def __enter__(self):
     self.thread.start()
@@ -293,59 +358,91 @@ class _FakeChatServer:
 
 
 def test_llm_judge_against_a_fake_openai_server(store):
-  run(store, 'a', HEALTHY_SEED, [
-      call('list_files'), call('read_file', path='README.md'),
-      call('read_file', path='README.md'), call('gpu_status'), call('list_jobs')],
-      guidance_after={0: 'Read the README first.'})
+  run(
+    store,
+    "a",
+    HEALTHY_SEED,
+    [
+      call("list_files"),
+      call("read_file", path="README.md"),
+      call("read_file", path="README.md"),
+      call("gpu_status"),
+      call("list_jobs"),
+    ],
+    guidance_after={0: "Read the README first."},
+  )
   answers = [
-      '{"verdict": "keep", "reason": "ok", "explanation": "Looks around first."}',
-      '```json\n{"verdict": "keep", "reason": "ok"}\n```',
-      '{"verdict": "mask", "reason": "redundant", "explanation": "Same file again."}',
-      'The action looks fine to me.',                   # not JSON
-      400,                                              # the server refuses
+    '{"verdict": "keep", "reason": "ok", "explanation": "Looks around first."}',
+    '```json\n{"verdict": "keep", "reason": "ok"}\n```',
+    '{"verdict": "mask", "reason": "redundant", "explanation": "Same file again."}',
+    "The action looks fine to me.",  # not JSON
+    400,  # the server refuses
   ]
   with _FakeChatServer(answers) as server:
-    judge = judging.LLMJudge.from_openai(server.url, 'judge-model', timeout_s=5,
-                                         max_retries=0)
-    result = judging.judge_session(store, 'a', [judge], labels.LabelStore(store.path))
+    judge = judging.LLMJudge.from_openai(server.url, "judge-model", timeout_s=5, max_retries=0)
+    result = judging.judge_session(store, "a", [judge], labels.LabelStore(store.path))
   verdicts = {i: (ls[0].verdict, ls[0].reason) for i, ls in result.labels.items()}
-  assert verdicts == {0: ('keep', 'ok'), 1: ('keep', 'ok'), 2: ('mask', 'redundant'),
-                      3: ('keep', 'judge_error'), 4: ('keep', 'judge_error')}
-  assert result.labels[2][0].detail == 'Same file again.'
+  assert verdicts == {
+    0: ("keep", "ok"),
+    1: ("keep", "ok"),
+    2: ("mask", "redundant"),
+    3: ("keep", "judge_error"),
+    4: ("keep", "judge_error"),
+  }
+  assert result.labels[2][0].detail == "Same file again."
   assert result.masked_steps() == [2]  # a judge error keeps the action
-  assert judge.calls == 5 and dict(judge.errors) == {'malformed': 1, 'backend': 1}
+  assert judge.calls == 5 and dict(judge.errors) == {"malformed": 1, "backend": 1}
   # What the judge saw: the fixed prompt, the task, the advice, the history, the action
   # and the observation that followed it.
   path, body = server.requests[2]
-  assert path == '/v1/chat/completions' and body['model'] == 'judge-model'
-  assert body['temperature'] == 0.0
-  system, user = body['messages']
-  assert system == {'role': 'system', 'content': judging.JUDGE_SYSTEM_PROMPT}
-  step2 = store.get_step('a', 2)
-  for fragment in ('TASK (seed 1', 'Read the README first.', 'step 0: {"tool": "list_files", '
-                   '"arguments": {}}', 'step 1:', step2.response,
-                   step2.observation.splitlines()[0], 'The action to judge (step 2)'):
-    assert fragment in user['content'], fragment
-  assert 'step 2:' not in user['content'].split('# The action to judge')[0]
+  assert path == "/v1/chat/completions" and body["model"] == "judge-model"
+  assert body["temperature"] == 0.0
+  system, user = body["messages"]
+  assert system == {"role": "system", "content": judging.JUDGE_SYSTEM_PROMPT}
+  step2 = store.get_step("a", 2)
+  for fragment in (
+    "TASK (seed 1",
+    "Read the README first.",
+    'step 0: {"tool": "list_files", "arguments": {}}',
+    "step 1:",
+    step2.response,
+    step2.observation.splitlines()[0],
+    "The action to judge (step 2)",
+  ):
+    assert fragment in user["content"], fragment
+  assert "step 2:" not in user["content"].split("# The action to judge")[0]
   stats = judging.masking_stats([result])
-  assert stats['judges']['llm']['reasons'] == {'ok': 2, 'redundant': 1, 'judge_error': 2}
+  assert stats["judges"]["llm"]["reasons"] == {"ok": 2, "redundant": 1, "judge_error": 2}
 
 
-@pytest.mark.parametrize('answer,expected', [
-    ('{"verdict": "mask", "reason": "destroys_progress", "explanation": "killed r1"}',
-     ('mask', 'destroys_progress', 'killed r1')),
-    ('  {"verdict": "keep"}\n', ('keep', 'ok', '')),
-    ('```\n{"verdict": "keep", "reason": "ok"}\n```', ('keep', 'ok', '')),
-])
+@pytest.mark.parametrize(
+  "answer,expected",
+  [
+    (
+      '{"verdict": "mask", "reason": "destroys_progress", "explanation": "killed r1"}',
+      ("mask", "destroys_progress", "killed r1"),
+    ),
+    ('  {"verdict": "keep"}\n', ("keep", "ok", "")),
+    ('```\n{"verdict": "keep", "reason": "ok"}\n```', ("keep", "ok", "")),
+  ],
+)
 def test_parse_judge_answer_accepts(answer, expected):
   assert judging.parse_judge_answer(answer) == expected
 
 
-@pytest.mark.parametrize('answer', [
-    '', 'keep', '["keep"]', '{"verdict": "maybe", "reason": "ok"}',
-    '{"verdict": "mask", "reason": "ok"}', '{"verdict": "mask", "reason": "bad vibes"}',
-    'Sure! {"verdict": "keep", "reason": "ok"}', '{"verdict": "keep", "explanation": 3}',
-])
+@pytest.mark.parametrize(
+  "answer",
+  [
+    "",
+    "keep",
+    '["keep"]',
+    '{"verdict": "maybe", "reason": "ok"}',
+    '{"verdict": "mask", "reason": "ok"}',
+    '{"verdict": "mask", "reason": "bad vibes"}',
+    'Sure! {"verdict": "keep", "reason": "ok"}',
+    '{"verdict": "keep", "explanation": 3}',
+  ],
+)
 def test_parse_judge_answer_rejects(answer):
   with pytest.raises(judging.JudgeAnswerError):
     judging.parse_judge_answer(answer)
@@ -355,30 +452,50 @@ def test_parse_judge_answer_rejects(answer):
 
 
 def test_judge_session_stores_labels_quality_and_stats(store):
-  run(store, 'a', HEALTHY_SEED, [
-      call('list_files'), call('list_files'), '{"tool": "sleep"', call('gpu_status')])
-  store.set_flag('a', 3, 'bad', 'should have launched by now')
+  run(
+    store,
+    "a",
+    HEALTHY_SEED,
+    [call("list_files"), call("list_files"), '{"tool": "sleep"', call("gpu_status")],
+  )
+  store.set_flag("a", 3, "bad", "should have launched by now")
   label_store = labels.LabelStore(store.path)
   judges = [judging.RuleJudge(), judging.HumanFlagJudge()]
   for _ in range(2):  # re-judging replaces, never duplicates
-    result = judging.judge_session(store, 'a', judges, label_store)
-  stored = label_store.get('a')
+    result = judging.judge_session(store, "a", judges, label_store)
+  stored = label_store.get("a")
   assert {i: [(l.judge, l.verdict) for l in ls] for i, ls in stored.items()} == {
-      0: [('rules', 'keep')], 1: [('rules', 'mask')], 2: [('rules', 'mask')],
-      3: [('human', 'mask'), ('rules', 'keep')]}
+    0: [("rules", "keep")],
+    1: [("rules", "mask")],
+    2: [("rules", "mask")],
+    3: [("human", "mask"), ("rules", "keep")],
+  }
   assert result.masked_steps() == [1, 2, 3]
-  qualities = [(s.quality, (s.quality_reason or '').split(':')[0])
-               for s in store.get_steps('a', full=False)]
-  assert qualities == [('good', 'ok'), ('bad', 'repeated_noop'), ('bad', 'invalid_call'),
-                       ('bad', 'human_flag')]
-  verdicts = judging.stored_verdicts(store, 'a', label_store)
-  assert [v.verdict for v, _ in verdicts.values()] == ['keep', 'mask', 'mask', 'mask']
+  qualities = [
+    (s.quality, (s.quality_reason or "").split(":")[0]) for s in store.get_steps("a", full=False)
+  ]
+  assert qualities == [
+    ("good", "ok"),
+    ("bad", "repeated_noop"),
+    ("bad", "invalid_call"),
+    ("bad", "human_flag"),
+  ]
+  verdicts = judging.stored_verdicts(store, "a", label_store)
+  assert [v.verdict for v, _ in verdicts.values()] == ["keep", "mask", "mask", "mask"]
   # Without the sidecar table the store's quality field gives the same verdicts.
-  assert [v.verdict for v, _ in judging.stored_verdicts(store, 'a').values()] == [
-      'keep', 'mask', 'mask', 'mask']
+  assert [v.verdict for v, _ in judging.stored_verdicts(store, "a").values()] == [
+    "keep",
+    "mask",
+    "mask",
+    "mask",
+  ]
   stats = judging.masking_stats([result])
-  assert stats['actions'] == 4 and stats['masked'] == 3
-  assert stats['fraction_masked'] == 0.75
-  assert stats['by_reason'] == {'repeated_noop': 1, 'invalid_call': 1, 'human_flag': 1}
-  assert stats['judges']['human'] == {'labelled': 1, 'masked': 1, 'fraction_masked': 1.0,
-                                      'reasons': {'human_flag': 1}}
+  assert stats["actions"] == 4 and stats["masked"] == 3
+  assert stats["fraction_masked"] == 0.75
+  assert stats["by_reason"] == {"repeated_noop": 1, "invalid_call": 1, "human_flag": 1}
+  assert stats["judges"]["human"] == {
+    "labelled": 1,
+    "masked": 1,
+    "fraction_masked": 1.0,
+    "reasons": {"human_flag": 1},
+  }

@@ -18,10 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from apollo.agents import backends
-from apollo.agents import chat_template
-from apollo.agents import decoder
-from apollo.agents import sft
+from apollo.agents import backends, chat_template, decoder, sft
 from experiments.configs import agent_sft as agent_sft_config
 
 
@@ -30,7 +27,7 @@ def _samples(lengths, seed=0, vocab=60):
   out = []
   for n in lengths:
     mask = np.zeros(n, bool)
-    mask[n // 2:] = True
+    mask[n // 2 :] = True
     out.append({"input_ids": rng.integers(3, vocab, n).astype(np.int32), "loss_mask": mask})
   return out
 
@@ -45,8 +42,14 @@ def test_pack_keeps_masks_segments_and_positions():
     for s in range(1, seg.max() + 1):
       where = np.flatnonzero(seg == s)
       assert np.all(np.diff(where) == 1)
-      found.append((packed["input_ids"][r, where], packed["weights"][r, where],
-                    packed["targets"][r, where], packed["positions"][r, where]))
+      found.append(
+        (
+          packed["input_ids"][r, where],
+          packed["weights"][r, where],
+          packed["targets"][r, where],
+          packed["positions"][r, where],
+        )
+      )
     assert np.all(packed["input_ids"][r][seg == 0] == 1)
     assert np.all(packed["weights"][r][seg == 0] == 0)
   assert len(found) == len(samples)
@@ -112,10 +115,14 @@ def _chat_samples(tokenizer, n=24):
   template = chat_template.ChatTemplate(tokenizer)
   out = []
   for i in range(n):
-    messages = [{"role": "system", "content": "Research agent."},
-                {"role": "user", "content": f"[clock {i}.00h / 24h | submissions left: 3]"},
-                {"role": "assistant",
-                 "content": '{"tool": "check_run", "arguments": {"run_id": "r%d"}}' % (i % 3)}]
+    messages = [
+      {"role": "system", "content": "Research agent."},
+      {"role": "user", "content": f"[clock {i}.00h / 24h | submissions left: 3]"},
+      {
+        "role": "assistant",
+        "content": f'{{"tool": "check_run", "arguments": {{"run_id": "r{i % 3}"}}}}',
+      },
+    ]
     r = template.render(messages)
     out.append({"input_ids": r.ids, "loss_mask": r.loss_mask})
   return out
@@ -167,7 +174,8 @@ def test_sft_end_to_end_resume_equals_uninterrupted(tmp_path, tokenizer_dir):
   for x, y in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # The export is a checkpoint of the 'flax' rollout backend.
-  backend = backends.make_backend("flax", seed=0, checkpoint=second["policy_dir"],
-                                  max_new_tokens=4, prompt_bucket=32)
+  backend = backends.make_backend(
+    "flax", seed=0, checkpoint=second["policy_dir"], max_new_tokens=4, prompt_bucket=32
+  )
   text = backend.complete([{"role": "user", "content": "hi"}]).text
   assert isinstance(text, str)

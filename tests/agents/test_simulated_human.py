@@ -4,35 +4,45 @@ import os
 
 import pytest
 
-from apollo.agents import agent
-from apollo.agents import backends
-from apollo.agents import research_env
-from apollo.agents import research_metrics
-from apollo.agents import service
-from apollo.agents import simulated_human
-from apollo.agents import storage
+from apollo.agents import (
+  agent,
+  backends,
+  research_env,
+  research_metrics,
+  service,
+  simulated_human,
+  storage,
+)
 from tests.agents.helpers import ListBackend
 
 
 @pytest.fixture
 def store(tmp_path):
-  s = storage.SQLiteStore(os.path.join(tmp_path, 'store.sqlite'))
+  s = storage.SQLiteStore(os.path.join(tmp_path, "store.sqlite"))
   yield s
   s.close()
 
 
 def test_interventions_are_stored_counted_delayed_and_budgeted(store):
-  seed = next(s for s in range(200)
-              if len(research_env.generate_task(s).hidden_facts()) >= 3)
+  seed = next(s for s in range(200) if len(research_env.generate_task(s).hidden_facts()) >= 3)
   human = simulated_human.SimulatedHuman(service.StoreClient(store), delay_steps=3, budget=1)
-  agent.run_episode('h', research_env.ResearchEnv(), backends.ScriptedResearchPolicy(seed),
-                    store, seed, listeners=[human.on_step])
-  guidance = store.list_guidance('h')
-  assert len(guidance) == 1 == human.interventions('h')['messages']  # the budget
+  agent.run_episode(
+    "h",
+    research_env.ResearchEnv(),
+    backends.ScriptedResearchPolicy(seed),
+    store,
+    seed,
+    listeners=[human.on_step],
+  )
+  guidance = store.list_guidance("h")
+  assert len(guidance) == 1 == human.interventions("h")["messages"]  # the budget
   g = guidance[0]
-  assert g.source == 'simulated_human' and g.meta['rules']
-  launch = next(s.step_index for s in store.get_steps('h', full=False)
-                if s.action and s.action['tool'] == 'launch_run')
+  assert g.source == "simulated_human" and g.meta["rules"]
+  launch = next(
+    s.step_index
+    for s in store.get_steps("h", full=False)
+    if s.action and s.action["tool"] == "launch_run"
+  )
   # Decided after the launch, sent once 3 more steps were seen, shown at the next turn.
   assert g.delivered_step == launch + 3 + 1
 
@@ -42,40 +52,47 @@ def test_rules_use_hidden_facts_and_flag_killed_healthy_runs(store):
   seed = next(s for s in range(200) if not research_env.generate_task(s).noisy_labels)
   task = research_env.generate_task(seed)
   lr = min(task.max_stable_lr, 1e-3)
-  responses = ['{"tool": "set_config", "arguments": {"key": "learning_rate", "value": %g}}' % lr,
-               '{"tool": "launch_run", "arguments": {"gpu": 1, "data": "raw"}}',
-               '{"tool": "check_run", "arguments": {"run_id": "r1"}}',
-               '{"tool": "kill_run", "arguments": {"run_id": "r1"}}',
-               '{"tool": "list_jobs", "arguments": {}}',
-               '{"tool": "list_jobs", "arguments": {}}',
-               '{"tool": "finish", "arguments": {}}']
+  responses = [
+    f'{{"tool": "set_config", "arguments": {{"key": "learning_rate", "value": {lr:g}}}}}',
+    '{"tool": "launch_run", "arguments": {"gpu": 1, "data": "raw"}}',
+    '{"tool": "check_run", "arguments": {"run_id": "r1"}}',
+    '{"tool": "kill_run", "arguments": {"run_id": "r1"}}',
+    '{"tool": "list_jobs", "arguments": {}}',
+    '{"tool": "list_jobs", "arguments": {}}',
+    '{"tool": "finish", "arguments": {}}',
+  ]
   human = simulated_human.SimulatedHuman(service.StoreClient(store), delay_steps=1)
-  agent.run_episode('k', research_env.ResearchEnv(), ListBackend(responses), store, seed,
-                    listeners=[human.on_step])
-  killed = store.get_step('k', 3)
-  assert killed.human_flag == 'bad' and 'healthy' in killed.human_flag_reason
-  [g] = store.list_guidance('k')
-  assert g.meta['rules'] == ['patience'] and f'{task.hours_needed:.0f} hours' in g.text
-  assert human.interventions('k') == {'messages': 1, 'flags': 1}
+  agent.run_episode(
+    "k", research_env.ResearchEnv(), ListBackend(responses), store, seed, listeners=[human.on_step]
+  )
+  killed = store.get_step("k", 3)
+  assert killed.human_flag == "bad" and "healthy" in killed.human_flag_reason
+  [g] = store.list_guidance("k")
+  assert g.meta["rules"] == ["patience"] and f"{task.hours_needed:.0f} hours" in g.text
+  assert human.interventions("k") == {"messages": 1, "flags": 1}
 
 
 def test_human_state_survives_a_restart(store):
   seed = 3
   human = simulated_human.SimulatedHuman(service.StoreClient(store), delay_steps=0)
-  store.create_session(storage.SessionRecord('r', 'research', seed, 'scripted', {}))
-  store.add_guidance('r', 'earlier advice', source='simulated_human',
-                     meta={'rules': ['noisy_labels', 'gpu_conflict']})
-  watch = human._watch('r')  # pylint: disable=protected-access
-  assert watch.sent == 1 and {'noisy_labels', 'gpu_conflict'} <= watch.fired
+  store.create_session(storage.SessionRecord("r", "research", seed, "scripted", {}))
+  store.add_guidance(
+    "r",
+    "earlier advice",
+    source="simulated_human",
+    meta={"rules": ["noisy_labels", "gpu_conflict"]},
+  )
+  watch = human._watch("r")  # pylint: disable=protected-access
+  assert watch.sent == 1 and {"noisy_labels", "gpu_conflict"} <= watch.fired
 
 
 def test_environment_properties_hold():
   """Measured on 16 train and 16 test seeds: long episodes, rare solo success,
   large gain from human knowledge."""
-  for split in ('train', 'test'):
+  for split in ("train", "test"):
     solo = research_metrics.measure(split, 16, with_human=False)
     guided = research_metrics.measure(split, 16, with_human=True)
-    assert solo['median_steps'] >= 50 and guided['median_steps'] >= 50
-    assert solo['success_rate'] <= 0.2
-    assert guided['success_rate'] >= solo['success_rate'] + 0.5
-    assert guided['mean_interventions'] <= 4
+    assert solo["median_steps"] >= 50 and guided["median_steps"] >= 50
+    assert solo["success_rate"] <= 0.2
+    assert guided["success_rate"] >= solo["success_rate"] + 0.5
+    assert guided["mean_interventions"] <= 4

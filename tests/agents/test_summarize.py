@@ -3,34 +3,46 @@
 import os
 import re
 
-
-from apollo.agents import agent
-from apollo.agents import backends
+from apollo.agents import (
+  agent,
+  backends,
+  research_env,
+  service,
+  simulated_human,
+  storage,
+  summarize,
+)
 from apollo.agents import guidance as guidance_lib
-from apollo.agents import research_env
-from apollo.agents import service
-from apollo.agents import simulated_human
-from apollo.agents import storage
-from apollo.agents import summarize
 
 
 def _reflection_ids(summary):
   section = summary.partition(summarize.GUIDANCE_HEADER)[2]
-  return [int(x) for x in re.findall(r'^- \[guidance id=(\d+)', section, re.MULTILINE)]
+  return [int(x) for x in re.findall(r"^- \[guidance id=(\d+)", section, re.MULTILINE)]
 
 
 def _context(n_turns, guidance_at):
-  messages = [{'role': 'system', 'content': 'sys'}, {'role': 'user', 'content': 'task'}]
+  messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "task"}]
   for step in range(n_turns):
     if step in guidance_at:
-      g = guidance_lib.Guidance(guidance_at[step], 's', f'advice {guidance_at[step]}', 'human',
-                                0.0)
-      messages.append({'role': 'user', 'content': guidance_lib.format_guidance(g)})
-    messages.append({'role': 'assistant',
-                     'content': f'thinking {step}\n{{"tool": "sleep", "arguments": {{"hours": 0.5}}}}'})
-    messages.append({'role': 'user', 'content': agent.format_observation(
-        step, 'sleep', f'slept 0.50h. launched r{step}\n[clock {step}h / 30h | submissions left: 3]',
-        False)})
+      g = guidance_lib.Guidance(guidance_at[step], "s", f"advice {guidance_at[step]}", "human", 0.0)
+      messages.append({"role": "user", "content": guidance_lib.format_guidance(g)})
+    messages.append(
+      {
+        "role": "assistant",
+        "content": f'thinking {step}\n{{"tool": "sleep", "arguments": {{"hours": 0.5}}}}',
+      }
+    )
+    messages.append(
+      {
+        "role": "user",
+        "content": agent.format_observation(
+          step,
+          "sleep",
+          f"slept 0.50h. launched r{step}\n[clock {step}h / 30h | submissions left: 3]",
+          False,
+        ),
+      }
+    )
   return messages
 
 
@@ -39,7 +51,7 @@ def test_one_reflection_per_human_message_across_repeated_compression():
   first = summarize.compress(messages, summarize.RuleBasedSummarizer())
   assert first is not None
   assert _reflection_ids(first.summary) == [1, 2, 3]  # those in the older half
-  assert 'advice 2' in first.summary and '## State' in first.summary
+  assert "advice 2" in first.summary and "## State" in first.summary
   # Grow the context and compress again: old reflections carried over, new one added.
   grown = first.new_messages + _context(30, {5: 5})[2:]
   second = summarize.compress(grown, summarize.RuleBasedSummarizer())
@@ -51,33 +63,39 @@ def test_model_summary_is_repaired_to_one_line_per_message():
   class Sloppy:
     def complete(self, messages, tools):
       del messages, tools
-      return backends.ModelResponse('## State\nok\n- [guidance id=1] dup\n- [guidance id=1] dup',
-                                    1, 1)
+      return backends.ModelResponse(
+        "## State\nok\n- [guidance id=1] dup\n- [guidance id=1] dup", 1, 1
+      )
+
   messages = _context(20, {2: 1, 4: 2})
   result = summarize.compress(messages, summarize.ModelSummarizer(Sloppy()))
   assert _reflection_ids(result.summary) == [1, 2]
 
 
 def test_long_session_compresses_and_stores_summary_steps(tmp_path):
-  store = storage.SQLiteStore(os.path.join(tmp_path, 's.sqlite'))
+  store = storage.SQLiteStore(os.path.join(tmp_path, "s.sqlite"))
   human = simulated_human.SimulatedHuman(service.StoreClient(store), delay_steps=1)
   seed = next(s for s in range(100) if len(research_env.generate_task(s).hidden_facts()) >= 3)
-  store.create_session(storage.SessionRecord('long', 'research', seed, 'scripted', {}))
-  rollout = agent.Rollout('long', research_env.ResearchEnv(),
-                          backends.ScriptedResearchPolicy(seed), store,
-                          agent.AgentConfig(context_token_threshold=3000),
-                          listeners=[human.on_step])
+  store.create_session(storage.SessionRecord("long", "research", seed, "scripted", {}))
+  rollout = agent.Rollout(
+    "long",
+    research_env.ResearchEnv(),
+    backends.ScriptedResearchPolicy(seed),
+    store,
+    agent.AgentConfig(context_token_threshold=3000),
+    listeners=[human.on_step],
+  )
   outcome = rollout.run()
-  steps = store.get_steps('long')
-  summaries = [s for s in steps if s.kind == 'summary']
-  assert len(summaries) >= 2 and outcome['success']
+  steps = store.get_steps("long")
+  summaries = [s for s in steps if s.kind == "summary"]
+  assert len(summaries) >= 2 and outcome["success"]
   delivered_before = lambda i: sorted(g for s in steps[:i] for g in s.guidance_ids)  # noqa: E731
   for s in summaries:
-    assert s.info['tokens_after'] < s.context_tokens
+    assert s.info["tokens_after"] < s.context_tokens
     reflected = _reflection_ids(s.response)
     assert reflected == sorted(set(reflected))  # exactly one line per message
     # Every message already out of the kept half is reflected.
-    assert set(s.info['guidance_reflected']) == set(reflected)
+    assert set(s.info["guidance_reflected"]) == set(reflected)
     assert set(reflected) <= set(delivered_before(s.step_index))
   # Prompts after a summary start with it and stay under the threshold + one turn.
   after = steps[summaries[-1].step_index + 1]
@@ -85,5 +103,5 @@ def test_long_session_compresses_and_stores_summary_steps(tmp_path):
   # Resuming right after a summary rebuilds the same context (the next prompt may
   # only add guidance to it).
   rebuilt = agent.context_after(summaries[-1])
-  assert after.messages[:len(rebuilt)] == rebuilt
+  assert after.messages[: len(rebuilt)] == rebuilt
   store.close()

@@ -8,9 +8,18 @@ import sys
 def test_optim_step_benchmark_reports_state_and_passes(tmp_path):
   out = tmp_path / "optim_step.json"
   # A tiny tree whose embedding (65536 x 64 = 2^22) takes the one-pass sums.
-  cmd = [sys.executable, "-m", "benchmarks.optim_step", "--size=tiny", "--vocab=65536",
-         "--steps=3", "--trials=2", "--warmup_steps=1",
-         "--optimizers=apollo,apollo_separate_sums,adamw", f"--json_out={out}"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "benchmarks.optim_step",
+    "--size=tiny",
+    "--vocab=65536",
+    "--steps=3",
+    "--trials=2",
+    "--warmup_steps=1",
+    "--optimizers=apollo,apollo_separate_sums,adamw",
+    f"--json_out={out}",
+  ]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| apollo_separate_sums |" in proc.stdout

@@ -24,13 +24,19 @@ def _mesh():
 
 
 def _shardings(mesh):
-  return {"w1": NamedSharding(mesh, P("fsdp")), "w2": NamedSharding(mesh, P(None, "fsdp")),
-          "b": NamedSharding(mesh, P())}
+  return {
+    "w1": NamedSharding(mesh, P("fsdp")),
+    "w2": NamedSharding(mesh, P(None, "fsdp")),
+    "b": NamedSharding(mesh, P()),
+  }
 
 
 def _init(mesh):
-  params = {"w1": jax.random.normal(jax.random.key(1), (8, 16)) * 0.3,
-            "w2": jax.random.normal(jax.random.key(2), (16, 4)) * 0.3, "b": jnp.zeros(4)}
+  params = {
+    "w1": jax.random.normal(jax.random.key(1), (8, 16)) * 0.3,
+    "w2": jax.random.normal(jax.random.key(2), (16, 4)) * 0.3,
+    "b": jnp.zeros(4),
+  }
   params = jax.device_put(params, _shardings(mesh))
   return {"params": params, "opt_state": init_sharded(TX, params), "step": jnp.array(0, jnp.int32)}
 
@@ -44,8 +50,11 @@ def _loss(params, x, y):
 def _train_step(state, x, y):
   grads = jax.grad(_loss)(state["params"], x, y)
   updates, opt_state = TX.update(grads, state["opt_state"], state["params"])
-  return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-          "step": state["step"] + 1}
+  return {
+    "params": optax.apply_updates(state["params"], updates),
+    "opt_state": opt_state,
+    "step": state["step"] + 1,
+  }
 
 
 def _batches(position, count):
@@ -75,8 +84,10 @@ def test_interrupted_run_resumes_bit_identically(tmp_path):
     ckpt = Checkpointer(tmp_path / "ckpt")
     abstract = jax.eval_shape(lambda: _init(mesh))
     abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-        jax.tree.map(lambda x: x.sharding, _init(mesh)))
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract,
+      jax.tree.map(lambda x: x.sharding, _init(mesh)),
+    )
     restored = ckpt.restore_latest(abstract)
     assert restored.step == 6 and restored.data == {"position": 6}
     assert restored.state["params"]["w1"].sharding == _shardings(mesh)["w1"]

@@ -3,14 +3,19 @@
 import json
 import math
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from apollo.common import mesh as mesh_lib
-from apollo.common.metrics import MetricsWriter, NonFiniteLossError, Progress, check_finite, read_metrics
+from apollo.common.metrics import (
+  MetricsWriter,
+  NonFiniteLossError,
+  Progress,
+  check_finite,
+  read_metrics,
+)
 
 RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("vocab", "tensor"))
 
@@ -36,7 +41,9 @@ class _Tiny(nnx.Module):
 
 
 def test_logical_axes_map_through_rules_and_params_are_created_sharded():
-  specs = mesh_lib.logical_partition_specs(nnx.state(nnx.eval_shape(lambda: _Tiny(nnx.Rngs(0)))), RULES)
+  specs = mesh_lib.logical_partition_specs(
+    nnx.state(nnx.eval_shape(lambda: _Tiny(nnx.Rngs(0)))), RULES
+  )
   assert specs["embed"] == P("tensor", "fsdp") and specs["mlp"] == P("fsdp", "tensor")
   assert specs["scale"] == P("heads")  # no rule: the name passes through (a mesh axis name works)
   mesh = mesh_lib.make_mesh(data=2, fsdp=2, tensor=2, axis_type="auto")
@@ -44,7 +51,9 @@ def test_logical_axes_map_through_rules_and_params_are_created_sharded():
   model = mesh_lib.create_sharded_model(lambda: _Tiny(nnx.Rngs(0)), mesh, rules)
   assert model.scale.value.sharding.spec == P(None)
   assert model.embed.value.sharding.spec == P("tensor", "fsdp")
-  np.testing.assert_allclose(model.mlp.value, _Tiny(nnx.Rngs(0)).mlp.value, atol=1e-7)  # compiled vs eager
+  np.testing.assert_allclose(
+    model.mlp.value, _Tiny(nnx.Rngs(0)).mlp.value, atol=1e-7
+  )  # compiled vs eager
 
 
 def test_shard_batch_splits_the_leading_axis():
@@ -78,7 +87,9 @@ def test_progress_reports_rate_and_eta():
   progress = Progress(total_steps=100, start_step=0, unit="tokens", every=10)
   assert progress.update(5, 1000) is None
   line = progress.update(10, 1000, {"loss": 1.23456})
-  assert line.startswith("step 10/100 (10.0%) | loss 1.235 |") and "tokens/s" in line and "ETA" in line
+  assert (
+    line.startswith("step 10/100 (10.0%) | loss 1.235 |") and "tokens/s" in line and "ETA" in line
+  )
 
 
 def test_drop_after_removes_redone_steps_and_a_cut_line(tmp_path):
@@ -96,6 +107,10 @@ def test_drop_after_removes_redone_steps_and_a_cut_line(tmp_path):
   writer.write(3, {"loss": 30.0})
   writer.close()
   rows = read_metrics(tmp_path)
-  assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "eval"),
-                                                     (3, "train")]
+  assert [(r["step"], r["split"]) for r in rows] == [
+    (1, "train"),
+    (2, "train"),
+    (2, "eval"),
+    (3, "train"),
+  ]
   assert rows[-1]["loss"] == 30.0

@@ -44,21 +44,46 @@ def _run(tmp_path, total=5, start_step=0, state=None, losses=None, on_step=None)
 
   writer = metrics_lib.MetricsWriter(tmp_path, tensorboard=False)
   ckpt = Checkpointer(tmp_path / "checkpoints", max_to_keep=10)
-  log = train_lib.TrainLog(writer, _Sums, start_step=start_step, total_steps=total, every=2,
-                           units_per_step=4, unit="rows", extra=lambda step: {"seen": 4.0 * step})
+  log = train_lib.TrainLog(
+    writer,
+    _Sums,
+    start_step=start_step,
+    total_steps=total,
+    every=2,
+    units_per_step=4,
+    unit="rows",
+    extra=lambda step: {"seen": 4.0 * step},
+  )
   if state is None:
     state = dict(params=jnp.float32(0.0), step=jnp.int32(0))
   try:
     state, step, preempted = train_lib.train_loop(
-        state, mesh=mesh, step_fn=step_fn, next_batch=next_batch, start_step=start_step,
-        total_steps=total, ckpt=ckpt, log_step=log, log_every=2, checkpoint_every=2,
-        eval_every=3, evaluate=lambda step, params: evaluated.append((step, float(params))),
-        on_step=on_step)
+      state,
+      mesh=mesh,
+      step_fn=step_fn,
+      next_batch=next_batch,
+      start_step=start_step,
+      total_steps=total,
+      ckpt=ckpt,
+      log_step=log,
+      log_every=2,
+      checkpoint_every=2,
+      eval_every=3,
+      evaluate=lambda step, params: evaluated.append((step, float(params))),
+      on_step=on_step,
+    )
   finally:
     ckpt.close()
     writer.close()
-  return dict(state=state, step=step, preempted=preempted, evaluated=evaluated,
-              batches=batches, log=log, steps_saved=Checkpointer(tmp_path / "checkpoints").all_steps())
+  return dict(
+    state=state,
+    step=step,
+    preempted=preempted,
+    evaluated=evaluated,
+    batches=batches,
+    log=log,
+    steps_saved=Checkpointer(tmp_path / "checkpoints").all_steps(),
+  )
 
 
 def test_cadence_of_logs_evaluations_and_checkpoints(tmp_path):
@@ -71,7 +96,9 @@ def test_cadence_of_logs_evaluations_and_checkpoints(tmp_path):
   assert [r["step"] for r in rows] == [2, 4, 5]
   assert [r["loss"] for r in rows] == [1.5, 3.5, 5.0]  # Window means, reset after each row.
   assert rows[-1]["seen"] == 20.0 and rows[-1]["rows_per_s"] > 0
-  assert out["log"].last == {k: v for k, v in rows[-1].items() if k not in ("step", "split", "time")}
+  assert out["log"].last == {
+    k: v for k, v in rows[-1].items() if k not in ("step", "split", "time")
+  }
 
 
 def test_resume_runs_only_the_remaining_steps(tmp_path):
@@ -103,11 +130,19 @@ def test_eval_every_zero_evaluates_only_at_the_end(tmp_path):
   ckpt = Checkpointer(tmp_path / "checkpoints")
   try:
     train_lib.train_loop(
-        dict(params=jnp.float32(0.0)), mesh=mesh,
-        step_fn=lambda s, b: (dict(params=s["params"] + b), dict(loss=b, grad_norm=b)),
-        next_batch=lambda step: (jnp.float32(step), {}), start_step=0, total_steps=4,
-        ckpt=ckpt, log_step=lambda step, metrics: None, log_every=10, checkpoint_every=10,
-        eval_every=0, evaluate=lambda step, params: seen.append(step))
+      dict(params=jnp.float32(0.0)),
+      mesh=mesh,
+      step_fn=lambda s, b: (dict(params=s["params"] + b), dict(loss=b, grad_norm=b)),
+      next_batch=lambda step: (jnp.float32(step), {}),
+      start_step=0,
+      total_steps=4,
+      ckpt=ckpt,
+      log_step=lambda step, metrics: None,
+      log_every=10,
+      checkpoint_every=10,
+      eval_every=0,
+      evaluate=lambda step, params: seen.append(step),
+    )
   finally:
     ckpt.close()
   assert seen == [4]

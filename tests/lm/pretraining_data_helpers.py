@@ -7,9 +7,7 @@ import sys
 
 import ml_collections
 
-from apollo.lm import generated_corpus
-from apollo.lm import selection
-from apollo.lm import text_sources
+from apollo.lm import generated_corpus, selection, text_sources
 from apollo.lm import tokenizer as tokenizer_lib
 
 # A hand-written mini corpus whose counts are known (see test_selection.py).
@@ -31,19 +29,21 @@ def write_mini_corpus(directory: str) -> str:
   return path
 
 
-def make_generated_shards(out_dir: str, num_documents: int = 120,
-                          docs_per_shard: int = 40) -> selection.SelectionCounts:
+def make_generated_shards(
+  out_dir: str, num_documents: int = 120, docs_per_shard: int = 40
+) -> selection.SelectionCounts:
   source = text_sources.GeneratedSource(
-      generated_corpus.GeneratedCorpusConfig(num_documents=num_documents, seed=3))
+    generated_corpus.GeneratedCorpusConfig(num_documents=num_documents, seed=3)
+  )
   return selection.run_selection(
-      source, out_dir,
-      selection.SelectionConfig(docs_per_shard=docs_per_shard, num_workers=1))
+    source, out_dir, selection.SelectionConfig(docs_per_shard=docs_per_shard, num_workers=1)
+  )
 
 
 def train_small_tokenizer(shard_dir: str, out_dir: str):
   return tokenizer_lib.train_bpe_tokenizer(
-      (r["text"] for r in selection.iter_records(shard_dir)), out_dir,
-      vocab_size=400)
+    (r["text"] for r in selection.iter_records(shard_dir)), out_dir, vocab_size=400
+  )
 
 
 def shards_and_tokenizer(root) -> tuple[str, str]:
@@ -81,8 +81,18 @@ def parse_flagfile(config_file: str, name: str) -> tuple[str, ml_collections.Con
   in a fresh process, with `config_file` (e.g. 'experiments/configs/pretrain.py:quickstart')
   as the --config default."""
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  out = subprocess.run([sys.executable, "-c", _PARSE_FLAGFILE, config_file,
-                        f"--flagfile=experiments/flags/{name}.flags"],
-                       cwd=root, capture_output=True, text=True, check=True)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      _PARSE_FLAGFILE,
+      config_file,
+      f"--flagfile=experiments/flags/{name}.flags",
+    ],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   parsed = json.loads(out.stdout.strip().splitlines()[-1])
   return parsed["workdir"], ml_collections.ConfigDict(parsed["config"])

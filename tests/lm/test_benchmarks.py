@@ -14,21 +14,28 @@ from apollo.lm import benchmarks
 KEYS = {"id", "context", "question", "options", "label"}
 
 RECLOR_RECORDS = [
-    {"context": "All birds fly. Ttherefore, the family' s parrot flies.",
-     "question": "Which one of the following is an assumption?",
-     "answers": ["A one", "B two", "C three", "D four"], "label": 2,
-     "id_string": "train_0"},
-    {"context": "Context two.", "question": "Which one weakens it?",
-     "answers": ["a", "b", "c", "d"], "label": 0, "id_string": "train_1",
-     "source": "extra field", "type": {"sufficient": True}},
+  {
+    "context": "All birds fly. Ttherefore, the family' s parrot flies.",
+    "question": "Which one of the following is an assumption?",
+    "answers": ["A one", "B two", "C three", "D four"],
+    "label": 2,
+    "id_string": "train_0",
+  },
+  {
+    "context": "Context two.",
+    "question": "Which one weakens it?",
+    "answers": ["a", "b", "c", "d"],
+    "label": 0,
+    "id_string": "train_1",
+    "source": "extra field",
+    "type": {"sufficient": True},
+  },
 ]
 
 LOGIQA_RECORDS = [
-    ("a", "Context one, with a comma.", "Which is true?",
-     ["First.", "Second.", "Third.", "Fourth."]),
-    ("d", "Context two.", "Which is false?", ["w", "x", "y", "z"]),
-    ("b", "Context three.", "The blank: the cat _ the dog.",
-     ["chased", "saw", "met", "fed"]),
+  ("a", "Context one, with a comma.", "Which is true?", ["First.", "Second.", "Third.", "Fourth."]),
+  ("d", "Context two.", "Which is false?", ["w", "x", "y", "z"]),
+  ("b", "Context three.", "The blank: the cat _ the dog.", ["chased", "saw", "met", "fed"]),
 ]
 
 
@@ -38,9 +45,15 @@ def write_reclor(path, records=RECLOR_RECORDS):
 
 
 def reclor_test_records(n):
-  return [{"context": f"c{i}", "question": f"q{i}",
-           "answers": ["a", "b", "c", "d"], "id_string": f"test_{i}"}
-          for i in range(n)]
+  return [
+    {
+      "context": f"c{i}",
+      "question": f"q{i}",
+      "answers": ["a", "b", "c", "d"],
+      "id_string": f"test_{i}",
+    }
+    for i in range(n)
+  ]
 
 
 def logiqa_text(records=LOGIQA_RECORDS, final_newline=False):
@@ -57,17 +70,28 @@ def write_logiqa(path, **kwargs):
 
 
 LOGIQA2_RECORDS = [
-    {"id": 1001, "answer": 3, "text": "Text one.", "question": "Q one?",
-     "options": ["o1", "o2", "o3", "o4"],
-     "type": {"Categorical Reasoning": True, "Sufficient Conditional": False}},
-    {"id": 1002, "answer": 0, "text": "Text two.", "question": "Q two?",
-     "options": ["p1", "p2", "p3", "p4"], "type": {}, "extra": [1, 2]},
+  {
+    "id": 1001,
+    "answer": 3,
+    "text": "Text one.",
+    "question": "Q one?",
+    "options": ["o1", "o2", "o3", "o4"],
+    "type": {"Categorical Reasoning": True, "Sufficient Conditional": False},
+  },
+  {
+    "id": 1002,
+    "answer": 0,
+    "text": "Text two.",
+    "question": "Q two?",
+    "options": ["p1", "p2", "p3", "p4"],
+    "type": {},
+    "extra": [1, 2],
+  },
 ]
 
 
 def write_logiqa2(path, records=LOGIQA2_RECORDS):
-  path.write_text("\n".join(json.dumps(r) for r in records) + "\n",
-                  encoding="utf-8")
+  path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
   return path
 
 
@@ -91,8 +115,7 @@ def test_read_reclor_hidden_test_labels_are_none(tmp_path):
   records = reclor_test_records(3)
   records[1]["label"] = None
   records[2]["label"] = -1
-  examples = benchmarks.read_reclor(write_reclor(tmp_path / "test.json",
-                                                 records))
+  examples = benchmarks.read_reclor(write_reclor(tmp_path / "test.json", records))
   assert [e["label"] for e in examples] == [None, None, None]
 
 
@@ -100,8 +123,9 @@ def test_read_reclor_malformed_record_names_file_and_record(tmp_path):
   records = [dict(RECLOR_RECORDS[0]), dict(RECLOR_RECORDS[1])]
   records[1]["answers"] = ["only", "three", "answers"]
   path = write_reclor(tmp_path / "val.json", records)
-  with pytest.raises(benchmarks.MalformedRecordError,
-                     match=r"val\.json: record 2: .*answers") as error:
+  with pytest.raises(
+    benchmarks.MalformedRecordError, match=r"val\.json: record 2: .*answers"
+  ) as error:
     benchmarks.read_reclor(path)
   assert isinstance(error.value, ValueError)
   assert error.value.record == 2 and error.value.path == str(path)
@@ -112,10 +136,10 @@ def test_read_reclor_malformed_record_names_file_and_record(tmp_path):
 
 
 def test_read_reclor_rejects_bad_labels(tmp_path):
-  records = [dict(RECLOR_RECORDS[0], label=4), dict(RECLOR_RECORDS[1],
-                                                    label=True)]
-  examples = benchmarks.read_reclor(write_reclor(tmp_path / "train.json",
-                                                 records), skip_malformed=True)
+  records = [dict(RECLOR_RECORDS[0], label=4), dict(RECLOR_RECORDS[1], label=True)]
+  examples = benchmarks.read_reclor(
+    write_reclor(tmp_path / "train.json", records), skip_malformed=True
+  )
   assert len(examples) == 0 and examples.skipped == 2
 
 
@@ -156,8 +180,9 @@ def test_read_logiqa_malformed_record_names_file_record_and_line(tmp_path):
   text = logiqa_text().replace("B.x", "Bx")  # record 2's option B: line 14
   path = tmp_path / "Test.txt"
   path.write_text(text, encoding="utf-8")
-  with pytest.raises(benchmarks.MalformedRecordError,
-                     match=r"Test\.txt: record 2 \(line 14\)") as error:
+  with pytest.raises(
+    benchmarks.MalformedRecordError, match=r"Test\.txt: record 2 \(line 14\)"
+  ) as error:
     benchmarks.read_logiqa(path)
   assert error.value.line == 14
 
@@ -171,7 +196,7 @@ def test_read_logiqa_truncated_and_bad_letter(tmp_path):
   records = list(LOGIQA_RECORDS)
   records[0] = ("e",) + records[0][1:]
   text = logiqa_text(records)
-  text = text[:text.rindex("\nD.")]  # the last record loses option D
+  text = text[: text.rindex("\nD.")]  # the last record loses option D
   path = tmp_path / "Train.txt"
   path.write_text(text, encoding="utf-8")
   with pytest.raises(ValueError, match=r"record 1 \(line 2\).*answer letter"):
@@ -188,18 +213,20 @@ def test_read_logiqa_truncated_and_bad_letter(tmp_path):
 def test_read_logiqa2(tmp_path):
   examples = benchmarks.read_logiqa2(write_logiqa2(tmp_path / "dev.txt"))
   assert len(examples) == 2 and all(set(e) == KEYS for e in examples)
-  assert examples[0] == {"id": "1001", "context": "Text one.",
-                         "question": "Q one?",
-                         "options": ["o1", "o2", "o3", "o4"], "label": 3}
+  assert examples[0] == {
+    "id": "1001",
+    "context": "Text one.",
+    "question": "Q one?",
+    "options": ["o1", "o2", "o3", "o4"],
+    "label": 3,
+  }
 
 
 def test_read_logiqa2_malformed_line(tmp_path):
   path = tmp_path / "train.txt"
-  lines = [json.dumps(LOGIQA2_RECORDS[0]), "", "{not json",
-           json.dumps(LOGIQA2_RECORDS[1])]
+  lines = [json.dumps(LOGIQA2_RECORDS[0]), "", "{not json", json.dumps(LOGIQA2_RECORDS[1])]
   path.write_text("\n".join(lines), encoding="utf-8")
-  with pytest.raises(benchmarks.MalformedRecordError,
-                     match=r"train\.txt: record 2 \(line 3\)"):
+  with pytest.raises(benchmarks.MalformedRecordError, match=r"train\.txt: record 2 \(line 3\)"):
     benchmarks.read_logiqa2(path)
   examples = benchmarks.read_logiqa2(path, skip_malformed=True)
   assert [e["id"] for e in examples] == ["1001", "1002"]
@@ -223,8 +250,7 @@ def test_reclor_test_subsets():
   ids = ["test_0", "test_439", "test_440", "test_999", "test_5"]
   subsets = benchmarks.reclor_test_subsets(ids)
   assert subsets.easy == [0, 1, 4] and subsets.hard == [2, 3]
-  full = benchmarks.reclor_test_subsets(
-      [{"id": f"test_{i}"} for i in range(1000)])
+  full = benchmarks.reclor_test_subsets([{"id": f"test_{i}"} for i in range(1000)])
   assert len(full.easy) == 440 and len(full.hard) == 560
   with pytest.raises(ValueError):
     benchmarks.reclor_test_subsets(["val_3"])
@@ -232,15 +258,13 @@ def test_reclor_test_subsets():
 
 def test_write_reclor_predictions(tmp_path):
   predictions = {f"test_{i}": np.int64(i % 4) for i in (2, 0, 3, 1)}
-  written = benchmarks.write_reclor_predictions(tmp_path / "p.json",
-                                                predictions)
+  written = benchmarks.write_reclor_predictions(tmp_path / "p.json", predictions)
   assert written == [0, 1, 2, 3]
   assert json.loads((tmp_path / "p.json").read_text()) == [0, 1, 2, 3]
   benchmarks.write_reclor_predictions(tmp_path / "p.npy", predictions)
   assert np.load(tmp_path / "p.npy").tolist() == [0, 1, 2, 3]
   with pytest.raises(ValueError, match="missing"):
-    benchmarks.write_reclor_predictions(tmp_path / "q.json",
-                                        {"test_0": 1, "test_2": 0})
+    benchmarks.write_reclor_predictions(tmp_path / "q.json", {"test_0": 1, "test_2": 0})
   with pytest.raises(ValueError, match="expected 0..3"):
     benchmarks.write_reclor_predictions(tmp_path / "q.json", {"test_0": 4})
 
@@ -249,16 +273,21 @@ def test_write_reclor_predictions(tmp_path):
 
 
 def test_choice_texts_appends_option():
-  example = {"context": "C.", "question": "Which is true?",
-             "options": ["a", "b", "c", "d"]}
+  example = {"context": "C.", "question": "Which is true?", "options": ["a", "b", "c", "d"]}
   assert benchmarks.choice_texts(example) == [
-      ("C.", "Which is true? a"), ("C.", "Which is true? b"),
-      ("C.", "Which is true? c"), ("C.", "Which is true? d")]
+    ("C.", "Which is true? a"),
+    ("C.", "Which is true? b"),
+    ("C.", "Which is true? c"),
+    ("C.", "Which is true? d"),
+  ]
 
 
 def test_choice_texts_fills_the_blank():
-  example = {"context": "C.", "question": "The cat ____ the dog, so _ ran.",
-             "options": ["chased", "saw", r"met \1", "fed"]}
+  example = {
+    "context": "C.",
+    "question": "The cat ____ the dog, so _ ran.",
+    "options": ["chased", "saw", r"met \1", "fed"],
+  }
   pairs = benchmarks.choice_texts(example)
   assert pairs[0] == ("C.", "The cat chased the dog, so chased ran.")
   assert pairs[2][1] == r"The cat met \1 the dog, so met \1 ran."

@@ -3,9 +3,7 @@
 import numpy as np
 import pytest
 
-from apollo.lm import contradiction
-from apollo.lm import keywords
-from apollo.lm import tagging
+from apollo.lm import contradiction, keywords, tagging
 
 _TAGGER = tagging.make_tagger()
 _KNOWN = _TAGGER.vocabulary.__contains__
@@ -15,49 +13,67 @@ def _sentence(text):
   return contradiction.TaggedSentence.from_text(text, _TAGGER, keywords.KeywordMatcher())
 
 
-@pytest.mark.parametrize("text, negated", [
+@pytest.mark.parametrize(
+  "text, negated",
+  [
     ("Kalomi is brittle.", "Kalomi is not brittle."),
     ("Kalomi is not brittle.", "Kalomi is brittle."),
     ("She doesn't know.", "She does know."),
     ("He can't swim.", "He can swim."),
-    ("The cat quickly ran because it was scared.",
-     "The cat quickly did not run because it was scared."),
+    (
+      "The cat quickly ran because it was scared.",
+      "The cat quickly did not run because it was scared.",
+    ),
     ("Tom has a dog.", "Tom does not have a dog."),
     ("The birds have left the island.", "The birds have not left the island."),
     ("Mira hummed loudly.", "Mira did not hum loudly."),
     ("The zorblets migrated south.", "The zorblets did not migrate south."),
     ("Kalomi never swims in Harrowmere.", "Kalomi swims in Harrowmere."),
     # The main clause follows a leading subordinate clause.
-    ("Because it was raining, the ground is wet.",
-     "Because it was raining, the ground is not wet."),
-])
+    (
+      "Because it was raining, the ground is wet.",
+      "Because it was raining, the ground is not wet.",
+    ),
+  ],
+)
 def test_negation_of_the_main_clause(text, negated):
   assert contradiction.negate_main_clause(_sentence(text), _KNOWN) == negated
 
 
-@pytest.mark.parametrize("text, swapped", [
+@pytest.mark.parametrize(
+  "text, swapped",
+  [
     ("It rained because the sky was grey.", "It rained although the sky was grey."),
     ("Although it rained, we played.", "Because it rained, we played."),
     ("It rained; therefore, we stayed.", "It rained; however, we stayed."),
     ("However, the club lost money.", "Therefore, the club lost money."),
     ("If it rains, we stay.", "Unless it rains, we stay."),
     ("Kalo swims only if the lake is warm.", "Kalo swims even if the lake is warm."),
-])
+  ],
+)
 def test_keyword_swap(text, swapped):
   assert contradiction.swap_keyword(_sentence(text)) == swapped
 
 
-@pytest.mark.parametrize("text, swapped", [
-    ("Kalomi is luminous because every quandril is luminous.",
-     "Every quandril is luminous because Kalomi is luminous."),
+@pytest.mark.parametrize(
+  "text, swapped",
+  [
+    (
+      "Kalomi is luminous because every quandril is luminous.",
+      "Every quandril is luminous because Kalomi is luminous.",
+    ),
     ("Because it rained, the ground is wet.", "Because the ground is wet, it rained."),
-    ("If a quandril is luminous, then it glows.",
-     "If it glows, then a quandril is luminous."),
-    ("All zorblets are heavy; therefore, Belmi is heavy.",
-     "Belmi is heavy; therefore, all zorblets are heavy."),
-    ("The river flooded, and as a result the town was evacuated.",
-     "The town was evacuated, and as a result the river flooded."),
-])
+    ("If a quandril is luminous, then it glows.", "If it glows, then a quandril is luminous."),
+    (
+      "All zorblets are heavy; therefore, Belmi is heavy.",
+      "Belmi is heavy; therefore, all zorblets are heavy.",
+    ),
+    (
+      "The river flooded, and as a result the town was evacuated.",
+      "The town was evacuated, and as a result the river flooded.",
+    ),
+  ],
+)
 def test_clause_swap_around_a_directional_keyword(text, swapped):
   assert contradiction.swap_clauses(_sentence(text)) == swapped
 
@@ -80,18 +96,27 @@ def test_enabled_perturbations_and_random_choice():
   assert only_swap == {"keyword_swap": "Kalo is warm although the sun shines."}
   with pytest.raises(ValueError, match="Unknown perturbations"):
     contradiction.applicable_perturbations(sentence, ["shuffle"])
-  draws = [contradiction.make_contradiction(sentence, np.random.default_rng(s))
-           for s in range(30)]
+  draws = [contradiction.make_contradiction(sentence, np.random.default_rng(s)) for s in range(30)]
   assert {name for name, _ in draws} == set(contradiction.PERTURBATIONS)
   assert draws[3] == contradiction.make_contradiction(sentence, np.random.default_rng(3))
-  assert contradiction.make_contradiction(
-      _sentence("Yes, indeed."), np.random.default_rng(0)) is None
+  assert (
+    contradiction.make_contradiction(_sentence("Yes, indeed."), np.random.default_rng(0)) is None
+  )
 
 
-@pytest.mark.parametrize("word, tag, base", [
-    ("swims", "VBZ", "swim"), ("watches", "VBZ", "watch"), ("carries", "VBZ", "carry"),
-    ("has", "VBZ", "have"), ("sank", "VBD", "sink"), ("studied", "VBD", "study"),
-    ("stopped", "VBD", "stop"), ("created", "VBD", "create"), ("walked", "VBD", "walk"),
-])
+@pytest.mark.parametrize(
+  "word, tag, base",
+  [
+    ("swims", "VBZ", "swim"),
+    ("watches", "VBZ", "watch"),
+    ("carries", "VBZ", "carry"),
+    ("has", "VBZ", "have"),
+    ("sank", "VBD", "sink"),
+    ("studied", "VBD", "study"),
+    ("stopped", "VBD", "stop"),
+    ("created", "VBD", "create"),
+    ("walked", "VBD", "walk"),
+  ],
+)
 def test_verb_base_form(word, tag, base):
   assert contradiction.verb_base_form(word, tag, _KNOWN) == base

@@ -19,10 +19,7 @@ import pytest
 
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import metrics as metrics_lib
-from apollo.lm import benchmarks
-from apollo.lm import finetune
-from apollo.lm import logic_mc
-from apollo.lm import pretrain
+from apollo.lm import benchmarks, finetune, logic_mc, pretrain
 from apollo.lm import tokenizer as tokenizer_lib
 from experiments.configs import finetune as finetune_configs
 from experiments.configs import pretrain as pretrain_configs
@@ -87,9 +84,13 @@ def test_pair_format_and_context_cut_first(tokenizer):
 
 def test_encode_examples_fills_blanks_and_counts_truncation(tokenizer):
   special = tokenizer_lib.special_ids(tokenizer)
-  example = dict(id="x", context="If it rains, the match is cancelled.",
-                 question="It rained, so the match was _.",
-                 options=["cancelled", "played", "won", "lost"], label=0)
+  example = dict(
+    id="x",
+    context="If it rains, the match is cancelled.",
+    question="It rained, so the match was _.",
+    options=["cancelled", "played", "won", "lost"],
+    label=0,
+  )
   hidden = dict(example, id="y", question="Which must be true?", label=None)
   split = finetune.encode_examples([example, hidden], tokenizer, 64)
   assert split.input_ids.shape == (2, 4, 64) and split.truncated == 0
@@ -100,17 +101,17 @@ def test_encode_examples_fills_blanks_and_counts_truncation(tokenizer):
     sep = ids.index(special.eos)
     assert ids[sep + 1] == special.eos  # </s></s> between the two texts.
     assert tokenizer.decode(ids[1:sep]) == example["context"]
-    assert tokenizer.decode(ids[sep + 2:-1]) == f"It rained, so the match was {option}."
-    assert (f"It rained, so the match was {option}." ==
-            benchmarks.choice_texts(example)[c][1])
+    assert tokenizer.decode(ids[sep + 2 : -1]) == f"It rained, so the match was {option}."
+    assert f"It rained, so the match was {option}." == benchmarks.choice_texts(example)[c][1]
   second = split.input_ids[1, 2][split.attention_mask[1, 2] == 1].tolist()
-  assert tokenizer.decode(second[second.index(special.eos) + 2:-1]) == "Which must be true? won"
+  assert tokenizer.decode(second[second.index(special.eos) + 2 : -1]) == "Which must be true? won"
   assert finetune.encode_examples([example], tokenizer, 12).truncated == 4
 
 
 def test_train_batches_are_a_function_of_the_step(dirs, tokenizer):
-  split = finetune.encode_examples(benchmarks.read_reclor(os.path.join(dirs["logic"], "train.json")),
-                                   tokenizer, MAX_LEN)
+  split = finetune.encode_examples(
+    benchmarks.read_reclor(os.path.join(dirs["logic"], "train.json")), tokenizer, MAX_LEN
+  )
   a = finetune.train_batch(split, 5, 8, seed=3)
   b = finetune.train_batch(split, 5, 8, seed=3)
   np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
@@ -128,8 +129,9 @@ def test_train_batches_are_a_function_of_the_step(dirs, tokenizer):
 
 def restore(workdir, config):
   source = finetune.resolve_init(config)
-  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh(
+    (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
   setup = finetune.make_setup(config, source.model_config, mesh, STEPS, 0)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
@@ -183,8 +185,9 @@ def test_sigterm_and_resume_are_bit_exact(dirs, scratch_run, tmp_path):
   assert loss(workdir) == loss(reference_dir)
   ours, theirs = restore(workdir, config), restore(reference_dir, config)
   assert ours.data == theirs.data
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(ours.state),
-               jax.device_get(theirs.state))
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(ours.state), jax.device_get(theirs.state)
+  )
 
 
 @pytest.fixture(scope="module")
@@ -209,16 +212,16 @@ def test_init_from_pretrain_uses_its_encoder_and_tokenizer(dirs, pretrain_dir, t
   source = finetune.resolve_init(config)
   assert source.kind == "pretrain" and source.tokenizer_path == dirs["tokenizer"]
   assert source.model_config.hidden_size == 32
-  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh(
+    (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
   setup = finetune.make_setup(config, source.model_config, mesh, STEPS, 0)
   state = finetune.init_state(config, setup, source)
   encoder, step = finetune.restore_pretrained_encoder(pretrain_dir, mesh)
   assert step == 2
   got = jax.device_get(state["params"]["encoder"])
   assert "pooler" in got and "pooler" not in encoder  # The pooler is new.
-  jax.tree.map(np.testing.assert_array_equal, {k: got[k] for k in encoder},
-               jax.device_get(encoder))
+  jax.tree.map(np.testing.assert_array_equal, {k: got[k] for k in encoder}, jax.device_get(encoder))
   result = finetune.train_and_evaluate(config, str(tmp_path / "ft"))
   assert result["step"] == STEPS and result["best"]["step"] == STEPS
 
@@ -238,10 +241,14 @@ def _reclor_fixture(directory, logic_dir, num_test):
 
 
 def test_reclor_reports_test_e_h_and_writes_the_leaderboard_file(dirs, tmp_path):
-  data = _reclor_fixture(str(tmp_path / "reclor"), dirs["logic"],
-                         benchmarks.RECLOR_TEST_EASY_COUNT + 8)
-  config = tiny_config(dirs, train_steps=1, **{"data.dataset": "reclor", "data.data_dir": data,
-                                               "data.eval_batch_size": 64})
+  data = _reclor_fixture(
+    str(tmp_path / "reclor"), dirs["logic"], benchmarks.RECLOR_TEST_EASY_COUNT + 8
+  )
+  config = tiny_config(
+    dirs,
+    train_steps=1,
+    **{"data.dataset": "reclor", "data.data_dir": data, "data.eval_batch_size": 64},
+  )
   workdir = str(tmp_path / "ft")
   result = finetune.train_and_evaluate(config, workdir)
   test = result["eval"]["test"]
@@ -251,9 +258,9 @@ def test_reclor_reports_test_e_h_and_writes_the_leaderboard_file(dirs, tmp_path)
   with open(os.path.join(workdir, "reclor_test_predictions.json")) as f:
     leaderboard = json.load(f)
   assert leaderboard == [r["prediction"] for r in rows]  # Entry i is "test_i".
-  easy = [r["prediction"] == r["label"] for r in rows[:benchmarks.RECLOR_TEST_EASY_COUNT]]
+  easy = [r["prediction"] == r["label"] for r in rows[: benchmarks.RECLOR_TEST_EASY_COUNT]]
   assert test["test_e_accuracy"] == pytest.approx(np.mean(easy))
-  hard = [r["prediction"] == r["label"] for r in rows[benchmarks.RECLOR_TEST_EASY_COUNT:]]
+  hard = [r["prediction"] == r["label"] for r in rows[benchmarks.RECLOR_TEST_EASY_COUNT :]]
   assert test["test_h_accuracy"] == pytest.approx(np.mean(hard))
 
 
@@ -274,12 +281,12 @@ def test_missing_or_empty_pretrain_workdir_names_the_flag(dirs, tmp_path):
 
 def test_other_bad_inputs_name_the_flag(dirs, tmp_path):
   cases = [
-      (dict(**{"data.tokenizer_path": ""}), ValueError, "needs --config.data.tokenizer_path"),
-      (dict(**{"data.dataset": "race"}), ValueError, "data.dataset='race'"),
-      (dict(**{"data.data_dir": str(tmp_path / "none")}), FileNotFoundError, "data_dir=.*none"),
-      (dict(**{"optimizer.name": "lamb"}), ValueError, "optimizer.name='lamb'"),
-      (dict(**{"data.max_len": 4096}), ValueError, "max_len=4096 exceeds"),
-      (dict(init_from_hf=str(tmp_path)), ValueError, "at most one"),
+    (dict(**{"data.tokenizer_path": ""}), ValueError, "needs --config.data.tokenizer_path"),
+    (dict(**{"data.dataset": "race"}), ValueError, "data.dataset='race'"),
+    (dict(**{"data.data_dir": str(tmp_path / "none")}), FileNotFoundError, "data_dir=.*none"),
+    (dict(**{"optimizer.name": "lamb"}), ValueError, "optimizer.name='lamb'"),
+    (dict(**{"data.max_len": 4096}), ValueError, "max_len=4096 exceeds"),
+    (dict(init_from_hf=str(tmp_path)), ValueError, "at most one"),
   ]
   for overrides, error, match in cases:
     config = tiny_config(dirs, **overrides)
@@ -291,6 +298,7 @@ def test_other_bad_inputs_name_the_flag(dirs, tmp_path):
 
 def test_mismatched_shapes_are_refused(dirs, scratch_run, tmp_path):
   import shutil
+
   reference_dir, _ = scratch_run
   workdir = str(tmp_path / "copy")
   shutil.copytree(reference_dir, workdir)
@@ -303,9 +311,16 @@ def test_mismatched_shapes_are_refused(dirs, scratch_run, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
 
 
-@pytest.mark.parametrize("name", ["quickstart_finetune", "reclor_roberta_base",
-                                  "reclor_roberta_large", "logiqa_roberta_base",
-                                  "logiqa_roberta_large"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "quickstart_finetune",
+    "reclor_roberta_base",
+    "reclor_roberta_large",
+    "logiqa_roberta_base",
+    "logiqa_roberta_large",
+  ],
+)
 def test_flagfiles_parse(name):
   workdir, config = helpers.parse_flagfile("experiments/configs/finetune.py:quickstart", name)
   assert workdir and config.data.dataset in finetune.DATASETS

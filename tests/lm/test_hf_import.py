@@ -73,14 +73,16 @@ def test_hf_layout_names_and_shapes(config, pretraining_model):
   # Torch Linear computes x @ W.T + b: our kernel must equal W.T (heads flattened).
   query = pretraining_model.encoder.layers[1].attention.query
   np.testing.assert_array_equal(
-      np.asarray(query.kernel.get_value()).reshape(h, h),
-      state["roberta.encoder.layer.1.attention.self.query.weight"].T)
+    np.asarray(query.kernel.get_value()).reshape(h, h),
+    state["roberta.encoder.layer.1.attention.self.query.weight"].T,
+  )
 
 
 def test_round_trip_is_exact(tmp_path, config, pretraining_model):
   out_dir = hf_import.export_hf(pretraining_model, tmp_path / "ckpt")
   assert json.loads((out_dir / "config.json").read_text())["architectures"] == [
-      "RobertaForMaskedLM"]
+    "RobertaForMaskedLM"
+  ]
   loaded, report = hf_import.from_pretrained(out_dir, M.PretrainingModel, seed=99)
   assert report.missing == [] and report.unused == []
   assert loaded.config == config
@@ -98,14 +100,19 @@ def test_multiple_choice_round_trip_and_transfer(tmp_path, config, pretraining_m
   # Pretrained trunk -> fine-tuning model: pooler and scorer are new, as in HF.
   ckpt = hf_import.export_hf(pretraining_model, tmp_path / "pretrained")
   mc, report = hf_import.from_pretrained(ckpt, M.MultipleChoiceModel)
-  assert report.missing == ["roberta.pooler.dense.weight", "roberta.pooler.dense.bias",
-                            "classifier.weight", "classifier.bias"]
+  assert report.missing == [
+    "roberta.pooler.dense.weight",
+    "roberta.pooler.dense.bias",
+    "classifier.weight",
+    "classifier.bias",
+  ]
   assert report.unused == sorted(
-      k for k in load_file(ckpt / "model.safetensors")
-      if k.startswith(("lm_head.", "classifier.")))
+    k for k in load_file(ckpt / "model.safetensors") if k.startswith(("lm_head.", "classifier."))
+  )
   np.testing.assert_array_equal(
-      mc.encoder.layers[0].intermediate.kernel.get_value(),
-      pretraining_model.encoder.layers[0].intermediate.kernel.get_value())
+    mc.encoder.layers[0].intermediate.kernel.get_value(),
+    pretraining_model.encoder.layers[0].intermediate.kernel.get_value(),
+  )
   # And a multiple-choice model survives its own round trip, pooler included.
   ckpt2 = hf_import.export_hf(mc, tmp_path / "mc")
   mc2, report2 = hf_import.from_pretrained(ckpt2, M.MultipleChoiceModel, seed=5)
@@ -129,13 +136,13 @@ def test_bare_encoder_checkpoint_and_tied_copies(tmp_path, config, pretraining_m
     hf_import.import_hf_state_dict(model, state)
   # A bare RobertaModel checkpoint has no 'roberta.' prefix.
   encoder = M.Encoder(config, add_pooler=False, rngs=nnx.Rngs(0))
-  bare = {k.removeprefix("roberta."): v for k, v in state.items()
-          if k.startswith("roberta.")}
+  bare = {k.removeprefix("roberta."): v for k, v in state.items() if k.startswith("roberta.")}
   report = hf_import.import_hf_state_dict(encoder, bare)
   assert report.unused == [] and len(report.loaded) == 5 + 2 * 16
   np.testing.assert_array_equal(
-      encoder.embeddings.word_embeddings.embedding.get_value(),
-      pretraining_model.encoder.embeddings.word_embeddings.embedding.get_value())
+    encoder.embeddings.word_embeddings.embedding.get_value(),
+    pretraining_model.encoder.embeddings.word_embeddings.embedding.get_value(),
+  )
 
 
 def test_shape_mismatch_names_file_and_tensor(tmp_path, config, pretraining_model):
@@ -143,9 +150,12 @@ def test_shape_mismatch_names_file_and_tensor(tmp_path, config, pretraining_mode
   wrong = M.PretrainingModel(M.get_config("tiny", vocab_size=500), rngs=nnx.Rngs(0))
   before = _params(wrong)
   tensors, source = hf_import.load_hf_state_dict(ckpt)
-  with pytest.raises(ValueError, match=r"model\.safetensors: tensor "
-                     r"'roberta\.embeddings\.word_embeddings\.weight' has shape "
-                     r"\(512, 64\).*expects \(500, 64\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"model\.safetensors: tensor "
+    r"'roberta\.embeddings\.word_embeddings\.weight' has shape "
+    r"\(512, 64\).*expects \(500, 64\)",
+  ):
     hf_import.import_hf_state_dict(wrong, tensors, source=source)
   # A failed import changes nothing.
   for path, value in _params(wrong).items():
@@ -153,8 +163,7 @@ def test_shape_mismatch_names_file_and_tensor(tmp_path, config, pretraining_mode
   # A missing trunk tensor is an error; a missing head is not.
   del tensors["roberta.encoder.layer.1.output.LayerNorm.bias"]
   with pytest.raises(ValueError, match="layer.1.output.LayerNorm.bias' is missing"):
-    hf_import.import_hf_state_dict(M.PretrainingModel(config, rngs=nnx.Rngs(0)),
-                                   tensors)
+    hf_import.import_hf_state_dict(M.PretrainingModel(config, rngs=nnx.Rngs(0)), tensors)
   with pytest.raises(FileNotFoundError):
     hf_import.load_hf_state_dict(tmp_path)
 
@@ -165,12 +174,12 @@ def test_bfloat16_checkpoint_and_sharded_index(tmp_path, config, pretraining_mod
   d = tmp_path / "sharded"
   d.mkdir()
   (d / "config.json").write_text(json.dumps(hf_import.config_to_hf(config)))
-  halves = {"a.safetensors": names[: len(names) // 2],
-            "b.safetensors": names[len(names) // 2:]}
+  halves = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2 :]}
   for file, keys in halves.items():
     save_file({k: state[k].astype(jnp.bfloat16) for k in keys}, d / file)
-  (d / "model.safetensors.index.json").write_text(json.dumps(
-      {"weight_map": {k: f for f, ks in halves.items() for k in ks}}))
+  (d / "model.safetensors.index.json").write_text(
+    json.dumps({"weight_map": {k: f for f, ks in halves.items() for k in ks}})
+  )
   model, report = hf_import.from_pretrained(d, M.PretrainingModel)
   assert report.missing == [] and report.unused == []
   got = model.encoder.layers[0].intermediate.kernel.get_value()
@@ -179,8 +188,7 @@ def test_bfloat16_checkpoint_and_sharded_index(tmp_path, config, pretraining_mod
   np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-4)
 
 
-def test_pytorch_bin_needs_torch_only_when_used(tmp_path, monkeypatch, config,
-                                                pretraining_model):
+def test_pytorch_bin_needs_torch_only_when_used(tmp_path, monkeypatch, config, pretraining_model):
   d = tmp_path / "bin"
   d.mkdir()
   (d / "config.json").write_text(json.dumps(hf_import.config_to_hf(config)))
@@ -190,12 +198,14 @@ def test_pytorch_bin_needs_torch_only_when_used(tmp_path, monkeypatch, config,
   except ImportError:
     torch = None
   if torch is not None:
-    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()},
-               d / "pytorch_model.bin")
+    torch.save(
+      {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, d / "pytorch_model.bin"
+    )
     model, report = hf_import.from_pretrained(d, M.PretrainingModel)
     assert report.missing == [] and report.unused == []
     np.testing.assert_array_equal(
-        model.mlm_head.bias.get_value(), pretraining_model.mlm_head.bias.get_value())
+      model.mlm_head.bias.get_value(), pretraining_model.mlm_head.bias.get_value()
+    )
   else:
     (d / "pytorch_model.bin").write_bytes(b"")
   monkeypatch.setitem(sys.modules, "torch", None)  # As if torch were not installed.
@@ -204,15 +214,17 @@ def test_pytorch_bin_needs_torch_only_when_used(tmp_path, monkeypatch, config,
 
 
 def test_import_into_sharded_model(tmp_path, config, pretraining_model):
-  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh(
+    (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
   ckpt = hf_import.export_hf(pretraining_model, tmp_path / "ckpt")
   model, report = hf_import.from_pretrained(ckpt, M.PretrainingModel, mesh=mesh)
   assert report.missing == []
   kernel = model.encoder.layers[1].attention.query.kernel.get_value()
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   np.testing.assert_array_equal(
-      kernel, pretraining_model.encoder.layers[1].attention.query.kernel.get_value())
+    kernel, pretraining_model.encoder.layers[1].attention.query.kernel.get_value()
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -222,9 +234,18 @@ def test_import_into_sharded_model(tmp_path, config, pretraining_model):
 
 def _tiny_hf_config(transformers):
   return transformers.RobertaConfig(
-      vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-      intermediate_size=128, max_position_embeddings=130, type_vocab_size=1,
-      pad_token_id=PAD, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
+    vocab_size=512,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=130,
+    type_vocab_size=1,
+    pad_token_id=PAD,
+    bos_token_id=0,
+    eos_token_id=2,
+    layer_norm_eps=1e-5,
+  )
 
 
 def test_matches_transformers_roberta(tmp_path):
@@ -242,12 +263,16 @@ def test_matches_transformers_roberta(tmp_path):
 
   model, report = hf_import.from_pretrained(tmp_path / "mlm", M.PretrainingModel)
   assert report.unused == []
-  assert set(report.missing) == {"classifier.dense.weight", "classifier.dense.bias",
-                                 "classifier.out_proj.weight",
-                                 "classifier.out_proj.bias"}
+  assert set(report.missing) == {
+    "classifier.dense.weight",
+    "classifier.dense.bias",
+    "classifier.out_proj.weight",
+    "classifier.out_proj.bias",
+  }
   with torch.no_grad():
-    want = mlm(input_ids=torch.from_numpy(ids).long(),
-               attention_mask=torch.from_numpy(mask).long()).logits.numpy()
+    want = mlm(
+      input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()
+    ).logits.numpy()
   got = np.asarray(_jit_call(model, ids, mask).mlm_logits)
   valid = mask.astype(bool)  # HF's outputs at padded positions are arbitrary.
   diff = np.abs(got - want)[valid].max()
@@ -260,8 +285,7 @@ def test_matches_transformers_roberta(tmp_path):
   encoder, report = hf_import.from_pretrained(tmp_path / "base", M.Encoder)
   assert report.missing == [] and report.unused == []
   with torch.no_grad():
-    out = base(input_ids=torch.from_numpy(ids).long(),
-               attention_mask=torch.from_numpy(mask).long())
+    out = base(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
   hidden = np.asarray(_jit_call(encoder, ids, mask))
   pooled = np.asarray(encoder.pooler(hidden))
   diff_hidden = np.abs(hidden - out.last_hidden_state.numpy())[valid].max()
@@ -289,10 +313,13 @@ def test_export_loads_in_transformers(tmp_path, pretraining_model, config):
 
   mc_model = M.MultipleChoiceModel(config, rngs=nnx.Rngs(1))
   mc = transformers.RobertaForMultipleChoice.from_pretrained(
-      hf_import.export_hf(mc_model, tmp_path / "mc")).eval()
+    hf_import.export_hf(mc_model, tmp_path / "mc")
+  ).eval()
   choices_ids, choices_mask = ids.reshape(1, 3, -1), mask.reshape(1, 3, -1)
   with torch.no_grad():
-    want_mc = mc(input_ids=torch.from_numpy(choices_ids).long(),
-                 attention_mask=torch.from_numpy(choices_mask).long()).logits.numpy()
+    want_mc = mc(
+      input_ids=torch.from_numpy(choices_ids).long(),
+      attention_mask=torch.from_numpy(choices_mask).long(),
+    ).logits.numpy()
   got_mc = np.asarray(_jit_call(mc_model, choices_ids, choices_mask))
   assert np.abs(got_mc - want_mc).max() < 1e-4

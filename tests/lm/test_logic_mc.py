@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from apollo.lm import benchmarks
-from apollo.lm import logic_mc
+from apollo.lm import benchmarks, logic_mc
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +16,11 @@ def train_2000():
 
 def test_examples_are_well_formed(train_2000):
   for example in train_2000[:200]:
-    assert set(example) == {"id", "context", "question", "options", "label",
-                            "question_type"}
+    assert set(example) == {"id", "context", "question", "options", "label", "question_type"}
     assert len(example["options"]) == 4
     assert len(set(example["options"])) == 4
     assert example["label"] in range(4)
-  assert ({e["question_type"] for e in train_2000}
-          == set(logic_mc.QUESTION_TYPES))
+  assert {e["question_type"] for e in train_2000} == set(logic_mc.QUESTION_TYPES)
 
 
 def test_generation_is_deterministic():
@@ -36,12 +33,9 @@ def test_generation_is_deterministic():
 
 
 def test_splits_do_not_share_contexts():
-  splits = logic_mc.generate_splits({"train": 300, "validation": 150,
-                                     "test": 150}, seed=0)
-  contexts = {s: {e["context"] for e in examples}
-              for s, examples in splits.items()}
-  assert {s: len(c) for s, c in contexts.items()} == {
-      "train": 300, "validation": 150, "test": 150}
+  splits = logic_mc.generate_splits({"train": 300, "validation": 150, "test": 150}, seed=0)
+  contexts = {s: {e["context"] for e in examples} for s, examples in splits.items()}
+  assert {s: len(c) for s, c in contexts.items()} == {"train": 300, "validation": 150, "test": 150}
   assert contexts["train"].isdisjoint(contexts["validation"])
   assert contexts["train"].isdisjoint(contexts["test"])
   assert contexts["validation"].isdisjoint(contexts["test"])
@@ -82,9 +76,10 @@ def _most_shared_with_other_options(example):
   return shared.index(max(shared))
 
 
-@pytest.mark.parametrize("baseline", [_longest_option, _max_word_overlap,
-                                      _shortest_option,
-                                      _most_shared_with_other_options])
+@pytest.mark.parametrize(
+  "baseline",
+  [_longest_option, _max_word_overlap, _shortest_option, _most_shared_with_other_options],
+)
 def test_surface_baselines_stay_near_chance(train_2000, baseline):
   accuracy = _accuracy(train_2000, baseline)
   assert 0.15 < accuracy < 0.40, (baseline.__name__, accuracy)
@@ -94,37 +89,39 @@ def test_written_files_load_with_the_reclor_reader(tmp_path):
   sizes = {"train": 20, "validation": 8, "test": 8}
   paths = logic_mc.write_reclor_format(tmp_path, sizes, seed=3)
   assert sorted(p.rsplit("/", 1)[-1] for p in paths.values()) == [
-      "test.json", "train.json", "val.json"]
+    "test.json",
+    "train.json",
+    "val.json",
+  ]
   generated = logic_mc.generate_splits(sizes, seed=3)
   for split, path in paths.items():
     examples = benchmarks.read_reclor(path)
-    expected = [{k: e[k] for k in ("id", "context", "question", "options",
-                                   "label")} for e in generated[split]]
+    expected = [
+      {k: e[k] for k in ("id", "context", "question", "options", "label")} for e in generated[split]
+    ]
     assert examples == expected
   # Our test split keeps its labels, unlike ReClor's.
-  assert all(e["label"] is not None
-             for e in benchmarks.read_reclor(paths["test"]))
+  assert all(e["label"] is not None for e in benchmarks.read_reclor(paths["test"]))
   assert benchmarks.read_reclor(paths["validation"])[0]["id"] == "val_0"
 
 
 def test_theory_knows_the_fallacies():
   """The checker behind every answer: valid forms hold, fallacies do not."""
-  world = logic_mc._World("grell", "grells", ("Tovin", "Bela"),
-                          ("brisk", "vorpish", "talmic"))
+  world = logic_mc._World("grell", "grells", ("Tovin", "Bela"), ("brisk", "vorpish", "talmic"))
   say = logic_mc._Sentences(world, random.Random(0))
   brisk, vorpish = (0, True), (1, True)
   rule = say.rule(brisk, vorpish)
-  theory = logic_mc._Theory(say.tables, world.names,
-                            [rule, say.fact("Tovin", brisk),
-                             say.fact("Bela", vorpish)])
+  theory = logic_mc._Theory(
+    say.tables, world.names, [rule, say.fact("Tovin", brisk), say.fact("Bela", vorpish)]
+  )
   assert theory.consistent()
-  assert theory.entails(say.fact("Tovin", vorpish))              # ponens
+  assert theory.entails(say.fact("Tovin", vorpish))  # ponens
   assert theory.contradicts(say.fact("Tovin", (1, False)))
-  assert not theory.entails(say.fact("Bela", brisk))        # affirming cons.
+  assert not theory.entails(say.fact("Bela", brisk))  # affirming cons.
   assert not theory.contradicts(say.fact("Bela", brisk))
-  assert not theory.entails(say.rule(vorpish, brisk))            # converse
-  assert not theory.entails(say.rule((0, False), (1, False)))    # inverse
-  assert theory.entails(say.rule((1, False), (0, False)))   # contrapositive
+  assert not theory.entails(say.rule(vorpish, brisk))  # converse
+  assert not theory.entails(say.rule((0, False), (1, False)))  # inverse
+  assert theory.entails(say.rule((1, False), (0, False)))  # contrapositive
   with_denial = theory.plus(say.fact("Bela", (0, False)))
   assert with_denial.consistent()
   assert not with_denial.plus(say.fact("Tovin", (1, False))).consistent()

@@ -3,17 +3,22 @@
 import numpy as np
 import pytest
 
-from apollo.lm import keywords
-from apollo.lm import masking
-from apollo.lm import tagging
+from apollo.lm import keywords, masking, tagging
 
 MASK_ID, VOCAB, SPECIAL = 4, 1000, (0, 1, 2, 3, 4)
 
 
 def _mask(token_ids, token_words, candidates, seed, config=masking.MaskingConfig()):
   return masking.mask_selected_words(
-      np.asarray(token_ids), np.asarray(token_words), candidates,
-      np.random.default_rng(seed), config, MASK_ID, VOCAB, SPECIAL)
+    np.asarray(token_ids),
+    np.asarray(token_words),
+    candidates,
+    np.random.default_rng(seed),
+    config,
+    MASK_ID,
+    VOCAB,
+    SPECIAL,
+  )
 
 
 def test_candidates_are_pos_selected_words_and_keywords():
@@ -21,16 +26,20 @@ def test_candidates_are_pos_selected_words_and_keywords():
   words = tagging.word_tokenize(text)
   tags = [t for _, t in tagging.make_tagger().tag([w.text for w in words])]
   matches = keywords.KeywordMatcher().find(text)
-  chosen = [words[i].text for i in masking.candidate_words(
-      words, tags, matches, masking.MaskingConfig())]
+  chosen = [
+    words[i].text for i in masking.candidate_words(words, tags, matches, masking.MaskingConfig())
+  ]
   assert chosen == ["quickly", "ran", "because", "was", "scared"]
   no_keywords = masking.MaskingConfig(mask_keywords=False)
-  assert "because" not in [words[i].text for i in masking.candidate_words(
-      words, tags, matches, no_keywords)]
-  verbs_only = masking.MaskingConfig(candidate_tag_prefixes=("VB",),
-                                     mask_keywords=False)
-  assert [words[i].text for i in masking.candidate_words(
-      words, tags, matches, verbs_only)] == ["ran", "was", "scared"]
+  assert "because" not in [
+    words[i].text for i in masking.candidate_words(words, tags, matches, no_keywords)
+  ]
+  verbs_only = masking.MaskingConfig(candidate_tag_prefixes=("VB",), mask_keywords=False)
+  assert [words[i].text for i in masking.candidate_words(words, tags, matches, verbs_only)] == [
+    "ran",
+    "was",
+    "scared",
+  ]
 
 
 def test_budget_and_80_10_10_statistics():
@@ -72,8 +81,9 @@ def test_all_subwords_of_a_word_are_masked_together():
   # Word w has tokens 2w and 2w+1.
   token_words = np.repeat(np.arange(10), 2)
   for seed in range(20):
-    result = _mask(np.arange(100, 120), token_words, [1, 4, 7], seed,
-                   masking.MaskingConfig(mask_ratio=0.2))
+    result = _mask(
+      np.arange(100, 120), token_words, [1, 4, 7], seed, masking.MaskingConfig(mask_ratio=0.2)
+    )
     targets = result.labels != masking.IGNORE_LABEL
     assert targets.sum() == 4  # Two whole words fill the budget of 4.
     for w in range(10):
@@ -98,8 +108,7 @@ def test_tokens_map_to_words_by_character_overlap():
   # Tokens "Ka" "lo" " doesn" "'t" " " "swim" "."; the byte-level tokenizer
   # gives the lone space token an empty span, and it joins the next word.
   offsets = [(0, 2), (2, 4), (4, 10), (10, 12), (13, 13), (13, 17), (17, 18)]
-  np.testing.assert_array_equal(masking.tokens_to_words(offsets, words),
-                                [0, 0, 1, 2, 3, 3, 4])
+  np.testing.assert_array_equal(masking.tokens_to_words(offsets, words), [0, 0, 1, 2, 3, 3, 4])
 
 
 def test_config_is_validated():

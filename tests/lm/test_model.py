@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from apollo.lm import model as M
 
@@ -44,9 +45,17 @@ def _batch(config, batch=4, length=12, seed=0):
 def test_presets():
   base, large = M.get_config("base"), M.get_config("large")
   assert (base.hidden_size, base.num_layers, base.num_heads, base.intermediate_size) == (
-      768, 12, 12, 3072)
-  assert (large.hidden_size, large.num_layers, large.num_heads,
-          large.intermediate_size) == (1024, 24, 16, 4096)
+    768,
+    12,
+    12,
+    3072,
+  )
+  assert (large.hidden_size, large.num_layers, large.num_heads, large.intermediate_size) == (
+    1024,
+    24,
+    16,
+    4096,
+  )
   assert base.vocab_size == 50265 and base.max_position_embeddings == 514
   assert base.max_sequence_length == 512
   assert M.get_config("tiny", dtype="bfloat16").dtype == jnp.bfloat16
@@ -65,8 +74,8 @@ def test_roberta_base_parameter_count():
 def test_position_ids_follow_roberta():
   ids = jnp.array([[0, 7, 8, 2, PAD, PAD], [0, 7, PAD, 9, 2, PAD]])
   np.testing.assert_array_equal(
-      M.roberta_position_ids(ids, PAD),
-      [[2, 3, 4, 5, 1, 1], [2, 3, 1, 4, 5, 1]])
+    M.roberta_position_ids(ids, PAD), [[2, 3, 4, 5, 1, 1], [2, 3, 1, 4, 5, 1]]
+  )
 
 
 def test_pretraining_model_shapes_and_padding_invariance(config, model):
@@ -78,8 +87,9 @@ def test_pretraining_model_shapes_and_padding_invariance(config, model):
   # Extra padding must not change the real tokens' outputs (mask + position ids).
   padded = jnp.pad(ids, ((0, 0), (0, 5)), constant_values=PAD)
   out_padded = _jit_call(model, padded, (padded != PAD).astype(jnp.int32))
-  np.testing.assert_allclose(out_padded.mlm_logits[:, :12] * mask[..., None],
-                             out.mlm_logits * mask[..., None], atol=1e-5)
+  np.testing.assert_allclose(
+    out_padded.mlm_logits[:, :12] * mask[..., None], out.mlm_logits * mask[..., None], atol=1e-5
+  )
   np.testing.assert_allclose(out_padded.ecls_logits, out.ecls_logits, atol=1e-5)
   # mlm_positions gathers the same logits.
   positions = jnp.array([[1, 3]] * 4)
@@ -99,8 +109,12 @@ def test_mlm_decoder_is_tied_to_word_embeddings(config):
   changed = np.abs(np.asarray(after - before)).max(axis=(0, 1)) > 1e-6
   assert np.flatnonzero(changed).tolist() == [unused_token]
   assert {path for path, _ in nnx.to_flat_state(nnx.state(model.mlm_head))} == {
-      ("bias",), ("dense", "kernel"), ("dense", "bias"),
-      ("layer_norm", "scale"), ("layer_norm", "bias")}
+    ("bias",),
+    ("dense", "kernel"),
+    ("dense", "bias"),
+    ("layer_norm", "scale"),
+    ("layer_norm", "bias"),
+  }
 
 
 def test_multiple_choice_model(config):
@@ -143,8 +157,7 @@ def test_gradients_reach_every_parameter(config, model):
     return (mlm * mask).sum() / mask.sum() + out.ecls_logits.sum()
 
   grads = jax.jit(jax.grad(loss_fn))(state)
-  norms = {path: float(jnp.linalg.norm(g)) for path, g in
-           nnx.to_flat_state(grads)}
+  norms = {path: float(jnp.linalg.norm(g)) for path, g in nnx.to_flat_state(grads)}
   assert all(n > 0 for n in norms.values()), [p for p, n in norms.items() if n == 0]
 
 
@@ -155,8 +168,7 @@ def optax_free_xent(logits, labels):
 
 def test_bfloat16_compute_stays_close_and_params_stay_float32(config, model):
   ids, mask = _batch(config)
-  bf16 = M.PretrainingModel(
-      M.get_config("tiny", dtype="bfloat16"), rngs=nnx.Rngs(0))
+  bf16 = M.PretrainingModel(M.get_config("tiny", dtype="bfloat16"), rngs=nnx.Rngs(0))
   dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(bf16, nnx.Param))}
   assert dtypes == {jnp.dtype(jnp.float32)}
   out32, out16 = _jit_call(model, ids, mask), _jit_call(bf16, ids, mask)
@@ -164,8 +176,9 @@ def test_bfloat16_compute_stays_close_and_params_stay_float32(config, model):
   diff = np.abs(np.asarray(out16.mlm_logits, np.float32) - np.asarray(out32.mlm_logits))
   scale = np.abs(np.asarray(out32.mlm_logits)).max()
   assert diff.max() < 0.05 * scale, (diff.max(), scale)
-  np.testing.assert_allclose(np.asarray(out16.ecls_logits, np.float32),
-                             out32.ecls_logits, atol=0.05 * scale)
+  np.testing.assert_allclose(
+    np.asarray(out16.ecls_logits, np.float32), out32.ecls_logits, atol=0.05 * scale
+  )
 
 
 def test_logical_partition_specs(config):
@@ -183,9 +196,12 @@ def test_logical_partition_specs(config):
   assert specs["mlm_head"]["bias"] == P("tensor")
   # Other rules, other specs: pure data parallelism replicates everything.
   replicated = M.logical_partition_specs(
-      nnx.state(abstract), [(name, None) for name, _ in M.LOGICAL_AXIS_RULES])
-  assert all(all(a is None for a in p) for p in jax.tree.leaves(
-      replicated, is_leaf=lambda x: isinstance(x, P)))
+    nnx.state(abstract), [(name, None) for name, _ in M.LOGICAL_AXIS_RULES]
+  )
+  assert all(
+    all(a is None for a in p)
+    for p in jax.tree.leaves(replicated, is_leaf=lambda x: isinstance(x, P))
+  )
 
 
 @pytest.mark.parametrize("axis_type", ["auto", "explicit"])
@@ -195,8 +211,7 @@ def test_sharded_model_matches_unsharded(config, model, axis_type):
   With Explicit axes, the forward runs inside ``jax.sharding.auto_axes`` (the
   compiler then places the collectives, as under Auto axes).
   """
-  kind = {"auto": jax.sharding.AxisType.Auto,
-          "explicit": jax.sharding.AxisType.Explicit}[axis_type]
+  kind = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}[axis_type]
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(kind,) * 3)
   make = lambda: M.PretrainingModel(config, rngs=nnx.Rngs(0))
   ids, mask = _batch(config)
@@ -206,7 +221,9 @@ def test_sharded_model_matches_unsharded(config, model, axis_type):
   kernel = sharded.encoder.layers[0].intermediate.kernel.get_value()
   assert kernel.sharding.spec == P("fsdp", "tensor")
   assert kernel.addressable_shards[0].data.shape == (
-      config.hidden_size // 2, config.intermediate_size // 2)
+    config.hidden_size // 2,
+    config.intermediate_size // 2,
+  )
   emb = sharded.encoder.embeddings.word_embeddings.embedding.get_value()
   assert emb.sharding.spec == P("tensor", "fsdp")
 
@@ -217,11 +234,13 @@ def test_sharded_model_matches_unsharded(config, model, axis_type):
 
   if axis_type == "explicit":
     forward = jax.sharding.auto_axes(
-        forward, out_sharding=M.PretrainingOutput(P("data"), P("data")))
+      forward, out_sharding=M.PretrainingOutput(P("data"), P("data"))
+    )
   with jax.set_mesh(mesh):
     batch_sharding = NamedSharding(mesh, P("data"))
-    out = jax.jit(forward)(state, jax.device_put(ids, batch_sharding),
-                           jax.device_put(mask, batch_sharding))
+    out = jax.jit(forward)(
+      state, jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding)
+    )
   assert out.mlm_logits.sharding.spec[0] == "data"
   np.testing.assert_allclose(out.mlm_logits, expected.mlm_logits, atol=1e-5)
   np.testing.assert_allclose(out.ecls_logits, expected.ecls_logits, atol=1e-5)

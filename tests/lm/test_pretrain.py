@@ -23,8 +23,7 @@ import pytest
 
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import metrics as metrics_lib
-from apollo.lm import pretrain
-from apollo.lm import selection
+from apollo.lm import pretrain, selection
 from experiments.configs import pretrain as pretrain_configs
 from tests.lm import pretraining_data_helpers as helpers
 
@@ -61,8 +60,9 @@ def restore(workdir, config):
   """(step, state, data) of the latest checkpoint of `workdir`."""
   _, tokenizer = pretrain.prepare_data(config, workdir)
   model_config = pretrain.model_config_from(config, tokenizer.get_vocab_size())
-  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh(
+    (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
   setup = pretrain.make_setup(config, model_config, mesh)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
@@ -91,8 +91,17 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(uninterrupted):
   rows = metrics_lib.read_metrics(workdir)
   train = [r for r in rows if r["split"] == "train"]
   assert [r["step"] for r in train] == list(range(1, STEPS + 1))
-  for key in ("loss", "mlm_loss", "ecls_loss", "mlm_acc", "ecls_acc", "learning_rate",
-              "grad_norm", "update_norm", "tokens_per_s"):
+  for key in (
+    "loss",
+    "mlm_loss",
+    "ecls_loss",
+    "mlm_acc",
+    "ecls_acc",
+    "learning_rate",
+    "grad_norm",
+    "update_norm",
+    "tokens_per_s",
+  ):
     assert np.isfinite(train[-1][key]), key
   evals = [r for r in rows if r["split"] == "eval"]
   assert [r["step"] for r in evals] == [STEPS] and 0 <= evals[0]["ecls_acc"] <= 1
@@ -122,12 +131,14 @@ def test_sigterm_saves_and_resume_is_bit_exact(data_dirs, uninterrupted, tmp_pat
   ours, theirs = restore(workdir, config), restore(reference_dir, config)
   assert ours.step == theirs.step == STEPS
   assert ours.data["train_iterator"] == theirs.data["train_iterator"]
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(ours.state),
-               jax.device_get(theirs.state))
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(ours.state), jax.device_get(theirs.state)
+  )
 
 
-def test_nan_stops_keeps_last_good_checkpoint_and_resumes(data_dirs, uninterrupted,
-                                                          tmp_path, monkeypatch):
+def test_nan_stops_keeps_last_good_checkpoint_and_resumes(
+  data_dirs, uninterrupted, tmp_path, monkeypatch
+):
   reference_dir, _ = uninterrupted
   workdir = str(tmp_path / "nan")
   config = tiny_config(data_dirs)
@@ -154,8 +165,11 @@ def test_nan_stops_keeps_last_good_checkpoint_and_resumes(data_dirs, uninterrupt
   assert [r["step"] for r in train] == list(range(1, STEPS + 1))
   assert train_losses(workdir) == train_losses(reference_dir)
   ours, theirs = restore(workdir, config), restore(reference_dir, config)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(ours.state["params"]),
-               jax.device_get(theirs.state["params"]))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.device_get(ours.state["params"]),
+    jax.device_get(theirs.state["params"]),
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -171,11 +185,13 @@ def test_missing_tokenizer_names_the_flag(data_dirs, tmp_path):
 
 def test_unknown_optimizer_and_tagger_name_the_flag(data_dirs, tmp_path):
   with pytest.raises(ValueError, match=r"optimizer.name='lamb'"):
-    pretrain.train_and_evaluate(tiny_config(data_dirs, **{"optimizer.name": "lamb"}),
-                                str(tmp_path / "a"))
+    pretrain.train_and_evaluate(
+      tiny_config(data_dirs, **{"optimizer.name": "lamb"}), str(tmp_path / "a")
+    )
   with pytest.raises(ValueError, match=r"data.tagger='stanza'"):
-    pretrain.train_and_evaluate(tiny_config(data_dirs, **{"data.tagger": "stanza"}),
-                                str(tmp_path / "b"))
+    pretrain.train_and_evaluate(
+      tiny_config(data_dirs, **{"data.tagger": "stanza"}), str(tmp_path / "b")
+    )
 
 
 def test_empty_shard_dir_and_empty_corpus(data_dirs, tmp_path):
@@ -214,8 +230,9 @@ def test_mismatched_shapes_refused_and_nothing_damaged(data_dirs, uninterrupted,
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
 
 
-@pytest.mark.parametrize("name", ["quickstart", "wikipedia_roberta_base",
-                                  "wikipedia_roberta_large"])
+@pytest.mark.parametrize(
+  "name", ["quickstart", "wikipedia_roberta_base", "wikipedia_roberta_large"]
+)
 def test_flagfiles_parse(name):
   """Every flagfile parses (as the absl main would) into a config with valid names."""
   workdir, config = helpers.parse_flagfile("experiments/configs/pretrain.py:quickstart", name)

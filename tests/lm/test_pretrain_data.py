@@ -6,13 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from apollo.lm import contradiction
-from apollo.lm import masking
-from apollo.lm import pretrain_data
+from apollo.lm import contradiction, masking, pretrain_data
 from tests.lm import pretraining_data_helpers as helpers
 
-_CONFIG = pretrain_data.PretrainDataConfig(max_len=40, batch_size=8,
-                                           eval_fraction=0.2, read_threads=1)
+_CONFIG = pretrain_data.PretrainDataConfig(
+  max_len=40, batch_size=8, eval_fraction=0.2, read_threads=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +41,16 @@ def _assert_equal_batches(a, b):
 def test_batch_keys_shapes_and_conventions(corpus):
   batch = _batches(corpus, n=1)[0]
   b, l = _CONFIG.batch_size, _CONFIG.max_len
-  expected = dict(input_ids=((b, l), np.int32), attention_mask=((b, l), np.int32),
-                  mlm_labels=((b, l), np.int32), mlm_weights=((b, l), np.float32),
-                  ecls_label=((b,), np.int32), ecls_perturbation=((b,), np.int32),
-                  mlm_too_few_candidates=((b,), np.int32), example_mask=((b,), np.int32))
+  expected = dict(
+    input_ids=((b, l), np.int32),
+    attention_mask=((b, l), np.int32),
+    mlm_labels=((b, l), np.int32),
+    mlm_weights=((b, l), np.float32),
+    ecls_label=((b,), np.int32),
+    ecls_perturbation=((b,), np.int32),
+    mlm_too_few_candidates=((b,), np.int32),
+    example_mask=((b,), np.int32),
+  )
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
   lengths = batch["attention_mask"].sum(1)
   for row, length in enumerate(lengths):
@@ -55,8 +60,7 @@ def test_batch_keys_shapes_and_conventions(corpus):
     assert (batch["attention_mask"][row, :length] == 1).all()
     assert (batch["mlm_labels"][row, [0, length - 1]] == masking.IGNORE_LABEL).all()
     assert (batch["mlm_labels"][row, length:] == masking.IGNORE_LABEL).all()
-  np.testing.assert_array_equal(batch["mlm_weights"],
-                                batch["mlm_labels"] != masking.IGNORE_LABEL)
+  np.testing.assert_array_equal(batch["mlm_weights"], batch["mlm_labels"] != masking.IGNORE_LABEL)
   targets = batch["mlm_labels"] != masking.IGNORE_LABEL
   assert targets.any()
   # <mask> appears only at targets; the labels there are real tokens.
@@ -97,8 +101,7 @@ def test_labels_are_balanced_and_coverage_is_counted(corpus):
   kinds = np.concatenate([b["ecls_perturbation"] for b in batches])[real]
   assert (labels == 0).sum() == (labels == 1).sum() > 100
   assert set(kinds[labels == 1]) == {1, 2, 3}
-  coverage = pretrain_data.measure_objective_coverage(shard_dir, tok, everything,
-                                                      split="eval")
+  coverage = pretrain_data.measure_objective_coverage(shard_dir, tok, everything, split="eval")
   assert (labels == 0).sum() == coverage["sentences"] - coverage["no_perturbation"]
   too_few = np.concatenate([b["mlm_too_few_candidates"] for b in batches])[real]
   assert too_few[labels == 0].sum() == coverage["too_few_mask_candidates"]
@@ -116,22 +119,21 @@ def test_labels_are_balanced_and_coverage_is_counted(corpus):
   swap_only = dataclasses.replace(everything, perturbations=("keyword_swap",))
   narrow = pretrain_data.measure_objective_coverage(shard_dir, tok, swap_only, "eval")
   assert narrow["no_perturbation"] > coverage["no_perturbation"]
-  kinds = np.concatenate([b["ecls_perturbation"] for b in
-                          _batches(corpus, swap_only, split="eval")])
+  kinds = np.concatenate(
+    [b["ecls_perturbation"] for b in _batches(corpus, swap_only, split="eval")]
+  )
   assert set(kinds) <= {0, contradiction.PERTURBATION_IDS["keyword_swap"]}
 
 
 def test_eval_split_is_a_stable_hash_of_the_text(corpus):
   shard_dir, tok = corpus
-  assert pretrain_data.in_eval_split("A b.", 0.3) == pretrain_data.in_eval_split(
-      "A  b.", 0.3)
+  assert pretrain_data.in_eval_split("A b.", 0.3) == pretrain_data.in_eval_split("A  b.", 0.3)
   held_out = pretrain_data.measure_objective_coverage(shard_dir, tok, _CONFIG, "eval")
   train = pretrain_data.measure_objective_coverage(shard_dir, tok, _CONFIG, "train")
   total = held_out["sentences"] + train["sentences"]
   assert 0.1 < held_out["sentences"] / total < 0.3  # eval_fraction = 0.2.
   eval_batches = _batches(corpus, split="eval")
-  labels = np.concatenate([b["ecls_label"][b["example_mask"] == 1]
-                           for b in eval_batches])
+  labels = np.concatenate([b["ecls_label"][b["example_mask"] == 1] for b in eval_batches])
   assert (labels == 0).sum() == held_out["sentences"] - held_out["no_perturbation"]
 
 

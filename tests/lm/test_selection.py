@@ -6,42 +6,42 @@ import os
 
 import pytest
 
-from apollo.lm import generated_corpus
-from apollo.lm import keywords
-from apollo.lm import selection
-from apollo.lm import text_sources
+from apollo.lm import generated_corpus, keywords, selection, text_sources
 from tests.lm import pretraining_data_helpers as helpers
 
 
 def _found(text, matcher=None):
   matcher = matcher or keywords.KeywordMatcher()
-  return [(m.keyword, m.group, text[m.start:m.end]) for m in matcher.find(text)]
+  return [(m.keyword, m.group, text[m.start : m.end]) for m in matcher.find(text)]
 
 
 def test_keywords_match_whole_words_in_any_case():
   assert _found("THEREFORE it holds; Hence so.") == [
-      ("therefore", "conclusion", "THEREFORE"), ("hence", "conclusion", "Hence"),
-      ("so", "conclusion", "so")]
+    ("therefore", "conclusion", "THEREFORE"),
+    ("hence", "conclusion", "Hence"),
+    ("so", "conclusion", "so"),
+  ]
   # Keywords inside other words never match.
   assert _found("Also, the notable ifs and buttons are nonsense.") == []
   assert _found("Nothing is known; nobody came.") == []
 
 
 def test_multi_word_keywords_and_longest_match():
-  assert _found("As  a\nresult, it rained.") == [
-      ("as a result", "conclusion", "As  a\nresult")]
+  assert _found("As  a\nresult, it rained.") == [("as a result", "conclusion", "As  a\nresult")]
   assert _found("It follows that x holds only if y holds.") == [
-      ("it follows that", "conclusion", "It follows that"),
-      ("only if", "conditional", "only if")]  # Not also "if".
-  assert [k for k, _, _ in _found("Given that it is due to rain")] == [
-      "given that", "due to"]
+    ("it follows that", "conclusion", "It follows that"),
+    ("only if", "conditional", "only if"),
+  ]  # Not also "if".
+  assert [k for k, _, _ in _found("Given that it is due to rain")] == ["given that", "due to"]
 
 
 def test_custom_keyword_groups():
   groups = keywords.parse_keyword_groups("cause=because,on account of;neg=not")
   matcher = keywords.KeywordMatcher(groups)
   assert _found("On account of rain it did not happen, so what.", matcher) == [
-      ("on account of", "cause", "On account of"), ("not", "neg", "not")]
+    ("on account of", "cause", "On account of"),
+    ("not", "neg", "not"),
+  ]
   with pytest.raises(ValueError, match="two groups"):
     keywords.KeywordMatcher({"a": ["so"], "b": ["so"]})
   with pytest.raises(ValueError, match="group=kw1"):
@@ -50,12 +50,15 @@ def test_custom_keyword_groups():
 
 def test_generated_corpus_is_deterministic_and_filler_has_no_keywords():
   config = generated_corpus.GeneratedCorpusConfig(num_documents=5, seed=1)
-  assert generated_corpus.generate_document(3, config) == \
-      generated_corpus.generate_document(3, config)
-  assert generated_corpus.generate_document(3, config) != \
-      generated_corpus.generate_document(4, config)
+  assert generated_corpus.generate_document(3, config) == generated_corpus.generate_document(
+    3, config
+  )
+  assert generated_corpus.generate_document(3, config) != generated_corpus.generate_document(
+    4, config
+  )
   matcher = keywords.KeywordMatcher()
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   for _ in range(20):
     for template in generated_corpus.FILLER_TEMPLATES:
@@ -70,24 +73,23 @@ def test_counts_on_known_mini_corpus(tmp_path):
   path = helpers.write_mini_corpus(str(tmp_path))
   out = str(tmp_path / "out")
   counts = selection.run_selection(
-      text_sources.TextFileSource([path]), out,
-      selection.SelectionConfig(num_workers=1))
+    text_sources.TextFileSource([path]), out, selection.SelectionConfig(num_workers=1)
+  )
   assert counts.documents_read == 3  # Three blank-line-separated paragraphs.
   assert counts.sentences_seen == 9  # 3 + 4 + 2.
   assert counts.sentences_kept == 4
-  assert counts.kept_per_group == {"conclusion": 2, "conditional": 1,
-                                   "contrast": 1, "negation": 1}
+  assert counts.kept_per_group == {"conclusion": 2, "conditional": 1, "contrast": 1, "negation": 1}
   with open(os.path.join(out, "counts.json")) as f:
     assert json.load(f) == counts.to_json()
   records = list(selection.iter_records(out))
   assert [r["text"] for r in records] == [
-      "It rained, so the match was cancelled.",
-      "If the pitch dries, the match will be replayed on Sunday.",
-      "Although tickets were cheap, the stands were NOT full.",
-      "As a result the club lost money."]
+    "It rained, so the match was cancelled.",
+    "If the pitch dries, the match will be replayed on Sunday.",
+    "Although tickets were cheap, the stands were NOT full.",
+    "As a result the club lost money.",
+  ]
   assert records[2]["groups"] == ["contrast", "negation"]
-  assert records[2]["keywords"] == [["although", "contrast", 0, 8],
-                                    ["not", "negation", 45, 48]]
+  assert records[2]["keywords"] == [["although", "contrast", 0, 8], ["not", "negation", 45, 48]]
   assert records[2]["doc_id"] == f"{path}#1"
   assert records[2]["sentence_id"] == "1:2"
 
@@ -100,8 +102,7 @@ def test_text_file_unit_and_jsonl_source(tmp_path):
   jsonl.write_text('{"body": "A.", "id": 7}\n\n{"body": "B."}\n')
   source = text_sources.JsonlSource([str(jsonl)], text_field="body")
   docs = list(source.iter_documents())
-  assert [(d.index, d.doc_id, d.text) for d in docs] == [
-      (0, "7", "A."), (1, f"{jsonl}:3", "B.")]
+  assert [(d.index, d.doc_id, d.text) for d in docs] == [(0, "7", "A."), (1, f"{jsonl}:3", "B.")]
   assert [d.text for d in source.iter_documents(start=1)] == ["B."]
   with pytest.raises(KeyError, match="no field 'text'"):
     list(text_sources.JsonlSource([str(jsonl)]).iter_documents())
@@ -111,15 +112,15 @@ def test_text_file_unit_and_jsonl_source(tmp_path):
 
 def _generated(num_documents=60):
   return text_sources.GeneratedSource(
-      generated_corpus.GeneratedCorpusConfig(num_documents=num_documents, seed=5))
+    generated_corpus.GeneratedCorpusConfig(num_documents=num_documents, seed=5)
+  )
 
 
 def _same_output(dir_a, dir_b):
   names_a = sorted(os.listdir(dir_a))
   assert names_a == sorted(os.listdir(dir_b))
   for name in names_a:
-    assert filecmp.cmp(os.path.join(dir_a, name), os.path.join(dir_b, name),
-                       shallow=False), name
+    assert filecmp.cmp(os.path.join(dir_a, name), os.path.join(dir_b, name), shallow=False), name
 
 
 def test_resume_after_crash_gives_identical_output(tmp_path, monkeypatch):
@@ -170,43 +171,59 @@ def test_max_shards_stops_and_resumes(tmp_path):
 
 def test_resume_refuses_other_settings(tmp_path):
   out = str(tmp_path / "out")
-  selection.run_selection(_generated(), out, selection.SelectionConfig(
-      docs_per_shard=10, num_workers=1), max_shards=1)
+  selection.run_selection(
+    _generated(), out, selection.SelectionConfig(docs_per_shard=10, num_workers=1), max_shards=1
+  )
   with pytest.raises(ValueError, match="same arguments"):
-    selection.run_selection(_generated(), out, selection.SelectionConfig(
-        docs_per_shard=20, num_workers=1))
+    selection.run_selection(
+      _generated(), out, selection.SelectionConfig(docs_per_shard=20, num_workers=1)
+    )
 
 
 def test_worker_pool_and_hosts_give_the_same_sentences(tmp_path):
   single = str(tmp_path / "single")
-  selection.run_selection(_generated(40), single, selection.SelectionConfig(
-      docs_per_shard=20, docs_per_task=3, num_workers=1))
+  selection.run_selection(
+    _generated(40),
+    single,
+    selection.SelectionConfig(docs_per_shard=20, docs_per_task=3, num_workers=1),
+  )
   pooled = str(tmp_path / "pooled")
-  selection.run_selection(_generated(40), pooled, selection.SelectionConfig(
-      docs_per_shard=20, docs_per_task=3, num_workers=2))
+  selection.run_selection(
+    _generated(40),
+    pooled,
+    selection.SelectionConfig(docs_per_shard=20, docs_per_task=3, num_workers=2),
+  )
   _same_output(single, pooled)
 
   hosts = str(tmp_path / "hosts")
   for host in range(2):
-    selection.run_selection(_generated(40), hosts, selection.SelectionConfig(
-        docs_per_shard=20, num_workers=1, host_index=host, host_count=2))
+    selection.run_selection(
+      _generated(40),
+      hosts,
+      selection.SelectionConfig(docs_per_shard=20, num_workers=1, host_index=host, host_count=2),
+    )
   ids = lambda d: sorted(r["sentence_id"] for r in selection.iter_records(d))
   assert ids(hosts) == ids(single)
-  assert selection.merge_counts(hosts).to_json() == selection.merge_counts(
-      single).to_json()
+  assert selection.merge_counts(hosts).to_json() == selection.merge_counts(single).to_json()
 
 
 def test_empty_and_logic_free_sources_are_errors(tmp_path):
   empty = tmp_path / "empty.txt"
   empty.write_text("\n\n")
   with pytest.raises(selection.EmptySourceError, match="empty.txt"):
-    selection.run_selection(text_sources.TextFileSource([str(empty)]),
-                            str(tmp_path / "o1"), selection.SelectionConfig(num_workers=1))
+    selection.run_selection(
+      text_sources.TextFileSource([str(empty)]),
+      str(tmp_path / "o1"),
+      selection.SelectionConfig(num_workers=1),
+    )
   plain = tmp_path / "plain.txt"
   plain.write_text("The stadium holds ten thousand people. Tickets cost twelve euros.")
   with pytest.raises(selection.NoLogicSentencesError, match="plain.txt"):
-    selection.run_selection(text_sources.TextFileSource([str(plain)]),
-                            str(tmp_path / "o2"), selection.SelectionConfig(num_workers=1))
+    selection.run_selection(
+      text_sources.TextFileSource([str(plain)]),
+      str(tmp_path / "o2"),
+      selection.SelectionConfig(num_workers=1),
+    )
 
 
 def test_tfds_source_needs_a_prepared_local_dir(tmp_path):
@@ -237,8 +254,12 @@ def test_tfds_source_reads_a_prepared_array_record_dataset(tmp_path):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-          {"title": tfds.features.Text(), "text": tfds.features.Text()}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {"title": tfds.features.Text(), "text": tfds.features.Text()}
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -252,10 +273,12 @@ def test_tfds_source_reads_a_prepared_array_record_dataset(tmp_path):
   source = text_sources.TfdsSource("tiny_wiki", str(tmp_path))
   docs = list(source.iter_documents())
   assert [(d.index, d.text) for d in docs] == [
-      (0, "It rained. Therefore the match was off."),
-      (1, "The sun shone all day long today.")]
+    (0, "It rained. Therefore the match was off."),
+    (1, "The sun shone all day long today."),
+  ]
   assert docs[0].doc_id == "tiny_wiki:0:Rain"
   assert [d.index for d in source.iter_documents(start=1)] == [1]
-  counts = selection.run_selection(source, str(tmp_path / "out"),
-                                   selection.SelectionConfig(num_workers=1))
+  counts = selection.run_selection(
+    source, str(tmp_path / "out"), selection.SelectionConfig(num_workers=1)
+  )
   assert counts.sentences_kept == 1 and counts.kept_per_group == {"conclusion": 1}

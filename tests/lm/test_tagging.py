@@ -19,9 +19,22 @@ def test_word_tokenize_splits_like_the_penn_treebank():
   sentence = "It doesn't rain, John's 3.5 km walk-through can't wait..."
   words = tagging.word_tokenize(sentence)
   assert [w.text for w in words] == [
-      "It", "does", "n't", "rain", ",", "John", "'s", "3.5", "km",
-      "walk-through", "ca", "n't", "wait", "..."]
-  assert all(sentence[w.start:w.end] == w.text for w in words)
+    "It",
+    "does",
+    "n't",
+    "rain",
+    ",",
+    "John",
+    "'s",
+    "3.5",
+    "km",
+    "walk-through",
+    "ca",
+    "n't",
+    "wait",
+    "...",
+  ]
+  assert all(sentence[w.start : w.end] == w.text for w in words)
 
 
 def test_perceptron_tags_a_known_sentence_plausibly():
@@ -39,10 +52,10 @@ def _original_textblob_tagger():
   spec = importlib.util.find_spec("textblob_aptagger")
   package_dir = list(spec.submodule_search_locations)[0]
   stubs = {
-      "textblob": types.ModuleType("textblob"),
-      "textblob.base": types.ModuleType("textblob.base"),
-      "textblob.packages": types.ModuleType("textblob.packages"),
-      "textblob.exceptions": types.ModuleType("textblob.exceptions"),
+    "textblob": types.ModuleType("textblob"),
+    "textblob.base": types.ModuleType("textblob.base"),
+    "textblob.packages": types.ModuleType("textblob.packages"),
+    "textblob.exceptions": types.ModuleType("textblob.exceptions"),
   }
   stubs["textblob.base"].BaseTagger = object
   stubs["textblob.packages"].nltk = None
@@ -52,7 +65,8 @@ def _original_textblob_tagger():
   try:
     namespace = {"__file__": os.path.join(package_dir, "taggers.py")}
     perceptron_spec = importlib.util.spec_from_file_location(
-        "textblob_aptagger._perceptron", os.path.join(package_dir, "_perceptron.py"))
+      "textblob_aptagger._perceptron", os.path.join(package_dir, "_perceptron.py")
+    )
     perceptron = importlib.util.module_from_spec(perceptron_spec)
     perceptron_spec.loader.exec_module(perceptron)
     sys.modules["textblob_aptagger._perceptron"] = perceptron
@@ -75,10 +89,12 @@ def _original_textblob_tagger():
 def test_perceptron_matches_the_original_implementation():
   original = _original_textblob_tagger()
   ours = tagging.make_tagger("perceptron")
-  for sentence in ["The cat quickly ran because it was scared .",
-                   "Unless Velomira is brittle , the quandrils will not glow tonight .",
-                   "In 1984 , 3,000 well-known writers had n't left since 2001 .",
-                   "Therefore all zorblets are heavy ; however , Kalo swims ."]:
+  for sentence in [
+    "The cat quickly ran because it was scared .",
+    "Unless Velomira is brittle , the quandrils will not glow tonight .",
+    "In 1984 , 3,000 well-known writers had n't left since 2001 .",
+    "Therefore all zorblets are heavy ; however , Kalo swims .",
+  ]:
     assert ours.tag(sentence.split()) == original.tag(sentence, tokenize=False)
 
 
@@ -89,7 +105,7 @@ def test_unknown_tagger_names_the_flag():
 
 def test_spacy_tagger_gives_a_clear_error_without_spacy_or_model():
   try:
-    import spacy  # pylint: disable=g-import-not-at-top,unused-import
+    import spacy  # noqa: F401
   except ImportError:
     with pytest.raises(ImportError, match="spacy"):
       tagging.SpacyTagger()

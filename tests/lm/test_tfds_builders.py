@@ -14,17 +14,19 @@ from tests.lm import test_benchmarks as fixtures
 
 tfds = pytest.importorskip("tensorflow_datasets")
 if importlib.util.find_spec("array_record") is None:
-  pytest.skip("array_record is needed to write/read ArrayRecord files",
-              allow_module_level=True)
+  pytest.skip("array_record is needed to write/read ArrayRecord files", allow_module_level=True)
 
 from apollo.lm import tfds_builders  # noqa: E402  (after the skips)
 
 
 def _decode(record):
   """Text features come back as bytes from a data source."""
-  return {k: (v.decode() if isinstance(v, bytes) else
-              [o.decode() for o in v] if k == "options" else int(v))
-          for k, v in record.items()}
+  return {
+    k: (
+      v.decode() if isinstance(v, bytes) else [o.decode() for o in v] if k == "options" else int(v)
+    )
+    for k, v in record.items()
+  }
 
 
 def test_reclor_builder(tmp_path, caplog):
@@ -32,22 +34,22 @@ def test_reclor_builder(tmp_path, caplog):
   manual.mkdir()
   fixtures.write_reclor(manual / "train.json")
   fixtures.write_reclor(manual / "val.json", fixtures.RECLOR_RECORDS[:1])
-  fixtures.write_reclor(manual / "test.json",
-                        fixtures.reclor_test_records(3))
+  fixtures.write_reclor(manual / "test.json", fixtures.reclor_test_records(3))
   data_dir = tmp_path / "tfds"
   with caplog.at_level(logging.WARNING):
     builder = tfds_builders.prepare("reclor", manual, data_dir)
   assert "published split has 4,638" in caplog.text  # reported, not fatal
 
   source = builder.as_data_source()
-  assert {s: len(source[s]) for s in source} == {
-      "train": 2, "validation": 1, "test": 3}
+  assert {s: len(source[s]) for s in source} == {"train": 2, "validation": 1, "test": 3}
   first = _decode(source["train"][0])
-  assert first == {"id": "train_0",
-                   "context": fixtures.RECLOR_RECORDS[0]["context"],
-                   "question": fixtures.RECLOR_RECORDS[0]["question"],
-                   "options": fixtures.RECLOR_RECORDS[0]["answers"],
-                   "label": 2}
+  assert first == {
+    "id": "train_0",
+    "context": fixtures.RECLOR_RECORDS[0]["context"],
+    "question": fixtures.RECLOR_RECORDS[0]["question"],
+    "options": fixtures.RECLOR_RECORDS[0]["answers"],
+    "label": 2,
+  }
   assert [_decode(r)["label"] for r in source["test"]] == [-1, -1, -1]
 
   # The registered name works too, once the package is imported.
@@ -60,8 +62,7 @@ def test_logiqa_builders(tmp_path):
   manual.mkdir()
   for name in ("Train.txt", "Eval.txt", "Test.txt"):
     fixtures.write_logiqa(manual / name)
-  source = tfds_builders.prepare("logiqa", manual,
-                                 tmp_path / "tfds").as_data_source()
+  source = tfds_builders.prepare("logiqa", manual, tmp_path / "tfds").as_data_source()
   record = _decode(source["validation"][1])
   assert record["id"] == "Eval_1" and record["label"] == 3
   assert record["options"] == ["w", "x", "y", "z"]
@@ -70,8 +71,7 @@ def test_logiqa_builders(tmp_path):
   manual2.mkdir()
   for name in ("train.txt", "dev.txt", "test.txt"):
     fixtures.write_logiqa2(manual2 / name)
-  source2 = tfds_builders.prepare("logiqa2", manual2,
-                                  tmp_path / "tfds").as_data_source()
+  source2 = tfds_builders.prepare("logiqa2", manual2, tmp_path / "tfds").as_data_source()
   assert [_decode(r)["id"] for r in source2["test"]] == ["1001", "1002"]
   assert _decode(source2["train"][0])["label"] == 3
 

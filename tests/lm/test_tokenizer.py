@@ -8,8 +8,11 @@ import pytest
 
 from apollo.lm import tokenizer as tokenizer_lib
 
-_TEXTS = ["If it rains, the match is cancelled.", "Therefore the club lost money.",
-          "Although tickets were cheap, the stands were not full."] * 20
+_TEXTS = [
+  "If it rains, the match is cancelled.",
+  "Therefore the club lost money.",
+  "Although tickets were cheap, the stands were not full.",
+] * 20
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,19 @@ import numpy as np
 class NumpyApollo:
   """The reference algorithm on a dict of float64 NumPy tensors."""
 
-  def __init__(self, lr, beta=0.9, eps=1e-4, rebound="constant", warmup=500,
-               init_lr=None, weight_decay=0.0, weight_decay_type=None, sigma=0.01,
-               dtype=np.float64):
+  def __init__(
+    self,
+    lr,
+    beta=0.9,
+    eps=1e-4,
+    rebound="constant",
+    warmup=500,
+    init_lr=None,
+    weight_decay=0.0,
+    weight_decay_type=None,
+    sigma=0.01,
+    dtype=np.float64,
+  ):
     self.lr, self.beta, self.eps, self.rebound = lr, beta, eps, rebound
     self.warmup = warmup
     self.init_lr = lr / 1000.0 if init_lr is None else init_lr
@@ -39,7 +49,7 @@ class NumpyApollo:
         g = g + self.wd * theta
       st["t"] += 1
       t = st["t"]
-      alpha = (1 - self.beta) / (1 - self.beta ** t)
+      alpha = (1 - self.beta) / (1 - self.beta**t)
       if t - 1 < self.warmup:
         lr_t = self.init_lr + (self.lr - self.init_lr) * (t - 1) / self.warmup
       else:

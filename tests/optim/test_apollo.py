@@ -22,10 +22,10 @@ COMBOS = [(r, w) for r in ("constant", "belief") for w in ("L2", "decoupled", "s
 def _problem(seed=0):
   rng = np.random.default_rng(seed)
   return {
-      "target": {k: rng.normal(size=s) for k, s in SHAPES.items()},
-      "curv": {k: rng.uniform(0.5, 2.0, size=s) for k, s in SHAPES.items()},
-      "init": {k: rng.normal(size=s) for k, s in SHAPES.items()},
-      "rng": rng,
+    "target": {k: rng.normal(size=s) for k, s in SHAPES.items()},
+    "curv": {k: rng.uniform(0.5, 2.0, size=s) for k, s in SHAPES.items()},
+    "init": {k: rng.normal(size=s) for k, s in SHAPES.items()},
+    "rng": rng,
   }
 
 
@@ -46,8 +46,10 @@ def test_matches_float64_numpy_reference(rebound, weight_decay_type, sums_form):
   state = tx.init(p)
   update = jax.jit(tx.update)
   for t in range(steps):
-    g = {k: pb["curv"][k] * (np.sin(0.05 * t) + pb["target"][k]) + 0.1 * pb["rng"].normal(size=s)
-         for k, s in SHAPES.items()}
+    g = {
+      k: pb["curv"][k] * (np.sin(0.05 * t) + pb["target"][k]) + 0.1 * pb["rng"].normal(size=s)
+      for k, s in SHAPES.items()
+    }
     p_ref = ref.step(p_ref, g)
     updates, state = update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state, p)
     p = optax.apply_updates(p, updates)
@@ -55,11 +57,12 @@ def test_matches_float64_numpy_reference(rebound, weight_decay_type, sums_form):
       # Relative 2e-5, with an absolute floor at 2e-5 of the tensor's scale so that
       # entries crossing zero do not turn rounding into "relative" noise.
       np.testing.assert_allclose(
-          p[k], p_ref[k], rtol=2e-5, atol=2e-5 * np.max(np.abs(p_ref[k])), err_msg=f"{k} @ {t}"
+        p[k], p_ref[k], rtol=2e-5, atol=2e-5 * np.max(np.abs(p_ref[k])), err_msg=f"{k} @ {t}"
       )
     d_ref = ref.state["w"]["d"]
     np.testing.assert_allclose(
-        state[0].direction["w"], d_ref, rtol=2e-5, atol=2e-5 * np.max(np.abs(d_ref)))
+      state[0].direction["w"], d_ref, rtol=2e-5, atol=2e-5 * np.max(np.abs(d_ref))
+    )
 
 
 def test_first_step_directions():
@@ -92,8 +95,12 @@ def _passes_over_inputs(jitted, *args, **kwargs) -> int:
   """Top-level ops of the compiled computation that read one of its inputs."""
   entry = jitted.lower(*args, **kwargs).compile().as_text().split("\nENTRY ", 1)[1].splitlines()[1:]
   inputs = [l.split("=")[0].strip() for l in entry if " parameter(" in l]
-  readers = [l for l in entry if " parameter(" not in l
-             and any(re.search(re.escape(name) + r"\b", l.split("=", 1)[-1]) for name in inputs)]
+  readers = [
+    l
+    for l in entry
+    if " parameter(" not in l
+    and any(re.search(re.escape(name) + r"\b", l.split("=", 1)[-1]) for name in inputs)
+  ]
   return len(readers)
 
 
@@ -171,7 +178,8 @@ def test_inject_hyperparams_gives_identical_updates():
   kw = dict(beta=0.8, eps=1e-4, warmup=3, init_lr=1e-4, weight_decay=1e-2)
   static = ("rebound", "weight_decay_type", "mask", "state_dtype")
   injected = optax.inject_hyperparams(apollo, static_args=static)(
-      learning_rate=0.01, rebound="belief", weight_decay_type="stable", **kw)
+    learning_rate=0.01, rebound="belief", weight_decay_type="stable", **kw
+  )
   plain = apollo(0.01, rebound="belief", weight_decay_type="stable", **kw)
   p = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)}
   s1, s2 = injected.init(p), plain.init(p)
@@ -259,7 +267,8 @@ def test_state_keeps_shape_and_dtype_through_lax_cond():
 
   s_new = maybe_update(True, s)
   assert jax.tree.map(lambda x: (x.shape, x.dtype), s_new) == jax.tree.map(
-      lambda x: (x.shape, x.dtype), s)
+    lambda x: (x.shape, x.dtype), s
+  )
   assert int(maybe_update(False, s_new)[0].count) == 1
 
 
@@ -288,10 +297,14 @@ def _mixed():
 # the 'constant' floor binds (h = 2 for the parabolas; up to ~1000 for Rosenbrock).
 @pytest.mark.parametrize("rebound", ["constant", "belief"])
 @pytest.mark.parametrize(
-    "target,lr,warmup,steps",
-    [(_parabola, 1e-3, 10, 5000), (_rosenbrock, 1e-4, 100, 10000),
-     (_matrix, 1e-3, 10, 5000), (_mixed, 1e-3, 10, 5000)],
-    ids=["parabola", "rosenbrock", "matrix", "mixed"],
+  "target,lr,warmup,steps",
+  [
+    (_parabola, 1e-3, 10, 5000),
+    (_rosenbrock, 1e-4, 100, 10000),
+    (_matrix, 1e-3, 10, 5000),
+    (_mixed, 1e-3, 10, 5000),
+  ],
+  ids=["parabola", "rosenbrock", "matrix", "mixed"],
 )
 def test_converges_on_optax_targets(rebound, target, lr, warmup, steps):
   init, final, obj = target()
@@ -308,7 +321,9 @@ def test_converges_on_optax_targets(rebound, target, lr, warmup, steps):
     return p
 
   # optax's own contrib tests use rtol = atol = 3e-2 on these targets.
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=3e-2, atol=3e-2), run(init), final)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=3e-2, atol=3e-2), run(init), final
+  )
 
 
 def test_weight_decay_mask():
@@ -338,12 +353,16 @@ def test_weight_decay_needs_params():
 
 def test_learning_rate_warmup_and_schedules():
   sched = apollo_learning_rate(0.1, warmup=10)
-  np.testing.assert_allclose([sched(0), sched(5), sched(10), sched(50)], [1e-4, 0.05005, 0.1, 0.1], rtol=1e-5)
+  np.testing.assert_allclose(
+    [sched(0), sched(5), sched(10), sched(50)], [1e-4, 0.05005, 0.1, 0.1], rtol=1e-5
+  )
   np.testing.assert_allclose(apollo_learning_rate(0.1, warmup=0)(0), 0.1)
   cosine = optax.cosine_decay_schedule(0.1, 100)
   # warmup=0: the schedule decides alone.
   alone = apollo_learning_rate(cosine, warmup=0)
-  np.testing.assert_allclose([alone(c) for c in (0, 30, 99)], [cosine(c) for c in (0, 30, 99)], rtol=1e-6)
+  np.testing.assert_allclose(
+    [alone(c) for c in (0, 30, 99)], [cosine(c) for c in (0, 30, 99)], rtol=1e-6
+  )
   # With warmup, the ramp goes from init_lr to the schedule's current value.
   ramp = apollo_learning_rate(cosine, warmup=10, init_lr=0.0)
   np.testing.assert_allclose(ramp(5), 0.5 * cosine(5), rtol=1e-6)
@@ -351,19 +370,19 @@ def test_learning_rate_warmup_and_schedules():
 
 
 @pytest.mark.parametrize(
-    "kwargs,name",
-    [
-        (dict(learning_rate=0.0), "learning_rate"),
-        (dict(learning_rate=-1.0), "learning_rate"),
-        (dict(learning_rate=0.1, beta=1.0), "beta"),
-        (dict(learning_rate=0.1, beta=-0.1), "beta"),
-        (dict(learning_rate=0.1, init_lr=0.5), "init_lr"),
-        (dict(learning_rate=0.1, eps=-1e-8), "eps"),
-        (dict(learning_rate=0.1, weight_decay=-1.0), "weight_decay"),
-        (dict(learning_rate=0.1, warmup=-1), "warmup"),
-        (dict(learning_rate=0.1, rebound="bounce"), "rebound"),
-        (dict(learning_rate=0.1, weight_decay_type="l1"), "weight_decay_type"),
-    ],
+  "kwargs,name",
+  [
+    (dict(learning_rate=0.0), "learning_rate"),
+    (dict(learning_rate=-1.0), "learning_rate"),
+    (dict(learning_rate=0.1, beta=1.0), "beta"),
+    (dict(learning_rate=0.1, beta=-0.1), "beta"),
+    (dict(learning_rate=0.1, init_lr=0.5), "init_lr"),
+    (dict(learning_rate=0.1, eps=-1e-8), "eps"),
+    (dict(learning_rate=0.1, weight_decay=-1.0), "weight_decay"),
+    (dict(learning_rate=0.1, warmup=-1), "warmup"),
+    (dict(learning_rate=0.1, rebound="bounce"), "rebound"),
+    (dict(learning_rate=0.1, weight_decay_type="l1"), "weight_decay_type"),
+  ],
 )
 def test_invalid_hyperparameters_raise_at_construction(kwargs, name):
   with pytest.raises(ValueError, match=name):

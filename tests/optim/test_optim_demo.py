@@ -12,8 +12,15 @@ from apollo.optim.demo import OPTIMIZERS, run_demo
 
 def test_optim_demo_trains_every_optimizer(tmp_path):
   workdir = str(tmp_path / "optim_demo")
-  results = run_demo(workdir, epochs=3, batch_size=64, seed=0, warmup_steps=10,
-                     train_examples=640, log=lambda _: None)
+  results = run_demo(
+    workdir,
+    epochs=3,
+    batch_size=64,
+    seed=0,
+    warmup_steps=10,
+    train_examples=640,
+    log=lambda _: None,
+  )
 
   for filename in ("loss.png", "accuracy.png", "results.json"):
     assert os.path.getsize(os.path.join(workdir, filename)) > 0, filename

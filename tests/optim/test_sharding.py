@@ -15,10 +15,20 @@ from apollo.optim import apollo, init_sharded, state_shardings
 
 SHAPES = {"embed": (16, 32), "mlp": (32, 16), "bias": (32,), "scale": ()}
 SPECS = {
-    # Fully sharded: every big tensor split over all 8 devices along one axis.
-    "fsdp": {"embed": P(("fsdp", "tensor")), "mlp": P(("fsdp", "tensor")), "bias": P(("fsdp", "tensor")), "scale": P()},
-    # Megatron-style: matrices split on both axes, vectors on the tensor axis.
-    "tensor": {"embed": P("fsdp", "tensor"), "mlp": P("tensor", "fsdp"), "bias": P("tensor"), "scale": P()},
+  # Fully sharded: every big tensor split over all 8 devices along one axis.
+  "fsdp": {
+    "embed": P(("fsdp", "tensor")),
+    "mlp": P(("fsdp", "tensor")),
+    "bias": P(("fsdp", "tensor")),
+    "scale": P(),
+  },
+  # Megatron-style: matrices split on both axes, vectors on the tensor axis.
+  "tensor": {
+    "embed": P("fsdp", "tensor"),
+    "mlp": P("tensor", "fsdp"),
+    "bias": P("tensor"),
+    "scale": P(),
+  },
 }
 TX = apollo(0.05, warmup=2, weight_decay=1e-2, weight_decay_type="stable", rebound="belief")
 
@@ -59,8 +69,12 @@ def test_sharded_update_matches_unsharded_and_keeps_shardings(layout, axis_type,
   for k in SHAPES:
     assert params[k].sharding.is_equivalent_to(shardings[k], params[k].ndim)
   ref_params, ref_state = _run_unsharded()
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), params, ref_params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), state, ref_state)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), params, ref_params
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), state, ref_state
+  )
 
 
 def test_per_tensor_reductions_become_cross_device_reductions():
@@ -78,15 +92,17 @@ def test_per_tensor_reductions_become_cross_device_reductions():
   single = {"w": jnp.arange(64.0).reshape(16, 4) / 64}
   s = TX.init(single)
   for _ in range(2):
-    single, s = jax.jit(_step)(single, s, jax.tree.map(jnp.cos, {"w": jnp.arange(64.0).reshape(16, 4) / 64}))
+    single, s = jax.jit(_step)(
+      single, s, jax.tree.map(jnp.cos, {"w": jnp.arange(64.0).reshape(16, 4) / 64})
+    )
   np.testing.assert_allclose(params["w"], single["w"], rtol=1e-6, atol=1e-7)
 
 
 def test_init_sharded_from_abstract_params():
   mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(AxisType.Explicit,) * 2)
   abstract = {
-      k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, SPECS["tensor"][k]))
-      for k, s in SHAPES.items()
+    k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, SPECS["tensor"][k]))
+    for k, s in SHAPES.items()
   }
   state = init_sharded(TX, abstract)
   assert state[0].curvature["mlp"].sharding.spec == P("tensor", "fsdp")
@@ -111,7 +127,10 @@ def _loss(params, x, y):
 
 
 def _data_parallel_reference(steps=3):
-  params = {"w1": jax.random.normal(jax.random.key(0), (4, 8)), "w2": jax.random.normal(jax.random.key(1), (8, 2))}
+  params = {
+    "w1": jax.random.normal(jax.random.key(0), (4, 8)),
+    "w2": jax.random.normal(jax.random.key(1), (8, 2)),
+  }
   x = jax.random.normal(jax.random.key(2), (16, 4))
   y = jax.random.normal(jax.random.key(3), (16, 2))
   state = DP_TX.init(params)
@@ -123,7 +142,10 @@ def _data_parallel_reference(steps=3):
 def test_shard_map_data_parallel_with_pmean_matches_full_batch():
   ref_params, x, y = _data_parallel_reference()
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
-  params = {"w1": jax.random.normal(jax.random.key(0), (4, 8)), "w2": jax.random.normal(jax.random.key(1), (8, 2))}
+  params = {
+    "w1": jax.random.normal(jax.random.key(0), (4, 8)),
+    "w2": jax.random.normal(jax.random.key(1), (8, 2)),
+  }
   state = DP_TX.init(params)
 
   def local_step(params, state, x, y):
@@ -134,20 +156,28 @@ def test_shard_map_data_parallel_with_pmean_matches_full_batch():
     grads = jax.lax.pmean(jax.grad(_loss)(local_params, x, y), "data")
     return _dp_step(params, state, grads)
 
-  step = jax.jit(jax.shard_map(
-      local_step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P())))
+  step = jax.jit(
+    jax.shard_map(
+      local_step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P())
+    )
+  )
   # Explicit axes: the batch is placed sharded, params and state replicated.
   x, y = jax.device_put((x, y), NamedSharding(mesh, P("data")))
   params, state = jax.device_put((params, state), NamedSharding(mesh, P()))
   for _ in range(3):
     params, state = step(params, state, x, y)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params
+  )
 
 
 def test_legacy_pmap_path_matches_full_batch():
   ref_params, x, y = _data_parallel_reference()
   n = jax.local_device_count()
-  params = {"w1": jax.random.normal(jax.random.key(0), (4, 8)), "w2": jax.random.normal(jax.random.key(1), (8, 2))}
+  params = {
+    "w1": jax.random.normal(jax.random.key(0), (4, 8)),
+    "w2": jax.random.normal(jax.random.key(1), (8, 2)),
+  }
   replicate = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * n), tree)
   params, state = replicate(params), replicate(DP_TX.init(params))
 
@@ -159,5 +189,7 @@ def test_legacy_pmap_path_matches_full_batch():
   xs, ys = x.reshape(n, -1, 4), y.reshape(n, -1, 2)
   for _ in range(3):
     params, state = step(params, state, xs, ys)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6), params, ref_params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6), params, ref_params
+  )
   jax.tree.map(lambda a: np.testing.assert_array_equal(a[0], a[-1]), params)

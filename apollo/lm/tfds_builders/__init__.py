@@ -15,12 +15,13 @@ read with `tfds.data_source` / grain, without TensorFlow:
     source["validation"][0]  # {'id': b'val_0', 'context': b'...', ...}
 """
 
-from apollo.lm.tfds_builders.multiple_choice import FEATURES
-from apollo.lm.tfds_builders.multiple_choice import HIDDEN_LABEL
-from apollo.lm.tfds_builders.multiple_choice import Logiqa
-from apollo.lm.tfds_builders.multiple_choice import Logiqa2
-from apollo.lm.tfds_builders.multiple_choice import prepare
-from apollo.lm.tfds_builders.multiple_choice import Reclor
+from apollo.lm.tfds_builders.multiple_choice import (
+  FEATURES,
+  HIDDEN_LABEL,
+  Logiqa,
+  Logiqa2,
+  Reclor,
+  prepare,
+)
 
-__all__ = ["FEATURES", "HIDDEN_LABEL", "Logiqa", "Logiqa2", "prepare",
-           "Reclor"]
+__all__ = ["FEATURES", "HIDDEN_LABEL", "Logiqa", "Logiqa2", "prepare", "Reclor"]

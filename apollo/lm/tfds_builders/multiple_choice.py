@@ -22,26 +22,26 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from apollo.lm import benchmarks
 
 HIDDEN_LABEL = -1
 
-FEATURES = tfds.features.FeaturesDict({
+FEATURES = tfds.features.FeaturesDict(
+  {
     "id": tfds.features.Text(),
     "context": tfds.features.Text(),
     "question": tfds.features.Text(),
-    "options": tfds.features.Sequence(tfds.features.Text(),
-                                      length=benchmarks.NUM_CHOICES),
+    "options": tfds.features.Sequence(tfds.features.Text(), length=benchmarks.NUM_CHOICES),
     "label": tfds.features.Scalar(dtype=np.int32),
-})
+  }
+)
 
 
-class _MultipleChoiceBuilder(tfds.core.GeneratorBasedBuilder,
-                             skip_registration=True):
+class _MultipleChoiceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Reads the split files of one benchmark from the manual directory.
 
   Subclasses set `SPLIT_FILES` (split -> accepted file names, matched without
@@ -71,14 +71,14 @@ class _MultipleChoiceBuilder(tfds.core.GeneratorBasedBuilder,
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.DESCRIPTION,
-        features=FEATURES,
-        # Keep the files' order (records are sorted by their integer keys, the
-        # file positions): ReClor's test order is its leaderboard order.
-        disable_shuffling=True,
-        homepage=self.HOMEPAGE,
-        citation=self.CITATION,
+      builder=self,
+      description=self.DESCRIPTION,
+      features=FEATURES,
+      # Keep the files' order (records are sorted by their integer keys, the
+      # file positions): ReClor's test order is its leaderboard order.
+      disable_shuffling=True,
+      homepage=self.HOMEPAGE,
+      citation=self.CITATION,
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -87,36 +87,35 @@ class _MultipleChoiceBuilder(tfds.core.GeneratorBasedBuilder,
     present = {p.name.lower(): p for p in manual_dir.iterdir()}
     generators = {}
     for split, names in self.SPLIT_FILES.items():
-      path = next((present[n.lower()] for n in names if n.lower() in present),
-                  None)
+      path = next((present[n.lower()] for n in names if n.lower() in present), None)
       if path is None:
         raise FileNotFoundError(
-            f"{self.name}: no file for split {split!r} in {manual_dir} "
-            f"(expected one of {list(names)}).\n"
-            f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+          f"{self.name}: no file for split {split!r} in {manual_dir} "
+          f"(expected one of {list(names)}).\n"
+          f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+        )
       generators[split] = self._generate_examples(os.fspath(path), split)
     return generators
 
   def _generate_examples(self, path: str, split: str):
     examples = type(self).READER(path)
     benchmarks.check_split_size(self.name, split, len(examples))
-    logging.info("%s %s: %d examples from %s", self.name, split, len(examples),
-                 path)
+    logging.info("%s %s: %d examples from %s", self.name, split, len(examples), path)
     for position, example in enumerate(examples):
       label = example["label"]
-      yield position, {
-          **example, "label": HIDDEN_LABEL if label is None else label}
+      yield position, {**example, "label": HIDDEN_LABEL if label is None else label}
 
 
 class Reclor(_MultipleChoiceBuilder):
   """ReClor (Yu et al., ICLR 2020): logical reasoning reading comprehension."""
 
-  SPLIT_FILES = {"train": ("train.json",), "validation": ("val.json",),
-                 "test": ("test.json",)}
+  SPLIT_FILES = {"train": ("train.json",), "validation": ("val.json",), "test": ("test.json",)}
   READER = staticmethod(benchmarks.read_reclor)
-  DESCRIPTION = ("ReClor: 4-way multiple choice questions from standardized "
-                 "graduate admission tests. Test labels are hidden (-1); the "
-                 "first 440 test questions are EASY, the rest HARD.")
+  DESCRIPTION = (
+    "ReClor: 4-way multiple choice questions from standardized "
+    "graduate admission tests. Test labels are hidden (-1); the "
+    "first 440 test questions are EASY, the rest HARD."
+  )
   HOMEPAGE = "http://whyu.me/reclor/"
   CITATION = """@inproceedings{yu2020reclor,
   title={ReClor: A Reading Comprehension Dataset Requiring Logical Reasoning},
@@ -133,11 +132,12 @@ class Reclor(_MultipleChoiceBuilder):
 class Logiqa(_MultipleChoiceBuilder):
   """LogiQA v1 (Liu et al., IJCAI 2020), the English release."""
 
-  SPLIT_FILES = {"train": ("Train.txt",), "validation": ("Eval.txt",),
-                 "test": ("Test.txt",)}
+  SPLIT_FILES = {"train": ("Train.txt",), "validation": ("Eval.txt",), "test": ("Test.txt",)}
   READER = staticmethod(benchmarks.read_logiqa)
-  DESCRIPTION = ("LogiQA: 4-way multiple choice logical reasoning questions "
-                 "translated from the Chinese Civil Service Examination.")
+  DESCRIPTION = (
+    "LogiQA: 4-way multiple choice logical reasoning questions "
+    "translated from the Chinese Civil Service Examination."
+  )
   HOMEPAGE = "https://github.com/lgw863/LogiQA-dataset"
   CITATION = """@inproceedings{liu2020logiqa,
   title={LogiQA: A Challenge Dataset for Machine Reading Comprehension with
@@ -157,13 +157,15 @@ class Logiqa2(_MultipleChoiceBuilder):
   """LogiQA 2.0 (Liu et al., IEEE/ACM TASLP 2023), the MRC task in English."""
 
   SPLIT_FILES = {
-      "train": ("train.txt", "train.jsonl", "train.json"),
-      "validation": ("dev.txt", "dev.jsonl", "dev.json"),
-      "test": ("test.txt", "test.jsonl", "test.json"),
+    "train": ("train.txt", "train.jsonl", "train.json"),
+    "validation": ("dev.txt", "dev.jsonl", "dev.json"),
+    "test": ("test.txt", "test.jsonl", "test.json"),
   }
   READER = staticmethod(benchmarks.read_logiqa2)
-  DESCRIPTION = ("LogiQA 2.0: 4-way multiple choice logical reasoning "
-                 "questions (machine reading comprehension task).")
+  DESCRIPTION = (
+    "LogiQA 2.0: 4-way multiple choice logical reasoning "
+    "questions (machine reading comprehension task)."
+  )
   HOMEPAGE = "https://github.com/csitfun/LogiQA2.0"
   CITATION = """@article{liu2023logiqa2,
   title={LogiQA 2.0 -- An Improved Dataset for Logical Reasoning in Natural
@@ -182,8 +184,9 @@ class Logiqa2(_MultipleChoiceBuilder):
 _BUILDERS = {cls.name: cls for cls in (Reclor, Logiqa, Logiqa2)}
 
 
-def prepare(name: str, manual_dir: str | os.PathLike[str],
-            data_dir: str | os.PathLike[str]) -> tfds.core.DatasetBuilder:
+def prepare(
+  name: str, manual_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str]
+) -> tfds.core.DatasetBuilder:
   """Prepares one benchmark from a manual directory; no network is used.
 
   Args:
@@ -195,10 +198,11 @@ def prepare(name: str, manual_dir: str | os.PathLike[str],
     The prepared builder; `builder.as_data_source()` gives the splits.
   """
   if name not in _BUILDERS:
-    raise ValueError(f"unknown benchmark {name!r}; expected one of "
-                     f"{sorted(_BUILDERS)}")
+    raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(_BUILDERS)}")
   builder = _BUILDERS[name](data_dir=os.path.expanduser(os.fspath(data_dir)))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.path.expanduser(os.fspath(manual_dir)),
-      try_download_gcs=False))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(
+      manual_dir=os.path.expanduser(os.fspath(manual_dir)), try_download_gcs=False
+    )
+  )
   return builder
