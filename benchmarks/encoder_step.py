@@ -44,9 +44,9 @@ from absl import app, flags
 from flax import nnx
 
 from apollo.common import mesh as mesh_lib
-from apollo.lm import model as model_lib
 from apollo.lm import pretrain
-from experiments.configs import pretrain as pretrain_configs
+from apollo.lm.configs import pretrain as pretrain_configs
+from apollo.models.roberta import model as model_lib
 
 _SIZE = flags.DEFINE_enum("size", "small", list(model_lib.PRESET_NAMES), "Encoder preset.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per step.")
@@ -238,7 +238,7 @@ def main(argv):
   flops = model_flops_per_step(model_config, batch, length, predictions)
   peak, peak_source = peak_flops(_DTYPE.value)
   device = jax.devices()[0]
-  params = model_lib.count_params(
+  params = mesh_lib.count_params(
     nnx.eval_shape(lambda: model_lib.PretrainingModel(model_config, rngs=nnx.Rngs(0)))
   )
   print(

@@ -9,7 +9,7 @@ environment steps; plus every seed's rows), WORKDIR/results.md (the table) and
 WORKDIR/results.png. Rerunning resumes: finished rollouts are reused from the
 stores and every fine-tune resumes from its checkpoints. The pipeline is
 `apollo.agents.compare.run_comparison`; the fields are `compare.*` in
-`experiments/configs/agent_sft.py` (preset `compare`).
+`apollo/agents/configs/sft.py` (preset `compare`).
 """
 
 from absl import app, flags
@@ -20,7 +20,7 @@ from apollo.common import checkpoint as checkpoint_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
-  "experiments/configs/agent_sft.py:compare",
+  "apollo/agents/configs/sft.py:compare",
   "Config file and preset (compare); override with --config.compare.x=y.",
 )
 _WORKDIR = flags.DEFINE_string(

@@ -2,7 +2,7 @@ r"""Agent-policy SFT on masked per-step samples: a thin absl main over the train
 
   python -m experiments.agent_sft --flagfile=experiments/flags/agent_sft_quickstart.flags
   python -m experiments.agent_sft --workdir=runs/sft \
-      --config=experiments/configs/agent_sft.py:quickstart \
+      --config=apollo/agents/configs/sft.py:quickstart \
       --config.data.train_path=runs/data/train.jsonl \
       --config.data.tokenizer_path=runs/data/tokenizer.json
 
@@ -10,7 +10,7 @@ Rerunning the same command resumes from `--workdir` (checkpoints, data position)
 At the end the policy is exported to `WORKDIR/policy`, which the 'flax' rollout
 backend loads (`make_flax_backend(seed, checkpoint='WORKDIR/policy')`). The trainer
 is `apollo.agents.sft.train_and_evaluate`; the fields are in
-`experiments/configs/agent_sft.py`.
+`apollo/agents/configs/sft.py`.
 """
 
 from absl import app, flags
@@ -21,7 +21,7 @@ from apollo.common import checkpoint as checkpoint_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
-  "experiments/configs/agent_sft.py:quickstart",
+  "apollo/agents/configs/sft.py:quickstart",
   "Config file and preset (quickstart, compare, qwen2_0_5b); override with --config.x=y.",
 )
 _WORKDIR = flags.DEFINE_string(

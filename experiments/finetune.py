@@ -3,11 +3,11 @@ r"""Multiple-choice fine-tuning (ReClor, LogiQA, the generated logic set): a thi
   python -m experiments.finetune --flagfile=experiments/flags/quickstart_finetune.flags
   python -m experiments.finetune --flagfile=experiments/flags/reclor_roberta_large.flags
   python -m experiments.finetune --workdir=runs/finetune \
-      --config=experiments/configs/finetune.py:quickstart --config.train_steps=50
+      --config=apollo/lm/configs/finetune.py:quickstart --config.train_steps=50
 
 Rerunning the same command resumes from `--workdir`. The trainer is
 `apollo.lm.finetune.train_and_evaluate`; the config fields and presets are in
-`experiments/configs/finetune.py`.
+`apollo/lm/configs/finetune.py`.
 """
 
 from absl import app, flags, logging
@@ -18,7 +18,7 @@ from apollo.lm import finetune
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
-  "experiments/configs/finetune.py:quickstart",
+  "apollo/lm/configs/finetune.py:quickstart",
   "Config file and preset (quickstart, reclor_base, reclor_large, logiqa_base, "
   "logiqa_large); override fields with --config.x=y.",
 )

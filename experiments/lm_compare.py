@@ -12,8 +12,8 @@ import os
 from absl import app, flags
 
 from apollo.lm.compare import SMOKE_SIZES, compare, markdown_table
-from experiments.configs import finetune as finetune_configs
-from experiments.configs import pretrain as pretrain_configs
+from apollo.lm.configs import finetune as finetune_configs
+from apollo.lm.configs import pretrain as pretrain_configs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Everything goes here.", required=True)
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1 (each: 2 pretrainings, 3 fine-tunings).")

@@ -2,13 +2,13 @@ r"""APOLLO continued pretraining (S-MLM + E-CLS): a thin absl main over the trai
 
   python -m experiments.pretrain --flagfile=experiments/flags/quickstart.flags
   python -m experiments.pretrain --workdir=runs/pretrain \
-      --config=experiments/configs/pretrain.py:quickstart --config.train_steps=100
+      --config=apollo/lm/configs/pretrain.py:quickstart --config.train_steps=100
 
 Rerunning the same command resumes from `--workdir` (checkpoints, data position).
 Multi-host jobs call `jax.distributed.initialize()` when the launcher sets the
 usual variables (see `apollo.common.mesh.initialize_distributed`). The trainer is
 `apollo.lm.pretrain.train_and_evaluate`; the config fields and presets are in
-`experiments/configs/pretrain.py`.
+`apollo/lm/configs/pretrain.py`.
 """
 
 from absl import app, flags, logging
@@ -19,7 +19,7 @@ from apollo.lm import pretrain
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
-  "experiments/configs/pretrain.py:quickstart",
+  "apollo/lm/configs/pretrain.py:quickstart",
   "Config file and preset (quickstart, base, large); override fields with --config.x=y.",
 )
 _WORKDIR = flags.DEFINE_string(

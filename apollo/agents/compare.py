@@ -66,9 +66,9 @@ from absl import logging
 
 from apollo.agents import agent as agent_lib
 from apollo.agents import backends as backends_lib
-from apollo.agents import chat_template as chat_lib
 from apollo.agents import guidance as guidance_lib
 from apollo.agents import judging, research_env, service, simulated_human, storage
+from apollo.models import chat_template as chat_lib
 
 VARIANTS = ("a", "b", "c", "d", "e")
 VARIANT_NAMES = {
@@ -307,7 +307,12 @@ def write_demo_samples(
     store_path, research_env.seeds_for("train", episodes, seed * 100), False, 200, "demo"
   )
   tokenizer = train_tokenizer(store_path, eps, vocab_size, data_dir)
-  built = build_samples(store_path, eps, chat_lib.ChatTemplate(tokenizer), history)
+  built = build_samples(
+    store_path,
+    eps,
+    chat_lib.ChatTemplate(tokenizer, guidance_tag=guidance_lib.GUIDANCE_TAG),
+    history,
+  )
   return sft.write_jsonl_samples(os.path.join(data_dir, "samples.jsonl"), built.samples)
 
 
@@ -393,7 +398,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   tok_dir = os.path.join(workdir, "tokenizer")
   tokenizer = train_tokenizer(bc_store, bc_solo + bc_guided, p.tokenizer_vocab, tok_dir)
   tokenizer_path = os.path.join(tok_dir, "tokenizer.json")
-  template = chat_lib.ChatTemplate(tokenizer)
+  template = chat_lib.ChatTemplate(tokenizer, guidance_tag=guidance_lib.GUIDANCE_TAG)
   bc = build_samples(bc_store, bc_solo, template, p.history_messages)
   bc_g = build_samples(bc_store, bc_guided, template, p.history_messages, keep_guidance=True)
   bc_samples = bc.samples + bc_g.samples

@@ -4,8 +4,8 @@
 (:mod:`apollo.agents.backends`: ``complete(messages, tools) -> ModelResponse``,
 ``snapshot``, ``restore``) and its ``TextGenerator`` protocol (``generate(messages)
 -> (text, prompt_tokens, completion_tokens)``). Each turn it renders the messages
-with the ChatML template (:mod:`apollo.agents.chat_template`), samples with the KV
-cache (:func:`apollo.agents.decoder.generate`) until ``<|im_end|>``, and decodes
+with the ChatML template (:mod:`apollo.models.chat_template`), samples with the KV
+cache (:func:`apollo.models.llama.model.generate`) until ``<|im_end|>``, and decodes
 the text. Importing this module registers it as backend ``'flax'``::
 
     from apollo.agents import backends, flax_backend  # noqa: F401 (registers 'flax')
@@ -32,12 +32,15 @@ import tokenizers
 from flax import nnx
 
 from apollo.agents import backends as backends_lib
-from apollo.agents import chat_template as chat_lib
-from apollo.agents import decoder as decoder_lib
+from apollo.agents import guidance as guidance_lib
+from apollo.models import chat_template as chat_lib
+from apollo.models.llama import model as decoder_lib
+from apollo.models.llama import params as llama_params
+from apollo.models.llama import sampling
 
 
 class FlaxPolicyBackend:
-  """Serves a :class:`~apollo.agents.decoder.Decoder` to the agent loop.
+  """Serves a :class:`~apollo.models.llama.model.Decoder` to the agent loop.
 
   Args:
     model: the policy.
@@ -68,7 +71,7 @@ class FlaxPolicyBackend:
     name: str = "flax",
   ):
     self.model = model
-    self.template = chat_lib.ChatTemplate(tokenizer)
+    self.template = chat_lib.ChatTemplate(tokenizer, guidance_tag=guidance_lib.GUIDANCE_TAG)
     self.max_new_tokens = max_new_tokens
     self.temperature = temperature
     self.top_k = top_k
@@ -99,7 +102,7 @@ class FlaxPolicyBackend:
     mask = np.zeros((1, padded), bool)
     ids[0, padded - length :], mask[0, padded - length :] = prompt, True
     rng = jax.random.fold_in(jax.random.key(self.seed), self.turn)
-    out = decoder_lib.generate(
+    out = sampling.generate(
       self.model,
       jnp.asarray(ids),
       self.max_new_tokens,
@@ -149,15 +152,13 @@ def make_flax_backend(
       ``preset`` model (for smoke tests and demos).
     tokenizer: a ``tokenizer.json`` path or directory; None: the checkpoint's, or
       without a checkpoint a tiny demo BPE trained on the spot.
-    preset: the :func:`~apollo.agents.decoder.get_config` preset of a random model.
+    preset: the :func:`~apollo.models.llama.model.get_config` preset of a random model.
     dtype: compute dtype override (e.g. 'bfloat16').
     **options: :class:`FlaxPolicyBackend` keyword arguments (temperature, ...).
   """
   overrides = {} if dtype is None else {"dtype": dtype}
   if checkpoint is not None:
-    from apollo.agents import decoder_import  # pylint: disable=g-import-not-at-top
-
-    model, _ = decoder_import.from_pretrained(checkpoint, **overrides)
+    model, _ = llama_params.from_pretrained(checkpoint, **overrides)
     tok = chat_lib.load_chat_tokenizer(tokenizer or checkpoint)
   else:
     tok = (

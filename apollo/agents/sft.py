@@ -1,7 +1,7 @@
 """Supervised fine-tuning of the agent policy on masked per-step samples.
 
 `train_and_evaluate(config, workdir)` is the whole job (config:
-`experiments/configs/agent_sft.py`; entry point: `experiments/agent_sft.py`). It
+`apollo/agents/configs/sft.py`; entry point: `experiments/agent_sft.py`). It
 follows the pretraining trainer's conventions (`apollo.lm.pretrain`): a mesh
 ('data', 'fsdp', 'tensor') with Auto axes, a state `{params, opt_state, step, rng}`
 created in its shards, a module-level pure `train_step` jitted once with the state
@@ -12,7 +12,7 @@ and counts, a progress line, and a stop on a non-finite loss.
 
 Data: samples are dicts with `input_ids` (token ids of one rendered context +
 response) and `loss_mask` (True on the tokens to imitate: assistant content and
-its `<|im_end|>`; see `apollo.agents.chat_template`). They come from a JSONL file
+its `<|im_end|>`; see `apollo.models.chat_template`). They come from a JSONL file
 (`config.data.train_path`, e.g. written by `apollo.agents.sft_data`), or are
 passed in (`samples=`), or, for the quickstart, are built from scripted rollouts
 inside the workdir (`apollo.agents.compare.write_demo_samples`).
@@ -53,12 +53,14 @@ import optax
 from absl import logging
 from flax import nnx
 
-from apollo.agents import chat_template as chat_lib
-from apollo.agents import decoder as decoder_lib
+from apollo.agents import guidance as guidance_lib
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import mesh as mesh_lib
 from apollo.common import metrics as metrics_lib
 from apollo.common import training as train_lib
+from apollo.models import chat_template as chat_lib
+from apollo.models.llama import model as decoder_lib
+from apollo.models.llama import params as llama_params
 
 # The generic trainer pieces shared with pretraining and fine-tuning.
 build_optimizer = train_lib.build_optimizer
@@ -390,9 +392,7 @@ def model_config_from(
 ) -> decoder_lib.DecoderConfig:
   m = config.model
   if config.init_from:
-    from apollo.agents import decoder_import  # pylint: disable=g-import-not-at-top
-
-    return decoder_import.config_from_hf(config.init_from, dtype=m.dtype)
+    return llama_params.config_from_hf(config.init_from, dtype=m.dtype)
   overrides = {
     k: int(m[k])
     for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
@@ -422,9 +422,7 @@ def make_setup(config, model_config, mesh) -> TrainSetup:
 def init_state(config, setup: TrainSetup) -> dict[str, Any]:
   """A fresh state: the `init_from` policy (or a random init), created in its shards."""
   if config.init_from:
-    from apollo.agents import decoder_import  # pylint: disable=g-import-not-at-top
-
-    model, report = decoder_import.from_pretrained(
+    model, report = llama_params.from_pretrained(
       config.init_from,
       mesh=setup.mesh,
       rules=decoder_lib.LOGICAL_AXIS_RULES,
@@ -448,7 +446,6 @@ def init_state(config, setup: TrainSetup) -> dict[str, Any]:
 
 def export_policy(setup: TrainSetup, params: Any, tokenizer_path: str, out_dir: str) -> str:
   """Writes the policy as an HF-style directory the 'flax' backend loads."""
-  from apollo.agents import decoder_import  # pylint: disable=g-import-not-at-top
 
   if train_lib.is_main():
     host = jax.device_get(params)
@@ -458,7 +455,7 @@ def export_policy(setup: TrainSetup, params: Any, tokenizer_path: str, out_dir: 
     model = nnx.merge(graphdef, state)
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    decoder_import.export_hf(model, tmp)
+    llama_params.export_hf(model, tmp)
     src = (
       tokenizer_path
       if tokenizer_path.endswith(".json")
@@ -473,9 +470,8 @@ def export_policy(setup: TrainSetup, params: Any, tokenizer_path: str, out_dir: 
 
 def load_policy(policy_dir: str, **overrides: Any) -> tuple[decoder_lib.Decoder, Any]:
   """(model, tokenizer) of an exported policy directory."""
-  from apollo.agents import decoder_import  # pylint: disable=g-import-not-at-top
 
-  model, _ = decoder_import.from_pretrained(policy_dir, **overrides)
+  model, _ = llama_params.from_pretrained(policy_dir, **overrides)
   return model, chat_lib.load_chat_tokenizer(policy_dir)
 
 
@@ -496,7 +492,7 @@ def train_and_evaluate(
   """Fine-tunes (or resumes) in `workdir` until `config.train_steps`; exports the policy.
 
   Args:
-    config: see `experiments/configs/agent_sft.py`.
+    config: see `apollo/agents/configs/sft.py`.
     workdir: checkpoints/, metrics.jsonl, tensorboard/, config.json, policy/ (and
       data/ for demo samples); a rerun resumes from it.
     samples / eval_samples / tokenizer_path: in-memory data instead of
@@ -518,7 +514,7 @@ def train_and_evaluate(
     tokenizer_path = config.data.tokenizer_path or config.init_from
   eval_samples = list(eval_samples or [])
   tokenizer = chat_lib.load_chat_tokenizer(tokenizer_path)
-  template = chat_lib.ChatTemplate(tokenizer)
+  template = chat_lib.ChatTemplate(tokenizer, guidance_tag=guidance_lib.GUIDANCE_TAG)
   model_config = model_config_from(config, tokenizer.get_vocab_size())
   train_lib.check_saved_config(workdir, model_config, SHAPE_FIELDS)
   mesh = mesh_lib.make_mesh(

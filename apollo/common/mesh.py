@@ -155,3 +155,8 @@ def create_sharded_model(
     shardings = named_shardings(logical_partition_specs(abstract_state, rules), mesh)
   state = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)()
   return nnx.merge(graphdef, state)
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of scalar parameters (``nnx.Param`` only; abstract models too)."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

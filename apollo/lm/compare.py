@@ -252,7 +252,7 @@ def compare(root: str, s: dict[str, int], pretrain_base, finetune_base) -> dict[
   """Runs everything and writes results.json, results.md and comparison.png into root.
 
   `pretrain_base` and `finetune_base` are the trainers' quickstart presets
-  (`experiments/configs/{pretrain,finetune}.py`); every run resizes a copy.
+  (`apollo/lm/configs/{pretrain,finetune}.py`); every run resizes a copy.
   """
   root = os.path.abspath(root)
   start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Multiple-choice fine-tuning (ReClor, LogiQA, the generated logic set), resumable.
 
 `train_and_evaluate(config, workdir)` is the whole job (config:
-`experiments/configs/finetune.py`; entry point: `experiments/finetune.py`). It
+`apollo/lm/configs/finetune.py`; entry point: `experiments/finetune.py`). It
 follows `pretrain.py`'s conventions: one mesh ('data', 'fsdp', 'tensor') with
 Auto axes, state `{params, opt_state, step, rng}` created in its shards, pure
 module-level `train_step` / `eval_step`, checkpoints with the data position,
@@ -64,9 +64,10 @@ from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import mesh as mesh_lib
 from apollo.common import metrics as metrics_lib
 from apollo.common import training as train_lib
-from apollo.lm import benchmarks, hf_import, logic_mc, pretrain
-from apollo.lm import model as model_lib
-from apollo.lm import tokenizer as tokenizer_lib
+from apollo.lm import benchmarks, logic_mc, pretrain
+from apollo.models import tokenizer as tokenizer_lib
+from apollo.models.roberta import model as model_lib
+from apollo.models.roberta import params as roberta_params
 
 NUM_CHOICES = benchmarks.NUM_CHOICES
 SPLITS = ("train", "validation", "test")
@@ -385,11 +386,11 @@ def resolve_init(config: ml_collections.ConfigDict) -> InitSource:
     kind = "pretrain"
   elif config.init_from_hf:
     path = config.init_from_hf
-    if not os.path.isfile(os.path.join(path, hf_import.CONFIG_NAME)):
+    if not os.path.isfile(os.path.join(path, roberta_params.CONFIG_NAME)):
       raise FileNotFoundError(
-        f"--config.init_from_hf={path}: no {os.path.join(path, hf_import.CONFIG_NAME)}."
+        f"--config.init_from_hf={path}: no {os.path.join(path, roberta_params.CONFIG_NAME)}."
       )
-    model_config = hf_import.config_from_hf(path, **common)
+    model_config = roberta_params.config_from_hf(path, **common)
     tokenizer_path = tokenizer_path or path
     kind = "hf"
   else:
@@ -517,7 +518,7 @@ def init_state(
   """A fresh state from the init source, every array created in its shards."""
   m = config.model
   if source.kind == "hf":
-    model, report = hf_import.from_pretrained(
+    model, report = roberta_params.from_pretrained(
       source.path,
       model_lib.MultipleChoiceModel,
       seed=config.seed,
@@ -618,7 +619,7 @@ def train_and_evaluate(
   """Fine-tunes (or resumes) in `workdir`; evaluates every `eval_every` steps and at the end.
 
   Args:
-    config: see `experiments/configs/finetune.py`.
+    config: see `apollo/lm/configs/finetune.py`.
     workdir: checkpoints/, metrics.jsonl, tensorboard/, config.json, predictions_*.json,
       results.json (and, for the generated set, data/) go here; a rerun resumes.
     on_step: called with the step number after each update is dispatched (tests).

@@ -1,7 +1,7 @@
 """APOLLO continued pretraining: S-MLM + lambda * E-CLS, resumable from a workdir.
 
 `train_and_evaluate(config, workdir)` is the whole job (config:
-`experiments/configs/pretrain.py`; entry point: `experiments/pretrain.py`):
+`apollo/lm/configs/pretrain.py`; entry point: `experiments/pretrain.py`):
 
 1. Data: the selected-sentence shards of `config.data.shard_dir`, or, when it is
    empty, the embedded generated corpus selected into `workdir/data/sentences`
@@ -13,7 +13,7 @@
    the parameters' and the batch's shardings (which `jax.jit`'s `out_shardings` pin).
 3. State `{params, opt_state, step, rng}`: params are a pure dict
    (`nnx.to_pure_dict`) created directly in their shards (`create_sharded_model`,
-   or `hf_import.from_pretrained(mesh=...)`), the optimizer state too
+   or `roberta_params.from_pretrained(mesh=...)`), the optimizer state too
    (`apollo.optim.init_sharded`); `step` counts updates, `rng` is the base dropout
    key (folded with the step, so dropout is a pure function of the state).
 4. `train_step` (module level, pure, jitted once with the state donated) and
@@ -59,14 +59,14 @@ from apollo.common import training as train_lib
 from apollo.lm import (
   contradiction,
   generated_corpus,
-  hf_import,
   pretrain_data,
   selection,
   tagging,
   text_sources,
 )
-from apollo.lm import model as model_lib
-from apollo.lm import tokenizer as tokenizer_lib
+from apollo.models import tokenizer as tokenizer_lib
+from apollo.models.roberta import model as model_lib
+from apollo.models.roberta import params as roberta_params
 
 # Model fields that decide parameter shapes: a workdir may only be resumed with these.
 SHAPE_FIELDS = (
@@ -335,10 +335,10 @@ def model_config_from(
     dtype=m.dtype,
   )
   if config.init_from_hf:
-    path = os.path.join(config.init_from_hf, hf_import.CONFIG_NAME)
+    path = os.path.join(config.init_from_hf, roberta_params.CONFIG_NAME)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"--config.init_from_hf={config.init_from_hf}: no {path}.")
-    model_config = hf_import.config_from_hf(config.init_from_hf, **common)
+    model_config = roberta_params.config_from_hf(config.init_from_hf, **common)
     if vocab_size > model_config.vocab_size:
       raise ValueError(
         f"The tokenizer has {vocab_size} tokens but {path} only "
@@ -393,7 +393,7 @@ def init_state(config: ml_collections.ConfigDict, setup: TrainSetup) -> dict[str
   """A fresh state, every array created directly in its shards."""
   if config.init_from_hf:
     m = config.model
-    model, report = hf_import.from_pretrained(
+    model, report = roberta_params.from_pretrained(
       config.init_from_hf,
       model_lib.PretrainingModel,
       seed=config.seed,
@@ -492,7 +492,7 @@ def train_and_evaluate(
   """Trains (or resumes) in `workdir` until `config.train_steps`; evaluates on the way.
 
   Args:
-    config: see `experiments/configs/pretrain.py`.
+    config: see `apollo/lm/configs/pretrain.py`.
     workdir: checkpoints/, metrics.jsonl, tensorboard/, config.json and (for the
       generated corpus) data/ go here; a rerun resumes from it.
     on_step: called with the step number after each update is dispatched (tests

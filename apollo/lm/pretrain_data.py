@@ -68,7 +68,7 @@ import tokenizers
 
 from apollo.lm import contradiction, masking, selection, tagging
 from apollo.lm import keywords as keywords_lib
-from apollo.lm import tokenizer as tokenizer_lib
+from apollo.models import tokenizer as tokenizer_lib
 
 SPLITS = ("train", "eval")
 # "apollo": S-MLM + E-CLS (above). "mlm": the plain-MLM baseline on the same

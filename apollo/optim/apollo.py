@@ -210,14 +210,11 @@ def scale_by_apollo(
   decays = not (_is_number(weight_decay) and weight_decay == 0)
 
   def init_fn(params):
-    def zeros(p):
-      return jnp.zeros_like(p, dtype=state_dtype or p.dtype)
-
     return ScaleByApolloState(
       count=jnp.zeros([], jnp.int32),
-      mu=jax.tree.map(zeros, params),
-      curvature=jax.tree.map(zeros, params),
-      direction=jax.tree.map(zeros, params),
+      mu=optax.tree.zeros_like(params, dtype=state_dtype),
+      curvature=optax.tree.zeros_like(params, dtype=state_dtype),
+      direction=optax.tree.zeros_like(params, dtype=state_dtype),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -273,13 +270,12 @@ def scale_by_apollo(
       params = rates = updates  # Placeholders: `leaf` reads neither without decay.
     out = jax.tree.map(leaf, updates, state.mu, state.curvature, state.direction, params, rates)
     m_new, b_new, d_new = (jax.tree.map(lambda _, o: o[i], updates, out) for i in range(3))
-    cast_like = lambda new, old: jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
-    new_updates = cast_like(d_new, updates)
+    new_updates = optax.tree.cast_like(d_new, updates)
     new_state = ScaleByApolloState(
       count=count,
-      mu=cast_like(m_new, state.mu),
-      curvature=cast_like(b_new, state.curvature),
-      direction=cast_like(d_new, state.direction),
+      mu=optax.tree.cast_like(m_new, state.mu),
+      curvature=optax.tree.cast_like(b_new, state.curvature),
+      direction=optax.tree.cast_like(d_new, state.direction),
     )
     return new_updates, new_state
 

@@ -4,7 +4,7 @@ import json
 import os
 
 from apollo.agents import compare
-from experiments.configs import agent_sft as agent_sft_config
+from apollo.agents.configs import sft as agent_sft_config
 
 FIELDS = (
   "score_mean",

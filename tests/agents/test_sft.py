@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from apollo.agents import backends, chat_template, decoder, sft
-from experiments.configs import agent_sft as agent_sft_config
+from apollo.agents import backends, sft
+from apollo.agents.configs import sft as agent_sft_config
+from apollo.models import chat_template
+from apollo.models.llama import model as decoder
 
 
 def _samples(lengths, seed=0, vocab=60):
@@ -112,7 +114,7 @@ def test_loss_only_on_masked_tokens():
 
 
 def _chat_samples(tokenizer, n=24):
-  template = chat_template.ChatTemplate(tokenizer)
+  template = chat_template.ChatTemplate(tokenizer, guidance_tag="human_guidance")
   out = []
   for i in range(n):
     messages = [

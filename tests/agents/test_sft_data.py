@@ -17,7 +17,7 @@ from apollo.agents import (
   simulated_human,
   storage,
 )
-from apollo.agents import chat_template as C
+from apollo.models import chat_template as C
 from tests.agents.helpers import ListBackend
 
 GUIDANCE_TEXT = "GPU 0 is shared with another team's job. Use gpu 1 instead."
@@ -42,7 +42,7 @@ KEPT, MASKED = [0, 1, 4, 5, 7], [2, 3, 6]
 
 @pytest.fixture(scope="module")
 def template():
-  return C.ChatTemplate(C.train_chat_tokenizer())
+  return C.ChatTemplate(C.train_chat_tokenizer(), guidance_tag="human_guidance")
 
 
 @pytest.fixture

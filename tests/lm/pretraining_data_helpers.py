@@ -8,7 +8,7 @@ import sys
 import ml_collections
 
 from apollo.lm import generated_corpus, selection, text_sources
-from apollo.lm import tokenizer as tokenizer_lib
+from apollo.models import tokenizer as tokenizer_lib
 
 # A hand-written mini corpus whose counts are known (see test_selection.py).
 MINI_CORPUS = """\
@@ -78,7 +78,7 @@ print(json.dumps(dict(workdir=workdir.value, config=config.value.to_dict())))
 
 def parse_flagfile(config_file: str, name: str) -> tuple[str, ml_collections.ConfigDict]:
   """(--workdir, config) of experiments/flags/NAME.flags, parsed as an absl main would,
-  in a fresh process, with `config_file` (e.g. 'experiments/configs/pretrain.py:quickstart')
+  in a fresh process, with `config_file` (e.g. 'apollo/lm/configs/pretrain.py:quickstart')
   as the --config default."""
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   out = subprocess.run(

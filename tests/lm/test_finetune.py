@@ -20,9 +20,9 @@ import pytest
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import metrics as metrics_lib
 from apollo.lm import benchmarks, finetune, logic_mc, pretrain
-from apollo.lm import tokenizer as tokenizer_lib
-from experiments.configs import finetune as finetune_configs
-from experiments.configs import pretrain as pretrain_configs
+from apollo.lm.configs import finetune as finetune_configs
+from apollo.lm.configs import pretrain as pretrain_configs
+from apollo.models import tokenizer as tokenizer_lib
 from tests.lm import pretraining_data_helpers as helpers
 
 STEPS = 4
@@ -322,7 +322,7 @@ def test_mismatched_shapes_are_refused(dirs, scratch_run, tmp_path):
   ],
 )
 def test_flagfiles_parse(name):
-  workdir, config = helpers.parse_flagfile("experiments/configs/finetune.py:quickstart", name)
+  workdir, config = helpers.parse_flagfile("apollo/lm/configs/finetune.py:quickstart", name)
   assert workdir and config.data.dataset in finetune.DATASETS
   assert bool(config.init_from_pretrain) != bool(config.init_from_hf)
   finetune.train_lib.build_optimizer(config.optimizer, 10)  # Valid names.

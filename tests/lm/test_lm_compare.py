@@ -11,8 +11,8 @@ import os
 import pytest
 
 from apollo.lm import compare as lm_compare
-from experiments.configs import finetune as finetune_configs
-from experiments.configs import pretrain as pretrain_configs
+from apollo.lm.configs import finetune as finetune_configs
+from apollo.lm.configs import pretrain as pretrain_configs
 
 
 @pytest.mark.slow
@@ -44,7 +44,7 @@ def test_plain_mlm_objective_masks_any_token_and_has_no_ecls(tmp_path):
   import numpy as np
 
   from apollo.lm import pretrain, pretrain_data
-  from experiments.configs import pretrain as pretrain_configs
+  from apollo.lm.configs import pretrain as pretrain_configs
   from tests.lm import pretraining_data_helpers as helpers
 
   shard_dir = str(tmp_path / "sentences")

@@ -24,7 +24,7 @@ import pytest
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import metrics as metrics_lib
 from apollo.lm import pretrain, selection
-from experiments.configs import pretrain as pretrain_configs
+from apollo.lm.configs import pretrain as pretrain_configs
 from tests.lm import pretraining_data_helpers as helpers
 
 STEPS = 6
@@ -235,7 +235,7 @@ def test_mismatched_shapes_refused_and_nothing_damaged(data_dirs, uninterrupted,
 )
 def test_flagfiles_parse(name):
   """Every flagfile parses (as the absl main would) into a config with valid names."""
-  workdir, config = helpers.parse_flagfile("experiments/configs/pretrain.py:quickstart", name)
+  workdir, config = helpers.parse_flagfile("apollo/lm/configs/pretrain.py:quickstart", name)
   assert workdir and config.optimizer.name == "apollo"
   pretrain.build_optimizer(config.optimizer, config.train_steps)  # Valid names.
   assert config.data.max_len <= 256 and config.train_steps > 0

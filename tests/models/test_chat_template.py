@@ -1,4 +1,4 @@
-"""Tests for apollo.agents.chat_template (ChatML rendering, roles, loss masks,
+"""Tests for apollo.models.chat_template (ChatML rendering, roles, loss masks,
 tokenizers) and apollo.agents.flax_backend (the policy as a rollout backend)."""
 
 import jax.numpy as jnp
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from apollo.agents import backends, flax_backend, guidance
-from apollo.agents import chat_template as C
-from apollo.agents import decoder as D
-from apollo.agents import decoder_import as DI
+from apollo.models import chat_template as C
+from apollo.models.llama import model as D
+from apollo.models.llama import params as DI
+from apollo.models.llama import sampling
 
 GUIDANCE = guidance.format_guidance(
   guidance.Guidance(
@@ -32,7 +33,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def template(tokenizer):
-  return C.ChatTemplate(tokenizer)
+  return C.ChatTemplate(tokenizer, guidance_tag="human_guidance")
 
 
 def _text(tokenizer, ids):
@@ -192,7 +193,7 @@ def test_backend_greedy_text_is_the_models_argmax(policy, tokenizer, template):
   )
   text, _, completion = backend.generate(MESSAGES[:2])
   prompt = template.render(MESSAGES[:2], add_generation_prompt=True).ids
-  expected = D.generate(
+  expected = sampling.generate(
     policy, jnp.asarray(prompt)[None], 6, temperature=0, eos_id=template.stop_ids
   ).tokens[0, :completion]
   assert text == template.decode_response(np.asarray(expected))

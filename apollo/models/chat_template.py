@@ -9,10 +9,10 @@ A conversation is rendered as::
     <|im_start|>assistant\\n          (the generation prompt, when asked for)
 
 which is Qwen2's template (without its default system prompt), so a Qwen2
-checkpoint sees the format it was tuned on. Human guidance is an ordinary
-user-role message whose content starts with the ``<human_guidance ...>`` tag
-(:mod:`apollo.agents.guidance`); it gets its own role id so a trainer can keep,
-drop or mask it.
+checkpoint sees the format it was tuned on. Human guidance (Fu et al., 2025) is an
+ordinary user-role message whose content opens a tag the caller names (the agents
+pass ``guidance_tag='human_guidance'``); it gets its own role id so a trainer can
+keep, drop or mask it.
 
 Besides the token ids, :meth:`ChatTemplate.render` returns for every token the
 role of its message, the message index (segment) and a loss mask. The loss mask
@@ -44,9 +44,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from apollo.agents import guidance as guidance_lib
+from apollo.models import tokenizer as tokenizer_lib
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -104,10 +103,13 @@ class ChatTemplate:
   Args:
     tokenizer: a ``tokenizers.Tokenizer`` holding ``<|im_start|>`` and
       ``<|im_end|>`` as special tokens.
+    guidance_tag: a user message whose content starts with ``<{guidance_tag} `` is
+      guidance (role id :data:`ROLE_GUIDANCE`); None: no message is.
   """
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer):
+  def __init__(self, tokenizer: tokenizers.Tokenizer, guidance_tag: str | None = None):
     self.tokenizer = tokenizer
+    self.guidance_tag = guidance_tag
     ids = {t: tokenizer.token_to_id(t) for t in (IM_START, IM_END)}
     missing = [t for t, i in ids.items() if i is None]
     if missing:
@@ -127,13 +129,16 @@ class ChatTemplate:
   def _encode_plain(self, text: str) -> list[int]:
     return self._literal.encode(text, add_special_tokens=False).ids
 
-  @staticmethod
-  def role_of(message: Mapping[str, str]) -> int:
+  def role_of(self, message: Mapping[str, str]) -> int:
     """The role id of ``message`` (guidance-tagged user messages are separate)."""
     role = message["role"]
     if role not in _CHAT_ROLES:
       raise ValueError(f"Unknown message role {role!r}; expected one of {_CHAT_ROLES}.")
-    if guidance_lib.is_guidance_message(dict(message)):
+    if (
+      self.guidance_tag is not None
+      and role == "user"
+      and message["content"].startswith(f"<{self.guidance_tag} ")
+    ):
       return ROLE_GUIDANCE
     return ROLE_IDS[role]
 
@@ -264,17 +269,9 @@ def train_chat_tokenizer(
     vocab_size: target size, the 3 special tokens and 256 byte symbols included.
     out_dir: if given, ``tokenizer.json`` is written there.
   """
-  tokenizer = tokenizers.Tokenizer(models.BPE())
-  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tokenizer.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-    vocab_size=vocab_size,
-    min_frequency=1,
-    special_tokens=list(CHAT_SPECIAL_TOKENS),
-    show_progress=False,
-    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  tokenizer = tokenizer_lib.train_byte_level_bpe(
+    list(texts), CHAT_SPECIAL_TOKENS, vocab_size, min_frequency=1
   )
-  tokenizer.train_from_iterator(list(texts), trainer=trainer)
   if out_dir is not None:
     os.makedirs(out_dir, exist_ok=True)
     tokenizer.save(os.path.join(os.fspath(out_dir), "tokenizer.json"))

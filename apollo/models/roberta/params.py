@@ -1,8 +1,7 @@
 """Moves weights between local Hugging Face RoBERTa checkpoints and our NNX models.
 
 Nothing here downloads: a checkpoint is a local directory holding ``config.json`` and
-``model.safetensors`` (or a sharded ``model.safetensors.index.json``, or a PyTorch
-``pytorch_model.bin``, which needs torch). Typical use::
+the weights, read by :mod:`apollo.models.hf`. Typical use::
 
     model, report = from_pretrained('/data/roberta-large', PretrainingModel,
                                     dtype='bfloat16')
@@ -33,8 +32,6 @@ transposed and reshaped on the way in and back on the way out.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -45,7 +42,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from apollo.lm.model import (
+from apollo.models import hf
+from apollo.models.hf import HFTensor, ImportReport
+from apollo.models.roberta.model import (
   LOGICAL_AXIS_RULES,
   Encoder,
   EncoderConfig,
@@ -55,12 +54,6 @@ from apollo.lm.model import (
 )
 
 log = logging.getLogger(__name__)
-
-SAFETENSORS_NAME = "model.safetensors"
-SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
-PYTORCH_NAME = "pytorch_model.bin"
-PYTORCH_INDEX_NAME = "pytorch_model.bin.index.json"
-CONFIG_NAME = "config.json"
 
 # HF keeps these as non-parameter buffers in some versions; they carry no weights.
 _BUFFER_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -82,12 +75,7 @@ def config_from_hf(hf_config: dict | str | os.PathLike, **overrides: Any) -> Enc
     ValueError: for a config this architecture cannot reproduce (another
       activation, relative position embeddings).
   """
-  if not isinstance(hf_config, dict):
-    path = Path(hf_config)
-    if path.is_dir():
-      path = path / CONFIG_NAME
-    hf_config = json.loads(path.read_text())
-  h = hf_config
+  h = hf.read_config(hf_config)
   act = h.get("hidden_act", "gelu")
   if act != "gelu":
     raise ValueError(f"hidden_act={act!r} is not supported (only exact 'gelu').")
@@ -144,104 +132,8 @@ def config_to_hf(config: EncoderConfig, architecture: str = "RobertaForMaskedLM"
 
 
 # -----------------------------------------------------------------------------
-# Reading tensors
-# -----------------------------------------------------------------------------
-
-
-def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # bf16 arrives as ml_dtypes.bfloat16.
-
-  return dict(load_file(path))
-
-
-def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
-  try:
-    import torch  # Optional: only legacy .bin checkpoints need it.
-  except ImportError as e:
-    raise ImportError(
-      f"{path} is a PyTorch pickle and torch is not installed. Install torch, or "
-      "convert the checkpoint to model.safetensors."
-    ) from e
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  # .float() first: numpy has no bfloat16 in torch's conversion.
-  return {k: v.detach().float().numpy() for k, v in state.items()}
-
-
-def load_hf_state_dict(
-  checkpoint_dir: str | os.PathLike,
-) -> tuple[dict[str, np.ndarray], str]:
-  """Reads all tensors of a local HF checkpoint directory.
-
-  Prefers safetensors (single file, then sharded index) over PyTorch ``.bin``.
-
-  Returns:
-    (tensors by HF name, the file(s) they came from, for error messages).
-
-  Raises:
-    FileNotFoundError: if the directory holds no known weights file.
-  """
-  d = Path(checkpoint_dir)
-  if (d / SAFETENSORS_NAME).exists():
-    return _load_safetensors(d / SAFETENSORS_NAME), str(d / SAFETENSORS_NAME)
-  for index_name, loader in (
-    (SAFETENSORS_INDEX_NAME, _load_safetensors),
-    (PYTORCH_INDEX_NAME, _load_torch_bin),
-  ):
-    if (d / index_name).exists():
-      weight_map = json.loads((d / index_name).read_text())["weight_map"]
-      tensors: dict[str, np.ndarray] = {}
-      for shard in sorted(set(weight_map.values())):
-        tensors.update(loader(d / shard))
-      return tensors, str(d / index_name)
-  if (d / PYTORCH_NAME).exists():
-    return _load_torch_bin(d / PYTORCH_NAME), str(d / PYTORCH_NAME)
-  raise FileNotFoundError(
-    f"No {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} or {PYTORCH_NAME} in {d}."
-  )
-
-
-# -----------------------------------------------------------------------------
 # The name/layout correspondence
 # -----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class HFTensor:
-  """One of our Params and how it is laid out in a HF state dict.
-
-  kind: 'plain' (same layout), 'bias' (ours may split heads; HF is flat) or
-  'kernel' (a Linear: HF [out, in], ours [*in, *out] with ``num_in`` input dims).
-  ``required`` tensors must be in a checkpoint; others (pooler, task heads) keep
-  their initialisation when absent, as HF does for newly added heads.
-  """
-
-  hf_name: str
-  param: nnx.Param
-  kind: str = "plain"
-  num_in: int = 1
-  required: bool = True
-
-  def to_hf(self, value: np.ndarray) -> np.ndarray:
-    if self.kind == "kernel":
-      n_in = int(np.prod(value.shape[: self.num_in]))
-      return value.reshape(n_in, -1).T
-    if self.kind == "bias":
-      return value.reshape(-1)
-    return value
-
-  def hf_shape(self) -> tuple[int, ...]:
-    shape = tuple(self.param.get_value().shape)
-    if self.kind == "kernel":
-      return (int(np.prod(shape[self.num_in :])), int(np.prod(shape[: self.num_in])))
-    if self.kind == "bias":
-      return (int(np.prod(shape)),)
-    return shape
-
-  def from_hf(self, value: np.ndarray) -> np.ndarray:
-    shape = tuple(self.param.get_value().shape)
-    if self.kind == "kernel":
-      return value.T.reshape(shape)
-    return value.reshape(shape)
 
 
 def _linear(name: str, layer: nnx.Module, num_in: int = 1, required: bool = True):
@@ -309,31 +201,6 @@ def _architecture(model: nnx.Module) -> str:
 # -----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class ImportReport:
-  """What an import did.
-
-  Attributes:
-    source: the file(s) read.
-    loaded: HF names copied into the model.
-    missing: HF names the model has but the checkpoint lacks (kept at their init;
-      e.g. a fresh E-CLS head or multiple-choice scorer).
-    unused: checkpoint tensors the model has no place for (e.g. ``roberta.pooler.*``
-      when loading a pretraining model, which has no pooler).
-  """
-
-  source: str
-  loaded: list[str] = dataclasses.field(default_factory=list)
-  missing: list[str] = dataclasses.field(default_factory=list)
-  unused: list[str] = dataclasses.field(default_factory=list)
-
-  def summary(self) -> str:
-    return (
-      f"{self.source}: loaded {len(self.loaded)} tensors; "
-      f"missing (kept at init) {self.missing}; unused {self.unused}"
-    )
-
-
 def _encoder_prefix(names: set[str]) -> str:
   # Task checkpoints nest the trunk under 'roberta.'; a bare RobertaModel does not.
   return "roberta." if any(n.startswith("roberta.") for n in names) else ""
@@ -351,7 +218,7 @@ def import_hf_state_dict(
   Args:
     model: an :class:`Encoder`, :class:`PretrainingModel` or
       :class:`MultipleChoiceModel` whose config matches the checkpoint.
-    tensors: HF name -> array (as from :func:`load_hf_state_dict`).
+    tensors: HF name -> array (as from :func:`apollo.models.hf.load_hf_state_dict`).
     source: the file name, for messages.
     strict: if True, any missing tensor is an error (by default only missing
       trunk tensors are; pooler and heads keep their initialisation).
@@ -363,42 +230,18 @@ def import_hf_state_dict(
     ValueError: on a shape mismatch (naming ``source`` and the tensor), a missing
       required tensor, or an MLM decoder that is not tied to the word embeddings.
   """
-  names = set(tensors)
-  report = ImportReport(source=source)
   tied: set[str] = set()
   if isinstance(model, PretrainingModel):
     tensors, tied = _resolve_tied_lm_head(tensors, source)
-  expected = _model_tensors(model, _encoder_prefix(names))
-  new_values: list[tuple[HFTensor, np.ndarray]] = []
-  for t in expected:
-    if t.hf_name not in tensors:
-      if t.required or strict:
-        raise ValueError(f"{source}: tensor {t.hf_name!r} is missing from the checkpoint.")
-      report.missing.append(t.hf_name)
-      continue
-    value = np.asarray(tensors[t.hf_name])
-    if value.shape != t.hf_shape():
-      raise ValueError(
-        f"{source}: tensor {t.hf_name!r} has shape {value.shape}, but the model "
-        f"config expects {t.hf_shape()}. Does the EncoderConfig match the "
-        "checkpoint's config.json?"
-      )
-    new_values.append((t, t.from_hf(value)))
-    report.loaded.append(t.hf_name)
-
-  used = set(report.loaded) | tied
-  report.unused = sorted(n for n in names - used if not n.endswith(_BUFFER_SUFFIXES))
-
-  # Assign only after every check passed, so a failed import leaves model intact.
-  for t, value in new_values:
-    old = t.param.get_value()
-    # Straight onto the existing placement, so a sharded model stays sharded.
-    t.param.set_value(jax.device_put(value.astype(old.dtype), old.sharding))
-  if report.missing:
-    log.warning("%s: not in checkpoint, kept at init: %s", source, report.missing)
-  if report.unused:
-    log.info("%s: checkpoint tensors not used: %s", source, report.unused)
-  return report
+  return hf.copy_into_model(
+    _model_tensors(model, _encoder_prefix(set(tensors))),
+    tensors,
+    source=source,
+    config_name="EncoderConfig",
+    required=strict or None,
+    used=tied,
+    buffer_suffixes=_BUFFER_SUFFIXES,
+  )
 
 
 def _resolve_tied_lm_head(
@@ -467,7 +310,7 @@ def from_pretrained(
   config = config_from_hf(checkpoint_dir, **config_overrides)
   make = lambda: model_cls(config, rngs=nnx.Rngs(seed))
   model = make() if mesh is None else create_sharded_model(make, mesh, rules)
-  tensors, source = load_hf_state_dict(checkpoint_dir)
+  tensors, source = hf.load_hf_state_dict(checkpoint_dir)
   report = import_hf_state_dict(model, tensors, source=source, strict=strict)
   return model, report
 
@@ -483,10 +326,7 @@ def hf_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   The tied MLM decoder is not written separately: HF re-ties it on load.
   """
   prefix = "" if isinstance(model, Encoder) else "roberta."
-  return {
-    t.hf_name: np.ascontiguousarray(t.to_hf(np.asarray(t.param.get_value(), np.float32)))
-    for t in _model_tensors(model, prefix)
-  }
+  return hf.state_dict(_model_tensors(model, prefix))
 
 
 def export_hf(model: nnx.Module, output_dir: str | os.PathLike) -> Path:
@@ -500,11 +340,5 @@ def export_hf(model: nnx.Module, output_dir: str | os.PathLike) -> Path:
   Returns:
     The output directory.
   """
-  from safetensors.numpy import save_file
-
-  out = Path(output_dir)
-  out.mkdir(parents=True, exist_ok=True)
   config = config_to_hf(model.config, _architecture(model))
-  (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-  save_file(hf_state_dict(model), out / SAFETENSORS_NAME, metadata={"format": "pt"})
-  return out
+  return hf.write_checkpoint(output_dir, config, hf_state_dict(model))

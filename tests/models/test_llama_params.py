@@ -1,4 +1,4 @@
-"""Tests for apollo.agents.decoder_import: config conversion, exact export/import round
+"""Tests for apollo.models.llama.params: config conversion, exact export/import round
 trips, errors, sharded checkpoints, and (when torch + transformers are importable)
 equality with HF's PyTorch LlamaForCausalLM / Qwen2ForCausalLM logits."""
 
@@ -13,8 +13,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
-from apollo.agents import decoder as D
-from apollo.agents import decoder_import as DI
+from apollo.models.llama import model as D
+from apollo.models.llama import params as DI
+from apollo.models.llama import sampling
 
 HF_ATOL = 1e-4
 
@@ -324,5 +325,5 @@ def test_greedy_generation_matches_transformers(tmp_path):
     expected = hf_model.generate(
       torch.tensor(prompt), max_new_tokens=10, do_sample=False, min_new_tokens=10, pad_token_id=0
     )[0, 6:].numpy()
-  got = D.generate(model, jnp.asarray(prompt), 10, temperature=0).tokens[0]
+  got = sampling.generate(model, jnp.asarray(prompt), 10, temperature=0).tokens[0]
   np.testing.assert_array_equal(got, expected)

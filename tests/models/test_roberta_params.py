@@ -1,4 +1,4 @@
-"""Tests for apollo.lm.hf_import: config conversion, export/import round trips, errors,
+"""Tests for apollo.models.roberta.params: config conversion, export/import round trips, errors,
 and (when torch + transformers are importable) equality with HF's PyTorch RoBERTa."""
 
 import json
@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from apollo.lm import hf_import
-from apollo.lm import model as M
+from apollo.models import hf
+from apollo.models.roberta import model as M
+from apollo.models.roberta import params as roberta_params
 
 PAD = 1
 
@@ -48,18 +49,18 @@ def pretraining_model(config):
 
 
 def test_config_round_trip(config):
-  hf = hf_import.config_to_hf(config)
+  hf = roberta_params.config_to_hf(config)
   assert hf["num_hidden_layers"] == 2 and hf["hidden_act"] == "gelu"
-  assert hf_import.config_from_hf(hf) == config
-  assert hf_import.config_from_hf(hf, dtype="bfloat16").dtype == jnp.bfloat16
+  assert roberta_params.config_from_hf(hf) == config
+  assert roberta_params.config_from_hf(hf, dtype="bfloat16").dtype == jnp.bfloat16
   with pytest.raises(ValueError, match="hidden_act"):
-    hf_import.config_from_hf({**hf, "hidden_act": "relu"})
+    roberta_params.config_from_hf({**hf, "hidden_act": "relu"})
   with pytest.raises(ValueError, match="position_embedding_type"):
-    hf_import.config_from_hf({**hf, "position_embedding_type": "relative_key"})
+    roberta_params.config_from_hf({**hf, "position_embedding_type": "relative_key"})
 
 
 def test_hf_layout_names_and_shapes(config, pretraining_model):
-  state = hf_import.hf_state_dict(pretraining_model)
+  state = roberta_params.hf_state_dict(pretraining_model)
   h, i = config.hidden_size, config.intermediate_size
   assert state["roberta.embeddings.word_embeddings.weight"].shape == (512, h)
   assert state["roberta.encoder.layer.1.attention.self.query.weight"].shape == (h, h)
@@ -79,11 +80,11 @@ def test_hf_layout_names_and_shapes(config, pretraining_model):
 
 
 def test_round_trip_is_exact(tmp_path, config, pretraining_model):
-  out_dir = hf_import.export_hf(pretraining_model, tmp_path / "ckpt")
+  out_dir = roberta_params.export_hf(pretraining_model, tmp_path / "ckpt")
   assert json.loads((out_dir / "config.json").read_text())["architectures"] == [
     "RobertaForMaskedLM"
   ]
-  loaded, report = hf_import.from_pretrained(out_dir, M.PretrainingModel, seed=99)
+  loaded, report = roberta_params.from_pretrained(out_dir, M.PretrainingModel, seed=99)
   assert report.missing == [] and report.unused == []
   assert loaded.config == config
   expected, actual = _params(pretraining_model), _params(loaded)
@@ -98,8 +99,8 @@ def test_round_trip_is_exact(tmp_path, config, pretraining_model):
 
 def test_multiple_choice_round_trip_and_transfer(tmp_path, config, pretraining_model):
   # Pretrained trunk -> fine-tuning model: pooler and scorer are new, as in HF.
-  ckpt = hf_import.export_hf(pretraining_model, tmp_path / "pretrained")
-  mc, report = hf_import.from_pretrained(ckpt, M.MultipleChoiceModel)
+  ckpt = roberta_params.export_hf(pretraining_model, tmp_path / "pretrained")
+  mc, report = roberta_params.from_pretrained(ckpt, M.MultipleChoiceModel)
   assert report.missing == [
     "roberta.pooler.dense.weight",
     "roberta.pooler.dense.bias",
@@ -114,30 +115,30 @@ def test_multiple_choice_round_trip_and_transfer(tmp_path, config, pretraining_m
     pretraining_model.encoder.layers[0].intermediate.kernel.get_value(),
   )
   # And a multiple-choice model survives its own round trip, pooler included.
-  ckpt2 = hf_import.export_hf(mc, tmp_path / "mc")
-  mc2, report2 = hf_import.from_pretrained(ckpt2, M.MultipleChoiceModel, seed=5)
+  ckpt2 = roberta_params.export_hf(mc, tmp_path / "mc")
+  mc2, report2 = roberta_params.from_pretrained(ckpt2, M.MultipleChoiceModel, seed=5)
   assert report2.missing == [] and report2.unused == []
   for path, value in _params(mc).items():
     np.testing.assert_array_equal(_params(mc2)[path], value, err_msg=str(path))
 
 
 def test_bare_encoder_checkpoint_and_tied_copies(tmp_path, config, pretraining_model):
-  state = hf_import.hf_state_dict(pretraining_model)
+  state = roberta_params.hf_state_dict(pretraining_model)
   # HF also stores the tied decoder (and its bias) and buffers; all are accepted.
   state["lm_head.decoder.weight"] = state["roberta.embeddings.word_embeddings.weight"]
   state["lm_head.decoder.bias"] = state["lm_head.bias"]
   state["roberta.embeddings.position_ids"] = np.arange(130)[None]
   model = M.PretrainingModel(config, rngs=nnx.Rngs(0))
-  report = hf_import.import_hf_state_dict(model, state)
+  report = roberta_params.import_hf_state_dict(model, state)
   assert report.unused == [] and report.missing == []
   # A decoder that is not the embedding cannot be represented.
   state["lm_head.decoder.weight"] = state["lm_head.decoder.weight"] + 1
   with pytest.raises(ValueError, match="ties the MLM decoder"):
-    hf_import.import_hf_state_dict(model, state)
+    roberta_params.import_hf_state_dict(model, state)
   # A bare RobertaModel checkpoint has no 'roberta.' prefix.
   encoder = M.Encoder(config, add_pooler=False, rngs=nnx.Rngs(0))
   bare = {k.removeprefix("roberta."): v for k, v in state.items() if k.startswith("roberta.")}
-  report = hf_import.import_hf_state_dict(encoder, bare)
+  report = roberta_params.import_hf_state_dict(encoder, bare)
   assert report.unused == [] and len(report.loaded) == 5 + 2 * 16
   np.testing.assert_array_equal(
     encoder.embeddings.word_embeddings.embedding.get_value(),
@@ -146,41 +147,41 @@ def test_bare_encoder_checkpoint_and_tied_copies(tmp_path, config, pretraining_m
 
 
 def test_shape_mismatch_names_file_and_tensor(tmp_path, config, pretraining_model):
-  ckpt = hf_import.export_hf(pretraining_model, tmp_path / "ckpt")
+  ckpt = roberta_params.export_hf(pretraining_model, tmp_path / "ckpt")
   wrong = M.PretrainingModel(M.get_config("tiny", vocab_size=500), rngs=nnx.Rngs(0))
   before = _params(wrong)
-  tensors, source = hf_import.load_hf_state_dict(ckpt)
+  tensors, source = hf.load_hf_state_dict(ckpt)
   with pytest.raises(
     ValueError,
     match=r"model\.safetensors: tensor "
     r"'roberta\.embeddings\.word_embeddings\.weight' has shape "
     r"\(512, 64\).*expects \(500, 64\)",
   ):
-    hf_import.import_hf_state_dict(wrong, tensors, source=source)
+    roberta_params.import_hf_state_dict(wrong, tensors, source=source)
   # A failed import changes nothing.
   for path, value in _params(wrong).items():
     np.testing.assert_array_equal(value, before[path])
   # A missing trunk tensor is an error; a missing head is not.
   del tensors["roberta.encoder.layer.1.output.LayerNorm.bias"]
   with pytest.raises(ValueError, match="layer.1.output.LayerNorm.bias' is missing"):
-    hf_import.import_hf_state_dict(M.PretrainingModel(config, rngs=nnx.Rngs(0)), tensors)
+    roberta_params.import_hf_state_dict(M.PretrainingModel(config, rngs=nnx.Rngs(0)), tensors)
   with pytest.raises(FileNotFoundError):
-    hf_import.load_hf_state_dict(tmp_path)
+    hf.load_hf_state_dict(tmp_path)
 
 
 def test_bfloat16_checkpoint_and_sharded_index(tmp_path, config, pretraining_model):
-  state = hf_import.hf_state_dict(pretraining_model)
+  state = roberta_params.hf_state_dict(pretraining_model)
   names = sorted(state)
   d = tmp_path / "sharded"
   d.mkdir()
-  (d / "config.json").write_text(json.dumps(hf_import.config_to_hf(config)))
+  (d / "config.json").write_text(json.dumps(roberta_params.config_to_hf(config)))
   halves = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2 :]}
   for file, keys in halves.items():
     save_file({k: state[k].astype(jnp.bfloat16) for k in keys}, d / file)
   (d / "model.safetensors.index.json").write_text(
     json.dumps({"weight_map": {k: f for f, ks in halves.items() for k in ks}})
   )
-  model, report = hf_import.from_pretrained(d, M.PretrainingModel)
+  model, report = roberta_params.from_pretrained(d, M.PretrainingModel)
   assert report.missing == [] and report.unused == []
   got = model.encoder.layers[0].intermediate.kernel.get_value()
   assert got.dtype == jnp.float32
@@ -191,8 +192,8 @@ def test_bfloat16_checkpoint_and_sharded_index(tmp_path, config, pretraining_mod
 def test_pytorch_bin_needs_torch_only_when_used(tmp_path, monkeypatch, config, pretraining_model):
   d = tmp_path / "bin"
   d.mkdir()
-  (d / "config.json").write_text(json.dumps(hf_import.config_to_hf(config)))
-  state = hf_import.hf_state_dict(pretraining_model)
+  (d / "config.json").write_text(json.dumps(roberta_params.config_to_hf(config)))
+  state = roberta_params.hf_state_dict(pretraining_model)
   try:
     import torch
   except ImportError:
@@ -201,7 +202,7 @@ def test_pytorch_bin_needs_torch_only_when_used(tmp_path, monkeypatch, config, p
     torch.save(
       {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, d / "pytorch_model.bin"
     )
-    model, report = hf_import.from_pretrained(d, M.PretrainingModel)
+    model, report = roberta_params.from_pretrained(d, M.PretrainingModel)
     assert report.missing == [] and report.unused == []
     np.testing.assert_array_equal(
       model.mlm_head.bias.get_value(), pretraining_model.mlm_head.bias.get_value()
@@ -210,15 +211,15 @@ def test_pytorch_bin_needs_torch_only_when_used(tmp_path, monkeypatch, config, p
     (d / "pytorch_model.bin").write_bytes(b"")
   monkeypatch.setitem(sys.modules, "torch", None)  # As if torch were not installed.
   with pytest.raises(ImportError, match="torch is not installed"):
-    hf_import.load_hf_state_dict(d)
+    hf.load_hf_state_dict(d)
 
 
 def test_import_into_sharded_model(tmp_path, config, pretraining_model):
   mesh = jax.make_mesh(
     (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
   )
-  ckpt = hf_import.export_hf(pretraining_model, tmp_path / "ckpt")
-  model, report = hf_import.from_pretrained(ckpt, M.PretrainingModel, mesh=mesh)
+  ckpt = roberta_params.export_hf(pretraining_model, tmp_path / "ckpt")
+  model, report = roberta_params.from_pretrained(ckpt, M.PretrainingModel, mesh=mesh)
   assert report.missing == []
   kernel = model.encoder.layers[1].attention.query.kernel.get_value()
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
@@ -261,7 +262,7 @@ def test_matches_transformers_roberta(tmp_path):
   mlm.save_pretrained(tmp_path / "mlm")
   ids, mask = _batch(512)
 
-  model, report = hf_import.from_pretrained(tmp_path / "mlm", M.PretrainingModel)
+  model, report = roberta_params.from_pretrained(tmp_path / "mlm", M.PretrainingModel)
   assert report.unused == []
   assert set(report.missing) == {
     "classifier.dense.weight",
@@ -282,7 +283,7 @@ def test_matches_transformers_roberta(tmp_path):
   # The trunk alone, with pooler, against RobertaModel.
   base = transformers.RobertaModel(hf_config).eval()
   base.save_pretrained(tmp_path / "base")
-  encoder, report = hf_import.from_pretrained(tmp_path / "base", M.Encoder)
+  encoder, report = roberta_params.from_pretrained(tmp_path / "base", M.Encoder)
   assert report.missing == [] and report.unused == []
   with torch.no_grad():
     out = base(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
@@ -297,7 +298,7 @@ def test_matches_transformers_roberta(tmp_path):
 def test_export_loads_in_transformers(tmp_path, pretraining_model, config):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  ckpt = hf_import.export_hf(pretraining_model, tmp_path / "ours")
+  ckpt = roberta_params.export_hf(pretraining_model, tmp_path / "ours")
   ids, mask = _batch(config.vocab_size)
   mlm = transformers.RobertaForMaskedLM.from_pretrained(ckpt).eval()
   classifier = transformers.RobertaForSequenceClassification.from_pretrained(ckpt).eval()
@@ -313,7 +314,7 @@ def test_export_loads_in_transformers(tmp_path, pretraining_model, config):
 
   mc_model = M.MultipleChoiceModel(config, rngs=nnx.Rngs(1))
   mc = transformers.RobertaForMultipleChoice.from_pretrained(
-    hf_import.export_hf(mc_model, tmp_path / "mc")
+    roberta_params.export_hf(mc_model, tmp_path / "mc")
   ).eval()
   choices_ids, choices_mask = ids.reshape(1, 3, -1), mask.reshape(1, 3, -1)
   with torch.no_grad():

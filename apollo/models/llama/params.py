@@ -1,8 +1,7 @@
 """Moves weights between local Hugging Face Llama / Qwen2 checkpoints and :class:`Decoder`.
 
 Nothing here downloads: a checkpoint is a local directory with ``config.json`` and
-``model.safetensors`` (or a sharded ``model.safetensors.index.json``; file reading
-is :func:`apollo.lm.hf_import.load_hf_state_dict`). Typical use::
+the weights, read by :mod:`apollo.models.hf`. Typical use::
 
     model, report = from_pretrained('/data/Qwen2-0.5B-Instruct', dtype='bfloat16')
     print(report.summary())
@@ -28,8 +27,6 @@ reshaped on the way in and back on the way out (the head split is HF's own
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,25 +36,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from apollo.agents.decoder import (
+from apollo.models import hf
+from apollo.models.hf import HFTensor, ImportReport
+from apollo.models.llama.model import (
   LOGICAL_AXIS_RULES,
   Decoder,
   DecoderConfig,
   logical_partition_specs,
   named_shardings,
 )
-
-# The encoder's importer has the generic pieces: file reading, the per-tensor
-# layout converter and the report.
-from apollo.lm.hf_import import (
-  CONFIG_NAME,
-  SAFETENSORS_NAME,
-  HFTensor,
-  ImportReport,
-  load_hf_state_dict,
-)
-
-log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -68,15 +55,6 @@ _BUFFER_SUFFIXES = ("rotary_emb.inv_freq",)
 # -----------------------------------------------------------------------------
 # Config conversion
 # -----------------------------------------------------------------------------
-
-
-def _read_config(hf_config: dict | str | os.PathLike) -> dict:
-  if isinstance(hf_config, dict):
-    return hf_config
-  path = Path(hf_config)
-  if path.is_dir():
-    path = path / CONFIG_NAME
-  return json.loads(path.read_text())
 
 
 def _rope_fields(h: dict) -> dict[str, Any]:
@@ -113,7 +91,7 @@ def config_from_hf(hf_config: dict | str | os.PathLike, **overrides: Any) -> Dec
     ValueError: for a model type or option this decoder cannot reproduce (another
       activation, MLP biases, sliding-window attention, other RoPE scalings).
   """
-  h = _read_config(hf_config)
+  h = hf.read_config(hf_config)
   model_type = h.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ValueError(
@@ -253,14 +231,13 @@ def import_hf_state_dict(
   equals the embedding.
 
   Returns:
-    An :class:`apollo.lm.hf_import.ImportReport` (``missing`` is always empty).
+    An :class:`apollo.models.hf.ImportReport` (``missing`` is always empty).
 
   Raises:
     ValueError: on a shape mismatch (naming ``source`` and the tensor), a missing
       tensor, or an ``lm_head.weight`` that differs from the embedding of a tied
       model. The model is left untouched when an error is raised.
   """
-  report = ImportReport(source=source)
   tied: set[str] = set()
   if model.lm_head is None and "lm_head.weight" in tensors:
     emb = tensors.get("model.embed_tokens.weight")
@@ -272,34 +249,17 @@ def import_hf_state_dict(
         "config ties them (tie_word_embeddings=True)."
       )
     tied.add("lm_head.weight")
-  new_values: list[tuple[HFTensor, np.ndarray]] = []
-  for t in _decoder_tensors(model):
-    if t.hf_name not in tensors:
-      hint = (
-        " (an untied LM head: is tie_word_embeddings right?)"
-        if t.hf_name == "lm_head.weight"
-        else ""
-      )
-      raise ValueError(f"{source}: tensor {t.hf_name!r} is missing from the checkpoint{hint}.")
-    value = np.asarray(tensors[t.hf_name])
-    if value.shape != t.hf_shape():
-      raise ValueError(
-        f"{source}: tensor {t.hf_name!r} has shape {value.shape}, but the model "
-        f"config expects {t.hf_shape()}. Does the DecoderConfig match the "
-        "checkpoint's config.json?"
-      )
-    new_values.append((t, t.from_hf(value)))
-    report.loaded.append(t.hf_name)
-  used = set(report.loaded) | tied
-  report.unused = sorted(n for n in set(tensors) - used if not n.endswith(_BUFFER_SUFFIXES))
-  # Assign only after every check passed, so a failed import leaves the model intact.
-  for t, value in new_values:
-    old = t.param.get_value()  # A jax.Array, or a ShapeDtypeStruct (abstract_decoder).
-    # Straight onto the existing placement, so a sharded model stays sharded.
-    t.param.set_value(jax.device_put(value.astype(old.dtype), old.sharding))
-  if report.unused:
-    log.warning("%s: checkpoint tensors not used: %s", source, report.unused)
-  return report
+  hint = " (an untied LM head: is tie_word_embeddings right?)"
+  return hf.copy_into_model(
+    _decoder_tensors(model),
+    tensors,
+    source=source,
+    config_name="DecoderConfig",
+    required=True,
+    used=tied,
+    buffer_suffixes=_BUFFER_SUFFIXES,
+    missing_hint={"lm_head.weight": hint},
+  )
 
 
 def from_pretrained(
@@ -323,7 +283,7 @@ def from_pretrained(
   """
   config = config_from_hf(checkpoint_dir, **config_overrides)
   model = abstract_decoder(config, mesh, rules)
-  tensors, source = load_hf_state_dict(checkpoint_dir)
+  tensors, source = hf.load_hf_state_dict(checkpoint_dir)
   report = import_hf_state_dict(model, tensors, source=source)
   return model, report
 
@@ -361,10 +321,7 @@ def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
 
   A tied LM head is not written: transformers re-ties it on load.
   """
-  return {
-    t.hf_name: np.ascontiguousarray(t.to_hf(np.asarray(t.param.get_value(), np.float32)))
-    for t in _decoder_tensors(model)
-  }
+  return hf.state_dict(_decoder_tensors(model))
 
 
 def export_hf(model: Decoder, output_dir: str | os.PathLike, model_type: str | None = None) -> Path:
@@ -378,11 +335,6 @@ def export_hf(model: Decoder, output_dir: str | os.PathLike, model_type: str | N
   Returns:
     The output directory.
   """
-  from safetensors.numpy import save_file
-
-  out = Path(output_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  config = config_to_hf(model.config, model_type)
-  (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-  save_file(hf_state_dict(model), out / SAFETENSORS_NAME, metadata={"format": "pt"})
-  return out
+  return hf.write_checkpoint(
+    output_dir, config_to_hf(model.config, model_type), hf_state_dict(model)
+  )

@@ -12,7 +12,7 @@ ReClor / LogiQA at RoBERTa scale (accelerator; data and weights in local dirs)::
 or directly with a preset and overrides::
 
   python -m experiments.finetune --workdir=runs/finetune \
-      --config=experiments/configs/finetune.py:quickstart \
+      --config=apollo/lm/configs/finetune.py:quickstart \
       --config.init_from_pretrain=runs/pretrain_quickstart --config.train_steps=50
 
 Presets:
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.common import mesh_config, optimizer_config
+from apollo.common.config import mesh_config, optimizer_config
 
 PRESETS = ("quickstart", "reclor_base", "reclor_large", "logiqa_base", "logiqa_large")
 
@@ -49,7 +49,9 @@ def _base_config() -> ml_collections.ConfigDict:
   c.init_from_hf = ""  # A local HF RoBERTa directory; neither set = random init of `model`.
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "tiny"  # From scratch only: apollo.lm.model preset (tiny/small/base/large).
+  c.model.preset = (
+    "tiny"  # From scratch only: apollo.models.roberta.model preset (tiny/small/base/large).
+  )
   c.model.hidden_size = 0  # From scratch only: > 0 overrides the preset's width.
   c.model.num_layers = 0  # From scratch only: > 0 overrides the preset's depth.
   c.model.num_heads = 0  # From scratch only: > 0 overrides the preset's heads.

@@ -2,7 +2,7 @@
 
 The trunk reproduces Hugging Face's ``RobertaModel`` exactly (post-LN layers, exact
 erf GELU, RoBERTa's padding-offset position ids), so pretrained RoBERTa weights load
-unchanged through :mod:`apollo.lm.hf_import`.
+unchanged through :mod:`apollo.models.roberta.params`.
 
 Modules:
 
@@ -41,7 +41,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from apollo.common import mesh as mesh_lib
@@ -570,8 +569,3 @@ class MultipleChoiceModel(nnx.Module):
     pooled = self.encoder.pooler(hidden)
     pooled = self.dropout(pooled, deterministic=deterministic, rngs=rngs)
     return self.scorer(pooled).reshape(batch, num_choices)
-
-
-def count_params(model: nnx.Module) -> int:
-  """Number of scalar parameters (``nnx.Param`` only)."""
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

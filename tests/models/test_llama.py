@@ -1,4 +1,4 @@
-"""Tests for apollo.agents.decoder: configs, attention (causal, padding, GQA), the KV
+"""Tests for apollo.models.llama.model: configs, attention (causal, padding, GQA), the KV
 cache (cached logits == uncached), sampling, and sharded creation/forward."""
 
 import functools
@@ -11,8 +11,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from apollo.agents import decoder as D
-from apollo.agents import decoder_import as DI
+from apollo.common import mesh as mesh_lib
+from apollo.models.llama import model as D
+from apollo.models.llama import params as DI
+from apollo.models.llama import sampling
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -68,7 +70,7 @@ def test_presets_and_overrides():
 )
 def test_parameter_counts_match_published_models(name, expected):
   abstract = nnx.eval_shape(lambda: D.Decoder(D.get_config(name), rngs=nnx.Rngs(0)))
-  assert D.count_params(abstract) == expected
+  assert mesh_lib.count_params(abstract) == expected
 
 
 def test_params_carry_logical_axes(model):
@@ -205,7 +207,7 @@ def test_cached_logits_equal_uncached_with_left_padding(config, model):
 
 def test_greedy_generate_equals_argmax_of_full_forward(config, model):
   prompt = _ids(config, length=4, seed=1)
-  out = D.generate(model, prompt, 8, temperature=0)
+  out = sampling.generate(model, prompt, 8, temperature=0)
   assert out.tokens.shape == (2, 8)
   np.testing.assert_array_equal(out.lengths, [8, 8])
   full, _ = _call(model, jnp.concatenate([prompt, out.tokens], 1))
@@ -214,9 +216,9 @@ def test_greedy_generate_equals_argmax_of_full_forward(config, model):
 
 def test_generate_stops_at_eos_and_pads(config, model):
   prompt = _ids(config, length=4, seed=1)
-  greedy = np.asarray(D.generate(model, prompt, 8, temperature=0).tokens)
+  greedy = np.asarray(sampling.generate(model, prompt, 8, temperature=0).tokens)
   eos = int(greedy[0, 2])  # Row 0 emits it at step 2 (row 1 maybe too, or not).
-  out = D.generate(model, prompt, 8, temperature=0, eos_id=eos, pad_id=-1)
+  out = sampling.generate(model, prompt, 8, temperature=0, eos_id=eos, pad_id=-1)
   tokens = np.asarray(out.tokens)
   for row in range(2):
     hits = np.flatnonzero(greedy[row] == eos)
@@ -228,34 +230,34 @@ def test_generate_stops_at_eos_and_pads(config, model):
 
 def test_sampling(config, model):
   prompt = _ids(config, length=4, seed=2)
-  greedy = D.generate(model, prompt, 8, temperature=0).tokens
+  greedy = sampling.generate(model, prompt, 8, temperature=0).tokens
   kwargs = dict(rng=jax.random.key(0), top_k=5, top_p=0.9)
-  a = D.generate(model, prompt, 8, temperature=1.0, **kwargs).tokens
-  b = D.generate(model, prompt, 8, temperature=1.0, **kwargs).tokens
+  a = sampling.generate(model, prompt, 8, temperature=1.0, **kwargs).tokens
+  b = sampling.generate(model, prompt, 8, temperature=1.0, **kwargs).tokens
   np.testing.assert_array_equal(a, b)  # Same key, same sample.
   # A tiny temperature is greedy; no recompilation for another temperature.
-  cache_size = getattr(D._generate, "_cache_size", lambda: 0)  # Private jax API.
+  cache_size = getattr(sampling._generate, "_cache_size", lambda: 0)  # Private jax API.
   compiled = cache_size()
-  cold = D.generate(model, prompt, 8, temperature=1e-4, **kwargs).tokens
+  cold = sampling.generate(model, prompt, 8, temperature=1e-4, **kwargs).tokens
   np.testing.assert_array_equal(cold, greedy)
   assert cache_size() == compiled
   with pytest.raises(ValueError, match="rng"):
-    D.generate(model, prompt, 2, temperature=1.0)
+    sampling.generate(model, prompt, 2, temperature=1.0)
   with pytest.raises(ValueError, match="cache_size"):
-    D.generate(model, prompt, 4, temperature=0, cache_size=7)
+    sampling.generate(model, prompt, 4, temperature=0, cache_size=7)
 
 
 def test_sample_logits_filters():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4096))
   keys = jax.random.key(0)
-  top2 = D.sample_logits(logits, keys, 1.0, top_k=2)
+  top2 = sampling.sample_logits(logits, keys, 1.0, top_k=2)
   assert set(np.unique(top2)) == {0, 1}
-  nucleus = D.sample_logits(logits, keys, 1.0, top_p=0.7)  # 0.5 < 0.7 <= 0.8.
+  nucleus = sampling.sample_logits(logits, keys, 1.0, top_p=0.7)  # 0.5 < 0.7 <= 0.8.
   assert set(np.unique(nucleus)) == {0, 1}
-  assert set(np.unique(D.sample_logits(logits, keys, 1.0, top_p=0.01))) == {0}
-  full = D.sample_logits(logits, keys, 1.0)
+  assert set(np.unique(sampling.sample_logits(logits, keys, 1.0, top_p=0.01))) == {0}
+  full = sampling.sample_logits(logits, keys, 1.0)
   assert set(np.unique(full)) == {0, 1, 2, 3}
-  np.testing.assert_array_equal(D.sample_logits(logits, keys, 0), 0)
+  np.testing.assert_array_equal(sampling.sample_logits(logits, keys, 0), 0)
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -309,8 +311,8 @@ def test_sharded_generate_matches_unsharded(config, model):
     (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
   )
   prompt = _ids(config, length=4, seed=1)
-  expected = D.generate(model, prompt, 8, temperature=0).tokens
+  expected = sampling.generate(model, prompt, 8, temperature=0).tokens
   sharded = _sharded_copy(model, mesh)
   with jax.set_mesh(mesh):
-    got = D.generate(sharded, prompt, 8, temperature=0).tokens
+    got = sampling.generate(sharded, prompt, 8, temperature=0).tokens
   np.testing.assert_array_equal(got, expected)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from apollo.lm import tokenizer as tokenizer_lib
+from apollo.models import tokenizer as tokenizer_lib
 
 _TEXTS = [
   "If it rains, the match is cancelled.",

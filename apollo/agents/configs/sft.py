@@ -7,7 +7,7 @@ Launch the trainer (demo samples from scripted rollouts, a tiny decoder, CPU)::
 or on exported samples (e.g. `apollo.agents.sft_data`'s JSONL)::
 
   python -m experiments.agent_sft --workdir=runs/sft \
-      --config=experiments/configs/agent_sft.py:quickstart \
+      --config=apollo/agents/configs/sft.py:quickstart \
       --config.data.train_path=runs/data/train.jsonl \
       --config.data.tokenizer_path=runs/data/tokenizer.json
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.common import mesh_config, optimizer_config
+from apollo.common.config import mesh_config, optimizer_config
 
 PRESETS = ("quickstart", "compare", "qwen2_0_5b")
 
@@ -44,7 +44,7 @@ def _base_config() -> ml_collections.ConfigDict:
   c.export_policy = True  # Write workdir/policy (loadable by the 'flax' backend) at the end.
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "tiny"  # apollo.agents.decoder preset of a random init.
+  c.model.preset = "tiny"  # apollo.models.llama.model preset of a random init.
   c.model.hidden_size = 0  # > 0 overrides the preset's width.
   c.model.num_layers = 0  # > 0 overrides the preset's depth.
   c.model.num_heads = 0  # > 0 overrides the preset's query heads.

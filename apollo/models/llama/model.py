@@ -1,10 +1,10 @@
-"""The agent policy: a Llama / Qwen2-style decoder-only transformer in Flax NNX.
+"""A Llama / Qwen2-style decoder-only transformer in Flax NNX (the agent policy).
 
 The architecture reproduces Hugging Face's ``LlamaForCausalLM`` and
 ``Qwen2ForCausalLM`` exactly (pre-RMSNorm layers, rotary position embeddings in
 HF's ``rotate_half`` convention, grouped-query attention, SwiGLU MLP; Qwen2 adds
 biases to the q/k/v projections), so their checkpoints load unchanged through
-:mod:`apollo.agents.decoder_import`.
+:mod:`apollo.models.llama.params`.
 
 Pieces:
 
@@ -13,10 +13,11 @@ Pieces:
   (logits, new_cache)``.
 * :class:`KVCache` / :func:`init_cache`: a preallocated, fixed-size cache, so a
   decoding step is one compiled function with static shapes.
-* :func:`generate`: prefill + a ``jax.lax.while_loop`` of cached decoding steps,
-  with greedy, temperature, top-k and top-p sampling.
+Sampling lives in :mod:`apollo.models.llama.sampling`. References: Touvron et al.
+(2023), "LLaMA"; Su et al. (2021), "RoFormer" (rotary embeddings); Ainslie et al.
+(2023), "GQA"; the reference implementation is transformers' ``modeling_llama.py``.
 
-Sharding follows :mod:`apollo.lm.model` (whose generic helpers are reused): every
+Sharding follows the encoder's (:mod:`apollo.common.mesh` helpers): every
 parameter carries logical axis names ('vocab', 'embed', 'mlp', 'heads',
 'kv_heads', 'kv'), :data:`LOGICAL_AXIS_RULES` maps them to the mesh axes
 ('data', 'fsdp', 'tensor'), and :func:`create_sharded_model` creates the
@@ -34,7 +35,6 @@ tokens, as HF ``generate`` does.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -48,7 +48,6 @@ from apollo.common.mesh import (
   logical_init,
   named_shardings,  # noqa: F401  (re-exported)
 )
-from apollo.lm.model import count_params  # noqa: F401  (re-exported)
 
 # Logical axis name -> mesh axis (None = replicated). As the encoder: 'embed' over
 # 'fsdp' (ZeRO-3 style), vocabulary / MLP / heads over 'tensor' (Megatron style).
@@ -626,183 +625,3 @@ class Decoder(nnx.Module):
       positions=offset + attention_mask.sum(-1, dtype=jnp.int32),
     )
     return logits, new_cache
-
-
-# -----------------------------------------------------------------------------
-# Sampling
-# -----------------------------------------------------------------------------
-
-
-class GenerateOutput(NamedTuple):
-  """What :func:`generate` returns (a pytree)."""
-
-  tokens: jax.Array  # int32 [B, max_new_tokens]; pad_id after a row's stop token.
-  lengths: jax.Array  # int32 [B]: generated tokens per row, its stop token included.
-  finished: jax.Array  # bool [B]: the row produced a stop token.
-
-
-def sample_logits(
-  logits: jax.Array,
-  rng: jax.Array,
-  temperature: float | jax.Array,
-  top_k: int = 0,
-  top_p: float | None = None,
-) -> jax.Array:
-  """Draws one token per row from ``logits`` [B, V] (float32 math).
-
-  ``temperature`` 0 is greedy (argmax). ``top_k`` > 0 keeps the k most likely
-  tokens; ``top_p`` < 1 keeps the smallest set whose probability reaches
-  ``top_p`` (nucleus), always at least the most likely token.
-  """
-  logits = logits.astype(jnp.float32)
-  if isinstance(temperature, (int, float)) and temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  neg = jnp.finfo(jnp.float32).min
-  if top_k:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, neg, logits)
-  if top_p is not None:
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # A token is kept if the mass strictly before it is below top_p.
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p
-    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, neg, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-
-
-@functools.partial(
-  jax.jit,
-  static_argnames=("graphdef", "max_new_tokens", "cache_size", "greedy", "top_k", "use_top_p"),
-)
-def _generate(
-  graphdef,
-  state,
-  prompt_ids,
-  prompt_mask,
-  rng,
-  temperature,
-  top_p,
-  stop_ids,
-  pad_id,
-  *,
-  max_new_tokens,
-  cache_size,
-  greedy,
-  top_k,
-  use_top_p,
-):
-  model = nnx.merge(graphdef, state)
-  batch = prompt_ids.shape[0]
-  cache = model.init_cache(batch, cache_size)
-  logits, cache = model(prompt_ids, attention_mask=prompt_mask, cache=cache)
-
-  def pick(logits, step):
-    if greedy:
-      return sample_logits(logits, rng, 0)
-    return sample_logits(
-      logits, jax.random.fold_in(rng, step), temperature, top_k, top_p if use_top_p else None
-    )
-
-  def is_stop(token):
-    return jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
-
-  first = pick(logits[:, -1], 0)
-  tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-  init = (jnp.int32(1), first, is_stop(first), jnp.ones((batch,), jnp.int32), tokens, cache)
-
-  def cond(carry):
-    step, _, finished, _, _, _ = carry
-    return (step < max_new_tokens) & ~jnp.all(finished)
-
-  def body(carry):
-    step, last, finished, lengths, tokens, cache = carry
-    logits, cache = model(last[:, None], cache=cache)
-    token = jnp.where(finished, pad_id, pick(logits[:, -1], step))
-    tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
-    lengths = lengths + (~finished).astype(jnp.int32)
-    finished = finished | is_stop(token)
-    return step + 1, token, finished, lengths, tokens, cache
-
-  _, _, finished, lengths, tokens, _ = jax.lax.while_loop(cond, body, init)
-  return GenerateOutput(tokens=tokens, lengths=lengths, finished=finished)
-
-
-def generate(
-  model: Decoder,
-  prompt_ids: jax.Array,
-  max_new_tokens: int,
-  *,
-  temperature: float = 1.0,
-  top_k: int = 0,
-  top_p: float | None = None,
-  rng: jax.Array | None = None,
-  eos_id: int | Sequence[int] | None = None,
-  prompt_mask: jax.Array | None = None,
-  pad_id: int = 0,
-  cache_size: int | None = None,
-) -> GenerateOutput:
-  """Samples continuations of a batch of (left-padded) prompts with a KV cache.
-
-  The prompt is processed in one prefill call, then one token per iteration of a
-  ``jax.lax.while_loop`` (it stops early when every row has produced a stop
-  token). One compilation per (prompt shape, ``max_new_tokens``, cache size,
-  greedy / top_k / top_p-on switches, number of stop ids); temperature, top_p,
-  the stop ids and pad_id are traced, so changing them does not recompile.
-
-  Args:
-    model: the :class:`Decoder`.
-    prompt_ids: int [B, P], left-padded if rows differ in length.
-    max_new_tokens: tokens to generate per row (at most).
-    temperature: 0 = greedy (argmax), else softmax temperature.
-    top_k: keep the k most likely tokens (0 = all).
-    top_p: nucleus sampling mass (None = off).
-    rng: PRNG key (needed unless greedy).
-    eos_id: stop token id(s); a row stops after producing one.
-    prompt_mask: [B, P], 0 on left padding; default all ones.
-    pad_id: written after a row has stopped.
-    cache_size: KV cache slots; default ``P + max_new_tokens``.
-
-  Returns:
-    :class:`GenerateOutput` (tokens [B, max_new_tokens], lengths, finished).
-  """
-  prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-  batch, prompt_len = prompt_ids.shape
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
-  needed = prompt_len + max_new_tokens
-  cache_size = needed if cache_size is None else cache_size
-  if cache_size < needed:
-    raise ValueError(
-      f"cache_size={cache_size} < prompt ({prompt_len}) + max_new_tokens ({max_new_tokens})."
-    )
-  greedy = temperature == 0
-  if rng is None:
-    if not greedy:
-      raise ValueError("Sampling with temperature > 0 needs an rng key.")
-    rng = jax.random.key(0)
-  if prompt_mask is None:
-    prompt_mask = jnp.ones((batch, prompt_len), bool)
-  # Stop ids and pad are traced (no recompilation per value); -1 matches no token.
-  if eos_id is None:
-    eos_id = (-1,)
-  stop_ids = jnp.atleast_1d(jnp.asarray(eos_id, jnp.int32))
-  graphdef, state = nnx.split(model)
-  return _generate(
-    graphdef,
-    state,
-    prompt_ids,
-    jnp.asarray(prompt_mask, bool),
-    rng,
-    jnp.float32(temperature if not greedy else 1.0),
-    jnp.float32(1.0 if top_p is None else top_p),
-    stop_ids,
-    jnp.int32(pad_id),
-    max_new_tokens=max_new_tokens,
-    cache_size=cache_size,
-    greedy=greedy,
-    top_k=int(top_k),
-    use_top_p=top_p is not None,
-  )

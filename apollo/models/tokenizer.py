@@ -1,4 +1,8 @@
-"""RoBERTa-style byte-level BPE tokenizer: train offline, or load local files.
+"""Byte-level BPE tokenizers: train offline, or load local files.
+
+`train_byte_level_bpe` is the one BPE trainer of the project (GPT-2's byte-level
+scheme, so no text is ever out of vocabulary); the chat template
+(`apollo.models.chat_template`) trains its ChatML tokenizer with it.
 
 APOLLO continues the pretraining of RoBERTa, whose tokenizer is a byte-level
 BPE with special tokens `<s> <pad> </s> <unk> <mask>`. Without network access
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -65,6 +69,33 @@ def _add_roberta_pieces(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer
   return tokenizer
 
 
+def train_byte_level_bpe(
+  texts: Iterable[str], special_tokens: Sequence[str], vocab_size: int, min_frequency: int
+) -> tokenizers.Tokenizer:
+  """Trains a byte-level BPE (GPT-2's scheme) with ``special_tokens`` at ids 0, 1, ...
+
+  Every byte is in the vocabulary, so no text is ever out of vocabulary.
+
+  Args:
+    texts: training text, streamed.
+    special_tokens: added first, in this order.
+    vocab_size: target size, special tokens and the 256 byte symbols included.
+    min_frequency: a merge must occur this often.
+  """
+  tokenizer = tokenizers.Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    min_frequency=min_frequency,
+    special_tokens=list(special_tokens),
+    show_progress=False,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
+  tokenizer.train_from_iterator(texts, trainer=trainer)
+  return tokenizer
+
+
 def train_bpe_tokenizer(
   texts: Iterable[str], out_dir: str, vocab_size: int = 8192, min_frequency: int = 2
 ) -> tokenizers.Tokenizer:
@@ -80,17 +111,7 @@ def train_bpe_tokenizer(
   Returns:
     The trained tokenizer, special tokens at ids 0-4.
   """
-  tokenizer = tokenizers.Tokenizer(models.BPE())
-  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  trainer = trainers.BpeTrainer(
-    vocab_size=vocab_size,
-    min_frequency=min_frequency,
-    special_tokens=list(SPECIAL_TOKENS),
-    show_progress=False,
-    # Every byte is in the vocabulary, so no text is ever out of vocabulary.
-    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-  )
-  tokenizer.train_from_iterator(texts, trainer=trainer)
+  tokenizer = train_byte_level_bpe(texts, SPECIAL_TOKENS, vocab_size, min_frequency)
   _add_roberta_pieces(tokenizer)
   os.makedirs(out_dir, exist_ok=True)
   tokenizer.save(os.path.join(out_dir, "tokenizer.json"))

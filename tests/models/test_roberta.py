@@ -1,4 +1,4 @@
-"""Tests for apollo.lm.model: shapes, RoBERTa specifics, dropout, bf16, sharding."""
+"""Tests for apollo.models.roberta.model: shapes, RoBERTa specifics, dropout, bf16, sharding."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from apollo.lm import model as M
+from apollo.common import mesh as mesh_lib
+from apollo.models.roberta import model as M
 
 PAD = 1
 
@@ -68,7 +69,7 @@ def test_presets():
 def test_roberta_base_parameter_count():
   # roberta-base (RobertaModel with pooler) has 124,645,632 parameters.
   abstract = nnx.eval_shape(lambda: M.Encoder(M.get_config("base"), rngs=nnx.Rngs(0)))
-  assert M.count_params(abstract) == 124_645_632
+  assert mesh_lib.count_params(abstract) == 124_645_632
 
 
 def test_position_ids_follow_roberta():

@@ -8,7 +8,7 @@ about five minutes on a 2-core CPU)::
 or directly with a preset and overrides::
 
   python -m experiments.pretrain --workdir=runs/pretrain \
-      --config=experiments/configs/pretrain.py:quickstart \
+      --config=apollo/lm/configs/pretrain.py:quickstart \
       --config.train_steps=100 --config.optimizer.name=adamw
 
 Presets:
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.common import mesh_config, optimizer_config
+from apollo.common.config import mesh_config, optimizer_config
 
 PRESETS = ("quickstart", "base", "large")
 
@@ -49,7 +49,7 @@ def _base_config() -> ml_collections.ConfigDict:
   c.init_from_hf = ""  # A local HF RoBERTa directory to continue from; "" = random init.
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "tiny"  # apollo.lm.model preset: tiny / small / base / large.
+  c.model.preset = "tiny"  # apollo.models.roberta.model preset: tiny / small / base / large.
   c.model.hidden_size = 0  # > 0 overrides the preset's width.
   c.model.num_layers = 0  # > 0 overrides the preset's depth.
   c.model.num_heads = 0  # > 0 overrides the preset's attention heads.
