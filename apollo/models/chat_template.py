@@ -34,14 +34,25 @@ to header or content by their character offsets.
 Tokenizers: :func:`load_chat_tokenizer` reads a local ``tokenizer.json`` (a
 Qwen2 checkpoint's works as is); :func:`train_chat_tokenizer` trains a tiny
 byte-level BPE with the ChatML special tokens for tests and demos.
+
+A checkpoint's own Jinja template (``tokenizer_config.json``'s ``chat_template``,
+or the GGUF metadata) renders with :func:`render_jinja`, in the sandboxed jinja2
+environment transformers uses (``apply_chat_template`` in
+``transformers/utils/chat_template_utils.py``), with the same variables.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import functools
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 import numpy as np
 import tokenizers
 
@@ -276,3 +287,59 @@ def train_chat_tokenizer(
     os.makedirs(out_dir, exist_ok=True)
     tokenizer.save(os.path.join(os.fspath(out_dir), "tokenizer.json"))
   return tokenizer
+
+
+# -----------------------------------------------------------------------------
+# A checkpoint's own Jinja template
+# -----------------------------------------------------------------------------
+
+
+def _raise_exception(message: str):
+  raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+  # transformers' override: jinja's own tojson escapes HTML characters and sorts keys.
+  return json.dumps(
+    x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+  )
+
+
+@functools.lru_cache(maxsize=16)
+def compile_jinja(template: str) -> jinja2.Template:
+  """Compiles ``template`` in the environment transformers renders chat templates in."""
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+  )
+  env.filters["tojson"] = _tojson
+  env.globals["raise_exception"] = _raise_exception
+  env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+  return env.from_string(template)
+
+
+def render_jinja(
+  template: str,
+  messages: Sequence[Mapping[str, object]],
+  *,
+  tools: Sequence[Mapping[str, object]] | None = None,
+  add_generation_prompt: bool = False,
+  special_tokens: Mapping[str, str] | None = None,
+  **kwargs: object,
+) -> str:
+  """Renders ``messages`` with a checkpoint's Jinja chat template, as transformers does.
+
+  Args:
+    template: the Jinja source (``tokenizer_config.json``'s ``chat_template``).
+    messages: OpenAI-style chat messages.
+    tools: tool definitions in the OpenAI ``tools`` format (JSON Schemas), or None.
+    add_generation_prompt: end with the header of an assistant turn.
+    special_tokens: e.g. ``{"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}``.
+    **kwargs: further template variables.
+  """
+  return compile_jinja(template).render(
+    messages=list(messages),
+    tools=None if tools is None else list(tools),
+    add_generation_prompt=add_generation_prompt,
+    **dict(special_tokens or {}),
+    **kwargs,
+  )
