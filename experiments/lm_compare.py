@@ -3,7 +3,7 @@
     python -m experiments.lm_compare --workdir=runs/lm_compare --seeds=3   # ~25-30 min, 2 CPU cores
     python -m experiments.lm_compare --workdir=/tmp/smoke --smoke          # the tiniest sizes
 
-What it runs and writes is described in `apollo.lm.compare`; rerunning the command
+What it runs and writes is described in `apollo.studies.lm_compare`; rerunning the command
 continues where an interrupted run stopped.
 """
 
@@ -11,9 +11,9 @@ import os
 
 from absl import app, flags
 
-from apollo.lm.compare import SMOKE_SIZES, compare, markdown_table
 from apollo.lm.configs import finetune as finetune_configs
 from apollo.lm.configs import pretrain as pretrain_configs
+from apollo.studies.lm_compare import SMOKE_SIZES, compare, markdown_table
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Everything goes here.", required=True)
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1 (each: 2 pretrainings, 3 fine-tunings).")

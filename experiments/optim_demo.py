@@ -3,14 +3,14 @@
     python -m experiments.optim_demo --flagfile=experiments/flags/optim_demo.flags
     python -m experiments.optim_demo --workdir=runs/optim_demo --epochs=5
 
-The demo itself is `apollo.optim.demo` (data, model, optimizers, plots).
+The demo itself is `apollo.studies.optim_demo` (data, model, optimizers, plots).
 """
 
 import time
 
 from absl import app, flags
 
-from apollo.optim.demo import OPTIMIZERS, run_demo
+from apollo.studies.optim_demo import OPTIMIZERS, run_demo
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/optim_demo", "Where plots and results go.")
 _EPOCHS = flags.DEFINE_integer("epochs", 40, "Passes over the training set.")

@@ -25,7 +25,7 @@ Re-running the same command after an interruption resumes (see
 
 from absl import app, flags, logging
 
-from apollo.lm import generated_corpus, keywords, selection, text_sources
+from apollo.lm.data import generated_corpus, keywords, selection, text_sources
 from apollo.models import tokenizer as tokenizer_lib
 
 _SOURCE = flags.DEFINE_enum(

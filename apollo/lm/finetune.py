@@ -11,7 +11,7 @@ differ. The optimizer, schedule, weight-decay mask and workdir checks are
 
 The standard recipe (RoBERTa for multiple choice): each question becomes
 `NUM_CHOICES` sequences `<s> context </s></s> second </s>` with `second` from
-`benchmarks.choice_texts` (question + " " + option, or the option filling the
+`multiple_choice.choice_texts` (question + " " + option, or the option filling the
 question's blank); when a pair is longer than `max_len`, the context is cut
 first (from its end), then the second text. `MultipleChoiceModel` scores the
 pooled first token of each; softmax cross-entropy over the options.
@@ -64,26 +64,27 @@ from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import mesh as mesh_lib
 from apollo.common import metrics as metrics_lib
 from apollo.common import training as train_lib
-from apollo.lm import benchmarks, logic_mc, pretrain
+from apollo.lm import pretrain
+from apollo.lm.datasets import logic_mc, multiple_choice
 from apollo.models import tokenizer as tokenizer_lib
 from apollo.models.roberta import model as model_lib
 from apollo.models.roberta import params as roberta_params
 
-NUM_CHOICES = benchmarks.NUM_CHOICES
+NUM_CHOICES = multiple_choice.NUM_CHOICES
 SPLITS = ("train", "validation", "test")
 # Dataset name -> (reader, file name of each split).
 DATASETS: dict[str, tuple[Callable[..., list], dict[str, str]]] = {
-  "reclor": (benchmarks.read_reclor, logic_mc.RECLOR_FILE_NAMES),
+  "reclor": (multiple_choice.read_reclor, logic_mc.RECLOR_FILE_NAMES),
   "logiqa": (
-    benchmarks.read_logiqa,
+    multiple_choice.read_logiqa,
     {"train": "Train.txt", "validation": "Eval.txt", "test": "Test.txt"},
   ),
   "logiqa2": (
-    benchmarks.read_logiqa2,
+    multiple_choice.read_logiqa2,
     {"train": "train.txt", "validation": "dev.txt", "test": "test.txt"},
   ),
   # The generated logic set (`logic_mc`), in ReClor's files (labels kept on test).
-  "logic_mc": (benchmarks.read_reclor, logic_mc.RECLOR_FILE_NAMES),
+  "logic_mc": (multiple_choice.read_reclor, logic_mc.RECLOR_FILE_NAMES),
 }
 # Model fields that decide parameter shapes: a workdir may only be resumed with these.
 SHAPE_FIELDS = (
@@ -153,7 +154,7 @@ def encode_examples(
 ) -> EncodedSplit:
   """Reader examples -> `EncodedSplit` ([N, NUM_CHOICES, max_len] arrays)."""
   special = tokenizer_lib.special_ids(tokenizer)
-  pairs = [benchmarks.choice_texts(e) for e in examples]
+  pairs = [multiple_choice.choice_texts(e) for e in examples]
   texts = sorted({t for ps in pairs for pair in ps for t in pair})
   encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
   token_ids = {t: e.ids for t, e in zip(texts, encoded)}
@@ -216,7 +217,7 @@ def read_split(
       f"No {split} file for {config.data.dataset}: {path} (--config.data.data_dir)."
     )
   examples = reader(path)
-  benchmarks.check_split_size(config.data.dataset, split, len(examples))
+  multiple_choice.check_split_size(config.data.dataset, split, len(examples))
   return examples
 
 
@@ -550,7 +551,7 @@ def _device_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]
 
 def _check_reclor_test_ids(split: EncodedSplit) -> None:
   """The leaderboard file needs ids test_0..test_{n-1}: checked before training."""
-  indices = sorted(benchmarks.reclor_test_index(i) for i in split.ids)
+  indices = sorted(multiple_choice.reclor_test_index(i) for i in split.ids)
   if indices != list(range(len(indices))):
     raise ValueError(
       f"ReClor test ids are not test_0..test_{len(indices) - 1}; the "
@@ -587,7 +588,7 @@ def evaluate_split(
     result["loss"] = sums["loss_sum"] / sums["count"]
   reclor_test = config.data.dataset == "reclor" and name == "test"
   if reclor_test and split.has_labels:
-    subsets = benchmarks.reclor_test_subsets(split.ids)
+    subsets = multiple_choice.reclor_test_subsets(split.ids)
     for key, rows in (("test_e_accuracy", subsets.easy), ("test_h_accuracy", subsets.hard)):
       if rows:
         result[key] = float(np.mean(predicted[rows] == split.label[rows]))
@@ -606,7 +607,7 @@ def evaluate_split(
       dict(step=step, split=name, predictions=rows),
     )
     if reclor_test:
-      benchmarks.write_reclor_predictions(
+      multiple_choice.write_reclor_predictions(
         os.path.join(workdir, "reclor_test_predictions.json"),
         dict(zip(split.ids, predicted.tolist())),
       )

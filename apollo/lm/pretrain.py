@@ -56,10 +56,10 @@ from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import mesh as mesh_lib
 from apollo.common import metrics as metrics_lib
 from apollo.common import training as train_lib
-from apollo.lm import (
-  contradiction,
+from apollo.lm.data import (
   generated_corpus,
-  pretrain_data,
+  negatives,
+  pipeline,
   selection,
   tagging,
   text_sources,
@@ -145,7 +145,7 @@ def objective_sums(
   ecls_logits = out.ecls_logits.astype(jnp.float32)
   ecls_nll = optax.softmax_cross_entropy_with_integer_labels(ecls_logits, batch["ecls_label"])
   ecls_hit = (jnp.argmax(ecls_logits, -1) == batch["ecls_label"]).astype(jnp.float32)
-  kinds = jax.nn.one_hot(batch["ecls_perturbation"], len(contradiction.PERTURBATION_IDS))
+  kinds = jax.nn.one_hot(batch["ecls_perturbation"], len(negatives.PERTURBATION_IDS))
   kinds = kinds * example_w[:, None]
   return dict(
     mlm_loss_sum=jnp.sum(mlm_nll * mlm_w),
@@ -239,7 +239,7 @@ class _MetricAccumulator:
     out["ecls_acc"] = float(s["ecls_correct"] / max(s["ecls_count"], 1.0))
     out["mlm_targets"] = float(s["mlm_count"])
     out["mlm_dropped_targets"] = float(s["mlm_dropped_targets"])
-    for name, index in contradiction.PERTURBATION_IDS.items():
+    for name, index in negatives.PERTURBATION_IDS.items():
       count = float(s["ecls_count_by_kind"][index])
       if count:
         label = "original" if name == "none" else name
@@ -426,19 +426,19 @@ def effective_ecls_weight(config: ml_collections.ConfigDict) -> float:
   return 0.0 if config.get("objective", "apollo") == "mlm" else float(config.ecls_weight)
 
 
-def _data_config(config: ml_collections.ConfigDict) -> pretrain_data.PretrainDataConfig:
+def _data_config(config: ml_collections.ConfigDict) -> pipeline.PretrainDataConfig:
   d = config.data
   objective = config.get("objective", "apollo")
-  if objective not in pretrain_data.OBJECTIVES:
+  if objective not in pipeline.OBJECTIVES:
     raise ValueError(
-      f"Unknown --config.objective={objective!r}; choose from {pretrain_data.OBJECTIVES}."
+      f"Unknown --config.objective={objective!r}; choose from {pipeline.OBJECTIVES}."
     )
   hosts = jax.process_count()
   if d.batch_size % hosts:
     raise ValueError(
       f"--config.data.batch_size={d.batch_size} is not divisible by the {hosts} processes."
     )
-  return pretrain_data.PretrainDataConfig(
+  return pipeline.PretrainDataConfig(
     max_len=d.max_len,
     batch_size=d.batch_size // hosts,
     seed=config.seed,
@@ -463,7 +463,7 @@ def evaluate(
   config, setup: TrainSetup, eval_fn, params, shard_dir, tokenizer, data_config
 ) -> dict[str, float]:
   """Mean objectives and accuracies over the held-out split (or `eval_batches` of it)."""
-  dataset = pretrain_data.make_pretrain_dataset(
+  dataset = pipeline.make_pretrain_dataset(
     shard_dir,
     tokenizer,
     data_config,
@@ -539,7 +539,7 @@ def train_and_evaluate(
       ckpt, setup.abstract_state, lambda: init_state(config, setup)
     )
     train_it = iter(
-      pretrain_data.make_pretrain_dataset(
+      pipeline.make_pretrain_dataset(
         shard_dir,
         tokenizer,
         data_config,

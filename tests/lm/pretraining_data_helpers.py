@@ -7,7 +7,7 @@ import sys
 
 import ml_collections
 
-from apollo.lm import generated_corpus, selection, text_sources
+from apollo.lm.data import generated_corpus, selection, text_sources
 from apollo.models import tokenizer as tokenizer_lib
 
 # A hand-written mini corpus whose counts are known (see test_selection.py).

@@ -19,9 +19,10 @@ import pytest
 
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import metrics as metrics_lib
-from apollo.lm import benchmarks, finetune, logic_mc, pretrain
+from apollo.lm import finetune, pretrain
 from apollo.lm.configs import finetune as finetune_configs
 from apollo.lm.configs import pretrain as pretrain_configs
+from apollo.lm.datasets import logic_mc, multiple_choice
 from apollo.models import tokenizer as tokenizer_lib
 from tests.lm import pretraining_data_helpers as helpers
 
@@ -102,7 +103,7 @@ def test_encode_examples_fills_blanks_and_counts_truncation(tokenizer):
     assert ids[sep + 1] == special.eos  # </s></s> between the two texts.
     assert tokenizer.decode(ids[1:sep]) == example["context"]
     assert tokenizer.decode(ids[sep + 2 : -1]) == f"It rained, so the match was {option}."
-    assert f"It rained, so the match was {option}." == benchmarks.choice_texts(example)[c][1]
+    assert f"It rained, so the match was {option}." == multiple_choice.choice_texts(example)[c][1]
   second = split.input_ids[1, 2][split.attention_mask[1, 2] == 1].tolist()
   assert tokenizer.decode(second[second.index(special.eos) + 2 : -1]) == "Which must be true? won"
   assert finetune.encode_examples([example], tokenizer, 12).truncated == 4
@@ -110,7 +111,7 @@ def test_encode_examples_fills_blanks_and_counts_truncation(tokenizer):
 
 def test_train_batches_are_a_function_of_the_step(dirs, tokenizer):
   split = finetune.encode_examples(
-    benchmarks.read_reclor(os.path.join(dirs["logic"], "train.json")), tokenizer, MAX_LEN
+    multiple_choice.read_reclor(os.path.join(dirs["logic"], "train.json")), tokenizer, MAX_LEN
   )
   a = finetune.train_batch(split, 5, 8, seed=3)
   b = finetune.train_batch(split, 5, 8, seed=3)
@@ -242,7 +243,7 @@ def _reclor_fixture(directory, logic_dir, num_test):
 
 def test_reclor_reports_test_e_h_and_writes_the_leaderboard_file(dirs, tmp_path):
   data = _reclor_fixture(
-    str(tmp_path / "reclor"), dirs["logic"], benchmarks.RECLOR_TEST_EASY_COUNT + 8
+    str(tmp_path / "reclor"), dirs["logic"], multiple_choice.RECLOR_TEST_EASY_COUNT + 8
   )
   config = tiny_config(
     dirs,
@@ -258,9 +259,9 @@ def test_reclor_reports_test_e_h_and_writes_the_leaderboard_file(dirs, tmp_path)
   with open(os.path.join(workdir, "reclor_test_predictions.json")) as f:
     leaderboard = json.load(f)
   assert leaderboard == [r["prediction"] for r in rows]  # Entry i is "test_i".
-  easy = [r["prediction"] == r["label"] for r in rows[: benchmarks.RECLOR_TEST_EASY_COUNT]]
+  easy = [r["prediction"] == r["label"] for r in rows[: multiple_choice.RECLOR_TEST_EASY_COUNT]]
   assert test["test_e_accuracy"] == pytest.approx(np.mean(easy))
-  hard = [r["prediction"] == r["label"] for r in rows[benchmarks.RECLOR_TEST_EASY_COUNT :]]
+  hard = [r["prediction"] == r["label"] for r in rows[multiple_choice.RECLOR_TEST_EASY_COUNT :]]
   assert test["test_h_accuracy"] == pytest.approx(np.mean(hard))
 
 

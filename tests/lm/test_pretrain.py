@@ -23,8 +23,9 @@ import pytest
 
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import metrics as metrics_lib
-from apollo.lm import pretrain, selection
+from apollo.lm import pretrain
 from apollo.lm.configs import pretrain as pretrain_configs
+from apollo.lm.data import selection
 from tests.lm import pretraining_data_helpers as helpers
 
 STEPS = 6

@@ -16,7 +16,7 @@ or directly with a preset and overrides::
       --config.init_from_pretrain=runs/pretrain_quickstart --config.train_steps=50
 
 Presets:
-  quickstart    the generated logic set (apollo.lm.logic_mc), tiny encoder, CPU.
+  quickstart    the generated logic set (apollo.lm.datasets.logic_mc), tiny encoder, CPU.
   reclor_base   ReClor, RoBERTa-base (accelerator).
   reclor_large  ReClor, RoBERTa-large: the reference settings (max length 256,
                 batch 24, lr 1e-5, 10 epochs, 10% warmup, weight decay 0.01).

@@ -33,8 +33,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from apollo.lm import keywords as keywords_lib
-from apollo.lm import tagging
+from apollo.lm.data import keywords as keywords_lib
+from apollo.lm.data import tagging
 
 PERTURBATIONS = ("negation", "keyword_swap", "clause_swap")
 # Per-example id of what was done, reported in batches as `ecls_perturbation`.

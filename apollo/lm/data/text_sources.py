@@ -30,7 +30,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
-from apollo.lm import generated_corpus
+from apollo.lm.data import generated_corpus
 
 
 @dataclasses.dataclass(frozen=True)

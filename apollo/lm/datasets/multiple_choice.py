@@ -11,7 +11,7 @@ with exactly these keys:
   options   list of 4 str
   label     int in 0..3, or None where the split hides it (ReClor test).
 
-No TFDS or TensorFlow is needed here; `apollo.lm.tfds_builders` wraps these
+No TFDS or TensorFlow is needed here; `apollo.lm.datasets.tfds_builders` wraps these
 readers for users who want TFDS / ArrayRecord data sources.
 
 Malformed records raise `MalformedRecordError` (a `ValueError`) naming the file

@@ -10,9 +10,9 @@ import os
 
 import pytest
 
-from apollo.lm import compare as lm_compare
 from apollo.lm.configs import finetune as finetune_configs
 from apollo.lm.configs import pretrain as pretrain_configs
+from apollo.studies import lm_compare
 
 
 @pytest.mark.slow
@@ -43,30 +43,29 @@ def test_plain_mlm_objective_masks_any_token_and_has_no_ecls(tmp_path):
   """The baseline's data: each sentence once, label 0, ~15% of all its tokens as targets."""
   import numpy as np
 
-  from apollo.lm import pretrain, pretrain_data
+  from apollo.lm import pretrain
   from apollo.lm.configs import pretrain as pretrain_configs
+  from apollo.lm.data import pipeline
   from tests.lm import pretraining_data_helpers as helpers
 
   shard_dir = str(tmp_path / "sentences")
   helpers.make_generated_shards(shard_dir, num_documents=40, docs_per_shard=40)
   tokenizer = helpers.train_small_tokenizer(shard_dir, str(tmp_path / "tok"))
-  config = pretrain_data.PretrainDataConfig(
+  config = pipeline.PretrainDataConfig(
     max_len=32, batch_size=16, objective="mlm", eval_fraction=0.0, num_epochs=1
   )
-  batches = list(pretrain_data.make_pretrain_dataset(shard_dir, tokenizer, config))
+  batches = list(pipeline.make_pretrain_dataset(shard_dir, tokenizer, config))
   labels = np.concatenate([b["ecls_label"] for b in batches])
   assert labels.size and not labels.any()
   assert not np.concatenate([b["ecls_perturbation"] for b in batches]).any()
   targets = sum(float(b["mlm_weights"].sum()) for b in batches)
   tokens = sum(float(b["attention_mask"].sum() - 2 * len(b["attention_mask"])) for b in batches)
   assert 0.12 < targets / tokens < 0.25  # round(15%) per sentence, at least one.
-  apollo = pretrain_data.PretrainDataConfig(
-    max_len=32, batch_size=16, eval_fraction=0.0, num_epochs=1
-  )
+  apollo = pipeline.PretrainDataConfig(max_len=32, batch_size=16, eval_fraction=0.0, num_epochs=1)
   # APOLLO makes two examples (original + perturbed) of each usable sentence
   # (the last partial batch is dropped, so the balance is near, not at, 50/50).
   apollo_labels = np.concatenate(
-    [b["ecls_label"] for b in pretrain_data.make_pretrain_dataset(shard_dir, tokenizer, apollo)]
+    [b["ecls_label"] for b in pipeline.make_pretrain_dataset(shard_dir, tokenizer, apollo)]
   )
   assert 0.4 < apollo_labels.mean() < 0.6
 

@@ -1,4 +1,18 @@
-"""One TFDS builder per multiple-choice benchmark, all over the plain readers.
+"""TFDS builders for ReClor, LogiQA and LogiQA 2.0 (manual download only).
+
+Importing this module registers the builders "reclor", "logiqa" and "logiqa2".
+They read a directory the user prepared (the datasets are licensed for research
+use and cannot be downloaded automatically) with the plain readers of
+`apollo.lm.datasets.multiple_choice`, and write ArrayRecord files, so the prepared
+data is read with `tfds.data_source` / grain, without TensorFlow:
+
+    import tensorflow_datasets as tfds
+    from apollo.lm.datasets import tfds_builders
+
+    tfds_builders.prepare("reclor", manual_dir="~/data/reclor",
+                          data_dir="~/tensorflow_datasets")
+    source = tfds.data_source("reclor", data_dir="~/tensorflow_datasets")
+    source["validation"][0]  # {'id': b'val_0', 'context': b'...', ...}
 
 Every builder has the same features, so downstream code is dataset-agnostic:
 
@@ -11,7 +25,8 @@ Every builder has the same features, so downstream code is dataset-agnostic:
 Records keep their file order (shuffle with grain when training). Builders
 default to the ArrayRecord file format: it is random-access (what
 `tfds.data_source` and grain need) and, unlike TFRecord, is written and read
-without TensorFlow.
+without TensorFlow. The builders follow TFDS's `GeneratorBasedBuilder` guide
+(tensorflow.org/datasets/add_dataset).
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from apollo.lm import benchmarks
+from apollo.lm.datasets import multiple_choice
 
 HIDDEN_LABEL = -1
 
@@ -35,7 +50,7 @@ FEATURES = tfds.features.FeaturesDict(
     "id": tfds.features.Text(),
     "context": tfds.features.Text(),
     "question": tfds.features.Text(),
-    "options": tfds.features.Sequence(tfds.features.Text(), length=benchmarks.NUM_CHOICES),
+    "options": tfds.features.Sequence(tfds.features.Text(), length=multiple_choice.NUM_CHOICES),
     "label": tfds.features.Scalar(dtype=np.int32),
   }
 )
@@ -45,7 +60,7 @@ class _MultipleChoiceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
   """Reads the split files of one benchmark from the manual directory.
 
   Subclasses set `SPLIT_FILES` (split -> accepted file names, matched without
-  regard to case), `READER` (an `apollo.lm.benchmarks` reader) and the
+  regard to case), `READER` (an `apollo.lm.datasets.multiple_choice` reader) and the
   documentation attributes.
   """
 
@@ -99,7 +114,7 @@ class _MultipleChoiceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
 
   def _generate_examples(self, path: str, split: str):
     examples = type(self).READER(path)
-    benchmarks.check_split_size(self.name, split, len(examples))
+    multiple_choice.check_split_size(self.name, split, len(examples))
     logging.info("%s %s: %d examples from %s", self.name, split, len(examples), path)
     for position, example in enumerate(examples):
       label = example["label"]
@@ -110,7 +125,7 @@ class Reclor(_MultipleChoiceBuilder):
   """ReClor (Yu et al., ICLR 2020): logical reasoning reading comprehension."""
 
   SPLIT_FILES = {"train": ("train.json",), "validation": ("val.json",), "test": ("test.json",)}
-  READER = staticmethod(benchmarks.read_reclor)
+  READER = staticmethod(multiple_choice.read_reclor)
   DESCRIPTION = (
     "ReClor: 4-way multiple choice questions from standardized "
     "graduate admission tests. Test labels are hidden (-1); the "
@@ -133,7 +148,7 @@ class Logiqa(_MultipleChoiceBuilder):
   """LogiQA v1 (Liu et al., IJCAI 2020), the English release."""
 
   SPLIT_FILES = {"train": ("Train.txt",), "validation": ("Eval.txt",), "test": ("Test.txt",)}
-  READER = staticmethod(benchmarks.read_logiqa)
+  READER = staticmethod(multiple_choice.read_logiqa)
   DESCRIPTION = (
     "LogiQA: 4-way multiple choice logical reasoning questions "
     "translated from the Chinese Civil Service Examination."
@@ -161,7 +176,7 @@ class Logiqa2(_MultipleChoiceBuilder):
     "validation": ("dev.txt", "dev.jsonl", "dev.json"),
     "test": ("test.txt", "test.jsonl", "test.json"),
   }
-  READER = staticmethod(benchmarks.read_logiqa2)
+  READER = staticmethod(multiple_choice.read_logiqa2)
   DESCRIPTION = (
     "LogiQA 2.0: 4-way multiple choice logical reasoning "
     "questions (machine reading comprehension task)."

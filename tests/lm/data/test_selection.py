@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from apollo.lm import generated_corpus, keywords, selection, text_sources
+from apollo.lm.data import generated_corpus, keywords, selection, text_sources
 from tests.lm import pretraining_data_helpers as helpers
 
 

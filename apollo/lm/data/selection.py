@@ -2,7 +2,7 @@
 
 APOLLO pretrains on the sentences of a corpus that contain a logical-inference
 keyword (`keywords.py`). This module turns a `DocumentSource` into sentence
-shards that the pretraining input pipeline (`pretrain_data.py`) reads:
+shards that the pretraining input pipeline (`pipeline.py`) reads:
 
   source -> documents -> pysbd sentence splitting -> keyword matching
          -> ArrayRecord shards + counts.json
@@ -72,8 +72,8 @@ from typing import Any
 
 from absl import logging
 
-from apollo.lm import keywords as keywords_lib
-from apollo.lm import text_sources
+from apollo.lm.data import keywords as keywords_lib
+from apollo.lm.data import text_sources
 
 STATE_VERSION = 1
 

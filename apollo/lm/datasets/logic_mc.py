@@ -44,7 +44,7 @@ Usage:
 
     splits = generate_splits({"train": 2000, "validation": 500, "test": 500})
     write_reclor_format("/tmp/logic_mc", {"train": 2000, ...})
-    apollo.lm.benchmarks.read_reclor("/tmp/logic_mc/val.json")
+    apollo.lm.datasets.multiple_choice.read_reclor("/tmp/logic_mc/val.json")
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from typing import Any
 
 QUESTION_TYPES = ("must_be_true", "cannot_be_true", "sufficient_assumption", "refutes_conclusion")
 SPLITS = ("train", "validation", "test")
-# ReClor's file names, so that `benchmarks.read_reclor` reads our files too.
+# ReClor's file names, so that `multiple_choice.read_reclor` reads our files too.
 RECLOR_FILE_NAMES = {"train": "train.json", "validation": "val.json", "test": "test.json"}
 DEFAULT_SIZES = {"train": 4000, "validation": 500, "test": 500}
 _ID_PREFIX = {"train": "train", "validation": "val", "test": "test"}  # ReClor's

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from apollo.lm import keywords, masking, tagging
+from apollo.lm.data import keywords, masking, tagging
 
 MASK_ID, VOCAB, SPECIAL = 4, 1000, (0, 1, 2, 3, 4)
 

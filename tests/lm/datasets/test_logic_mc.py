@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from apollo.lm import benchmarks, logic_mc
+from apollo.lm.datasets import logic_mc, multiple_choice
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +95,14 @@ def test_written_files_load_with_the_reclor_reader(tmp_path):
   ]
   generated = logic_mc.generate_splits(sizes, seed=3)
   for split, path in paths.items():
-    examples = benchmarks.read_reclor(path)
+    examples = multiple_choice.read_reclor(path)
     expected = [
       {k: e[k] for k in ("id", "context", "question", "options", "label")} for e in generated[split]
     ]
     assert examples == expected
   # Our test split keeps its labels, unlike ReClor's.
-  assert all(e["label"] is not None for e in benchmarks.read_reclor(paths["test"]))
-  assert benchmarks.read_reclor(paths["validation"])[0]["id"] == "val_0"
+  assert all(e["label"] is not None for e in multiple_choice.read_reclor(paths["test"]))
+  assert multiple_choice.read_reclor(paths["validation"])[0]["id"] == "val_0"
 
 
 def test_theory_knows_the_fallacies():

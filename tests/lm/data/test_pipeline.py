@@ -6,12 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from apollo.lm import contradiction, masking, pretrain_data
+from apollo.lm.data import masking, negatives, pipeline
 from tests.lm import pretraining_data_helpers as helpers
 
-_CONFIG = pretrain_data.PretrainDataConfig(
-  max_len=40, batch_size=8, eval_fraction=0.2, read_threads=1
-)
+_CONFIG = pipeline.PretrainDataConfig(max_len=40, batch_size=8, eval_fraction=0.2, read_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +22,7 @@ def corpus(tmp_path_factory):
 
 def _batches(corpus, config=_CONFIG, split="train", n=None):
   shard_dir, tok = corpus
-  iterator = iter(pretrain_data.make_pretrain_dataset(shard_dir, tok, config, split))
+  iterator = iter(pipeline.make_pretrain_dataset(shard_dir, tok, config, split))
   if n is None:
     return list(iterator)
   return [next(iterator) for _ in range(n)]
@@ -80,14 +78,14 @@ def test_pipeline_is_deterministic_for_a_seed(corpus):
 def test_iterator_state_restores_the_exact_data_order(corpus):
   shard_dir, tok = corpus
   config = dataclasses.replace(_CONFIG, num_epochs=None)
-  iterator = iter(pretrain_data.make_pretrain_dataset(shard_dir, tok, config))
+  iterator = iter(pipeline.make_pretrain_dataset(shard_dir, tok, config))
   for _ in range(2):
     next(iterator)
   state = json.loads(json.dumps(iterator.get_state()))  # As a checkpoint holds it.
   # Run past the end of the first epoch, where the order is reshuffled.
   reference = [next(iterator) for _ in range(45)]  # An epoch: 43.
 
-  restored = iter(pretrain_data.make_pretrain_dataset(shard_dir, tok, config))
+  restored = iter(pipeline.make_pretrain_dataset(shard_dir, tok, config))
   restored.set_state(state)
   _assert_equal_batches(reference, [next(restored) for _ in range(45)])
 
@@ -101,12 +99,12 @@ def test_labels_are_balanced_and_coverage_is_counted(corpus):
   kinds = np.concatenate([b["ecls_perturbation"] for b in batches])[real]
   assert (labels == 0).sum() == (labels == 1).sum() > 100
   assert set(kinds[labels == 1]) == {1, 2, 3}
-  coverage = pretrain_data.measure_objective_coverage(shard_dir, tok, everything, split="eval")
+  coverage = pipeline.measure_objective_coverage(shard_dir, tok, everything, split="eval")
   assert (labels == 0).sum() == coverage["sentences"] - coverage["no_perturbation"]
   too_few = np.concatenate([b["mlm_too_few_candidates"] for b in batches])[real]
   assert too_few[labels == 0].sum() == coverage["too_few_mask_candidates"]
   greedy = dataclasses.replace(everything, mask_ratio=0.6)
-  short = pretrain_data.measure_objective_coverage(shard_dir, tok, greedy, "eval")
+  short = pipeline.measure_objective_coverage(shard_dir, tok, greedy, "eval")
   assert 0 < short["too_few_mask_candidates"] < short["sentences"]
   # The padded tail: rows beyond the data carry no targets and no label weight.
   last = batches[-1]
@@ -117,19 +115,19 @@ def test_labels_are_balanced_and_coverage_is_counted(corpus):
 
   # With only the keyword swap, sentences without a swappable keyword drop out.
   swap_only = dataclasses.replace(everything, perturbations=("keyword_swap",))
-  narrow = pretrain_data.measure_objective_coverage(shard_dir, tok, swap_only, "eval")
+  narrow = pipeline.measure_objective_coverage(shard_dir, tok, swap_only, "eval")
   assert narrow["no_perturbation"] > coverage["no_perturbation"]
   kinds = np.concatenate(
     [b["ecls_perturbation"] for b in _batches(corpus, swap_only, split="eval")]
   )
-  assert set(kinds) <= {0, contradiction.PERTURBATION_IDS["keyword_swap"]}
+  assert set(kinds) <= {0, negatives.PERTURBATION_IDS["keyword_swap"]}
 
 
 def test_eval_split_is_a_stable_hash_of_the_text(corpus):
   shard_dir, tok = corpus
-  assert pretrain_data.in_eval_split("A b.", 0.3) == pretrain_data.in_eval_split("A  b.", 0.3)
-  held_out = pretrain_data.measure_objective_coverage(shard_dir, tok, _CONFIG, "eval")
-  train = pretrain_data.measure_objective_coverage(shard_dir, tok, _CONFIG, "train")
+  assert pipeline.in_eval_split("A b.", 0.3) == pipeline.in_eval_split("A  b.", 0.3)
+  held_out = pipeline.measure_objective_coverage(shard_dir, tok, _CONFIG, "eval")
+  train = pipeline.measure_objective_coverage(shard_dir, tok, _CONFIG, "train")
   total = held_out["sentences"] + train["sentences"]
   assert 0.1 < held_out["sentences"] / total < 0.3  # eval_fraction = 0.2.
   eval_batches = _batches(corpus, split="eval")
@@ -150,6 +148,6 @@ def test_perturbed_rows_can_go_without_mlm_targets(corpus):
 def test_missing_shards_are_a_clear_error(corpus, tmp_path):
   _, tok = corpus
   with pytest.raises(FileNotFoundError, match="select_sentences"):
-    pretrain_data.make_pretrain_dataset(str(tmp_path), tok, _CONFIG)
+    pipeline.make_pretrain_dataset(str(tmp_path), tok, _CONFIG)
   with pytest.raises(ValueError, match="split"):
-    pretrain_data.make_pretrain_dataset(corpus[0], tok, _CONFIG, split="test")
+    pipeline.make_pretrain_dataset(corpus[0], tok, _CONFIG, split="test")

@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 
-from apollo.lm import benchmarks
+from apollo.lm.datasets import multiple_choice
 
 KEYS = {"id", "context", "question", "options", "label"}
 
@@ -99,7 +99,7 @@ def write_logiqa2(path, records=LOGIQA2_RECORDS):
 
 
 def test_read_reclor_parses_and_ignores_extra_fields(tmp_path):
-  examples = benchmarks.read_reclor(write_reclor(tmp_path / "train.json"))
+  examples = multiple_choice.read_reclor(write_reclor(tmp_path / "train.json"))
   assert len(examples) == 2 and examples.skipped == 0
   assert all(set(e) == KEYS for e in examples)
   first = examples[0]
@@ -115,7 +115,7 @@ def test_read_reclor_hidden_test_labels_are_none(tmp_path):
   records = reclor_test_records(3)
   records[1]["label"] = None
   records[2]["label"] = -1
-  examples = benchmarks.read_reclor(write_reclor(tmp_path / "test.json", records))
+  examples = multiple_choice.read_reclor(write_reclor(tmp_path / "test.json", records))
   assert [e["label"] for e in examples] == [None, None, None]
 
 
@@ -124,20 +124,20 @@ def test_read_reclor_malformed_record_names_file_and_record(tmp_path):
   records[1]["answers"] = ["only", "three", "answers"]
   path = write_reclor(tmp_path / "val.json", records)
   with pytest.raises(
-    benchmarks.MalformedRecordError, match=r"val\.json: record 2: .*answers"
+    multiple_choice.MalformedRecordError, match=r"val\.json: record 2: .*answers"
   ) as error:
-    benchmarks.read_reclor(path)
+    multiple_choice.read_reclor(path)
   assert isinstance(error.value, ValueError)
   assert error.value.record == 2 and error.value.path == str(path)
 
-  examples = benchmarks.read_reclor(path, skip_malformed=True)
+  examples = multiple_choice.read_reclor(path, skip_malformed=True)
   assert [e["id"] for e in examples] == ["train_0"]
   assert examples.skipped == 1 and examples.errors[0].record == 2
 
 
 def test_read_reclor_rejects_bad_labels(tmp_path):
   records = [dict(RECLOR_RECORDS[0], label=4), dict(RECLOR_RECORDS[1], label=True)]
-  examples = benchmarks.read_reclor(
+  examples = multiple_choice.read_reclor(
     write_reclor(tmp_path / "train.json", records), skip_malformed=True
   )
   assert len(examples) == 0 and examples.skipped == 2
@@ -147,7 +147,7 @@ def test_read_reclor_not_an_array(tmp_path):
   path = tmp_path / "train.json"
   path.write_text('{"context": "x"}')
   with pytest.raises(ValueError, match="train.json"):
-    benchmarks.read_reclor(path, skip_malformed=True)
+    multiple_choice.read_reclor(path, skip_malformed=True)
 
 
 # --- LogiQA -----------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_read_reclor_not_an_array(tmp_path):
 @pytest.mark.parametrize("final_newline", [False, True])
 def test_read_logiqa(tmp_path, final_newline):
   path = write_logiqa(tmp_path / "Train.txt", final_newline=final_newline)
-  examples = benchmarks.read_logiqa(path)
+  examples = multiple_choice.read_logiqa(path)
   assert len(examples) == 3 and all(set(e) == KEYS for e in examples)
   assert [e["id"] for e in examples] == ["Train_0", "Train_1", "Train_2"]
   assert [e["label"] for e in examples] == [0, 3, 1]
@@ -171,7 +171,7 @@ def test_read_logiqa_crlf_and_spaced_prefixes(tmp_path):
   text = logiqa_text().replace("A.First.", "A. First.").replace("\n", "\r\n")
   path = tmp_path / "Eval.txt"
   path.write_bytes(text.encode("utf-8"))
-  examples = benchmarks.read_logiqa(path)
+  examples = multiple_choice.read_logiqa(path)
   assert examples[0]["options"][0] == "First."
   assert examples[0]["context"] == "Context one, with a comma."
 
@@ -181,12 +181,12 @@ def test_read_logiqa_malformed_record_names_file_record_and_line(tmp_path):
   path = tmp_path / "Test.txt"
   path.write_text(text, encoding="utf-8")
   with pytest.raises(
-    benchmarks.MalformedRecordError, match=r"Test\.txt: record 2 \(line 14\)"
+    multiple_choice.MalformedRecordError, match=r"Test\.txt: record 2 \(line 14\)"
   ) as error:
-    benchmarks.read_logiqa(path)
+    multiple_choice.read_logiqa(path)
   assert error.value.line == 14
 
-  examples = benchmarks.read_logiqa(path, skip_malformed=True)
+  examples = multiple_choice.read_logiqa(path, skip_malformed=True)
   assert examples.skipped == 1
   # Ids keep their file positions: record 2 is missing, record 3 is Test_2.
   assert [e["id"] for e in examples] == ["Test_0", "Test_2"]
@@ -200,8 +200,8 @@ def test_read_logiqa_truncated_and_bad_letter(tmp_path):
   path = tmp_path / "Train.txt"
   path.write_text(text, encoding="utf-8")
   with pytest.raises(ValueError, match=r"record 1 \(line 2\).*answer letter"):
-    benchmarks.read_logiqa(path)
-  examples = benchmarks.read_logiqa(path, skip_malformed=True)
+    multiple_choice.read_logiqa(path)
+  examples = multiple_choice.read_logiqa(path, skip_malformed=True)
   assert [e["id"] for e in examples] == ["Train_1"]
   assert examples.skipped == 2
   assert "ends early" in str(examples.errors[1])
@@ -211,7 +211,7 @@ def test_read_logiqa_truncated_and_bad_letter(tmp_path):
 
 
 def test_read_logiqa2(tmp_path):
-  examples = benchmarks.read_logiqa2(write_logiqa2(tmp_path / "dev.txt"))
+  examples = multiple_choice.read_logiqa2(write_logiqa2(tmp_path / "dev.txt"))
   assert len(examples) == 2 and all(set(e) == KEYS for e in examples)
   assert examples[0] == {
     "id": "1001",
@@ -226,9 +226,10 @@ def test_read_logiqa2_malformed_line(tmp_path):
   path = tmp_path / "train.txt"
   lines = [json.dumps(LOGIQA2_RECORDS[0]), "", "{not json", json.dumps(LOGIQA2_RECORDS[1])]
   path.write_text("\n".join(lines), encoding="utf-8")
-  with pytest.raises(benchmarks.MalformedRecordError, match=r"train\.txt: record 2 \(line 3\)"):
-    benchmarks.read_logiqa2(path)
-  examples = benchmarks.read_logiqa2(path, skip_malformed=True)
+  error = r"train\.txt: record 2 \(line 3\)"
+  with pytest.raises(multiple_choice.MalformedRecordError, match=error):
+    multiple_choice.read_logiqa2(path)
+  examples = multiple_choice.read_logiqa2(path, skip_malformed=True)
   assert [e["id"] for e in examples] == ["1001", "1002"]
   assert examples.skipped == 1
 
@@ -237,36 +238,36 @@ def test_read_logiqa2_malformed_line(tmp_path):
 
 
 def test_check_split_size_warns_but_never_fails(caplog):
-  assert benchmarks.check_split_size("reclor", "val.json", 500) is None
-  assert benchmarks.check_split_size("logiqa", "Eval.txt", 651) is None
+  assert multiple_choice.check_split_size("reclor", "val.json", 500) is None
+  assert multiple_choice.check_split_size("logiqa", "Eval.txt", 651) is None
   with caplog.at_level(logging.WARNING):
-    message = benchmarks.check_split_size("reclor", "train", 2)
+    message = multiple_choice.check_split_size("reclor", "train", 2)
   assert "4,638" in message and "4,638" in caplog.text
-  assert "7,376" in benchmarks.check_split_size("logiqa", "Train.txt", 3)
-  assert benchmarks.check_split_size("logiqa2", "dev", 3) is None
+  assert "7,376" in multiple_choice.check_split_size("logiqa", "Train.txt", 3)
+  assert multiple_choice.check_split_size("logiqa2", "dev", 3) is None
 
 
 def test_reclor_test_subsets():
   ids = ["test_0", "test_439", "test_440", "test_999", "test_5"]
-  subsets = benchmarks.reclor_test_subsets(ids)
+  subsets = multiple_choice.reclor_test_subsets(ids)
   assert subsets.easy == [0, 1, 4] and subsets.hard == [2, 3]
-  full = benchmarks.reclor_test_subsets([{"id": f"test_{i}"} for i in range(1000)])
+  full = multiple_choice.reclor_test_subsets([{"id": f"test_{i}"} for i in range(1000)])
   assert len(full.easy) == 440 and len(full.hard) == 560
   with pytest.raises(ValueError):
-    benchmarks.reclor_test_subsets(["val_3"])
+    multiple_choice.reclor_test_subsets(["val_3"])
 
 
 def test_write_reclor_predictions(tmp_path):
   predictions = {f"test_{i}": np.int64(i % 4) for i in (2, 0, 3, 1)}
-  written = benchmarks.write_reclor_predictions(tmp_path / "p.json", predictions)
+  written = multiple_choice.write_reclor_predictions(tmp_path / "p.json", predictions)
   assert written == [0, 1, 2, 3]
   assert json.loads((tmp_path / "p.json").read_text()) == [0, 1, 2, 3]
-  benchmarks.write_reclor_predictions(tmp_path / "p.npy", predictions)
+  multiple_choice.write_reclor_predictions(tmp_path / "p.npy", predictions)
   assert np.load(tmp_path / "p.npy").tolist() == [0, 1, 2, 3]
   with pytest.raises(ValueError, match="missing"):
-    benchmarks.write_reclor_predictions(tmp_path / "q.json", {"test_0": 1, "test_2": 0})
+    multiple_choice.write_reclor_predictions(tmp_path / "q.json", {"test_0": 1, "test_2": 0})
   with pytest.raises(ValueError, match="expected 0..3"):
-    benchmarks.write_reclor_predictions(tmp_path / "q.json", {"test_0": 4})
+    multiple_choice.write_reclor_predictions(tmp_path / "q.json", {"test_0": 4})
 
 
 # --- Multiple-choice text pairs ---------------------------------------------
@@ -274,7 +275,7 @@ def test_write_reclor_predictions(tmp_path):
 
 def test_choice_texts_appends_option():
   example = {"context": "C.", "question": "Which is true?", "options": ["a", "b", "c", "d"]}
-  assert benchmarks.choice_texts(example) == [
+  assert multiple_choice.choice_texts(example) == [
     ("C.", "Which is true? a"),
     ("C.", "Which is true? b"),
     ("C.", "Which is true? c"),
@@ -288,7 +289,7 @@ def test_choice_texts_fills_the_blank():
     "question": "The cat ____ the dog, so _ ran.",
     "options": ["chased", "saw", r"met \1", "fed"],
   }
-  pairs = benchmarks.choice_texts(example)
+  pairs = multiple_choice.choice_texts(example)
   assert pairs[0] == ("C.", "The cat chased the dog, so chased ran.")
   assert pairs[2][1] == r"The cat met \1 the dog, so met \1 ran."
   assert len(pairs) == 4

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from apollo.lm import tagging
+from apollo.lm.data import tagging
 
 
 def _tags(sentence):

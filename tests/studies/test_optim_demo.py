@@ -7,7 +7,7 @@ the 8 forced CPU devices of the root conftest, so the batch is really sharded.
 import json
 import os
 
-from apollo.optim.demo import OPTIMIZERS, run_demo
+from apollo.studies.optim_demo import OPTIMIZERS, run_demo
 
 
 def test_optim_demo_trains_every_optimizer(tmp_path):

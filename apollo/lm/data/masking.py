@@ -27,8 +27,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from apollo.lm import keywords as keywords_lib
-from apollo.lm import tagging
+from apollo.lm.data import keywords as keywords_lib
+from apollo.lm.data import tagging
 
 IGNORE_LABEL = -100  # Label of a position that is not a masked-LM target.
 

@@ -1,7 +1,7 @@
 """The APOLLO pretraining input pipeline: shards -> fixed-shape numpy batches.
 
 Reads the sentence shards of `selection.py` and yields batches that carry both
-objectives' data, S-MLM (`masking.py`) and E-CLS (`contradiction.py`):
+objectives' data, S-MLM (`masking.py`) and E-CLS (`negatives.py`):
 
   key                      shape   dtype    meaning
   input_ids                [B, L]  int32    <s> sentence </s> <pad>...; masked
@@ -11,7 +11,7 @@ objectives' data, S-MLM (`masking.py`) and E-CLS (`contradiction.py`):
   ecls_label               [B]     int32    0 = entailment-type (original sentence),
                                             1 = contradiction-type (perturbed)
   ecls_perturbation        [B]     int32    0 none, 1 negation, 2 keyword_swap,
-                                            3 clause_swap (`contradiction.PERTURBATION_IDS`)
+                                            3 clause_swap (`negatives.PERTURBATION_IDS`)
   mlm_too_few_candidates   [B]     int32    1 where the S-MLM candidates could not
                                             fill the mask budget (count and log it)
   example_mask             [B]     int32    1 on real rows, 0 on padding rows (only
@@ -66,8 +66,8 @@ import grain
 import numpy as np
 import tokenizers
 
-from apollo.lm import contradiction, masking, selection, tagging
-from apollo.lm import keywords as keywords_lib
+from apollo.lm.data import keywords as keywords_lib
+from apollo.lm.data import masking, negatives, selection, tagging
 from apollo.models import tokenizer as tokenizer_lib
 
 SPLITS = ("train", "eval")
@@ -88,7 +88,7 @@ class PretrainDataConfig:
   mask_keywords: bool = True  # Logical keywords are S-MLM candidates too.
   mask_token_prob: float = 0.8  # 80/10/10: chosen word -> <mask>...
   random_token_prob: float = 0.1  # ...-> random tokens; the rest is kept.
-  perturbations: tuple[str, ...] = contradiction.PERTURBATIONS  # E-CLS rules on.
+  perturbations: tuple[str, ...] = negatives.PERTURBATIONS  # E-CLS rules on.
   mlm_on_perturbed: bool = True  # Perturbed copies carry S-MLM targets too.
   tagger: str = "perceptron"  # POS tagger: "perceptron" or "spacy".
   spacy_model: str = "en_core_web_sm"  # Used only with tagger="spacy".
@@ -148,12 +148,12 @@ class SentenceAnalyzer:
       self._tagger = tagging.make_tagger(self.config.tagger, self.config.spacy_model)
     return self._tagger
 
-  def analyze(self, text: str) -> contradiction.TaggedSentence:
-    return contradiction.TaggedSentence.from_text(text, self.tagger, self._matcher)
+  def analyze(self, text: str) -> negatives.TaggedSentence:
+    return negatives.TaggedSentence.from_text(text, self.tagger, self._matcher)
 
-  def perturbations(self, sentence: contradiction.TaggedSentence) -> dict[str, str]:
+  def perturbations(self, sentence: negatives.TaggedSentence) -> dict[str, str]:
     vocabulary = getattr(self.tagger, "vocabulary", None)
-    return contradiction.applicable_perturbations(
+    return negatives.applicable_perturbations(
       sentence,
       self.config.perturbations,
       vocabulary.__contains__ if vocabulary is not None else None,
@@ -192,7 +192,7 @@ class MakeExample(grain.transforms.RandomMap):
     return self._encode(sentence, label, kind, rng)
 
   def _encode(
-    self, sentence: contradiction.TaggedSentence, label: int, kind: str, rng: np.random.Generator
+    self, sentence: negatives.TaggedSentence, label: int, kind: str, rng: np.random.Generator
   ) -> dict[str, Any]:
     config, special = self._config, self._special
     encoding = self._tokenizer.encode(sentence.text, add_special_tokens=False)
@@ -241,7 +241,7 @@ class MakeExample(grain.transforms.RandomMap):
       mlm_labels=mlm_labels,
       mlm_weights=(mlm_labels != masking.IGNORE_LABEL).astype(np.float32),
       ecls_label=np.int32(label),
-      ecls_perturbation=np.int32(contradiction.PERTURBATION_IDS[kind]),
+      ecls_perturbation=np.int32(negatives.PERTURBATION_IDS[kind]),
       mlm_too_few_candidates=np.int32(too_few_candidates),
       example_mask=np.int32(1),
     )

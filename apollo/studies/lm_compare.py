@@ -8,7 +8,7 @@ WORKDIR/shared): pretrain a tiny encoder with (i) S-MLM + E-CLS
 (`objective=apollo`) and (ii) plain MLM (`objective=mlm`: random 15% of all
 tokens, no E-CLS), the same steps, batch, optimizer and architecture; then
 fine-tune each, and (iii) the same architecture from random init, on the
-generated logic set (`apollo.lm.logic_mc`, generated once). The seed sets the
+generated logic set (`apollo.lm.datasets.logic_mc`, generated once). The seed sets the
 pretraining init and data order, the new heads and the fine-tuning order.
 
 Writes WORKDIR/results.json (every run's numbers and the per-variant mean and
@@ -34,7 +34,8 @@ from absl import logging
 
 from apollo.common import metrics as metrics_lib
 from apollo.common import training as train_lib
-from apollo.lm import finetune, logic_mc, pretrain
+from apollo.lm import finetune, pretrain
+from apollo.lm.datasets import logic_mc
 
 VARIANTS = ("apollo", "mlm", "none")
 LABELS = {"apollo": "S-MLM + E-CLS", "mlm": "plain MLM", "none": "no pretraining"}

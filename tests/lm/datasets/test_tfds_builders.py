@@ -10,13 +10,13 @@ import logging
 
 import pytest
 
-from tests.lm import test_benchmarks as fixtures
+from tests.lm.datasets import test_multiple_choice as fixtures
 
 tfds = pytest.importorskip("tensorflow_datasets")
 if importlib.util.find_spec("array_record") is None:
   pytest.skip("array_record is needed to write/read ArrayRecord files", allow_module_level=True)
 
-from apollo.lm import tfds_builders  # noqa: E402  (after the skips)
+from apollo.lm.datasets import tfds_builders  # noqa: E402  (after the skips)
 
 
 def _decode(record):

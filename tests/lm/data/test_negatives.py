@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from apollo.lm import contradiction, keywords, tagging
+from apollo.lm.data import keywords, negatives, tagging
 
 _TAGGER = tagging.make_tagger()
 _KNOWN = _TAGGER.vocabulary.__contains__
 
 
 def _sentence(text):
-  return contradiction.TaggedSentence.from_text(text, _TAGGER, keywords.KeywordMatcher())
+  return negatives.TaggedSentence.from_text(text, _TAGGER, keywords.KeywordMatcher())
 
 
 @pytest.mark.parametrize(
@@ -37,7 +37,7 @@ def _sentence(text):
   ],
 )
 def test_negation_of_the_main_clause(text, negated):
-  assert contradiction.negate_main_clause(_sentence(text), _KNOWN) == negated
+  assert negatives.negate_main_clause(_sentence(text), _KNOWN) == negated
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_negation_of_the_main_clause(text, negated):
   ],
 )
 def test_keyword_swap(text, swapped):
-  assert contradiction.swap_keyword(_sentence(text)) == swapped
+  assert negatives.swap_keyword(_sentence(text)) == swapped
 
 
 @pytest.mark.parametrize(
@@ -75,33 +75,31 @@ def test_keyword_swap(text, swapped):
   ],
 )
 def test_clause_swap_around_a_directional_keyword(text, swapped):
-  assert contradiction.swap_clauses(_sentence(text)) == swapped
+  assert negatives.swap_clauses(_sentence(text)) == swapped
 
 
 def test_rules_that_do_not_apply_return_none():
   no_keyword = _sentence("Kalomi is not brittle.")
-  assert contradiction.swap_keyword(no_keyword) is None
-  assert contradiction.swap_clauses(no_keyword) is None
+  assert negatives.swap_keyword(no_keyword) is None
+  assert negatives.swap_clauses(no_keyword) is None
   # "but" is not directional: no clause swap; one-word clauses are too short.
-  assert contradiction.swap_clauses(_sentence("Tom is tall, but Ann is short.")) is None
-  assert contradiction.swap_clauses(_sentence("Hence, yes.")) is None
-  assert contradiction.negate_main_clause(_sentence("Yes, indeed.")) is None
+  assert negatives.swap_clauses(_sentence("Tom is tall, but Ann is short.")) is None
+  assert negatives.swap_clauses(_sentence("Hence, yes.")) is None
+  assert negatives.negate_main_clause(_sentence("Yes, indeed.")) is None
 
 
 def test_enabled_perturbations_and_random_choice():
   sentence = _sentence("Kalo is warm because the sun shines.")
-  everything = contradiction.applicable_perturbations(sentence, is_known_word=_KNOWN)
-  assert set(everything) == set(contradiction.PERTURBATIONS)
-  only_swap = contradiction.applicable_perturbations(sentence, ["keyword_swap"])
+  everything = negatives.applicable_perturbations(sentence, is_known_word=_KNOWN)
+  assert set(everything) == set(negatives.PERTURBATIONS)
+  only_swap = negatives.applicable_perturbations(sentence, ["keyword_swap"])
   assert only_swap == {"keyword_swap": "Kalo is warm although the sun shines."}
   with pytest.raises(ValueError, match="Unknown perturbations"):
-    contradiction.applicable_perturbations(sentence, ["shuffle"])
-  draws = [contradiction.make_contradiction(sentence, np.random.default_rng(s)) for s in range(30)]
-  assert {name for name, _ in draws} == set(contradiction.PERTURBATIONS)
-  assert draws[3] == contradiction.make_contradiction(sentence, np.random.default_rng(3))
-  assert (
-    contradiction.make_contradiction(_sentence("Yes, indeed."), np.random.default_rng(0)) is None
-  )
+    negatives.applicable_perturbations(sentence, ["shuffle"])
+  draws = [negatives.make_contradiction(sentence, np.random.default_rng(s)) for s in range(30)]
+  assert {name for name, _ in draws} == set(negatives.PERTURBATIONS)
+  assert draws[3] == negatives.make_contradiction(sentence, np.random.default_rng(3))
+  assert negatives.make_contradiction(_sentence("Yes, indeed."), np.random.default_rng(0)) is None
 
 
 @pytest.mark.parametrize(
@@ -119,4 +117,4 @@ def test_enabled_perturbations_and_random_choice():
   ],
 )
 def test_verb_base_form(word, tag, base):
-  assert contradiction.verb_base_form(word, tag, _KNOWN) == base
+  assert negatives.verb_base_form(word, tag, _KNOWN) == base
