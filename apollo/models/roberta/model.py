@@ -1,8 +1,11 @@
-"""A RoBERTa-style encoder in Flax NNX, with the heads APOLLO needs.
+"""A RoBERTa/BERT encoder in Flax NNX, with the heads APOLLO needs.
 
 The trunk reproduces Hugging Face's ``RobertaModel`` exactly (post-LN layers, exact
 erf GELU, RoBERTa's padding-offset position ids), so pretrained RoBERTa weights load
-unchanged through :mod:`apollo.models.roberta.params`.
+unchanged through :mod:`apollo.models.roberta.params`. BERT (``BertModel``, e.g.
+all-MiniLM-L6-v2) is the same network with absolute position ids from 0 and two token
+types: ``EncoderConfig(position_scheme='absolute', type_vocab_size=2, ...)``, built by
+:mod:`apollo.models.bert.model` and loaded through :mod:`apollo.models.bert.params`.
 
 Modules:
 
@@ -10,6 +13,8 @@ Modules:
 * :class:`PretrainingModel`: encoder + S-MLM head + E-CLS head (continued pretraining).
 * :class:`MultipleChoiceModel`: encoder with pooler + one score per choice
   (ReClor / LogiQA fine-tuning), like ``RobertaForMultipleChoice``.
+* :func:`mean_pool`: masked mean of the hidden states (sentence embeddings, as
+  sentence-transformers pools all-MiniLM-L6-v2).
 
 Every parameter carries *logical* axis names ('vocab', 'embed', 'mlp', 'heads',
 'kv', 'position', or None for replicated) as NNX ``out_sharding`` metadata; a table
@@ -64,10 +69,12 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
 # Config
 # -----------------------------------------------------------------------------
 
+POSITION_SCHEMES = ("roberta", "absolute")
+
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
-  """Hyperparameters of the RoBERTa-style encoder (names follow HF's RobertaConfig)."""
+  """Hyperparameters of the encoder (names follow HF's RobertaConfig / BertConfig)."""
 
   vocab_size: int = 50265  # Rows of the (tied) word embedding / MLM output.
   hidden_size: int = 768  # Model width ('embed').
@@ -76,13 +83,16 @@ class EncoderConfig:
   intermediate_size: int = 3072  # Feed-forward width ('mlp').
   # RoBERTa reserves positions 0..pad_token_id, so 514 = 512 usable positions.
   max_position_embeddings: int = 514
-  type_vocab_size: int = 1  # RoBERTa has a single token type.
+  type_vocab_size: int = 1  # RoBERTa has a single token type; BERT two (segments A, B).
+  # Position ids: 'roberta' (from pad_token_id + 1, padding not counted; HF
+  # RobertaEmbeddings) or 'absolute' (0, 1, 2, ... in every row; HF BertEmbeddings).
+  position_scheme: str = "roberta"
   layer_norm_eps: float = 1e-5
   hidden_dropout_rate: float = 0.1  # Embeddings, residual branches, heads.
   attention_dropout_rate: float = 0.1  # On the attention probabilities.
   # Dropout inside the E-CLS head; None = hidden_dropout_rate (HF classifier_dropout).
   classifier_dropout_rate: float | None = None
-  pad_token_id: int = 1  # RoBERTa: <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4.
+  pad_token_id: int = 1  # RoBERTa: <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4. BERT: [PAD]=0.
   initializer_range: float = 0.02  # Std of the normal init of weights (as HF).
   num_ecls_labels: int = 2  # E-CLS: 0 = entailment-type, 1 = contradiction-type.
   dtype: Any = jnp.float32  # Compute dtype (float32 or bfloat16).
@@ -92,6 +102,8 @@ class EncoderConfig:
     # Accept 'bfloat16' etc. from flags/config files; store canonical numpy dtypes.
     object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
     object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+    if self.position_scheme not in POSITION_SCHEMES:
+      raise ValueError(f"position_scheme={self.position_scheme!r}; choose from {POSITION_SCHEMES}.")
     if self.hidden_size % self.num_heads:
       raise ValueError(
         f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}."
@@ -103,7 +115,9 @@ class EncoderConfig:
 
   @property
   def max_sequence_length(self) -> int:
-    """Longest input the position table supports (positions start after pad)."""
+    """Longest input the position table supports (RoBERTa's start after pad)."""
+    if self.position_scheme == "absolute":
+      return self.max_position_embeddings
     return self.max_position_embeddings - self.pad_token_id - 1
 
 
@@ -196,6 +210,17 @@ def roberta_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
   return jnp.cumsum(is_token, axis=-1) * is_token + pad_token_id
 
 
+def compute_position_ids(input_ids: jax.Array, config: EncoderConfig) -> jax.Array:
+  """Position ids of ``input_ids`` [..., L] under ``config.position_scheme``.
+
+  'absolute' is BERT's ``0 .. L-1`` in every row, padding or not (HF
+  ``BertEmbeddings``); 'roberta' is :func:`roberta_position_ids`.
+  """
+  if config.position_scheme == "absolute":
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[-1], dtype=jnp.int32), input_ids.shape)
+  return roberta_position_ids(input_ids, config.pad_token_id)
+
+
 def _dropout_rngs(rngs: nnx.Rngs | jax.Array | None) -> nnx.Rngs | None:
   # A bare key would give every dropout layer the same mask; an Rngs object hands
   # each call a fresh key.
@@ -205,7 +230,7 @@ def _dropout_rngs(rngs: nnx.Rngs | jax.Array | None) -> nnx.Rngs | None:
 
 
 class Embeddings(nnx.Module):
-  """Word + position + token-type embeddings, LayerNorm, dropout (RobertaEmbeddings)."""
+  """Word + position + token-type embeddings, LayerNorm, dropout (Roberta/BertEmbeddings)."""
 
   def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -231,11 +256,10 @@ class Embeddings(nnx.Module):
     c = self.config
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    position_ids = roberta_position_ids(input_ids, c.pad_token_id)
     x = (
       self.word_embeddings(input_ids)
       + self.token_type_embeddings(token_type_ids)
-      + self.position_embeddings(position_ids)
+      + self.position_embeddings(compute_position_ids(input_ids, c))
     )
     x = self.layer_norm(x)
     return self.dropout(x, deterministic=deterministic, rngs=rngs)
@@ -358,7 +382,7 @@ class TransformerLayer(nnx.Module):
 
 
 class Pooler(nnx.Module):
-  """dense + tanh on the first (``<s>``) token, as HF's RobertaPooler."""
+  """dense + tanh on the first (``<s>`` / ``[CLS]``) token, as HF's Roberta/BertPooler."""
 
   def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
     c = config
@@ -368,8 +392,33 @@ class Pooler(nnx.Module):
     return jnp.tanh(self.dense(hidden_states[..., 0, :]))
 
 
+def mean_pool(
+  hidden_states: jax.Array, attention_mask: jax.Array, *, normalize: bool = False
+) -> jax.Array:
+  """Sentence embeddings: the mean of the hidden states over real tokens.
+
+  As sentence-transformers' mean ``Pooling`` (+ ``Normalize`` when ``normalize``),
+  the head all-MiniLM-L6-v2 was trained with. Computed in float32.
+
+  Args:
+    hidden_states: [B, L, embed], e.g. :class:`Encoder`'s output.
+    attention_mask: [B, L], 1 (or True) for real tokens, 0 for padding.
+    normalize: divide each embedding by its L2 norm (cosine similarity becomes a
+      dot product).
+
+  Returns:
+    [B, embed] float32.
+  """
+  mask = attention_mask.astype(jnp.float32)[..., None]
+  summed = jnp.sum(hidden_states.astype(jnp.float32) * mask, axis=-2)
+  pooled = summed / jnp.maximum(jnp.sum(mask, axis=-2), 1e-9)
+  if normalize:
+    pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+  return pooled
+
+
 class Encoder(nnx.Module):
-  """The RoBERTa trunk: embeddings, ``num_layers`` post-LN layers, optional pooler.
+  """The trunk: embeddings, ``num_layers`` post-LN layers, optional pooler.
 
   Attributes:
     embeddings: :class:`Embeddings` (``word_embeddings`` is tied to the MLM decoder).
@@ -399,7 +448,7 @@ class Encoder(nnx.Module):
       input_ids: int [B, L].
       attention_mask: [B, L], 1 (or True) for real tokens, 0 for padding. Defaults
         to ``input_ids != pad_token_id``.
-      token_type_ids: int [B, L]; defaults to zeros.
+      token_type_ids: int [B, L] (BERT: 0 for segment A, 1 for B); defaults to zeros.
       deterministic: if False, dropout is applied (needs ``rngs``).
       rngs: ``nnx.Rngs`` with a 'dropout' stream, or a PRNG key.
 
@@ -428,7 +477,7 @@ class Encoder(nnx.Module):
 
 
 class MLMHead(nnx.Module):
-  """HF RobertaLMHead: dense, GELU, LayerNorm, then the tied word-embedding decoder.
+  """HF RobertaLMHead / BertLMPredictionHead: dense, GELU, LayerNorm, tied decoder.
 
   The decoder weight is the encoder's word embedding (passed at call time, so the
   head owns only ``dense``, ``layer_norm`` and the output ``bias``).
@@ -478,8 +527,9 @@ class PretrainingOutput(NamedTuple):
 class PretrainingModel(nnx.Module):
   """Encoder + S-MLM head + E-CLS head for APOLLO continued pretraining.
 
-  Parameter layout mirrors HF: ``encoder`` <-> ``roberta.*``, ``mlm_head`` <->
-  ``lm_head.*``, ``ecls_head`` <-> ``classifier.*`` (RobertaClassificationHead).
+  Parameter layout mirrors HF: ``encoder`` <-> ``roberta.*`` (``bert.*``), ``mlm_head``
+  <-> ``lm_head.*`` (``cls.predictions.*``), ``ecls_head`` <-> ``classifier.*``
+  (RobertaClassificationHead).
   """
 
   def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
@@ -524,9 +574,9 @@ class PretrainingModel(nnx.Module):
 
 
 class MultipleChoiceModel(nnx.Module):
-  """Encoder with pooler + a linear scorer per choice, as RobertaForMultipleChoice.
+  """Encoder with pooler + a linear scorer per choice, as Roberta/BertForMultipleChoice.
 
-  Parameter layout: ``encoder`` <-> ``roberta.*`` (pooler included),
+  Parameter layout: ``encoder`` <-> ``roberta.*`` / ``bert.*`` (pooler included),
   ``scorer`` <-> ``classifier.*``.
   """
 
