@@ -70,7 +70,6 @@ from apollo.models import tokenizer as tokenizer_lib
 from apollo.models.roberta import model as model_lib
 from apollo.models.roberta import params as roberta_params
 
-NUM_CHOICES = multiple_choice.NUM_CHOICES
 SPLITS = ("train", "validation", "test")
 # Dataset name -> (reader, file name of each split).
 DATASETS: dict[str, tuple[Callable[..., list], dict[str, str]]] = {
@@ -159,13 +158,14 @@ def encode_examples(
   encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
   token_ids = {t: e.ids for t, e in zip(texts, encoded)}
   n = len(examples)
-  input_ids = np.zeros((n, NUM_CHOICES, max_len), np.int32)
-  attention_mask = np.zeros((n, NUM_CHOICES, max_len), np.int32)
+  input_ids = np.zeros((n, multiple_choice.NUM_CHOICES, max_len), np.int32)
+  attention_mask = np.zeros((n, multiple_choice.NUM_CHOICES, max_len), np.int32)
   truncated = 0
   for i, ps in enumerate(pairs):
-    if len(ps) != NUM_CHOICES:
+    if len(ps) != multiple_choice.NUM_CHOICES:
       raise ValueError(
-        f"Example {examples[i]['id']!r} has {len(ps)} options, expected {NUM_CHOICES}."
+        f"Example {examples[i]['id']!r} has {len(ps)} options, "
+        f"expected {multiple_choice.NUM_CHOICES}."
       )
     for c, (first, second) in enumerate(ps):
       a, b = token_ids[first], token_ids[second]
@@ -479,9 +479,6 @@ def _graft(target: dict, source: dict, where: str = "encoder") -> dict:
 # -----------------------------------------------------------------------------
 
 
-TrainSetup = train_lib.TrainSetup
-
-
 def resolve_schedule(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
   """(train_steps, warmup_steps): from num_epochs and warmup_fraction where set."""
   steps = int(config.train_steps)
@@ -499,7 +496,7 @@ def make_setup(
   mesh: jax.sharding.Mesh,
   train_steps: int,
   warmup_steps: int,
-) -> TrainSetup:
+) -> train_lib.TrainSetup:
   """Shapes and shardings of the state, for the resolved schedule (`resolve_schedule`)."""
   opt = ml_collections.ConfigDict(config.optimizer.to_dict())
   opt.warmup_steps = warmup_steps
@@ -514,7 +511,7 @@ def make_setup(
 
 
 def init_state(
-  config: ml_collections.ConfigDict, setup: TrainSetup, source: InitSource
+  config: ml_collections.ConfigDict, setup: train_lib.TrainSetup, source: InitSource
 ) -> dict[str, Any]:
   """A fresh state from the init source, every array created in its shards."""
   m = config.model
@@ -561,7 +558,7 @@ def _check_reclor_test_ids(split: EncodedSplit) -> None:
 
 def evaluate_split(
   config,
-  setup: TrainSetup,
+  setup: train_lib.TrainSetup,
   eval_fn,
   params,
   name: str,
@@ -580,7 +577,7 @@ def evaluate_split(
     for k in sums:
       sums[k] += float(out[k])
     logits_all.append(np.asarray(logits)[:real])
-  logits = np.concatenate(logits_all) if logits_all else np.zeros((0, NUM_CHOICES))
+  logits = np.concatenate(logits_all) if logits_all else np.zeros((0, multiple_choice.NUM_CHOICES))
   predicted = logits.argmax(-1)
   result = dict(examples=float(len(split)), truncated_sequences=float(split.truncated))
   if sums["count"]:
@@ -662,7 +659,7 @@ def train_and_evaluate(
       name,
       len(split),
       split.truncated,
-      len(split) * NUM_CHOICES,
+      len(split) * multiple_choice.NUM_CHOICES,
       max_len,
     )
 
@@ -785,7 +782,7 @@ class _TrainWindow:
 
 def _train_loop(
   config,
-  setup: TrainSetup,
+  setup: train_lib.TrainSetup,
   total: int,
   state,
   start_step,

@@ -92,15 +92,6 @@ _DEVICE_KEYS = (
 _VOCAB_MULTIPLE = 128  # A trained tokenizer's vocabulary is padded up to this.
 
 
-# The optimizer, its schedule and mask live in `apollo.common.training` (shared with fine-tuning);
-# the names stay importable from here.
-OPTIMIZERS = train_lib.OPTIMIZERS
-SCHEDULES = train_lib.SCHEDULES
-decay_mask = train_lib.decay_mask
-learning_rate_schedule = train_lib.learning_rate_schedule
-build_optimizer = train_lib.build_optimizer
-
-
 # -----------------------------------------------------------------------------
 # Loss and steps (pure functions)
 # -----------------------------------------------------------------------------
@@ -257,10 +248,6 @@ class _MetricAccumulator:
 # -----------------------------------------------------------------------------
 
 
-_is_main = train_lib.is_main
-_sync = train_lib.sync
-
-
 def prepare_data(config: ml_collections.ConfigDict, workdir: str):
   """(shard_dir, tokenizer): prepared inside `workdir/data` when the config says so.
 
@@ -282,7 +269,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
       )
   else:
     shard_dir = os.path.join(workdir, "data", "sentences")
-    if _is_main():
+    if train_lib.is_main():
       source = text_sources.GeneratedSource(
         generated_corpus.GeneratedCorpusConfig(
           num_documents=d.generated_documents, seed=d.generated_seed
@@ -297,7 +284,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
         counts.sentences_kept,
         shard_dir,
       )
-    _sync("apollo_pretrain_selection")
+    train_lib.sync("apollo_pretrain_selection")
 
   tokenizer_path = d.tokenizer_path or config.init_from_hf
   if tokenizer_path:
@@ -309,7 +296,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
   else:
     tokenizer_dir = os.path.join(workdir, "data", "tokenizer")
     tokenizer_json = os.path.join(tokenizer_dir, "tokenizer.json")
-    if _is_main() and not os.path.isfile(tokenizer_json):
+    if train_lib.is_main() and not os.path.isfile(tokenizer_json):
       # Train into a temporary directory and rename: a crash never leaves half a tokenizer.
       tmp = tokenizer_dir + ".tmp"
       tokenizer_lib.train_bpe_tokenizer(
@@ -318,7 +305,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
         vocab_size=d.tokenizer_vocab_size,
       )
       os.replace(tmp, tokenizer_dir)
-    _sync("apollo_pretrain_tokenizer")
+    train_lib.sync("apollo_pretrain_tokenizer")
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_json)
   tokenizer_lib.special_ids(tokenizer)  # A missing special token is an error naming it.
   return shard_dir, tokenizer
@@ -358,26 +345,14 @@ def model_config_from(
   return model_config
 
 
-def check_saved_config(workdir: str, model_config: model_lib.EncoderConfig) -> None:
-  """Refuses a workdir whose `config.json` records other model shapes (`SHAPE_FIELDS`)."""
-  train_lib.check_saved_config(workdir, model_config, SHAPE_FIELDS)
-
-
-write_config = train_lib.write_config
-check_checkpoint_shapes = train_lib.check_checkpoint_shapes
-
-
 # -----------------------------------------------------------------------------
 # State creation
 # -----------------------------------------------------------------------------
 
 
-TrainSetup = train_lib.TrainSetup
-
-
 def make_setup(
   config: ml_collections.ConfigDict, model_config: model_lib.EncoderConfig, mesh: jax.sharding.Mesh
-) -> TrainSetup:
+) -> train_lib.TrainSetup:
   """Shapes and shardings of the state, computed abstractly (no memory used)."""
   return train_lib.make_setup(
     lambda: model_lib.PretrainingModel(model_config, rngs=nnx.Rngs(config.seed)),
@@ -389,7 +364,7 @@ def make_setup(
   )
 
 
-def init_state(config: ml_collections.ConfigDict, setup: TrainSetup) -> dict[str, Any]:
+def init_state(config: ml_collections.ConfigDict, setup: train_lib.TrainSetup) -> dict[str, Any]:
   """A fresh state, every array created directly in its shards."""
   if config.init_from_hf:
     m = config.model
@@ -460,7 +435,7 @@ def _device_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]
 
 
 def evaluate(
-  config, setup: TrainSetup, eval_fn, params, shard_dir, tokenizer, data_config
+  config, setup: train_lib.TrainSetup, eval_fn, params, shard_dir, tokenizer, data_config
 ) -> dict[str, float]:
   """Mean objectives and accuracies over the held-out split (or `eval_batches` of it)."""
   dataset = pipeline.make_pretrain_dataset(
@@ -510,11 +485,11 @@ def train_and_evaluate(
   mesh_lib.initialize_distributed()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  build_optimizer(config.optimizer, config.train_steps)  # Bad names fail before any work.
+  train_lib.build_optimizer(config.optimizer, config.train_steps)  # Bad names fail before any work.
   _data_config(config)
   shard_dir, tokenizer = prepare_data(config, workdir)
   model_config = model_config_from(config, tokenizer.get_vocab_size())
-  check_saved_config(workdir, model_config)
+  train_lib.check_saved_config(workdir, model_config, SHAPE_FIELDS)
   mesh = mesh_lib.make_mesh(
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor, axis_type="auto"
   )
@@ -533,8 +508,8 @@ def train_and_evaluate(
   )
   writer = metrics_lib.MetricsWriter(workdir)
   try:
-    check_checkpoint_shapes(ckpt, setup.abstract_state)
-    write_config(workdir, config, model_config)  # Only once the workdir is known to fit.
+    train_lib.check_checkpoint_shapes(ckpt, setup.abstract_state)
+    train_lib.write_config(workdir, config, model_config)  # Only once the workdir is known to fit.
     state, start_step, data = train_lib.resume_or_init(
       ckpt, setup.abstract_state, lambda: init_state(config, setup)
     )
@@ -570,7 +545,7 @@ def train_and_evaluate(
 
 def _train_loop(
   config,
-  setup: TrainSetup,
+  setup: train_lib.TrainSetup,
   state,
   start_step,
   train_it,

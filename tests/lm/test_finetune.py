@@ -19,6 +19,7 @@ import pytest
 
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import metrics as metrics_lib
+from apollo.common import training as train_lib
 from apollo.lm import finetune, pretrain
 from apollo.lm.configs import finetune as finetune_configs
 from apollo.lm.configs import pretrain as pretrain_configs
@@ -326,7 +327,7 @@ def test_flagfiles_parse(name):
   workdir, config = helpers.parse_flagfile("apollo/lm/configs/finetune.py:quickstart", name)
   assert workdir and config.data.dataset in finetune.DATASETS
   assert bool(config.init_from_pretrain) != bool(config.init_from_hf)
-  finetune.train_lib.build_optimizer(config.optimizer, 10)  # Valid names.
+  train_lib.build_optimizer(config.optimizer, 10)  # Valid names.
   if name != "quickstart_finetune":
     assert (config.data.max_len, config.data.batch_size, config.num_epochs) == (256, 24, 10)
     assert config.optimizer.warmup_fraction == 0.1 and config.optimizer.weight_decay == 0.01

@@ -23,6 +23,7 @@ import pytest
 
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import metrics as metrics_lib
+from apollo.common import training as train_lib
 from apollo.lm import pretrain
 from apollo.lm.configs import pretrain as pretrain_configs
 from apollo.lm.data import selection
@@ -238,5 +239,5 @@ def test_flagfiles_parse(name):
   """Every flagfile parses (as the absl main would) into a config with valid names."""
   workdir, config = helpers.parse_flagfile("apollo/lm/configs/pretrain.py:quickstart", name)
   assert workdir and config.optimizer.name == "apollo"
-  pretrain.build_optimizer(config.optimizer, config.train_steps)  # Valid names.
+  train_lib.build_optimizer(config.optimizer, config.train_steps)  # Valid names.
   assert config.data.max_len <= 256 and config.train_steps > 0
