@@ -26,7 +26,8 @@ import time
 from absl import app, flags
 
 from apollo.agents import cli as cli_lib
-from apollo.agents import research_env, service, simulated_human, storage
+from apollo.agents import service, simulated_human, storage
+from apollo.agents.envs import research as research_env
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/rollout", "Store, export and summary go here.")
 _HEADLESS = flags.DEFINE_bool("headless", False, "Run --episodes to the end and exit.")

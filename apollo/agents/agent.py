@@ -36,12 +36,12 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from apollo.agents import backends as backends_lib
 from apollo.agents import env as env_lib
 from apollo.agents import guidance as guidance_lib
 from apollo.agents import storage as storage_lib
 from apollo.agents import summarize as summarize_lib
 from apollo.agents import tokens as tokens_lib
+from apollo.agents.backends import base as backends_lib
 
 SYSTEM_PROMPT = """You are an autonomous agent working on a long task in an environment that you control through tools. A task can take many hours; use your time well.
 

@@ -65,9 +65,10 @@ import ml_collections
 from absl import logging
 
 from apollo.agents import agent as agent_lib
-from apollo.agents import backends as backends_lib
 from apollo.agents import guidance as guidance_lib
-from apollo.agents import judging, research_env, service, simulated_human, storage
+from apollo.agents import judging, service, simulated_human, storage
+from apollo.agents.envs import research as research_env
+from apollo.agents.envs import research_policy
 from apollo.models import chat_template as chat_lib
 
 VARIANTS = ("a", "b", "c", "d", "e")
@@ -273,7 +274,7 @@ def scripted_rollouts(
     store_path,
     prefix,
     seeds,
-    lambda s: backends_lib.ScriptedResearchPolicy(seed=s),
+    lambda s: research_policy.ScriptedResearchPolicy(seed=s),
     with_human,
     max_steps,
   )
@@ -342,15 +343,13 @@ class _PolicyCache:
     self.p, self._models = p, {}
 
   def agent(self, policy_dir: str, sample_seed: int):
-    from apollo.agents import (
-      flax_backend,  # pylint: disable=g-import-not-at-top
-      sft,  # pylint: disable=g-import-not-at-top
-    )
+    from apollo.agents import sft  # pylint: disable=g-import-not-at-top
+    from apollo.agents.backends import flax_policy  # pylint: disable=g-import-not-at-top
 
     if policy_dir not in self._models:
       self._models[policy_dir] = sft.load_policy(policy_dir)
     model, tokenizer = self._models[policy_dir]
-    inner = flax_backend.FlaxPolicyBackend(
+    inner = flax_policy.FlaxPolicyBackend(
       model,
       tokenizer,
       max_new_tokens=self.p.max_new_tokens,
@@ -425,7 +424,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     os.makedirs(sdir, exist_ok=True)
     collect = research_env.seeds_for("train", p.collect_episodes, _COLLECT_SEED_START + 1000 * seed)
     if p.rollout_agent == "scripted":
-      make_agent = lambda s: backends_lib.ScriptedResearchPolicy(seed=s)
+      make_agent = lambda s: research_policy.ScriptedResearchPolicy(seed=s)
     elif p.rollout_agent == "policy":
       make_agent = lambda s, seed=seed: policies.agent(base_dir, 7919 * seed + s)
     else:

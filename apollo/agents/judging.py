@@ -42,11 +42,12 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-from apollo.agents import backends as backends_lib
 from apollo.agents import guidance as guidance_lib
 from apollo.agents import labels as labels_lib
-from apollo.agents import research_env
 from apollo.agents import storage as storage_lib
+from apollo.agents.backends import base as backends_lib
+from apollo.agents.backends import openai_chat
+from apollo.agents.envs import research as research_env
 
 Label = labels_lib.Label
 KEEP = labels_lib.KEEP
@@ -673,7 +674,7 @@ class LLMJudge:
     **kwargs: Any,
   ) -> LLMJudge:
     """A judge on an OpenAI-compatible server, sampling greedily."""
-    backend = backends_lib.OpenAIChatBackend(
+    backend = openai_chat.OpenAIChatBackend(
       base_url=base_url,
       model=model,
       api_key=api_key,

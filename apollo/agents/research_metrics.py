@@ -20,7 +20,9 @@ import statistics
 import tempfile
 from typing import Any
 
-from apollo.agents import agent, backends, research_env, service, simulated_human, storage
+from apollo.agents import agent, service, simulated_human, storage
+from apollo.agents.envs import research as research_env
+from apollo.agents.envs import research_policy
 
 
 def measure(
@@ -48,7 +50,7 @@ def measure(
       result = agent.run_episode(
         sid,
         research_env.ResearchEnv(),
-        backends.ScriptedResearchPolicy(seed),
+        research_policy.ScriptedResearchPolicy(seed),
         store,
         seed,
         listeners=[human.on_step] if with_human else (),

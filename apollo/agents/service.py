@@ -60,11 +60,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from apollo.agents import agent as agent_lib
-from apollo.agents import backends as backends_lib
 from apollo.agents import env as env_lib
 from apollo.agents import guidance as guidance_lib
-from apollo.agents import research_env
 from apollo.agents import storage as storage_lib
+from apollo.agents.backends import registry as backend_registry
+from apollo.agents.envs import research as research_env
+from apollo.agents.envs import workspace as workspace_env
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_GUIDANCE_CHARS = 8000
@@ -79,8 +80,6 @@ def _research_factory(session_id: str, workdir: str, **options: Any) -> env_lib.
 
 
 def _workspace_factory(session_id: str, workdir: str, **options: Any) -> env_lib.Environment:
-  from apollo.agents import workspace_env  # pylint: disable=g-import-not-at-top
-
   return workspace_env.WorkspaceEnv(root=os.path.join(workdir, "workspaces", session_id), **options)
 
 
@@ -171,9 +170,9 @@ class SessionManager:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
       raise ApiError(400, "seed must be a non-negative integer")
     backend = spec.get("backend", "scripted")
-    if backend not in backends_lib.BACKEND_FACTORIES:
+    if backend not in backend_registry.known_backends():
       raise ApiError(
-        400, f"unknown backend {backend!r}; known: {sorted(backends_lib.BACKEND_FACTORIES)}"
+        400, f"unknown backend {backend!r}; known: {backend_registry.known_backends()}"
       )
     for key in ("env_options", "backend_options", "agent"):
       if not isinstance(spec.get(key, {}), Mapping):
@@ -226,7 +225,7 @@ class SessionManager:
       env = self.env_factories[session.env_name](
         session_id=session_id, workdir=self.workdir, **session.config["env_options"]
       )
-      backend = backends_lib.make_backend(
+      backend = backend_registry.make_backend(
         session.backend, seed=session.seed, **session.config["backend_options"]
       )
       config = agent_lib.AgentConfig(**session.config["agent"])

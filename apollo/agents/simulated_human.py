@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from apollo.agents import research_env
+from apollo.agents.envs import research as research_env
 
 SOURCE = "simulated_human"
 _LAUNCH_RE = re.compile(r"launched (r\d+) on gpu(\d) with data=(\w+) config=(\{.*?\})")

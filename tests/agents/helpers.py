@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from apollo.agents import backends
+from apollo.agents.backends import base as backends_lib
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.005) -> Any:
@@ -36,7 +36,9 @@ class GatedBackend:
     for _ in range(n):
       self.permits.release()
 
-  def complete(self, messages: Sequence[Mapping[str, str]], tools: Any) -> backends.ModelResponse:
+  def complete(
+    self, messages: Sequence[Mapping[str, str]], tools: Any
+  ) -> backends_lib.ModelResponse:
     self.entered.set()
     assert self.permits.acquire(timeout=30), "test never released the model call"
     self.calls += 1
@@ -62,7 +64,7 @@ class ListBackend:
     del tools
     self.seen.append([dict(m) for m in messages])
     text = self.responses[min(len(self.seen) - 1, len(self.responses) - 1)]
-    return backends.ModelResponse(text=text, prompt_tokens=1, completion_tokens=1)
+    return backends_lib.ModelResponse(text=text, prompt_tokens=1, completion_tokens=1)
 
   def snapshot(self):
     return {"n": len(self.seen)}

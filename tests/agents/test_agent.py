@@ -7,8 +7,10 @@ import time
 
 import pytest
 
-from apollo.agents import agent, backends, research_env, storage
+from apollo.agents import agent, storage
 from apollo.agents import guidance as guidance_lib
+from apollo.agents.envs import research as research_env
+from apollo.agents.envs import research_policy
 from tests.agents.helpers import GatedBackend, ListBackend, wait_for
 
 
@@ -76,14 +78,20 @@ def test_scripted_episodes_are_long_horizon(store):
   lengths = []
   for seed in research_env.seeds_for("train", 6):
     result = agent.run_episode(
-      f"s{seed}", research_env.ResearchEnv(), backends.ScriptedResearchPolicy(seed), store, seed
+      f"s{seed}",
+      research_env.ResearchEnv(),
+      research_policy.ScriptedResearchPolicy(seed),
+      store,
+      seed,
     )
     lengths.append(result["steps"])
   assert statistics.median(lengths) >= 50, lengths
 
 
 def test_every_step_records_exact_messages_and_metadata(store):
-  agent.run_episode("m", research_env.ResearchEnv(), backends.ScriptedResearchPolicy(2), store, 2)
+  agent.run_episode(
+    "m", research_env.ResearchEnv(), research_policy.ScriptedResearchPolicy(2), store, 2
+  )
   steps = store.get_steps("m")
   assert steps[0].messages[0]["role"] == "system"
   assert "exactly one tool call" in steps[0].messages[0]["content"]
@@ -112,7 +120,7 @@ def _start(store, backend, session_id="s", seed=0, control=None, env=None):
 
 
 def test_guidance_is_delivered_at_the_next_turn_without_blocking(store):
-  backend = GatedBackend(backends.ScriptedResearchPolicy(0))
+  backend = GatedBackend(research_policy.ScriptedResearchPolicy(0))
   rollout, thread = _start(store, backend)
   backend.release(2)
   wait_for(lambda: store.num_steps("s") == 2)
@@ -156,7 +164,7 @@ def test_observations_cannot_pose_as_the_human():
 
 
 def test_pause_blocks_the_next_turn_and_resume_continues(store):
-  backend = GatedBackend(backends.ScriptedResearchPolicy(1))
+  backend = GatedBackend(research_policy.ScriptedResearchPolicy(1))
   control = agent.SessionControl()
   _, thread = _start(store, backend, control=control)
   backend.release(3)
@@ -180,7 +188,9 @@ def test_pause_blocks_the_next_turn_and_resume_continues(store):
 def test_interrupt_stops_only_the_running_command(store):
   control = agent.SessionControl()
   env = research_env.ResearchEnv(time_scale_s=120.0)  # sleeps would take a minute
-  rollout, thread = _start(store, backends.ScriptedResearchPolicy(0), control=control, env=env)
+  rollout, thread = _start(
+    store, research_policy.ScriptedResearchPolicy(0), control=control, env=env
+  )
   wait_for(control.interrupt, timeout=10)  # true once a sleep is running
   wait_for(
     lambda: any(

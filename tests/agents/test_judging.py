@@ -14,14 +14,14 @@ import pytest
 
 from apollo.agents import (
   agent,
-  backends,
   judging,
   labels,
-  research_env,
   service,
   simulated_human,
   storage,
 )
+from apollo.agents.envs import research as research_env
+from apollo.agents.envs import research_policy
 from tests.agents.helpers import ListBackend
 
 # Seed 1: no noisy labels, learning rates above 5e-4 diverge, no GPU conflict.
@@ -230,7 +230,7 @@ def test_rules_on_a_guided_scripted_episode(store):
   agent.run_episode(
     "s",
     research_env.ResearchEnv(),
-    backends.ScriptedResearchPolicy(0),
+    research_policy.ScriptedResearchPolicy(0),
     store,
     0,
     listeners=[human.on_step],

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from apollo.agents import backends, sft
+from apollo.agents import sft
+from apollo.agents.backends import registry
 from apollo.agents.configs import sft as agent_sft_config
 from apollo.models import chat_template
 from apollo.models.llama import model as decoder
@@ -176,7 +177,7 @@ def test_sft_end_to_end_resume_equals_uninterrupted(tmp_path, tokenizer_dir):
   for x, y in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # The export is a checkpoint of the 'flax' rollout backend.
-  backend = backends.make_backend(
+  backend = registry.make_backend(
     "flax", seed=0, checkpoint=second["policy_dir"], max_new_tokens=4, prompt_bucket=32
   )
   text = backend.complete([{"role": "user", "content": "hi"}]).text

@@ -8,15 +8,15 @@ import pytest
 
 from apollo.agents import (
   agent,
-  backends,
   judging,
   labels,
-  research_env,
   service,
   sft_data,
   simulated_human,
   storage,
 )
+from apollo.agents.envs import research as research_env
+from apollo.agents.envs import research_policy
 from apollo.models import chat_template as C
 from tests.agents.helpers import ListBackend
 
@@ -172,7 +172,7 @@ def test_segments_follow_context_compression(store, template):
   agent.run_episode(
     "s",
     research_env.ResearchEnv(),
-    backends.ScriptedResearchPolicy(0),
+    research_policy.ScriptedResearchPolicy(0),
     store,
     0,
     listeners=[human.on_step],

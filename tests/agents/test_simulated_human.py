@@ -6,13 +6,13 @@ import pytest
 
 from apollo.agents import (
   agent,
-  backends,
-  research_env,
   research_metrics,
   service,
   simulated_human,
   storage,
 )
+from apollo.agents.envs import research as research_env
+from apollo.agents.envs import research_policy
 from tests.agents.helpers import ListBackend
 
 
@@ -29,7 +29,7 @@ def test_interventions_are_stored_counted_delayed_and_budgeted(store):
   agent.run_episode(
     "h",
     research_env.ResearchEnv(),
-    backends.ScriptedResearchPolicy(seed),
+    research_policy.ScriptedResearchPolicy(seed),
     store,
     seed,
     listeners=[human.on_step],

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from apollo.agents import agent, backends, research_env, storage
+from apollo.agents import agent, storage
+from apollo.agents.envs import research as research_env
+from apollo.agents.envs import research_policy
 from tests.agents.helpers import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,7 +62,9 @@ def test_step_insert_is_idempotent_and_guidance_delivered_once(store):
 
 
 def test_flags_quality_and_jsonl_export(store, tmp_path):
-  agent.run_episode("e", research_env.ResearchEnv(), backends.ScriptedResearchPolicy(4), store, 4)
+  agent.run_episode(
+    "e", research_env.ResearchEnv(), research_policy.ScriptedResearchPolicy(4), store, 4
+  )
   n = store.num_steps("e")
   assert store.set_flag("e", 3, "bad", "killed a healthy run")
   assert store.set_quality("e", 3, "bad", "judge")
@@ -162,7 +166,7 @@ def test_kill_9_mid_episode_resumes_without_loss_or_duplicates(tmp_path, human):
       agent.run_episode(
         "ref",
         research_env.ResearchEnv(),
-        backends.ScriptedResearchPolicy(session.seed),
+        research_policy.ScriptedResearchPolicy(session.seed),
         ref_store,
         session.seed,
       )
@@ -181,7 +185,9 @@ def test_kill_9_mid_episode_resumes_without_loss_or_duplicates(tmp_path, human):
 
 
 def test_messages_are_stored_once_and_prompts_rebuilt_exactly(store):
-  agent.run_episode("d", research_env.ResearchEnv(), backends.ScriptedResearchPolicy(6), store, 6)
+  agent.run_episode(
+    "d", research_env.ResearchEnv(), research_policy.ScriptedResearchPolicy(6), store, 6
+  )
   steps = store.get_steps("d")
   with sqlite3.connect(store.path) as conn:
     distinct = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]

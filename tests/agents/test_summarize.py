@@ -5,14 +5,15 @@ import re
 
 from apollo.agents import (
   agent,
-  backends,
-  research_env,
   service,
   simulated_human,
   storage,
   summarize,
 )
 from apollo.agents import guidance as guidance_lib
+from apollo.agents.backends import base as backends_lib
+from apollo.agents.envs import research as research_env
+from apollo.agents.envs import research_policy
 
 
 def _reflection_ids(summary):
@@ -63,7 +64,7 @@ def test_model_summary_is_repaired_to_one_line_per_message():
   class Sloppy:
     def complete(self, messages, tools):
       del messages, tools
-      return backends.ModelResponse(
+      return backends_lib.ModelResponse(
         "## State\nok\n- [guidance id=1] dup\n- [guidance id=1] dup", 1, 1
       )
 
@@ -80,7 +81,7 @@ def test_long_session_compresses_and_stores_summary_steps(tmp_path):
   rollout = agent.Rollout(
     "long",
     research_env.ResearchEnv(),
-    backends.ScriptedResearchPolicy(seed),
+    research_policy.ScriptedResearchPolicy(seed),
     store,
     agent.AgentConfig(context_token_threshold=3000),
     listeners=[human.on_step],

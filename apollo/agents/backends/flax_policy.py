@@ -1,15 +1,15 @@
 """The Flax policy as a rollout backend.
 
 :class:`FlaxPolicyBackend` implements the rollout loop's ``Backend`` protocol
-(:mod:`apollo.agents.backends`: ``complete(messages, tools) -> ModelResponse``,
+(:mod:`apollo.agents.backends.base`: ``complete(messages, tools) -> ModelResponse``,
 ``snapshot``, ``restore``) and its ``TextGenerator`` protocol (``generate(messages)
 -> (text, prompt_tokens, completion_tokens)``). Each turn it renders the messages
 with the ChatML template (:mod:`apollo.models.chat_template`), samples with the KV
-cache (:func:`apollo.models.llama.model.generate`) until ``<|im_end|>``, and decodes
-the text. Importing this module registers it as backend ``'flax'``::
+cache (:func:`apollo.models.llama.sampling.generate`) until ``<|im_end|>``, and decodes
+the text. It is backend ``'flax'`` of the registry (loaded on first use)::
 
-    from apollo.agents import backends, flax_backend  # noqa: F401 (registers 'flax')
-    backend = backends.make_backend('flax', seed=0, checkpoint='/data/Qwen2-0.5B-Instruct',
+    from apollo.agents.backends import registry
+    backend = registry.make_backend('flax', seed=0, checkpoint='/data/Qwen2-0.5B-Instruct',
                                     temperature=0.6, max_new_tokens=512)
 
 Sampling randomness is ``fold_in(key(seed), turn)``, and the turn counter is the
@@ -31,8 +31,9 @@ import numpy as np
 import tokenizers
 from flax import nnx
 
-from apollo.agents import backends as backends_lib
 from apollo.agents import guidance as guidance_lib
+from apollo.agents.backends import base as backends_lib
+from apollo.agents.backends import registry
 from apollo.models import chat_template as chat_lib
 from apollo.models.llama import model as decoder_lib
 from apollo.models.llama import params as llama_params
@@ -171,4 +172,4 @@ def make_flax_backend(
   return FlaxPolicyBackend(model, tok, seed=seed, **options)
 
 
-backends_lib.register_backend("flax", make_flax_backend)
+registry.register_backend("flax", make_flax_backend)

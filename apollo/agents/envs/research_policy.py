@@ -1,224 +1,33 @@
-"""Model backends: what turns a chat context into the next response.
+"""A scripted policy for the research environment: a plausible but untrained agent.
 
-A backend takes the exact list of chat messages and returns the text of the next
-assistant message plus token counts. Three kinds:
+Tests, demos, the scripted baseline measurement and the data-collection side of
+the comparison need an agent that behaves like an untrained model on
+`research.ResearchEnv`: impatient with flat losses, keeping default
+hyperparameters, skipping label filtering, using the first GPU, and following
+human guidance when it gets some. `ScriptedResearchPolicy` is that agent, behind
+the same `Backend` protocol as a served model. Like a model, it acts only on what
+the messages say: it reads the observations' text and the guidance it is shown.
 
-- `OpenAIChatBackend`: any OpenAI-compatible `/chat/completions` server (vLLM or
-  SGLang serving GLM-4.5, Qwen, ...), over the standard library's `urllib`, with
-  timeouts and retries.
-- `LocalPolicyBackend`: wraps an in-process text generator. It is the hook for the
-  project's own Flax policy: anything with `generate(messages) -> (text,
-  prompt_tokens, completion_tokens)` plugs in, and `register_backend` makes it
-  selectable by name.
-- `ScriptedResearchPolicy`: a hand-written policy for the research environment,
-  used by tests, demos and the environment-property measurements. It behaves like a
-  plausible but untrained agent (impatient with flat losses, keeps default
-  hyperparameters, skips label filtering, uses the first GPU) and follows human
-  guidance when it gets some.
-
-Backends may keep state between turns; `snapshot` / `restore` save it with every
-step so a resumed rollout continues with the same policy state.
+Its state is its snapshot, saved with every step, so a resumed rollout continues
+with the same plans; its random draws are hashes of (seed, turn), so an episode is
+a pure function of its seed and the guidance it received.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import math
-import os
 import re
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from apollo.agents import env as env_lib
 from apollo.agents import guidance as guidance_lib
 from apollo.agents import tokens as tokens_lib
-
-Messages = Sequence[Mapping[str, str]]
-
-
-@dataclasses.dataclass
-class ModelResponse:
-  """The model's answer to one context."""
-
-  text: str
-  prompt_tokens: int
-  completion_tokens: int
-  raw: dict[str, Any] | None = None  # the server's full JSON answer, when there is one
-
-
-class Backend(Protocol):
-  """What the agent loop needs from a model."""
-
-  name: str
-
-  def complete(self, messages: Messages, tools: Sequence[env_lib.ToolSpec]) -> ModelResponse: ...
-
-  def snapshot(self) -> dict[str, Any]: ...
-
-  def restore(self, state: Mapping[str, Any]) -> None: ...
-
-
-class BackendError(RuntimeError):
-  """The model could not be reached or answered garbage after all retries."""
-
-
-# --------------------------------------------------------------------------- OpenAI
-
-
-class OpenAIChatBackend:
-  """Client of an OpenAI-compatible chat-completions endpoint (stdlib only).
-
-  Retries connection errors, timeouts, HTTP 408/409/429 and 5xx with exponential
-  backoff (honouring `Retry-After`); other 4xx answers fail at once because
-  retrying cannot fix them. If the server returns native `tool_calls`, they are
-  rewritten into the loop's JSON action format so one parser serves every backend.
-  """
-
-  name = "openai"
-
-  def __init__(
-    self,
-    base_url: str,
-    model: str,
-    api_key: str | None = None,
-    timeout_s: float = 300.0,
-    max_retries: int = 4,
-    backoff_s: float = 1.0,
-    temperature: float = 0.6,
-    max_tokens: int = 4096,
-    extra_body: Mapping[str, Any] | None = None,
-  ):
-    self.url = base_url.rstrip("/") + "/chat/completions"
-    self.model = model
-    self.api_key = api_key
-    self.timeout_s = timeout_s
-    self.max_retries = max_retries
-    self.backoff_s = backoff_s
-    self.temperature = temperature
-    self.max_tokens = max_tokens
-    self.extra_body = dict(extra_body or {})
-
-  def complete(self, messages: Messages, tools: Sequence[env_lib.ToolSpec]) -> ModelResponse:
-    del tools  # described in the system prompt; the JSON action format is server-agnostic
-    body = {
-      "model": self.model,
-      "messages": [dict(m) for m in messages],
-      "temperature": self.temperature,
-      "max_tokens": self.max_tokens,
-      **self.extra_body,
-    }
-    data = json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    if self.api_key:
-      headers["Authorization"] = f"Bearer {self.api_key}"
-    last_error = "no attempt"
-    for attempt in range(self.max_retries + 1):
-      if attempt:
-        time.sleep(min(30.0, self.backoff_s * 2 ** (attempt - 1)))
-      request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-      try:
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
-          answer = json.loads(reply.read().decode())
-        return self._parse(answer, messages)
-      except urllib.error.HTTPError as e:
-        detail = e.read().decode(errors="replace")[:500]
-        last_error = f"HTTP {e.code}: {detail}"
-        if e.code not in (408, 409, 429) and e.code < 500:
-          raise BackendError(last_error) from e
-        retry_after = e.headers.get("Retry-After") if e.headers else None
-        if retry_after and retry_after.isdigit():
-          time.sleep(min(30.0, float(retry_after)))
-      except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        last_error = f"{type(e).__name__}: {e}"
-      except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-        last_error = f"malformed answer: {type(e).__name__}: {e}"
-    raise BackendError(f"{self.url}: giving up after {self.max_retries + 1} attempts: {last_error}")
-
-  def _parse(self, answer: Mapping[str, Any], messages: Messages) -> ModelResponse:
-    message = answer["choices"][0]["message"]
-    text = message.get("content") or ""
-    for call in message.get("tool_calls") or ():
-      fn = call["function"]
-      try:
-        arguments = json.loads(fn.get("arguments") or "{}")
-      except json.JSONDecodeError:
-        arguments = fn.get("arguments")
-      text += "\n" + json.dumps({"tool": fn["name"], "arguments": arguments})
-    usage = answer.get("usage") or {}
-    return ModelResponse(
-      text=text,
-      prompt_tokens=int(usage.get("prompt_tokens") or tokens_lib.count_message_tokens(messages)),
-      completion_tokens=int(usage.get("completion_tokens") or tokens_lib.approx_token_count(text)),
-      raw=dict(answer),
-    )
-
-  def snapshot(self) -> dict[str, Any]:
-    return {}
-
-  def restore(self, state: Mapping[str, Any]) -> None:
-    del state
-
-
-# --------------------------------------------------------------------------- local
-
-
-class TextGenerator(Protocol):
-  """An in-process policy (the project's Flax policy implements this)."""
-
-  def generate(self, messages: Messages) -> tuple[str, int, int]:
-    """Returns (response text, prompt tokens, completion tokens)."""
-
-
-class LocalPolicyBackend:
-  """Adapts an in-process `TextGenerator` to the `Backend` protocol."""
-
-  def __init__(self, generator: TextGenerator, name: str = "local"):
-    self.generator = generator
-    self.name = name
-
-  def complete(self, messages: Messages, tools: Sequence[env_lib.ToolSpec]) -> ModelResponse:
-    del tools
-    text, prompt_tokens, completion_tokens = self.generator.generate(messages)
-    return ModelResponse(
-      text=text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
-    )
-
-  def snapshot(self) -> dict[str, Any]:
-    return {}
-
-  def restore(self, state: Mapping[str, Any]) -> None:
-    del state
-
-
-# name -> factory(seed, options) -> Backend. Filled below and by later modules
-# (e.g. the Flax policy registers 'flax').
-BACKEND_FACTORIES: dict[str, Callable[..., Backend]] = {}
-
-
-def register_backend(name: str, factory: Callable[..., Backend]) -> None:
-  """Makes `factory(seed=..., **options)` selectable as backend `name`."""
-  BACKEND_FACTORIES[name] = factory
-
-
-# Backends with heavy imports (jax, flax) register themselves when first asked for.
-_LAZY_BACKENDS = {"flax": "apollo.agents.flax_backend"}
-
-
-def make_backend(name: str, seed: int, **options: Any) -> Backend:
-  if name not in BACKEND_FACTORIES and name in _LAZY_BACKENDS:
-    importlib.import_module(_LAZY_BACKENDS[name])
-  if name not in BACKEND_FACTORIES:
-    raise ValueError(f"unknown backend {name!r}; known: {sorted(BACKEND_FACTORIES)}")
-  return BACKEND_FACTORIES[name](seed=seed, **options)
-
-
-# --------------------------------------------------------------------------- scripted
+from apollo.agents.backends import base as backends_lib
 
 
 def _rand(*key: Any) -> float:
@@ -301,7 +110,7 @@ class ScriptedResearchPolicy:
     self.state = _PolicyState(**state)
 
   # ------------------------------------------------------------------ observe
-  def _observe(self, messages: Messages) -> None:
+  def _observe(self, messages: backends_lib.Messages) -> None:
     """Updates the state from the messages that arrived since its last turn."""
     s = self.state
     new: list[Mapping[str, str]] = []
@@ -440,7 +249,9 @@ class ScriptedResearchPolicy:
     s.plan = [{"tool": "launch_run", "arguments": {"gpu": gpu, "data": data}}]
     return {"tool": "set_config", "arguments": {"key": "learning_rate", "value": lr}}
 
-  def complete(self, messages: Messages, tools: Sequence[env_lib.ToolSpec]) -> ModelResponse:
+  def complete(
+    self, messages: backends_lib.Messages, tools: Sequence[env_lib.ToolSpec]
+  ) -> backends_lib.ModelResponse:
     del tools
     if self.latency_s:
       time.sleep(self.latency_s)  # stands in for model time in demos and benchmarks
@@ -455,7 +266,7 @@ class ScriptedResearchPolicy:
       call = call[:-2]  # a truncated, unparseable call
       s.last_action = None
     text = f"{thought}\n{call}"
-    return ModelResponse(
+    return backends_lib.ModelResponse(
       text=text,
       prompt_tokens=tokens_lib.count_message_tokens(messages),
       completion_tokens=tokens_lib.approx_token_count(text),
@@ -477,16 +288,3 @@ _THOUGHTS = {
   "finish": "Done.",
   "kill_run": "Stopping this run.",
 }
-
-
-register_backend("scripted", lambda seed, **kw: ScriptedResearchPolicy(seed=seed, **kw))
-
-
-def _openai_factory(seed: int, api_key_env: str | None = None, **options: Any) -> OpenAIChatBackend:
-  # Keys are read from the environment at start-up and never stored with a session.
-  del seed
-  key = os.environ.get(api_key_env) if api_key_env else None
-  return OpenAIChatBackend(api_key=key, **options)
-
-
-register_backend("openai", _openai_factory)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible client against a fake local server; backend registry."""
+"""The OpenAI-compatible client against a fake local server."""
 
 import http.server
 import json
@@ -6,7 +6,9 @@ import threading
 
 import pytest
 
-from apollo.agents import agent, backends
+from apollo.agents import agent
+from apollo.agents.backends import base as backends_lib
+from apollo.agents.backends import openai_chat
 
 
 class _FakeServer(http.server.ThreadingHTTPServer):
@@ -70,7 +72,7 @@ def test_openai_client_retries_then_succeeds(fake):
       _ok('ok {"tool": "sleep", "arguments": {"hours": 0.5}}'),
     ]
   )
-  client = backends.OpenAIChatBackend(
+  client = openai_chat.OpenAIChatBackend(
     f"http://127.0.0.1:{server.server_address[1]}/v1",
     model="glm-4.5",
     api_key="k",
@@ -90,24 +92,24 @@ def test_openai_client_retries_then_succeeds(fake):
 
 def test_openai_client_does_not_retry_client_errors(fake):
   server = fake([(400, {"error": "bad request"})])
-  client = backends.OpenAIChatBackend(
+  client = openai_chat.OpenAIChatBackend(
     f"http://127.0.0.1:{server.server_address[1]}/v1", model="m", backoff_s=0.01, timeout_s=5
   )
-  with pytest.raises(backends.BackendError, match="HTTP 400"):
+  with pytest.raises(backends_lib.BackendError, match="HTTP 400"):
     client.complete([{"role": "user", "content": "x"}], ())
   assert len(server.requests) == 1
 
 
 def test_openai_client_gives_up_after_retries(fake):
   server = fake([])  # always 500
-  client = backends.OpenAIChatBackend(
+  client = openai_chat.OpenAIChatBackend(
     f"http://127.0.0.1:{server.server_address[1]}/v1",
     model="m",
     backoff_s=0.01,
     max_retries=2,
     timeout_s=5,
   )
-  with pytest.raises(backends.BackendError, match="3 attempts"):
+  with pytest.raises(backends_lib.BackendError, match="3 attempts"):
     client.complete([{"role": "user", "content": "x"}], ())
 
 
@@ -118,24 +120,10 @@ def test_native_tool_calls_become_the_json_action_format(fake):
     "function": {"name": "check_run", "arguments": '{"run_id": "r1"}'},
   }
   server = fake([_ok(None, [call])])
-  client = backends.OpenAIChatBackend(
+  client = openai_chat.OpenAIChatBackend(
     f"http://127.0.0.1:{server.server_address[1]}", model="m", timeout_s=5
   )
   action, error = agent.parse_tool_call(
     client.complete([{"role": "user", "content": "x"}], ()).text
   )
   assert error is None and action.tool == "check_run" and action.arguments == {"run_id": "r1"}
-
-
-def test_registry_and_local_policy_hook():
-  class Echo:
-    def generate(self, messages):
-      return '{"tool": "finish", "arguments": {}}', len(messages), 5
-
-  backends.register_backend("echo-test", lambda seed, **kw: backends.LocalPolicyBackend(Echo()))
-  backend = backends.make_backend("echo-test", seed=0)
-  reply = backend.complete([{"role": "user", "content": "x"}], ())
-  assert reply.completion_tokens == 5
-  with pytest.raises(ValueError, match="unknown backend"):
-    backends.make_backend("nope", seed=0)
-  backends.BACKEND_FACTORIES.pop("echo-test")

@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
-from apollo.agents import agent, storage, workspace_env
+from apollo.agents import agent, storage
 from apollo.agents import env as env_lib
+from apollo.agents.envs import workspace as workspace_env
 from tests.agents.helpers import ListBackend, wait_for
 
 
