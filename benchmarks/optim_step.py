@@ -27,6 +27,13 @@ adamw's (three arrays per parameter against two); no full-size temporaries
     python -m benchmarks.optim_step --size=gpu350m        # on a GPU
     python -m benchmarks.optim_step --optimizers=apollo,apollo_separate_sums,adamw \
         --json_out=/tmp/optim_step.json
+
+The measured tables are in the README ("Speed and memory").
+
+References:
+  X. Ma, "Apollo: An Adaptive Parameter-wise Diagonal Quasi-Newton Method for
+  Nonconvex Stochastic Optimization", arXiv 2009.13586, 2020; reference
+  implementation github.com/XuezheMax/apollo.
 """
 
 from __future__ import annotations

@@ -1,11 +1,15 @@
 """The reference PyTorch Apollo step, restated for speed comparisons only.
 
-A `torch.optim.Optimizer` written from the algorithm in specs/optim.md (the
-sigma = 0.01 reference, github.com/XuezheMax/apollo optim/apollo.py) in the
+A `torch.optim.Optimizer` written from the author's reference implementation
+(github.com/XuezheMax/apollo, optim/apollo.py, the sigma = 0.01 version) in the
 reference's own style: one tensor at a time, in-place torch ops, one host sync per
 tensor for 'stable' decay. `benchmarks/optim_step.py` times it against the JAX
 `apollo`; torch is not a dependency of this project and this module is imported
 only when `import torch` works.
+
+References:
+  X. Ma, "Apollo: An Adaptive Parameter-wise Diagonal Quasi-Newton Method for
+  Nonconvex Stochastic Optimization", arXiv 2009.13586, 2020.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Safety:
   moved aside to `<step>.corrupt` (never deleted), and the previous one is used.
   If checkpoints exist but none restores, that is an error, never a silent fresh
   start.
+
+See orbax's checkpointing guide (orbax.readthedocs.io) for the manager and its args.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pieces shared by every trainer (`lm/pretrain.py`, `lm/finetune.py`, `agents/sft.py`).
+"""Pieces shared by every trainer (APOLLO pretraining and fine-tuning, agent SFT).
 
 * the optimizer named by a config (`build_optimizer`: Apollo, AdamW, Adam or SGD
   after global-norm clipping), its learning-rate schedule and the weight-decay
@@ -15,6 +15,9 @@
   (`LateMetrics`, so the host never waits on the device between steps),
   evaluation, checkpoints and SIGTERM. Each trainer supplies its batches, its
   metric summaries and its evaluation as callbacks.
+
+The shape (pure module-level steps, resumable `train_and_evaluate(config, workdir)`)
+is that of the Flax examples (github.com/google/flax/tree/main/examples).
 """
 
 from __future__ import annotations

@@ -38,6 +38,12 @@ per question), and for ReClor's test split the leaderboard file
 `reclor_test_predictions.json` (a list of indices in `id_string` order). At the
 end, `results.json` holds the last evaluation and the evaluation at the step of
 best validation accuracy.
+
+References:
+  S. Sanyal et al., "APOLLO: A Simple Approach for Adaptive Pretraining of Language
+  Models for Logical Reasoning", ACL 2023.
+  The recipe is HF transformers' `RobertaForMultipleChoice` (the pooled first token,
+  one score per option) and its example examples/pytorch/multiple-choice/run_swag.py.
 """
 
 from __future__ import annotations

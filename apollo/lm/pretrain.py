@@ -28,13 +28,19 @@ Loss (weights are OUR documented defaults): the S-MLM cross-entropy averaged ove
 the target tokens of the batch, plus `ecls_weight` times the E-CLS cross-entropy
 averaged over the (non-padding) examples. `config.objective='mlm'` is the plain
 MLM baseline instead: random 15% token masking over all tokens, no E-CLS
-(weight 0; see `pretrain_data`), on the same sentences. S-MLM logits are computed only at the
+(weight 0; see `data.pipeline`), on the same sentences. S-MLM logits are computed only at the
 `mlm_max_predictions` target positions of each row (no [B, L, vocab] matmul).
 
 Logged (metrics.jsonl, TensorBoard, the progress line): loss, mlm_loss, mlm_acc,
 ecls_loss, ecls_acc, learning_rate, grad_norm (before clipping), update_norm,
 tokens_per_s (padded tokens, B * L, per second), mlm_dropped_targets; eval:
 mlm_loss, mlm_acc, ecls_loss, ecls_acc and E-CLS accuracy per perturbation kind.
+
+References:
+  S. Sanyal et al., "APOLLO: A Simple Approach for Adaptive Pretraining of Language
+  Models for Logical Reasoning", ACL 2023.
+  The trainer's shape follows the Flax examples (github.com/google/flax/tree/main/examples);
+  the model is HF transformers' RoBERTa (`apollo.models.roberta`).
 """
 
 from __future__ import annotations
@@ -172,7 +178,7 @@ def train_step(
 
   Args:
     state: {'params': pure dict, 'opt_state', 'step': int32, 'rng': uint32 key}.
-    batch: device arrays of `pretrain_data` (keys in `_DEVICE_KEYS`).
+    batch: device arrays of `data.pipeline` (keys in `_DEVICE_KEYS`).
     graphdef, optimizer, lr_schedule, ecls_weight, max_predictions: static, bound
       with functools.partial before `jax.jit`.
 

@@ -15,6 +15,11 @@ cross-device reductions and the answer does not change.
 Composition follows optax: `scale_by_apollo` produces the direction `d` (including
 decoupled or stable weight decay, because `d` feeds the next curvature update), and
 `apollo` chains it with the built-in linear warmup and the learning rate.
+
+References:
+  X. Ma, "Apollo: An Adaptive Parameter-wise Diagonal Quasi-Newton Method for
+  Nonconvex Stochastic Optimization", arXiv 2009.13586, 2020; reference
+  implementation github.com/XuezheMax/apollo.
 """
 
 from __future__ import annotations

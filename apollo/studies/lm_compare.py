@@ -17,8 +17,12 @@ WORKDIR/comparison.png (accuracy per variant: mean +- std and each seed).
 Every run is resumable in its own sub-workdir; finished runs are skipped, so
 rerunning the command after an interruption continues where it stopped.
 
-Sizes (flags): the defaults take about 20-25 minutes on 2 CPU cores.
-`--smoke` is the tiniest version (tests).
+Sizes: the flags of `experiments/lm_compare.py` (the README gives the time the
+defaults take); `--smoke` is the tiniest version (tests).
+
+References:
+  S. Sanyal et al., "APOLLO: A Simple Approach for Adaptive Pretraining of Language
+  Models for Logical Reasoning", ACL 2023.
 """
 
 from __future__ import annotations

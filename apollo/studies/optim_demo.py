@@ -20,6 +20,11 @@ epoch), each with a cosine decay of the peak rate over the whole run:
 The entry point is `experiments/optim_demo.py`:
 
     python -m experiments.optim_demo --flagfile=experiments/flags/optim_demo.flags
+
+References:
+  X. Ma, "Apollo: An Adaptive Parameter-wise Diagonal Quasi-Newton Method for
+  Nonconvex Stochastic Optimization", arXiv 2009.13586, 2020; the CIFAR-10 settings
+  of the reference implementation, github.com/XuezheMax/apollo.
 """
 
 from __future__ import annotations

@@ -1,8 +1,13 @@
-"""A float64 NumPy restatement of the reference Apollo step (specs/optim.md).
+"""A float64 NumPy restatement of the reference Apollo step.
 
-Written line by line from the spec's pseudo-code, deliberately naive (one tensor at
-a time, no fusion, the reference's own order of operations) so that it can serve
-as the oracle for `apollo.optim`.
+Written line by line from the author's reference PyTorch implementation
+(github.com/XuezheMax/apollo, optim/apollo.py, the sigma = 0.01 version),
+deliberately naive (one tensor at a time, no fusion, the reference's own order of
+operations) so that it can serve as the oracle for `apollo.optim`.
+
+References:
+  X. Ma, "Apollo: An Adaptive Parameter-wise Diagonal Quasi-Newton Method for
+  Nonconvex Stochastic Optimization", arXiv 2009.13586, 2020.
 """
 
 import numpy as np

@@ -1,6 +1,6 @@
 r"""Configs of the multiple-choice fine-tuning trainer (`apollo/lm/finetune.py`), with presets.
 
-Launch (after the quickstart pretraining, `make demo`; a few minutes on a 2-core CPU)::
+Launch (after the quickstart pretraining, `make demo`; on a CPU)::
 
   python -m experiments.finetune --flagfile=experiments/flags/quickstart_finetune.flags
 

@@ -1,7 +1,7 @@
 r"""Configs of the APOLLO pretraining trainer (`apollo/lm/pretrain.py`), with presets.
 
-Launch (the README's main command; a tiny model on the embedded generated corpus,
-about five minutes on a 2-core CPU)::
+Launch (the README's main command: a tiny model on the embedded generated corpus, on
+a CPU)::
 
   python -m experiments.pretrain --flagfile=experiments/flags/quickstart.flags
 

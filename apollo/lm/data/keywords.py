@@ -2,8 +2,8 @@
 
 APOLLO keeps only the sentences of a corpus that contain a logical-inference
 keyword (Sanyal et al., 2023, Sec. 3). The paper's exact list could not be
-checked, so `DEFAULT_KEYWORD_GROUPS` below is OUR documented choice, taken from the
-project spec: five groups (conclusion, premise, conditional, contrast, negation).
+checked, so `DEFAULT_KEYWORD_GROUPS` below is OUR documented choice: five groups
+(conclusion, premise, conditional, contrast, negation).
 The group a keyword belongs to is kept as metadata with every selected sentence,
 so the corpus can be analysed or re-balanced per group later.
 
@@ -16,6 +16,10 @@ Example::
   matcher = KeywordMatcher()
   [m.keyword for m in matcher.find("If it rains, the match is NOT played.")]
   # ['if', 'not']
+
+References:
+  S. Sanyal et al., "APOLLO: A Simple Approach for Adaptive Pretraining of Language
+  Models for Logical Reasoning", ACL 2023.
 """
 
 from __future__ import annotations

@@ -18,6 +18,13 @@ A sentence whose candidate tokens are fewer than the budget gets all of them
 (possibly none) and is flagged `too_few_candidates`: there is no silent
 fallback to random non-candidate tokens; the pipeline reports the flag per
 example so the trainer can count it.
+
+References:
+  S. Sanyal et al., "APOLLO: A Simple Approach for Adaptive Pretraining of Language
+  Models for Logical Reasoning", ACL 2023.
+  J. Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers for
+  Language Understanding", NAACL 2019 (the 80/10/10 rule; whole-word masking as in
+  github.com/google-research/bert, create_pretraining_data.py).
 """
 
 from __future__ import annotations

@@ -3,8 +3,7 @@
 APOLLO's second objective classifies sentences as entailment-type (label 0, the
 sentence as found in the corpus) or contradiction-type (label 1, a perturbed
 copy). The paper's exact construction could not be checked; these three
-perturbations are OUR documented choice (from the project spec), each of which
-can be switched off:
+perturbations are OUR documented choice, each of which can be switched off:
 
 * `negation`: negate the main clause. The main clause is taken to start after
   the first comma when the sentence opens with a subordinator ("Because ..., ",
@@ -24,6 +23,10 @@ All rules read a `TaggedSentence` (text, words with spans, Penn tags, keyword
 matches) and return the new text, or None where the rule does not apply. They are
 heuristics over surface forms: a fraction of their outputs is clumsy English,
 which is acceptable for a classification signal but is worth knowing.
+
+References:
+  S. Sanyal et al., "APOLLO: A Simple Approach for Adaptive Pretraining of Language
+  Models for Logical Reasoning", ACL 2023.
 """
 
 from __future__ import annotations

@@ -52,6 +52,11 @@ Multi-host: call with `shard_index=jax.process_index(),
 shard_count=jax.process_count()`; each host reads a disjoint slice of the
 shuffled example order (`MapDataset` slicing), so global batches are
 `shard_count * batch_size` examples.
+
+References:
+  S. Sanyal et al., "APOLLO: A Simple Approach for Adaptive Pretraining of Language
+  Models for Logical Reasoning", ACL 2023.
+  grain's MapDataset guide (google-grain.readthedocs.io).
 """
 
 from __future__ import annotations

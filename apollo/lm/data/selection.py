@@ -56,6 +56,12 @@ the directory; `merge_counts` sums the per-host counts.
 OUR choices (documented defaults): sentences shorter than `min_words` words or
 longer than `max_chars` characters are dropped before matching (fragments and
 splitter failures); a sentence counts once for each group it matches.
+
+References:
+  S. Sanyal et al., "APOLLO: A Simple Approach for Adaptive Pretraining of Language
+  Models for Logical Reasoning", ACL 2023.
+  N. Sadvilkar and M. Neumann, "PySBD: Pragmatic Sentence Boundary Disambiguation",
+  NLP-OSS 2020 (github.com/nipunsadvilkar/pySBD).
 """
 
 from __future__ import annotations

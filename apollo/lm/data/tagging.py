@@ -18,6 +18,9 @@ to `(word, Penn Treebank tag)` pairs. Two implementations:
 
 `word_tokenize` splits a sentence into Penn-Treebank-like words with their
 character spans, so masking can map words onto subword tokens by offsets.
+
+References: the tagger of github.com/sloria/textblob-aptagger (M. Honnibal, "A Good
+Part-of-Speech Tagger in about 200 Lines of Python", 2013).
 """
 
 from __future__ import annotations

@@ -36,15 +36,19 @@ options use only words the context uses and never repeat a meaning;
 distractors share the answer's form (about an individual, or general);
 complementary pairs appear among distractors as often as around the answer; a
 light adversarial filter redraws option sets whose answer is the one sharing
-most words with the others; the answer position is balanced exactly. On 2,000
-examples, longest / shortest option, most word overlap with the context and
-most overlap with the other options all score 20-27% (tests check < 40%).
+most words with the others; the answer position is balanced exactly. The tests
+check that picking the longest / shortest option, the one with most word overlap
+with the context or with the other options scores under 40% (chance is 25%; the
+README gives the measured rates).
 
 Usage:
 
     splits = generate_splits({"train": 2000, "validation": 500, "test": 500})
     write_reclor_format("/tmp/logic_mc", {"train": 2000, ...})
     apollo.lm.datasets.multiple_choice.read_reclor("/tmp/logic_mc/val.json")
+
+References: the format and question types follow ReClor (W. Yu et al., "ReClor: A
+Reading Comprehension Dataset Requiring Logical Reasoning", ICLR 2020).
 """
 
 from __future__ import annotations

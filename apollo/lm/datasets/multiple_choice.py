@@ -25,6 +25,14 @@ list then says how many it dropped (`.skipped`) and why (`.errors`):
 
 The multiple-choice recipe (`choice_texts`) and the ReClor leaderboard helpers
 (`reclor_test_subsets`, `write_reclor_predictions`) live here too.
+
+References:
+  W. Yu et al., "ReClor: A Reading Comprehension Dataset Requiring Logical
+  Reasoning", ICLR 2020 (whyu.me/reclor, github.com/yuweihao/reclor).
+  J. Liu et al., "LogiQA: A Challenge Dataset for Machine Reading Comprehension with
+  Logical Reasoning", IJCAI 2020 (github.com/lgw863/LogiQA-dataset).
+  H. Liu et al., "LogiQA 2.0: An Improved Dataset for Logical Reasoning in Natural
+  Language Understanding", IEEE/ACM TASLP 2023 (github.com/csitfun/LogiQA2.0).
 """
 
 from __future__ import annotations
