@@ -25,7 +25,10 @@ import tempfile
 import threading
 import time
 
-from apollo.agents import cli, service, storage
+from apollo.agents import storage
+from apollo.agents.service import client as client_lib
+from apollo.agents.service import http_api
+from apollo.agents.service import manager as manager_lib
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -36,9 +39,9 @@ def _pct(values: list[float], q: float) -> float:
 def run(sessions: int, model_latency_s: float, max_steps: int, guidance_interval_s: float) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     store = storage.SQLiteStore(os.path.join(tmp, "bench.sqlite"))
-    manager = service.SessionManager(store, workdir=tmp)
-    server = service.RolloutHTTPServer(manager, "127.0.0.1", 0).start()
-    client = cli.HttpClient(server.url)
+    manager = manager_lib.SessionManager(store, workdir=tmp)
+    server = http_api.RolloutHTTPServer(manager, "127.0.0.1", 0).start()
+    client = client_lib.HttpClient(server.url)
     began = time.perf_counter()
     ids = [
       client.create_session(
@@ -59,7 +62,7 @@ def run(sessions: int, model_latency_s: float, max_steps: int, guidance_interval
         try:
           reply = client.send_guidance(sid, "Keep monitoring the run; report progress.")
           sent[reply["guidance"]["guidance_id"]] = t0
-        except cli.ApiClientError:
+        except manager_lib.ApiError:
           pass  # that session already finished
         stop.wait(guidance_interval_s)
 

@@ -25,9 +25,11 @@ import time
 
 from absl import app, flags
 
-from apollo.agents import cli as cli_lib
-from apollo.agents import service, simulated_human, storage
+from apollo.agents import simulated_human, storage
 from apollo.agents.envs import research as research_env
+from apollo.agents.service import client as client_lib
+from apollo.agents.service import http_api
+from apollo.agents.service import manager as manager_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/rollout", "Store, export and summary go here.")
 _HEADLESS = flags.DEFINE_bool("headless", False, "Run --episodes to the end and exit.")
@@ -127,9 +129,11 @@ def _summarise(store: storage.SQLiteStore, session_ids: list[str]) -> dict:
 
 
 def run_headless(
-  store: storage.SQLiteStore, manager: service.SessionManager, server: service.RolloutHTTPServer
+  store: storage.SQLiteStore,
+  manager: manager_lib.SessionManager,
+  server: http_api.RolloutHTTPServer,
 ) -> dict:
-  client = cli_lib.HttpClient(server.url, _TOKEN.value)
+  client = client_lib.HttpClient(server.url, _TOKEN.value)
   specs = [_session_spec(i) for i in range(_EPISODES.value)]
   ids = [s["session_id"] for s in specs]
   resumed = manager.resume_unfinished()
@@ -175,9 +179,9 @@ def main(argv: list[str]) -> None:
   os.makedirs(_WORKDIR.value, exist_ok=True)
   token = _TOKEN.value or os.environ.get("APOLLO_TOKEN") or None
   store = storage.SQLiteStore(os.path.join(_WORKDIR.value, "trajectories.sqlite"))
-  manager = service.SessionManager(store, workdir=_WORKDIR.value)
+  manager = manager_lib.SessionManager(store, workdir=_WORKDIR.value)
   if _HEADLESS.value:
-    server = service.RolloutHTTPServer(manager, "127.0.0.1", 0, token=token).start()
+    server = http_api.RolloutHTTPServer(manager, "127.0.0.1", 0, token=token).start()
     try:
       summary = run_headless(store, manager, server)
     finally:
@@ -190,7 +194,7 @@ def main(argv: list[str]) -> None:
     )
     print(f"store: {store.path}\nexport: {os.path.join(_WORKDIR.value, 'trajectories.jsonl')}")
     return
-  server = service.RolloutHTTPServer(manager, _HOST.value, _PORT.value, token=token).start()
+  server = http_api.RolloutHTTPServer(manager, _HOST.value, _PORT.value, token=token).start()
   resumed = manager.resume_unfinished()
   for i in range(_EPISODES.value):
     spec = _session_spec(i)
@@ -199,7 +203,7 @@ def main(argv: list[str]) -> None:
   stop = threading.Event()
   if _SIMULATED_HUMAN.value:
     human = simulated_human.SimulatedHuman(
-      service.LocalClient(manager),
+      client_lib.LocalClient(manager),
       delay_steps=_HUMAN_DELAY_STEPS.value,
       delay_s=_HUMAN_DELAY_S.value,
       budget=_HUMAN_BUDGET.value,
@@ -210,10 +214,10 @@ def main(argv: list[str]) -> None:
   url = server.url + "/"
   print(
     f"Apollo rollout console: {url}"
-    + (f"?token={token}" if token and not service.is_loopback(_HOST.value) else "")
+    + (f"?token={token}" if token and not http_api.is_loopback(_HOST.value) else "")
   )
   print(f"resumed: {resumed or 'none'}; sessions: {[s.session_id for s in store.list_sessions()]}")
-  print(f"CLI: python -m apollo.agents.cli --url {server.url} list   (Ctrl-C to stop)", flush=True)
+  print(f"CLI: python -m apollo.agents.service.cli --url {server.url} list   (Ctrl-C to stop)", flush=True)
   signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` stops cleanly too
   try:
     while True:

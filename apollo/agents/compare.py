@@ -66,9 +66,10 @@ from absl import logging
 
 from apollo.agents import agent as agent_lib
 from apollo.agents import guidance as guidance_lib
-from apollo.agents import judging, service, simulated_human, storage
+from apollo.agents import judging, simulated_human, storage
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
+from apollo.agents.service import client as client_lib
 from apollo.models import chat_template as chat_lib
 
 VARIANTS = ("a", "b", "c", "d", "e")
@@ -155,7 +156,7 @@ def run_episodes(
   """Runs (or, from the store, resumes / reuses) one episode per seed."""
   store = storage.SQLiteStore(store_path)
   human = simulated_human.SimulatedHuman(
-    service.StoreClient(store), delay_steps=delay_steps, budget=budget
+    client_lib.LocalClient.for_store(store), delay_steps=delay_steps, budget=budget
   )
   episodes = []
   try:

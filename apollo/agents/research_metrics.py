@@ -20,9 +20,10 @@ import statistics
 import tempfile
 from typing import Any
 
-from apollo.agents import agent, service, simulated_human, storage
+from apollo.agents import agent, simulated_human, storage
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
+from apollo.agents.service import client as client_lib
 
 
 def measure(
@@ -41,7 +42,7 @@ def measure(
     store_path = os.path.join(tmp.name, "metrics.sqlite")
   store = storage.SQLiteStore(store_path)
   human = simulated_human.SimulatedHuman(
-    service.StoreClient(store), delay_steps=delay_steps, budget=budget
+    client_lib.LocalClient.for_store(store), delay_steps=delay_steps, budget=budget
   )
   rows = []
   try:

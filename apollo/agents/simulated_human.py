@@ -22,7 +22,7 @@ Delays: advice decided after the agent's step k is sent once step k + `delay_ste
 has been seen (and, when polling in real time, no sooner than `delay_s` seconds
 after the decision). Driving modes: `on_step` as a rollout listener (in process,
 deterministic: used by the property measurements), or `poll` / `watch` against any
-`RolloutAPI`, e.g. the HTTP client (used by the headless entry point).
+`client.RolloutAPI`, e.g. the HTTP client (used by the headless entry point).
 """
 
 from __future__ import annotations
@@ -33,33 +33,13 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from apollo.agents.envs import research as research_env
+from apollo.agents.service import client as client_lib
 
 SOURCE = "simulated_human"
 _LAUNCH_RE = re.compile(r"launched (r\d+) on gpu(\d) with data=(\w+) config=(\{.*?\})")
-
-
-class RolloutAPI(Protocol):
-  """The operations a (simulated) human uses; the HTTP API offers the same."""
-
-  def get_session(self, session_id: str) -> dict[str, Any]: ...
-
-  def get_steps(self, session_id: str, since: int = -1) -> list[dict[str, Any]]: ...
-
-  def send_guidance(
-    self,
-    session_id: str,
-    text: str,
-    source: str = "human",
-    client_msg_id: str | None = None,
-    meta: Mapping[str, Any] | None = None,
-  ) -> dict[str, Any]: ...
-
-  def flag_step(
-    self, session_id: str, step_index: int, flag: str | None, reason: str | None = None
-  ) -> dict[str, Any]: ...
 
 
 @dataclasses.dataclass
@@ -90,7 +70,7 @@ class SimulatedHuman:
 
   def __init__(
     self,
-    api: RolloutAPI,
+    api: client_lib.RolloutAPI,
     delay_steps: int = 2,
     delay_s: float = 0.0,
     budget: int = 4,

@@ -16,12 +16,12 @@ from apollo.agents import (
   agent,
   judging,
   labels,
-  service,
   simulated_human,
   storage,
 )
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
+from apollo.agents.service import client as client_lib
 from tests.agents.helpers import ListBackend
 
 # Seed 1: no noisy labels, learning rates above 5e-4 diverge, no GPU conflict.
@@ -226,7 +226,7 @@ def test_ignores_filter_advice(store):
 def test_rules_on_a_guided_scripted_episode(store):
   """The scripted policy follows advice: only its malformed calls and re-checks are
   masked, and the runs it kills on the human's advice are not 'destroyed'."""
-  human = simulated_human.SimulatedHuman(service.StoreClient(store))
+  human = simulated_human.SimulatedHuman(client_lib.LocalClient.for_store(store))
   agent.run_episode(
     "s",
     research_env.ResearchEnv(),

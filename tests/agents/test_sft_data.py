@@ -10,13 +10,13 @@ from apollo.agents import (
   agent,
   judging,
   labels,
-  service,
   sft_data,
   simulated_human,
   storage,
 )
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
+from apollo.agents.service import client as client_lib
 from apollo.models import chat_template as C
 from tests.agents.helpers import ListBackend
 
@@ -168,7 +168,7 @@ def test_human_messages_kept_or_removed(store, template, mode):
 
 
 def test_segments_follow_context_compression(store, template):
-  human = simulated_human.SimulatedHuman(service.StoreClient(store))
+  human = simulated_human.SimulatedHuman(client_lib.LocalClient.for_store(store))
   agent.run_episode(
     "s",
     research_env.ResearchEnv(),

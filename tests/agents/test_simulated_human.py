@@ -7,12 +7,12 @@ import pytest
 from apollo.agents import (
   agent,
   research_metrics,
-  service,
   simulated_human,
   storage,
 )
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
+from apollo.agents.service import client as client_lib
 from tests.agents.helpers import ListBackend
 
 
@@ -25,7 +25,9 @@ def store(tmp_path):
 
 def test_interventions_are_stored_counted_delayed_and_budgeted(store):
   seed = next(s for s in range(200) if len(research_env.generate_task(s).hidden_facts()) >= 3)
-  human = simulated_human.SimulatedHuman(service.StoreClient(store), delay_steps=3, budget=1)
+  human = simulated_human.SimulatedHuman(
+    client_lib.LocalClient.for_store(store), delay_steps=3, budget=1
+  )
   agent.run_episode(
     "h",
     research_env.ResearchEnv(),
@@ -61,7 +63,7 @@ def test_rules_use_hidden_facts_and_flag_killed_healthy_runs(store):
     '{"tool": "list_jobs", "arguments": {}}',
     '{"tool": "finish", "arguments": {}}',
   ]
-  human = simulated_human.SimulatedHuman(service.StoreClient(store), delay_steps=1)
+  human = simulated_human.SimulatedHuman(client_lib.LocalClient.for_store(store), delay_steps=1)
   agent.run_episode(
     "k", research_env.ResearchEnv(), ListBackend(responses), store, seed, listeners=[human.on_step]
   )
@@ -74,7 +76,7 @@ def test_rules_use_hidden_facts_and_flag_killed_healthy_runs(store):
 
 def test_human_state_survives_a_restart(store):
   seed = 3
-  human = simulated_human.SimulatedHuman(service.StoreClient(store), delay_steps=0)
+  human = simulated_human.SimulatedHuman(client_lib.LocalClient.for_store(store), delay_steps=0)
   store.create_session(storage.SessionRecord("r", "research", seed, "scripted", {}))
   store.add_guidance(
     "r",

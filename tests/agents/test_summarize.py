@@ -5,7 +5,6 @@ import re
 
 from apollo.agents import (
   agent,
-  service,
   simulated_human,
   storage,
   summarize,
@@ -14,6 +13,7 @@ from apollo.agents import guidance as guidance_lib
 from apollo.agents.backends import base as backends_lib
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
+from apollo.agents.service import client as client_lib
 
 
 def _reflection_ids(summary):
@@ -75,7 +75,7 @@ def test_model_summary_is_repaired_to_one_line_per_message():
 
 def test_long_session_compresses_and_stores_summary_steps(tmp_path):
   store = storage.SQLiteStore(os.path.join(tmp_path, "s.sqlite"))
-  human = simulated_human.SimulatedHuman(service.StoreClient(store), delay_steps=1)
+  human = simulated_human.SimulatedHuman(client_lib.LocalClient.for_store(store), delay_steps=1)
   seed = next(s for s in range(100) if len(research_env.generate_task(s).hidden_facts()) >= 3)
   store.create_session(storage.SessionRecord("long", "research", seed, "scripted", {}))
   rollout = agent.Rollout(

@@ -6,16 +6,19 @@ import os
 
 import pytest
 
-from apollo.agents import cli, service, storage
+from apollo.agents import storage
+from apollo.agents.service import cli, http_api
+from apollo.agents.service import client as client_lib
+from apollo.agents.service import manager as manager_lib
 from tests.agents.helpers import wait_for
 
 
 @pytest.fixture
 def stack(tmp_path):
   store = storage.SQLiteStore(os.path.join(tmp_path, "store.sqlite"))
-  manager = service.SessionManager(store, workdir=str(tmp_path))
-  server = service.RolloutHTTPServer(manager, "127.0.0.1", 0).start()
-  yield store, manager, server, cli.HttpClient(server.url, timeout_s=20)
+  manager = manager_lib.SessionManager(store, workdir=str(tmp_path))
+  server = http_api.RolloutHTTPServer(manager, "127.0.0.1", 0).start()
+  yield store, manager, server, client_lib.HttpClient(server.url, timeout_s=20)
   server.stop()
   manager.shutdown()
   store.close()
@@ -74,7 +77,7 @@ def test_sixteen_sessions_run_concurrently_and_take_guidance(stack):
   for sid in ids:  # while they run
     try:
       sent[sid] = client.send_guidance(sid, "GPU 0 is shared; use gpu 1 instead.")["guidance"]
-    except cli.ApiClientError as e:
+    except manager_lib.ApiError as e:
       assert e.status == 409  # only if that session already finished
   assert len(sent) >= 8
   assert manager.join(ids, timeout=60)
@@ -112,7 +115,7 @@ def test_bad_input_gets_4xx_and_the_service_keeps_running(stack):
     (
       "POST",
       f"/api/sessions/{sid}/guidance",
-      b"x" * (service.MAX_BODY_BYTES + 1),
+      b"x" * (http_api.MAX_BODY_BYTES + 1),
       json_h,
       413,
       "exceeds",
@@ -120,7 +123,7 @@ def test_bad_input_gets_4xx_and_the_service_keeps_running(stack):
     (
       "POST",
       f"/api/sessions/{sid}/guidance",
-      json.dumps({"text": "y" * (service.MAX_GUIDANCE_CHARS + 1)}).encode(),
+      json.dumps({"text": "y" * (manager_lib.MAX_GUIDANCE_CHARS + 1)}).encode(),
       json_h,
       413,
       "limit",
@@ -205,24 +208,24 @@ def test_pause_resume_flag_and_cli_over_http(stack, capsys):
 
 def test_access_rules():
   # Loopback clients need no token; others need the right one.
-  assert service.check_access("127.0.0.1", "127.0.0.1:8765", None, None, None) is None
-  assert service.check_access("::1", "localhost:1", None, None, "tok") is None
-  assert service.check_access("10.1.2.3", "h:1", None, None, None)[0] == 401
-  assert service.check_access("10.1.2.3", "h:1", None, None, "tok")[0] == 401
-  assert service.check_access("10.1.2.3", "h:1", "Bearer nope", None, "tok")[0] == 401
-  assert service.check_access("10.1.2.3", "h:1", "Bearer tok", None, "tok") is None
-  assert service.check_access("10.1.2.3", "h:1", None, "tok", "tok") is None
+  assert http_api.check_access("127.0.0.1", "127.0.0.1:8765", None, None, None) is None
+  assert http_api.check_access("::1", "localhost:1", None, None, "tok") is None
+  assert http_api.check_access("10.1.2.3", "h:1", None, None, None)[0] == 401
+  assert http_api.check_access("10.1.2.3", "h:1", None, None, "tok")[0] == 401
+  assert http_api.check_access("10.1.2.3", "h:1", "Bearer nope", None, "tok")[0] == 401
+  assert http_api.check_access("10.1.2.3", "h:1", "Bearer tok", None, "tok") is None
+  assert http_api.check_access("10.1.2.3", "h:1", None, "tok", "tok") is None
   # A web page that rebinds its own domain to 127.0.0.1 is refused.
-  assert service.check_access("127.0.0.1", "evil.example:8765", None, None, None)[0] == 403
+  assert http_api.check_access("127.0.0.1", "evil.example:8765", None, None, None)[0] == 403
   with pytest.raises(ValueError, match="token"):
-    service.RolloutHTTPServer(None, "0.0.0.0", 0, token=None)
+    http_api.RolloutHTTPServer(None, "0.0.0.0", 0, token=None)
 
 
 def test_token_is_enforced_for_untrusted_clients(tmp_path):
   store = storage.SQLiteStore(os.path.join(tmp_path, "s.sqlite"))
-  manager = service.SessionManager(store)
+  manager = manager_lib.SessionManager(store)
   # trust_loopback=False treats this loopback test client like a remote one.
-  server = service.RolloutHTTPServer(
+  server = http_api.RolloutHTTPServer(
     manager, "127.0.0.1", 0, token="s3cret", trust_loopback=False
   ).start()
   try:
@@ -230,7 +233,7 @@ def test_token_is_enforced_for_untrusted_clients(tmp_path):
     assert status == 401 and "token" in payload["error"]
     status, _ = _raw(server, "GET", "/api/sessions", headers={"Authorization": "Bearer wrong"})
     assert status == 401
-    assert cli.HttpClient(server.url, token="s3cret").list_sessions() == []
+    assert client_lib.HttpClient(server.url, token="s3cret").list_sessions() == []
     status, _ = _raw(server, "GET", "/?token=s3cret")
     assert status == 200
   finally:

@@ -9,7 +9,10 @@ import shutil
 
 import pytest
 
-from apollo.agents import cli, service, storage
+from apollo.agents import storage
+from apollo.agents.service import client as client_lib
+from apollo.agents.service import http_api
+from apollo.agents.service import manager as manager_lib
 from tests.agents.helpers import wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -35,9 +38,9 @@ CHROMIUM_ARGS = [
 
 def test_console_steers_a_live_session(tmp_path):
   store = storage.SQLiteStore(os.path.join(tmp_path, "store.sqlite"))
-  manager = service.SessionManager(store)
-  server = service.RolloutHTTPServer(manager, "127.0.0.1", 0).start()
-  client = cli.HttpClient(server.url)
+  manager = manager_lib.SessionManager(store)
+  server = http_api.RolloutHTTPServer(manager, "127.0.0.1", 0).start()
+  client = client_lib.HttpClient(server.url)
   sid = client.create_session(
     seed=0, paused=True, session_id="web", backend_options={"latency_s": 0.05}
   )["session_id"]

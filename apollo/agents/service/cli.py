@@ -1,6 +1,6 @@
-"""Command-line client of the rollout service (and the HTTP client other code uses).
+"""Command-line client of the rollout service.
 
-    python -m apollo.agents.cli [--url http://127.0.0.1:8765] [--token T] COMMAND ...
+    python -m apollo.agents.service.cli [--url http://127.0.0.1:8765] [--token T] COMMAND ...
 
     list                              sessions with status and step counts
     create [--seed N] [--env research] [--backend scripted] [--paused]
@@ -23,126 +23,11 @@ import json
 import os
 import sys
 import urllib.error
-import urllib.parse
-import urllib.request
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-DEFAULT_URL = "http://127.0.0.1:8765"
-
-
-class ApiClientError(RuntimeError):
-  def __init__(self, status: int, message: str):
-    super().__init__(f"HTTP {status}: {message}")
-    self.status = status
-    self.message = message
-
-
-class HttpClient:
-  """Talks to the rollout service; implements `simulated_human.RolloutAPI`."""
-
-  def __init__(
-    self, base_url: str = DEFAULT_URL, token: str | None = None, timeout_s: float = 30.0
-  ):
-    self.base_url = base_url.rstrip("/")
-    self.token = token
-    self.timeout_s = timeout_s
-
-  def request(self, method: str, path: str, body: Any = None, raw: bool = False) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Accept": "application/json"}
-    if data is not None:
-      headers["Content-Type"] = "application/json"
-    if self.token:
-      headers["Authorization"] = f"Bearer {self.token}"
-    request = urllib.request.Request(
-      self.base_url + path, data=data, headers=headers, method=method
-    )
-    try:
-      with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
-        payload = reply.read()
-    except urllib.error.HTTPError as e:
-      text = e.read().decode(errors="replace")
-      try:
-        message = json.loads(text)["error"]
-      except (json.JSONDecodeError, KeyError, TypeError):
-        message = text
-      raise ApiClientError(e.code, message) from None
-    return payload.decode() if raw else json.loads(payload)
-
-  # RolloutAPI
-  def get_session(self, session_id: str) -> dict[str, Any]:
-    return self.request("GET", f"/api/sessions/{session_id}")
-
-  def get_steps(
-    self, session_id: str, since: int = -1, limit: int = 1000, full: bool = False
-  ) -> list[dict[str, Any]]:
-    query = urllib.parse.urlencode({"since": since, "limit": limit, "full": int(full)})
-    return self.request("GET", f"/api/sessions/{session_id}/steps?{query}")["steps"]
-
-  def send_guidance(
-    self,
-    session_id: str,
-    text: str,
-    source: str = "human",
-    client_msg_id: str | None = None,
-    meta: Mapping[str, Any] | None = None,
-  ) -> dict[str, Any]:
-    body: dict[str, Any] = {
-      "text": text,
-      "source": source,
-      "client_msg_id": client_msg_id or uuid.uuid4().hex,
-    }
-    if meta is not None:
-      body["meta"] = dict(meta)
-    return self.request("POST", f"/api/sessions/{session_id}/guidance", body)
-
-  def flag_step(
-    self, session_id: str, step_index: int, flag: str | None, reason: str | None = None
-  ) -> dict[str, Any]:
-    return self.request(
-      "POST",
-      f"/api/sessions/{session_id}/steps/{step_index}/flag",
-      {"flag": flag, "reason": reason},
-    )
-
-  # Everything else.
-  def list_sessions(self) -> list[dict[str, Any]]:
-    return self.request("GET", "/api/sessions")["sessions"]
-
-  def create_session(self, **spec: Any) -> dict[str, Any]:
-    return self.request("POST", "/api/sessions", spec)
-
-  def control(self, session_id: str, what: str) -> dict[str, Any]:
-    return self.request("POST", f"/api/sessions/{session_id}/{what}", {})
-
-  def export(self, session_id: str | None = None) -> str:
-    path = f"/api/sessions/{session_id}/export.jsonl" if session_id else "/api/export.jsonl"
-    return self.request("GET", path, raw=True)
-
-  def events(self, session_id: str, since: int = -1) -> Iterator[tuple[str, Any]]:
-    """Yields (event, data) from the server-sent event stream until it ends."""
-    headers = {"Accept": "text/event-stream"}
-    if self.token:
-      headers["Authorization"] = f"Bearer {self.token}"
-    request = urllib.request.Request(
-      f"{self.base_url}/api/sessions/{session_id}/events?since={since}", headers=headers
-    )
-    with urllib.request.urlopen(request, timeout=self.timeout_s) as stream:
-      kind, data = "message", []
-      for raw_line in stream:
-        line = raw_line.decode().rstrip("\n")
-        if not line:
-          if data:
-            yield kind, json.loads("\n".join(data))
-            if kind == "end":
-              return
-          kind, data = "message", []
-        elif line.startswith("event: "):
-          kind = line[len("event: ") :]
-        elif line.startswith("data: "):
-          data.append(line[len("data: ") :])
+from apollo.agents.service import client as client_lib
+from apollo.agents.service import manager as manager_lib
 
 
 def _step_line(step: Mapping[str, Any]) -> str:
@@ -160,9 +45,9 @@ def _step_line(step: Mapping[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-    prog="python -m apollo.agents.cli", description="Client of the Apollo rollout service."
+    prog="python -m apollo.agents.service.cli", description="Client of the Apollo rollout service."
   )
-  parser.add_argument("--url", default=os.environ.get("APOLLO_URL", DEFAULT_URL))
+  parser.add_argument("--url", default=os.environ.get("APOLLO_URL", client_lib.DEFAULT_URL))
   parser.add_argument("--token", default=os.environ.get("APOLLO_TOKEN"))
   sub = parser.add_subparsers(dest="command", required=True)
   sub.add_parser("list")
@@ -189,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
   export.add_argument("session_id")
   export.add_argument("--out")
   args = parser.parse_args(argv)
-  client = HttpClient(args.url, args.token)
+  client = client_lib.HttpClient(args.url, args.token)
   try:
     if args.command == "list":
       for s in client.list_sessions():
@@ -239,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{text.count(chr(10))} steps written to {args.out}")
       else:
         sys.stdout.write(text)
-  except ApiClientError as e:
+  except manager_lib.ApiError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except urllib.error.URLError as e:
