@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizers: train offline, or load local files.
+"""Tokenizers: train a byte-level BPE offline, or load local files (BPE or WordPiece).
 
 `train_byte_level_bpe` is the one BPE trainer of the project (GPT-2's byte-level
 scheme, so no text is ever out of vocabulary); the chat template
@@ -16,7 +16,13 @@ there are two ways to get one:
   `merges.txt` pair (e.g. the files of a RoBERTa checkpoint). A RoBERTa vocab
   puts `<mask>` at 50264, so ids are looked up, never assumed: `special_ids`.
 
-The pipeline encodes with `add_special_tokens=False` and adds `<s>`/`</s>`
+BERT-family checkpoints (e.g. all-MiniLM-L6-v2) ship an uncased WordPiece
+`tokenizer.json` whose special tokens are `[CLS] [PAD] [SEP] [UNK] [MASK]`;
+`special_ids` recognises both families and says which it found, and
+`SpecialIds.pair` formats a pair the family's way: `<s> a </s></s> b </s>` or
+`[CLS] a [SEP] b [SEP]` (with BERT's segment ids 0 / 1).
+
+The pipeline encodes with `add_special_tokens=False` and adds the special tokens
 itself, so the same code serves trained and loaded tokenizers.
 """
 
@@ -30,31 +36,70 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # Ids 0-4 when trained.
+# The same five roles (bos, pad, eos, unk, mask) in each family's vocabulary.
+SPECIAL_TOKENS_BY_FAMILY: dict[str, tuple[str, ...]] = {
+  "roberta": SPECIAL_TOKENS,
+  "bert": ("[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
-  bos: int  # <s>
-  pad: int  # <pad>
-  eos: int  # </s>
-  unk: int  # <unk>
-  mask: int  # <mask>
+  bos: int  # <s> / [CLS]
+  pad: int  # <pad> / [PAD]
+  eos: int  # </s> / [SEP]
+  unk: int  # <unk> / [UNK]
+  mask: int  # <mask> / [MASK]
+  family: str = "roberta"  # Whose conventions: 'roberta' or 'bert'.
 
   def as_tuple(self) -> tuple[int, ...]:
     return (self.bos, self.pad, self.eos, self.unk, self.mask)
 
+  def single(self, ids: Sequence[int]) -> list[int]:
+    """`<s> ids </s>` / `[CLS] ids [SEP]`."""
+    return [self.bos, *ids, self.eos]
+
+  def pair(self, first: Sequence[int], second: Sequence[int]) -> tuple[list[int], list[int]]:
+    """A text pair the family's way, with its token-type (segment) ids.
+
+    RoBERTa: `<s> first </s></s> second </s>`, all type 0 (it has one token type).
+    BERT: `[CLS] first [SEP] second [SEP]`, type 0 up to the first `[SEP]`, then 1.
+
+    Returns:
+      (input ids, token type ids), of equal length.
+    """
+    if self.family == "bert":
+      head = [self.bos, *first, self.eos]
+      tail = [*second, self.eos]
+      return head + tail, [0] * len(head) + [1] * len(tail)
+    ids = [self.bos, *first, self.eos, self.eos, *second, self.eos]
+    return ids, [0] * len(ids)
+
+  @property
+  def pair_overhead(self) -> int:
+    """How many special tokens :meth:`pair` adds (4 for RoBERTa, 3 for BERT)."""
+    return 3 if self.family == "bert" else 4
+
 
 def special_ids(tokenizer: tokenizers.Tokenizer) -> SpecialIds:
-  """Looks up the five special tokens; a missing one is an error naming it."""
-  ids = []
-  for token in SPECIAL_TOKENS:
-    token_id = tokenizer.token_to_id(token)
+  """Looks up the five special tokens of a RoBERTa or a BERT vocabulary.
+
+  The family is the one with more of its special tokens in the vocabulary (RoBERTa
+  on a tie); a token of it that is missing is an error naming it.
+  """
+  found = {
+    family: [tokenizer.token_to_id(token) for token in tokens]
+    for family, tokens in SPECIAL_TOKENS_BY_FAMILY.items()
+  }
+  family = max(found, key=lambda f: sum(i is not None for i in found[f]))
+  tokens = SPECIAL_TOKENS_BY_FAMILY[family]
+  for token, token_id in zip(tokens, found[family]):
     if token_id is None:
       raise ValueError(
-        f"The tokenizer has no {token!r} token; APOLLO needs all of {SPECIAL_TOKENS}."
+        f"The tokenizer has no {token!r} token; APOLLO needs all of {tokens} "
+        f"(or all of one of {list(SPECIAL_TOKENS_BY_FAMILY.values())})."
       )
-    ids.append(token_id)
-  return SpecialIds(*ids)
+  return SpecialIds(*found[family], family=family)
 
 
 def _add_roberta_pieces(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
@@ -119,14 +164,26 @@ def train_bpe_tokenizer(
   return tokenizer
 
 
+def _from_json(path: str) -> tokenizers.Tokenizer:
+  tokenizer = tokenizers.Tokenizer.from_file(path)
+  # Callers pad and truncate themselves; a file's settings (all-MiniLM-L6-v2 pads
+  # every encoding to 128 tokens and cuts there) would do it behind their back.
+  tokenizer.no_padding()
+  tokenizer.no_truncation()
+  return tokenizer
+
+
 def load_tokenizer(path: str) -> tokenizers.Tokenizer:
   """Loads `tokenizer.json`, or a directory holding it or vocab.json + merges.txt.
+
+  Padding and truncation set in a `tokenizer.json` are switched off: encodings
+  have the text's own length.
 
   Raises:
     FileNotFoundError: naming the path(s) that were looked for.
   """
   if os.path.isfile(path):
-    return tokenizers.Tokenizer.from_file(path)
+    return _from_json(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(
       f"No tokenizer at {path} (expected tokenizer.json "
@@ -134,7 +191,7 @@ def load_tokenizer(path: str) -> tokenizers.Tokenizer:
     )
   tokenizer_json = os.path.join(path, "tokenizer.json")
   if os.path.isfile(tokenizer_json):
-    return tokenizers.Tokenizer.from_file(tokenizer_json)
+    return _from_json(tokenizer_json)
   vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
   missing = [p for p in (vocab, merges) if not os.path.isfile(p)]
   if missing:
