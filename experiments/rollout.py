@@ -25,11 +25,12 @@ import time
 
 from absl import app, flags
 
-from apollo.agents import simulated_human, storage
+from apollo.agents import storage
 from apollo.agents.envs import research as research_env
 from apollo.agents.service import client as client_lib
 from apollo.agents.service import http_api
 from apollo.agents.service import manager as manager_lib
+from apollo.agents.supervision import simulated_human
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/rollout", "Store, export and summary go here.")
 _HEADLESS = flags.DEFINE_bool("headless", False, "Run --episodes to the end and exit.")
@@ -217,7 +218,10 @@ def main(argv: list[str]) -> None:
     + (f"?token={token}" if token and not http_api.is_loopback(_HOST.value) else "")
   )
   print(f"resumed: {resumed or 'none'}; sessions: {[s.session_id for s in store.list_sessions()]}")
-  print(f"CLI: python -m apollo.agents.service.cli --url {server.url} list   (Ctrl-C to stop)", flush=True)
+  print(
+    f"CLI: python -m apollo.agents.service.cli --url {server.url} list   (Ctrl-C to stop)",
+    flush=True,
+  )
   signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` stops cleanly too
   try:
     while True:

@@ -66,10 +66,11 @@ from absl import logging
 
 from apollo.agents import agent as agent_lib
 from apollo.agents import guidance as guidance_lib
-from apollo.agents import judging, simulated_human, storage
+from apollo.agents import storage
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
 from apollo.agents.service import client as client_lib
+from apollo.agents.supervision import judging, simulated_human
 from apollo.models import chat_template as chat_lib
 
 VARIANTS = ("a", "b", "c", "d", "e")

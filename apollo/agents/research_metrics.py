@@ -20,10 +20,11 @@ import statistics
 import tempfile
 from typing import Any
 
-from apollo.agents import agent, simulated_human, storage
+from apollo.agents import agent, storage
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
 from apollo.agents.service import client as client_lib
+from apollo.agents.supervision import simulated_human
 
 
 def measure(

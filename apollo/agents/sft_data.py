@@ -52,9 +52,9 @@ from typing import Any
 import numpy as np
 
 from apollo.agents import guidance as guidance_lib
-from apollo.agents import judging
-from apollo.agents import labels as labels_lib
 from apollo.agents import storage as storage_lib
+from apollo.agents.supervision import judging
+from apollo.agents.supervision import labels as labels_lib
 from apollo.models import chat_template as chat_template_lib
 
 MODES = ("per_step", "per_segment")

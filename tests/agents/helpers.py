@@ -1,13 +1,17 @@
-"""Shared helpers of the agent tests: bounded waiting and controllable backends."""
+"""Shared helpers of the agent tests: bounded waiting, controllable backends, and
+research episodes played from canned responses."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from apollo.agents import agent
 from apollo.agents.backends import base as backends_lib
+from apollo.agents.envs import research as research_env
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.005) -> Any:
@@ -71,3 +75,35 @@ class ListBackend:
 
   def restore(self, state):
     del state
+
+
+def call(tool: str, **arguments: Any) -> str:
+  """A model response holding one tool call."""
+  return f"Next.\n{json.dumps({'tool': tool, 'arguments': arguments})}"
+
+
+def run_canned(
+  store: Any,
+  session_id: str,
+  seed: int,
+  responses: Sequence[str],
+  guidance_after: Mapping[int, str] | None = None,
+) -> None:
+  """Plays `responses` on the research task `seed` through the real loop and store;
+  guidance_after[k] is sent once step k is stored (so it is delivered with step k + 1)."""
+  guidance_after = guidance_after or {}
+
+  def listener(step):
+    if step.step_index in guidance_after:
+      store.add_guidance(session_id, guidance_after[step.step_index])
+
+  agent.run_episode(
+    session_id,
+    research_env.ResearchEnv(),
+    ListBackend(responses),
+    store,
+    seed,
+    config=agent.AgentConfig(max_steps=len(responses)),
+    listeners=[listener],
+  )
+  assert store.num_steps(session_id) == len(responses)

@@ -1,6 +1,5 @@
 """Training samples from masked trajectories: loss masks, guidance, segments, export."""
 
-import json
 import os
 
 import numpy as np
@@ -8,23 +7,17 @@ import pytest
 
 from apollo.agents import (
   agent,
-  judging,
-  labels,
   sft_data,
-  simulated_human,
   storage,
 )
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
 from apollo.agents.service import client as client_lib
+from apollo.agents.supervision import judging, labels, simulated_human
 from apollo.models import chat_template as C
-from tests.agents.helpers import ListBackend
+from tests.agents.helpers import ListBackend, call
 
 GUIDANCE_TEXT = "GPU 0 is shared with another team's job. Use gpu 1 instead."
-
-
-def call(tool, **arguments):
-  return f"Next.\n{json.dumps({'tool': tool, 'arguments': arguments})}"
 
 
 RESPONSES = [

@@ -5,7 +5,6 @@ import re
 
 from apollo.agents import (
   agent,
-  simulated_human,
   storage,
   summarize,
 )
@@ -14,6 +13,7 @@ from apollo.agents.backends import base as backends_lib
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
 from apollo.agents.service import client as client_lib
+from apollo.agents.supervision import simulated_human
 
 
 def _reflection_ids(summary):

@@ -7,12 +7,12 @@ import pytest
 from apollo.agents import (
   agent,
   research_metrics,
-  simulated_human,
   storage,
 )
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
 from apollo.agents.service import client as client_lib
+from apollo.agents.supervision import simulated_human
 from tests.agents.helpers import ListBackend
 
 

@@ -1,28 +1,20 @@
-"""Supervision control: rule, human-flag and LLM judges, combine, stored labels.
+"""Supervision control: rule and human-flag judges, combine, stored labels.
 
 Trajectories come from the real loop and store: canned responses (`ListBackend`)
 drive the research environment through `agent.run_episode`, so every rule is
 checked on the observations and snapshots the environment really produces.
 """
 
-import http.server
-import json
 import os
-import threading
 
 import pytest
 
-from apollo.agents import (
-  agent,
-  judging,
-  labels,
-  simulated_human,
-  storage,
-)
+from apollo.agents import agent, storage
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
 from apollo.agents.service import client as client_lib
-from tests.agents.helpers import ListBackend
+from apollo.agents.supervision import judging, labels, simulated_human
+from tests.agents.helpers import call, run_canned
 
 # Seed 1: no noisy labels, learning rates above 5e-4 diverge, no GPU conflict.
 # Seed 4: noisy labels only.
@@ -36,29 +28,9 @@ def store(tmp_path):
   s.close()
 
 
-def call(tool, **arguments):
-  return f"Next.\n{json.dumps({'tool': tool, 'arguments': arguments})}"
-
-
 def run(store, session_id, seed, responses, guidance_after=None):
-  """Runs the canned responses; guidance_after[k] is sent once step k is stored
-  (so it is delivered with step k + 1)."""
-  guidance_after = guidance_after or {}
-
-  def listener(step):
-    if step.step_index in guidance_after:
-      store.add_guidance(session_id, guidance_after[step.step_index])
-
-  agent.run_episode(
-    session_id,
-    research_env.ResearchEnv(),
-    ListBackend(responses),
-    store,
-    seed,
-    config=agent.AgentConfig(max_steps=len(responses)),
-    listeners=[listener],
-  )
-  assert store.num_steps(session_id) == len(responses)
+  """Plays canned responses (see `run_canned`) and returns the judges' view."""
+  run_canned(store, session_id, seed, responses, guidance_after)
   return judging.TrajectoryView.load(store, session_id)
 
 
@@ -299,153 +271,6 @@ def test_combine_any_mask_wins_and_records_all():
   assert "llm: same check again" in merged.detail
   with pytest.raises(ValueError):
     labels.Label("drop", "x", "y")
-
-
-# --------------------------------------------------------------------------- LLM
-
-
-class _FakeChatServer:
-  """An OpenAI-compatible /chat/completions stub on 127.0.0.1 with canned answers."""
-
-  def __init__(self, answers):
-    self.answers = list(answers)
-    self.requests = []
-    outer = self
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-      def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        outer.requests.append((self.path, body))
-        answer = outer.answers.pop(0)
-        if isinstance(answer, int):
-          payload, status = b'{"error": "bad request"}', answer
-        else:
-          payload, status = (
-            json.dumps(
-              {
-                "choices": [{"message": {"role": "assistant", "content": answer}}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5},
-              }
-            ).encode(),
-            200,
-          )
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-      def log_message(self, *args):
-        del args
-
-    self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    self.thread = threading.Thread(
-      target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-
-  @property
-  def url(self):
-    return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-  def __enter__(self):
-    self.thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self.server.shutdown()
-    self.server.server_close()
-    self.thread.join(timeout=5)
-
-
-def test_llm_judge_against_a_fake_openai_server(store):
-  run(
-    store,
-    "a",
-    HEALTHY_SEED,
-    [
-      call("list_files"),
-      call("read_file", path="README.md"),
-      call("read_file", path="README.md"),
-      call("gpu_status"),
-      call("list_jobs"),
-    ],
-    guidance_after={0: "Read the README first."},
-  )
-  answers = [
-    '{"verdict": "keep", "reason": "ok", "explanation": "Looks around first."}',
-    '```json\n{"verdict": "keep", "reason": "ok"}\n```',
-    '{"verdict": "mask", "reason": "redundant", "explanation": "Same file again."}',
-    "The action looks fine to me.",  # not JSON
-    400,  # the server refuses
-  ]
-  with _FakeChatServer(answers) as server:
-    judge = judging.LLMJudge.from_openai(server.url, "judge-model", timeout_s=5, max_retries=0)
-    result = judging.judge_session(store, "a", [judge], labels.LabelStore(store.path))
-  verdicts = {i: (ls[0].verdict, ls[0].reason) for i, ls in result.labels.items()}
-  assert verdicts == {
-    0: ("keep", "ok"),
-    1: ("keep", "ok"),
-    2: ("mask", "redundant"),
-    3: ("keep", "judge_error"),
-    4: ("keep", "judge_error"),
-  }
-  assert result.labels[2][0].detail == "Same file again."
-  assert result.masked_steps() == [2]  # a judge error keeps the action
-  assert judge.calls == 5 and dict(judge.errors) == {"malformed": 1, "backend": 1}
-  # What the judge saw: the fixed prompt, the task, the advice, the history, the action
-  # and the observation that followed it.
-  path, body = server.requests[2]
-  assert path == "/v1/chat/completions" and body["model"] == "judge-model"
-  assert body["temperature"] == 0.0
-  system, user = body["messages"]
-  assert system == {"role": "system", "content": judging.JUDGE_SYSTEM_PROMPT}
-  step2 = store.get_step("a", 2)
-  for fragment in (
-    "TASK (seed 1",
-    "Read the README first.",
-    'step 0: {"tool": "list_files", "arguments": {}}',
-    "step 1:",
-    step2.response,
-    step2.observation.splitlines()[0],
-    "The action to judge (step 2)",
-  ):
-    assert fragment in user["content"], fragment
-  assert "step 2:" not in user["content"].split("# The action to judge")[0]
-  stats = judging.masking_stats([result])
-  assert stats["judges"]["llm"]["reasons"] == {"ok": 2, "redundant": 1, "judge_error": 2}
-
-
-@pytest.mark.parametrize(
-  "answer,expected",
-  [
-    (
-      '{"verdict": "mask", "reason": "destroys_progress", "explanation": "killed r1"}',
-      ("mask", "destroys_progress", "killed r1"),
-    ),
-    ('  {"verdict": "keep"}\n', ("keep", "ok", "")),
-    ('```\n{"verdict": "keep", "reason": "ok"}\n```', ("keep", "ok", "")),
-  ],
-)
-def test_parse_judge_answer_accepts(answer, expected):
-  assert judging.parse_judge_answer(answer) == expected
-
-
-@pytest.mark.parametrize(
-  "answer",
-  [
-    "",
-    "keep",
-    '["keep"]',
-    '{"verdict": "maybe", "reason": "ok"}',
-    '{"verdict": "mask", "reason": "ok"}',
-    '{"verdict": "mask", "reason": "bad vibes"}',
-    'Sure! {"verdict": "keep", "reason": "ok"}',
-    '{"verdict": "keep", "explanation": 3}',
-  ],
-)
-def test_parse_judge_answer_rejects(answer):
-  with pytest.raises(judging.JudgeAnswerError):
-    judging.parse_judge_answer(answer)
 
 
 # --------------------------------------------------------------------------- storage
