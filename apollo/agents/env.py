@@ -14,6 +14,12 @@ Environments also expose:
   that is running right now, without stopping the episode;
 - `snapshot()` / `restore()`: a JSON-serialisable state stored with every step, so a
   rollout killed at any moment resumes from its last completed step.
+
+An observation that starts with "ERROR" reports a call the environment rejected.
+Facts about a step that supervision needs (which job a call started or stopped,
+what the agent was shown about a job) go into `StepResult.info` as structured
+data, stored with the step; an environment's `EpisodeFacts` reads them back, so
+judges and supervisors never parse observation text.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from apollo.agents import guidance as guidance_lib
+from apollo.agents import storage as storage_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +129,64 @@ class Environment(abc.ABC):
         observation=f"ERROR: tool {action.tool!r} failed: {type(e).__name__}: {e}",
         info={"tool_exception": True},
       )
+
+
+class EpisodeFacts:
+  """What an environment can tell judges and supervisors about one stored episode.
+
+  Judge rules ask these questions instead of reading observations: an environment
+  answers them from the structured record of each step (the `info` of its
+  `StepResult` and the snapshot stored with the step) and, for a privileged caller,
+  from the task's hidden facts, so rewording a message never silently changes a
+  verdict. This base class knows nothing about any environment (every answer is
+  "no opinion"), so the generic rules still run everywhere; an environment
+  overrides what it can answer (`apollo.agents.envs.research_facts`).
+
+  Attributes:
+    task: the episode's task with its hidden facts (privileged callers), else None.
+  """
+
+  def __init__(self, task: Any = None):
+    self.task = task
+
+  def hidden_facts(self) -> dict[str, Any]:
+    """The task's facts that the agent is not told ({} without a privileged task)."""
+    return {}
+
+  def observation_content(self, step: storage_lib.StepRecord) -> str:
+    """The step's observation without what the environment appends to every
+    observation (a clock, a budget line): equal contents mean the same outcome."""
+    return step.observation.strip()
+
+  def stopped_job(self, step: storage_lib.StepRecord) -> str | None:
+    """The id of a running job (a training run, ...) that this step stopped."""
+    del step
+    return None
+
+  def healthy_job(
+    self, earlier: Sequence[storage_lib.StepRecord], job_id: str, use_hidden_facts: bool
+  ) -> str | None:
+    """Evidence that job `job_id` was healthy after the steps `earlier`, i.e. that
+    stopping it destroyed progress; None if it was not healthy or cannot be told.
+
+    Args:
+      earlier: every stored step before the one that stopped the job.
+      job_id: the job.
+      use_hidden_facts: whether the task's hidden facts may decide.
+    """
+    del earlier, job_id, use_hidden_facts
+    return None
+
+  def contradicted_advice(
+    self,
+    step: storage_lib.StepRecord,
+    earlier: Sequence[storage_lib.StepRecord],
+    guidance: Sequence[guidance_lib.Guidance],
+  ) -> str | None:
+    """How `step`'s action goes against `guidance` (the human messages shown to the
+    agent up to this step, in delivery order), or None if it does not."""
+    del step, earlier, guidance
+    return None
 
 
 # --------------------------------------------------------------------------- schema

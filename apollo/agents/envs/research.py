@@ -29,6 +29,13 @@ a sleep short.
 
 Splits: seeds in [0, 1_000_000) are the train set, seeds >= 1_000_000 the test set;
 the two draw the task's domain from disjoint pools (same hidden-fact distribution).
+
+Each step's `info` records what the call did, for judges and supervisors
+(`research_facts` reads it): `status_line` (the clock line appended to the
+observation), `launched` ({run_id, gpu, data, config} of a run it started),
+`killed` (the id of a running run it stopped), `runs_seen` ({run_id, status,
+train_loss, recent_losses} of every run its observation described, as shown;
+None where it showed nan), and at the end the episode's result.
 """
 
 from __future__ import annotations
@@ -81,6 +88,18 @@ def seeds_for(split: str, count: int, start: int = 0) -> list[int]:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunSetup:
+  """How a training run was launched and, when known, how far it got."""
+
+  run_id: str
+  gpu: int | None
+  data: str | None
+  learning_rate: float | None
+  status: str | None = None  # running | finished | killed | diverged
+  trained_h: float | None = None  # simulated hours trained at full speed
+
+
+@dataclasses.dataclass(frozen=True)
 class ResearchTask:
   """One generated task: what the agent is told and the hidden facts."""
 
@@ -101,6 +120,30 @@ class ResearchTask:
   lr_diverges: bool
   max_stable_lr: float
   gpu_conflict: bool
+
+  def run_problems(self, setup: RunSetup) -> dict[str, str]:
+    """What keeps a run set up like `setup` from reaching the target, by hidden fact.
+
+    Keys are the facts the setup runs into ('noisy_labels': trained on raw data,
+    'lr_diverges': learning rate above the stable one, 'gpu_conflict': on the
+    shared GPU); values say how. Empty: the run only needs time.
+    """
+    problems = {}
+    if self.noisy_labels and setup.data != "filtered":
+      problems["noisy_labels"] = (
+        f"data={setup.data} while {100 * self.noise_rate:.0f}% of labels are wrong"
+      )
+    if (
+      self.lr_diverges
+      and setup.learning_rate is not None
+      and setup.learning_rate > self.max_stable_lr * 1.01
+    ):
+      problems["lr_diverges"] = (
+        f"lr={setup.learning_rate:g} diverges (stable up to {self.max_stable_lr:g})"
+      )
+    if self.gpu_conflict and setup.gpu == 0:
+      problems["gpu_conflict"] = "gpu0 is shared and trains at under half speed"
+    return problems
 
   def hidden_facts(self) -> dict[str, Any]:
     facts = {
@@ -216,7 +259,7 @@ class ResearchEnv(env_lib.Environment):
     self._interrupt = threading.Event()
     self._sleeping = threading.Event()
     self.task: ResearchTask | None = None
-    self._state: dict[str, Any] = {}
+    self._step_info: dict[str, Any] = {}
 
   # ------------------------------------------------------------------ interface
   def tools(self) -> Sequence[env_lib.ToolSpec]:
@@ -253,6 +296,7 @@ class ResearchEnv(env_lib.Environment):
     assert self.task is not None, "reset() first"
     if self.finished:
       return env_lib.StepResult("ERROR: the episode is over.", done=True, info=self.result())
+    self._step_info: dict[str, Any] = {}  # structured facts the tool records
     handler = getattr(self, f"_tool_{action.tool}")
     obs = handler(**action.arguments)
     if action.tool != "sleep":
@@ -266,11 +310,12 @@ class ResearchEnv(env_lib.Environment):
     result = self.result() if self.finished else {}
     if self.finished:
       obs += f"\nFINAL SCORE: {result['score']:.1f} (target {self.task.target_score:.0f})."
+    footer = self._footer()
     return env_lib.StepResult(
-      observation=obs + "\n" + self._footer(),
+      observation=obs + "\n" + footer,
       reward=result.get("score", 0.0) if self.finished else 0.0,
       done=self.finished,
-      info=result,
+      info={**self._step_info, "status_line": footer, **result},
     )
 
   def now_hours(self) -> float:
@@ -391,8 +436,18 @@ class ResearchEnv(env_lib.Environment):
     return f"{prefix}{self.counter}"
 
   def _describe_run(self, run: _Run) -> str:
+    """The run's status line; what it shows is also recorded in `runs_seen`."""
     loss = self._loss(run)
     recent = ", ".join("nan" if math.isnan(x) else f"{x:.3f}" for x in run.losses[-4:])
+    shown = lambda x: None if math.isnan(x) else float(f"{x:.3f}")  # noqa: E731
+    self._step_info.setdefault("runs_seen", []).append(
+      {
+        "run_id": run.run_id,
+        "status": run.status,
+        "train_loss": shown(loss),
+        "recent_losses": [shown(x) for x in run.losses[-4:]],
+      }
+    )
     return (
       f"run {run.run_id}: status={run.status} gpu={run.gpu} data={run.data} "
       f"lr={run.config['learning_rate']:g} batch_size={run.config['batch_size']:g} "
@@ -469,6 +524,12 @@ class ResearchEnv(env_lib.Environment):
     if run.config["learning_rate"] > self.task.max_stable_lr * 1.01 and self.task.lr_diverges:
       run.diverge_at_h = 1.0 + 2.0 * abs(_unit_noise(self.task.seed, run.run_id, "div"))
     self.runs[run.run_id] = run
+    self._step_info["launched"] = {
+      "run_id": run.run_id,
+      "gpu": gpu,
+      "data": data,
+      "config": dict(run.config),
+    }
     return f"launched {run.run_id} on gpu{gpu} with data={data} config={json.dumps(run.config)}"
 
   def _tool_check_run(self, run_id: str) -> str:
@@ -503,6 +564,7 @@ class ResearchEnv(env_lib.Environment):
     if run.status != "running":
       return f"run {run_id} is not running (status={run.status})."
     run.status, run.ended_at = "killed", self.t
+    self._step_info["killed"] = run_id
     return f"killed {run_id} after {self.t - run.started_at:.2f}h."
 
   def _tool_filter_labels(self, method: str = "confidence") -> str:

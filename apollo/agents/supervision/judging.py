@@ -31,21 +31,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-import math
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+from apollo.agents import env as env_lib
+from apollo.agents import envs
 from apollo.agents import guidance as guidance_lib
 from apollo.agents import storage as storage_lib
-from apollo.agents.envs import research as research_env
 from apollo.agents.supervision import labels as labels_lib
-
-Label = labels_lib.Label
-KEEP = labels_lib.KEEP
-MASK = labels_lib.MASK
-
 
 # --------------------------------------------------------------------------- view
 
@@ -56,17 +49,17 @@ class TrajectoryView:
 
   Attributes:
     session: the session record (env name, seed, result).
-    steps: every stored step in order (actions and summaries), with messages and
-      environment snapshots.
+    steps: every stored step in order (actions and summaries), with messages,
+      `info` and environment snapshots.
     guidance: every guidance message of the session (delivered or not).
-    task: the research task (with its hidden facts) when the session ran the
-      built-in research environment and privileged signals are allowed, else None.
+    facts: what the session's environment can tell about the episode
+      (`env.EpisodeFacts`), with the task's hidden facts when privileged.
   """
 
   session: storage_lib.SessionRecord
   steps: list[storage_lib.StepRecord]
   guidance: list[guidance_lib.Guidance]
-  task: research_env.ResearchTask | None = None
+  facts: env_lib.EpisodeFacts = dataclasses.field(default_factory=env_lib.EpisodeFacts)
 
   def __post_init__(self):
     self._position = {s.step_index: i for i, s in enumerate(self.steps)}
@@ -78,21 +71,21 @@ class TrajectoryView:
     session = store.get_session(session_id)
     if session is None:
       raise KeyError(f"unknown session {session_id!r}")
-    task = (
-      research_env.generate_task(session.seed)
-      if privileged and session.env_name == research_env.ResearchEnv.name
-      else None
-    )
     return cls(
       session=session,
       steps=store.get_steps(session_id),
       guidance=store.list_guidance(session_id),
-      task=task,
+      facts=envs.episode_facts(session.env_name, session.seed, privileged),
     )
 
   @property
   def session_id(self) -> str:
     return self.session.session_id
+
+  @property
+  def task(self) -> Any:
+    """The task with its hidden facts (privileged views of known environments)."""
+    return self.facts.task
 
   def step(self, step_index: int) -> storage_lib.StepRecord:
     return self.steps[self._position[step_index]]
@@ -129,7 +122,7 @@ class Judge(Protocol):
 
   name: str
 
-  def judge(self, view: TrajectoryView, step_index: int) -> Label | None: ...
+  def judge(self, view: TrajectoryView, step_index: int) -> labels_lib.Label | None: ...
 
 
 # --------------------------------------------------------------------------- rules
@@ -137,7 +130,7 @@ class Judge(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class RuleConfig:
-  """Environment knowledge the rules use (defaults: research + workspace envs)."""
+  """Tool knowledge the rules use (defaults: research + workspace envs)."""
 
   # Tools that only read state: repeating one with nothing executed in between is a no-op.
   read_only_tools: frozenset[str] = frozenset(
@@ -155,22 +148,11 @@ class RuleConfig:
   )
   # Tools whose repetition is how time passes (never a no-op by themselves).
   wait_tools: frozenset[str] = frozenset({"sleep"})
-  # Tools that kill a job -> the argument naming the job.
-  kill_tools: Mapping[str, str] = dataclasses.field(default_factory=lambda: {"kill_run": "run_id"})
-  # Use the research task's hidden facts (privileged) to judge a run's health.
+  # Let the environment use the task's hidden facts (privileged) to judge a job's health.
   use_hidden_facts: bool = True
 
 
 Rule = Callable[[TrajectoryView, storage_lib.StepRecord, RuleConfig], "str | None"]
-
-_STATUS_LINE_RE = re.compile(r"^\[clock [^\]]*\]$", re.MULTILINE)
-_LAUNCH_RE = re.compile(r"launched (r\d+) on gpu(\d+) with data=(\w+) config=(\{.*?\})")
-_RUN_LINE_RE = re.compile(
-  r"run (r\d+): status=(\w+) .*?train_loss=(\S+)"
-  r"(?: recent_losses=\[([^\]]*)\])?"
-)
-_LR_RE = re.compile(r"\d*\.\d+(?:e-?\d+)?|\d+e-?\d+")
-_NO_KILL_RE = re.compile(r"\b(?:don't|don’t|do not|never)\s+kill\b|\bbe patient\b")
 
 
 def _first_line(text: str, limit: int = 160) -> str:
@@ -205,10 +187,6 @@ def rule_invalid_call(
   return None
 
 
-def _strip_status(observation: str) -> str:
-  return _STATUS_LINE_RE.sub("", observation).strip()
-
-
 def rule_repeated_noop(
   view: TrajectoryView, step: storage_lib.StepRecord, config: RuleConfig
 ) -> str | None:
@@ -217,9 +195,10 @@ def rule_repeated_noop(
   Criterion: the previous *executed* action (invalid calls and summaries in
   between are skipped: they change nothing) had the same tool and arguments, no
   new human guidance arrived with this step, the tool is not a wait tool
-  (`sleep`), and either the observation is identical apart from the clock status
-  line, or the tool is read-only (`check_run`, `read_file`, ...) so nothing
-  can have changed.
+  (`sleep`), and either the observation is the same apart from what the
+  environment appends to every observation (`EpisodeFacts.observation_content`:
+  the research task's clock line), or the tool is read-only (`check_run`,
+  `read_file`, ...) so nothing can have changed.
   """
   if not _executed(step) or step.guidance_ids:
     return None
@@ -229,7 +208,7 @@ def rule_repeated_noop(
   previous = next((s for s in reversed(view.earlier(step.step_index)) if _executed(s)), None)
   if previous is None or previous.action != step.action:
     return None
-  if _strip_status(step.observation) == _strip_status(previous.observation):
+  if view.facts.observation_content(step) == view.facts.observation_content(previous):
     return f"repeats step {previous.step_index} ({tool}) and got the same observation"
   if tool in config.read_only_tools:
     return (
@@ -239,193 +218,25 @@ def rule_repeated_noop(
   return None
 
 
-@dataclasses.dataclass(frozen=True)
-class RunSetup:
-  """How a training run was launched (from the env snapshot or the launch log)."""
-
-  run_id: str
-  gpu: int | None
-  data: str | None
-  learning_rate: float | None
-  status: str | None = None
-  trained_h: float | None = None
-
-
-def run_setup(view: TrajectoryView, step_index: int, run_id: str) -> RunSetup | None:
-  """The run as it was right before `step_index`.
-
-  Signals, in order: the environment snapshot stored with the previous step
-  (`env_state['runs']`, research env), else the launch observation
-  ('launched r3 on gpu1 with data=filtered config={...}').
-  """
-  previous = view.previous(step_index)
-  state = previous.env_state if previous is not None else None
-  for run in (state or {}).get("runs", ()):
-    if run.get("run_id") == run_id:
-      return RunSetup(
-        run_id,
-        run.get("gpu"),
-        run.get("data"),
-        (run.get("config") or {}).get("learning_rate"),
-        run.get("status"),
-        run.get("trained_h"),
-      )
-  for earlier in reversed(view.earlier(step_index)):
-    match = _LAUNCH_RE.search(earlier.observation)
-    if match and match.group(1) == run_id:
-      try:
-        lr = float(json.loads(match.group(4))["learning_rate"])
-      except (ValueError, KeyError, TypeError):
-        lr = None
-      return RunSetup(run_id, int(match.group(2)), match.group(3), lr)
-  return None
-
-
-def research_run_problems(task: research_env.ResearchTask, setup: RunSetup) -> list[str]:
-  """What keeps a research run from reaching the target, by the task's hidden facts.
-
-  The same criteria the simulated human uses for a "healthy" run: clean data when
-  the labels are noisy, a stable learning rate, not the shared GPU.
-  """
-  problems = []
-  if task.noisy_labels and setup.data != "filtered":
-    problems.append(f"data={setup.data} while {100 * task.noise_rate:.0f}% of labels are wrong")
-  if (
-    task.lr_diverges
-    and setup.learning_rate is not None
-    and setup.learning_rate > task.max_stable_lr * 1.01
-  ):
-    problems.append(f"lr={setup.learning_rate:g} diverges (stable up to {task.max_stable_lr:g})")
-  if task.gpu_conflict and setup.gpu == 0:
-    problems.append("gpu0 is shared and trains at under half speed")
-  return problems
-
-
-def _last_run_log(
-  view: TrajectoryView, step_index: int, run_id: str
-) -> tuple[str, float, list[float]] | None:
-  """(status, loss, recent losses) from the latest log line of the run, if any."""
-  for earlier in reversed(view.earlier(step_index)):
-    for match in _RUN_LINE_RE.finditer(earlier.observation):
-      if match.group(1) == run_id:
-
-        def number(text: str) -> float:
-          try:
-            return float(text)
-          except ValueError:
-            return math.nan
-
-        recent = [number(x) for x in (match.group(4) or "").split(",") if x.strip()]
-        return match.group(2), number(match.group(3)), recent
-  return None
-
-
 def rule_destroys_progress(
   view: TrajectoryView, step: storage_lib.StepRecord, config: RuleConfig
 ) -> str | None:
-  """Fires when the agent killed a job that was healthy.
+  """Fires when the agent stopped a job that was healthy.
 
-  Criterion: a kill tool (`kill_run`) succeeded (the observation starts with
-  'killed') on a run that was running, and the run was healthy:
-  - with hidden facts (research env, `use_hidden_facts`, and the run's setup
-    known from the env snapshot or the launch log): the setup (data, learning
-    rate, GPU) has none of the task's problems (`research_run_problems`), i.e.
-    the run only needed time;
-  - otherwise, from the log the agent itself saw: the run's last status line
-    showed status=running with a finite loss and recent losses that were not
-    rising. A run the agent never looked at is not judged.
+  Criterion: the step stopped a running job (`EpisodeFacts.stopped_job`: the
+  research task's successful `kill_run`), and the environment finds the job was
+  healthy (`EpisodeFacts.healthy_job`): for the research task, by the hidden
+  facts when `use_hidden_facts` and the view is privileged (the run's setup had
+  none of the task's problems, it only needed time), otherwise by what the agent
+  itself was shown (running, a finite loss, not rising). A job the environment
+  cannot judge is not judged.
   """
-  if not _executed(step) or step.action["tool"] not in config.kill_tools:
+  if not _executed(step):
     return None
-  if not step.observation.lstrip().startswith("killed"):
-    return None  # nothing was destroyed (unknown or finished job)
-  run_id = step.action["arguments"].get(config.kill_tools[step.action["tool"]])
-  if run_id is None:
+  job_id = view.facts.stopped_job(step)
+  if job_id is None:
     return None
-  setup = run_setup(view, step.step_index, run_id)
-  if config.use_hidden_facts and view.task is not None and setup is not None:
-    if research_run_problems(view.task, setup):
-      return None  # a doomed run: killing it frees the GPU
-    trained = (
-      f", {setup.trained_h:.1f}h of {view.task.hours_needed:g}h trained"
-      if setup.trained_h is not None
-      else ""
-    )
-    return (
-      f"killed {run_id}, a healthy run (gpu={setup.gpu}, data={setup.data}, "
-      f"lr={setup.learning_rate}{trained}) that only needed more time"
-    )
-  log = _last_run_log(view, step.step_index, run_id)
-  if log is None:
-    return None
-  status, loss, recent = log
-  finite = [x for x in recent if not math.isnan(x)]
-  rising = len(finite) >= 2 and finite[-1] > finite[0] * 1.01
-  if status == "running" and not math.isnan(loss) and not rising and len(finite) == len(recent):
-    return (
-      f"killed {run_id} although its last log showed it running with a finite, "
-      f"non-rising loss ({loss:g})"
-    )
-  return None
-
-
-@dataclasses.dataclass
-class Advice:
-  """The human's advice in force at one step (later messages override earlier ones).
-
-  Each field holds the id of the guidance message that set it (None: not advised).
-  """
-
-  filter_labels: int | None = None  # train on data=filtered
-  max_lr: float | None = None  # learning rate at most this
-  max_lr_id: int | None = None
-  gpu: int | None = None  # launch on this GPU
-  gpu_id: int | None = None
-  no_kill: int | None = None  # don't kill (healthy) runs
-
-  def update(self, guidance_id: int, text: str) -> None:
-    """Reads one message with keyword rules (the simulated human's phrasings and
-    their obvious variants)."""
-    low = text.lower()
-    if "filter" in low:
-      self.filter_labels = guidance_id
-    if "learning rate" in low or "learning_rate" in low or re.search(r"\blr\b", low):
-      rates = [float(x) for x in _LR_RE.findall(low) if 0.0 < float(x) < 0.1]
-      if rates:
-        self.max_lr, self.max_lr_id = min(rates), guidance_id
-    gpus = re.findall(r"gpu ?(\d)", low)
-    if gpus and re.search(r"\b(?:instead|use|launch)\b", low):
-      self.gpu, self.gpu_id = int(gpus[-1]), guidance_id  # "gpu 0 is shared; use gpu 1"
-    if _NO_KILL_RE.search(low):
-      self.no_kill = guidance_id
-
-  def run_violations(self, setup: RunSetup) -> list[str]:
-    """How a run's setup goes against this advice."""
-    out = []
-    if self.filter_labels is not None and setup.data is not None and setup.data != "filtered":
-      out.append(
-        f"data={setup.data} although guidance {self.filter_labels} said to filter the labels"
-      )
-    if (
-      self.max_lr is not None
-      and setup.learning_rate is not None
-      and setup.learning_rate > self.max_lr * 1.01
-    ):
-      out.append(
-        f"lr={setup.learning_rate:g} although guidance {self.max_lr_id} said at most "
-        f"{self.max_lr:g}"
-      )
-    if self.gpu is not None and setup.gpu is not None and setup.gpu != self.gpu:
-      out.append(f"gpu={setup.gpu} although guidance {self.gpu_id} said gpu {self.gpu}")
-    return out
-
-
-def advice_in_force(view: TrajectoryView, step_index: int) -> Advice:
-  """The advice of every guidance message delivered at or before `step_index`."""
-  advice = Advice()
-  for g in view.delivered_guidance(step_index):
-    advice.update(g.guidance_id, g.text)
-  return advice
+  return view.facts.healthy_job(view.earlier(step.step_index), job_id, config.use_hidden_facts)
 
 
 def rule_ignores_advice(
@@ -433,53 +244,17 @@ def rule_ignores_advice(
 ) -> str | None:
   """Fires on an action that contradicts human guidance already shown to the agent.
 
-  Criterion: guidance delivered at or before this step (its text read by
-  `Advice.update`) said to filter labels / keep the learning rate at most X / use
-  GPU N / not kill runs, and this action
-  - launches a run with data=raw, on another GPU, or while the configured
-    learning rate (from the launch log, else the env snapshot) is above X;
-  - sets learning_rate above X;
-  - kills a running run after "don't kill", unless that run itself goes against
-    the advice (then replacing it is what the human asked for).
+  Criterion: the environment finds that the action goes against the guidance
+  delivered at or before this step (`EpisodeFacts.contradicted_advice`; for the
+  research task: raw data after "filter the labels", a learning rate above the
+  advised one, another GPU than advised, killing a sound run after "don't kill").
   """
+  del config
   if not _executed(step):
     return None
-  advice = advice_in_force(view, step.step_index)
-  if advice == Advice():
-    return None
-  tool, args = step.action["tool"], step.action["arguments"]
-  if tool == "launch_run":
-    lr = None
-    match = _LAUNCH_RE.search(step.observation)
-    if match:
-      lr = json.loads(match.group(4)).get("learning_rate")
-    else:
-      previous = view.previous(step.step_index)
-      lr = (
-        ((previous.env_state or {}).get("config") or {}).get("learning_rate")
-        if previous is not None
-        else None
-      )
-    setup = RunSetup("(new)", args.get("gpu"), args.get("data", "raw"), lr)
-    violations = advice.run_violations(setup)
-    return "launched a run with " + "; ".join(violations) if violations else None
-  if tool == "set_config" and args.get("key") == "learning_rate" and advice.max_lr is not None:
-    value = args.get("value")
-    if isinstance(value, (int, float)) and value > advice.max_lr * 1.01:
-      return (
-        f"set learning_rate={value:g} although guidance {advice.max_lr_id} said at most "
-        f"{advice.max_lr:g}"
-      )
-    return None
-  if tool in config.kill_tools and advice.no_kill is not None:
-    if not step.observation.lstrip().startswith("killed"):
-      return None
-    run_id = args.get(config.kill_tools[tool])
-    setup = run_setup(view, step.step_index, run_id) if run_id else None
-    if setup is not None and advice.run_violations(setup):
-      return None  # the advice itself made this run pointless
-    return f"killed {run_id} although guidance {advice.no_kill} said not to kill runs"
-  return None
+  return view.facts.contradicted_advice(
+    step, view.earlier(step.step_index), view.delivered_guidance(step.step_index)
+  )
 
 
 RULES: dict[str, Rule] = {
@@ -509,7 +284,7 @@ class RuleJudge:
     self.config = config or RuleConfig()
     self.name = name
 
-  def judge(self, view: TrajectoryView, step_index: int) -> Label | None:
+  def judge(self, view: TrajectoryView, step_index: int) -> labels_lib.Label | None:
     step = view.step(step_index)
     if step.kind != "action":
       return None
@@ -517,9 +292,12 @@ class RuleJudge:
       (r, detail) for r in self.rules if (detail := RULES[r](view, step, self.config)) is not None
     ]
     if not fired:
-      return Label(KEEP, "ok", self.name)
-    return Label(
-      MASK, "+".join(r for r, _ in fired), self.name, "; ".join(f"{r}: {d}" for r, d in fired)
+      return labels_lib.Label(labels_lib.KEEP, "ok", self.name)
+    return labels_lib.Label(
+      labels_lib.MASK,
+      "+".join(r for r, _ in fired),
+      self.name,
+      "; ".join(f"{r}: {d}" for r, d in fired),
     )
 
 
@@ -532,21 +310,25 @@ class HumanFlagJudge:
   def __init__(self, name: str = "human"):
     self.name = name
 
-  def judge(self, view: TrajectoryView, step_index: int) -> Label | None:
+  def judge(self, view: TrajectoryView, step_index: int) -> labels_lib.Label | None:
     step = view.step(step_index)
     if step.kind != "action" or step.human_flag is None:
       return None
     if step.human_flag == "bad":
-      return Label(MASK, "human_flag", self.name, step.human_flag_reason or "")
-    return Label(KEEP, "human_flag", self.name, step.human_flag_reason or "")
+      return labels_lib.Label(
+        labels_lib.MASK, "human_flag", self.name, step.human_flag_reason or ""
+      )
+    return labels_lib.Label(labels_lib.KEEP, "human_flag", self.name, step.human_flag_reason or "")
 
 
 # --------------------------------------------------------------------------- combine
 
 
 def combine(
-  labels: Iterable[Label | None], authoritative: Sequence[str] = ("human",), name: str = "combined"
-) -> Label:
+  labels: Iterable[labels_lib.Label | None],
+  authoritative: Sequence[str] = ("human",),
+  name: str = "combined",
+) -> labels_lib.Label:
   """One verdict from the labels of one step.
 
   Policy: if a judge named in `authoritative` (the human) labelled the step, its
@@ -560,16 +342,16 @@ def combine(
   if masks:
     codes = list(dict.fromkeys(c for l in masks for c in l.reason_codes))
     detail = "; ".join(f"{l.judge}: {l.detail or l.reason}" for l in masks)
-    return Label(MASK, "+".join(codes), name, detail)
+    return labels_lib.Label(labels_lib.MASK, "+".join(codes), name, detail)
   if decisive:  # the human kept it, perhaps against another judge
     overridden = any(l.masked for l in present)
-    return Label(
-      KEEP,
+    return labels_lib.Label(
+      labels_lib.KEEP,
       "human_override" if overridden else "human_flag",
       name,
       "; ".join(f"{l.judge}: {l.detail or l.reason}" for l in decisive),
     )
-  return Label(KEEP, "ok", name)
+  return labels_lib.Label(labels_lib.KEEP, "ok", name)
 
 
 @dataclasses.dataclass
@@ -577,8 +359,8 @@ class SessionJudgement:
   """Every judge's labels and the combined verdict of each action step."""
 
   session_id: str
-  labels: dict[int, list[Label]]
-  combined: dict[int, Label]
+  labels: dict[int, list[labels_lib.Label]]
+  combined: dict[int, labels_lib.Label]
 
   def masked_steps(self) -> list[int]:
     return sorted(i for i, l in self.combined.items() if l.masked)
@@ -608,8 +390,8 @@ def judge_session(
     privileged: let rule judges use the research task's hidden facts.
   """
   view = TrajectoryView.load(store, session_id, privileged=privileged)
-  by_step: dict[int, list[Label]] = {}
-  combined: dict[int, Label] = {}
+  by_step: dict[int, list[labels_lib.Label]] = {}
+  combined: dict[int, labels_lib.Label] = {}
   for step in view.action_steps():
     step_labels = [l for j in judges if (l := j.judge(view, step.step_index)) is not None]
     by_step[step.step_index] = step_labels
@@ -628,7 +410,7 @@ def stored_verdicts(
   session_id: str,
   label_store: labels_lib.LabelStore | None = None,
   authoritative: Sequence[str] = ("human",),
-) -> dict[int, tuple[Label, list[Label]]]:
+) -> dict[int, tuple[labels_lib.Label, list[labels_lib.Label]]]:
   """step_index -> (combined verdict, all labels) of every action step, from storage.
 
   Labels in `label_store` are combined with `combine`; a step without any is
@@ -636,7 +418,7 @@ def stored_verdicts(
   ('unjudged').
   """
   stored = label_store.get(session_id) if label_store is not None else {}
-  out: dict[int, tuple[Label, list[Label]]] = {}
+  out: dict[int, tuple[labels_lib.Label, list[labels_lib.Label]]] = {}
   for step in store.get_steps(session_id, full=False):
     if step.kind != "action":
       continue
@@ -645,17 +427,17 @@ def stored_verdicts(
       out[step.step_index] = (combine(step_labels, authoritative), step_labels)
     elif step.quality == "bad":
       reason, _, detail = (step.quality_reason or "quality").partition(": ")
-      out[step.step_index] = (Label(MASK, reason, "quality", detail), [])
+      out[step.step_index] = (labels_lib.Label(labels_lib.MASK, reason, "quality", detail), [])
     elif step.human_flag in ("good", "bad"):
-      label = Label(
-        MASK if step.human_flag == "bad" else KEEP,
+      label = labels_lib.Label(
+        labels_lib.MASK if step.human_flag == "bad" else labels_lib.KEEP,
         "human_flag",
         "human",
         step.human_flag_reason or "",
       )
       out[step.step_index] = (combine([label], authoritative), [label])
     else:
-      out[step.step_index] = (Label(KEEP, "unjudged", "quality"), [])
+      out[step.step_index] = (labels_lib.Label(labels_lib.KEEP, "unjudged", "quality"), [])
   return out
 
 

@@ -109,7 +109,7 @@ class LLMJudge:
     history_steps: how many earlier action steps the prompt shows.
     max_observation_chars: observations are middle-cut to this length.
     max_response_chars: the judged response is middle-cut to this length.
-    include_hidden_facts: also show the research task's hidden facts (a
+    include_hidden_facts: also show the task's hidden facts (a
       privileged judge, like the simulated human); off by default.
 
   Attributes:
@@ -177,9 +177,10 @@ class LLMJudge:
         f"{_shorten(s.observation, 300).replace(chr(10), chr(10) + '     ')}"
       )
     task = view.task_text()
-    if self.include_hidden_facts and view.task is not None:
+    hidden = view.facts.hidden_facts() if self.include_hidden_facts else {}
+    if hidden:
       task += "\n\nFacts about this task that the agent was not told: " + json.dumps(
-        view.task.hidden_facts(), sort_keys=True
+        hidden, sort_keys=True
       )
     user = JUDGE_USER_TEMPLATE.format(
       task=_shorten(task, 4000),

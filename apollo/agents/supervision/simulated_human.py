@@ -7,7 +7,8 @@ within a budget. Its messages are stored like a person's, with
 `source="simulated_human"` and the rules that fired in `meta`, so interventions
 are counted per session; steps it judges harmful are flagged `bad` with a reason.
 
-Rules for the research environment (hidden facts from `research_env.generate_task`):
+Rules for the research environment (hidden facts from `research.generate_task`; what
+a step did from its structured record, `research_facts.launched` / `killed`):
 - a run launched on raw data when the labels are noisy -> "filter first";
 - a run launched with a learning rate that diverges on this task -> the safe rate;
 - a run launched on the shared GPU -> "use gpu 1";
@@ -28,18 +29,16 @@ deterministic: used by the property measurements), or `poll` / `watch` against a
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from apollo.agents.envs import research as research_env
+from apollo.agents.envs import research_facts
 from apollo.agents.service import client as client_lib
 
 SOURCE = "simulated_human"
-_LAUNCH_RE = re.compile(r"launched (r\d+) on gpu(\d) with data=(\w+) config=(\{.*?\})")
 
 
 @dataclasses.dataclass
@@ -91,7 +90,7 @@ class SimulatedHuman:
       session = self.api.get_session(session_id)
       task = (
         research_env.generate_task(int(session["seed"]))
-        if session["env_name"] == "research"
+        if session["env_name"] == research_env.ResearchEnv.name
         else None
       )
       watch = _Watch(task=task)
@@ -177,15 +176,12 @@ class SimulatedHuman:
 
   def _apply_rules(self, session_id: str, watch: _Watch, step: Mapping[str, Any]) -> None:
     task = watch.task
-    action, obs = step["action"], step["observation"]
-    if action["tool"] == "launch_run":
-      launch = _LAUNCH_RE.search(obs)
-      if not launch:
-        return
-      run_id, gpu, data = launch.group(1), int(launch.group(2)), launch.group(3)
-      lr = float(json.loads(launch.group(4))["learning_rate"])
+    info = step.get("info") or {}
+    setup = research_facts.launched(info)
+    if setup is not None:
+      problems = task.run_problems(setup)
       rules, parts = [], []
-      if task.noisy_labels and data == "raw" and "noisy_labels" not in watch.fired:
+      if "noisy_labels" in problems and "noisy_labels" not in watch.fired:
         rules.append("noisy_labels")
         parts.append(
           f"The labels in this dataset are noisy: about {100 * task.noise_rate:.0f}% "
@@ -193,30 +189,25 @@ class SimulatedHuman:
           f"about {task.filter_hours:g} hours) and train on data=filtered; a run on "
           "the raw data will not reach the target."
         )
-      if task.lr_diverges and lr > task.max_stable_lr * 1.01 and "lr_diverges" not in watch.fired:
+      if "lr_diverges" in problems and "lr_diverges" not in watch.fired:
         rules.append("lr_diverges")
         parts.append(
-          f"A learning rate of {lr:g} diverges on this task after an hour or two. "
-          f"Set the learning rate to {task.max_stable_lr:g} and relaunch."
+          f"A learning rate of {setup.learning_rate:g} diverges on this task after an hour "
+          f"or two. Set the learning rate to {task.max_stable_lr:g} and relaunch."
         )
-      if task.gpu_conflict and gpu == 0 and "gpu_conflict" not in watch.fired:
+      if "gpu_conflict" in problems and "gpu_conflict" not in watch.fired:
         rules.append("gpu_conflict")
         parts.append(
           "GPU 0 is shared with another team's job all day, so anything on it "
           "trains at less than half speed. Launch on gpu 1 instead."
         )
-      healthy = (
-        (not task.noisy_labels or data == "filtered")
-        and (not task.lr_diverges or lr <= task.max_stable_lr * 1.01)
-        and (not task.gpu_conflict or gpu != 0)
-      )
-      if healthy:
-        watch.healthy_runs.add(run_id)
+      if not problems:
+        watch.healthy_runs.add(setup.run_id)
         if "patience" not in watch.fired:
           rules.append("patience")
           a, b = task.plateau
           parts.append(
-            f"Run {run_id} is set up well. It needs about {task.hours_needed:.0f} "
+            f"Run {setup.run_id} is set up well. It needs about {task.hours_needed:.0f} "
             f"hours of training in total, and its loss stays flat for a few hours "
             f"in the middle (around hours {a * task.hours_needed:.0f}-"
             f"{b * task.hours_needed:.0f}); that is normal. Don't kill it: sleep "
@@ -224,26 +215,25 @@ class SimulatedHuman:
           )
       if rules:
         self._schedule(watch, step["step_index"], rules, " ".join(parts))
-    elif action["tool"] == "kill_run":
-      run_id = action["arguments"].get("run_id")
-      if run_id in watch.healthy_runs and obs.startswith("killed"):
-        if self.flag_steps:
-          self.api.flag_step(
-            session_id,
-            step["step_index"],
-            "bad",
-            f"[{SOURCE}] killed healthy run {run_id}, which only needed more time",
-          )
-          watch.flags += 1
-        if "patience" not in watch.fired:
-          self._schedule(
-            watch,
-            step["step_index"],
-            ["patience"],
-            f"{run_id} was healthy: runs here need about "
-            f"{task.hours_needed:.0f} hours and the loss is flat for a while in "
-            "the middle. Relaunch the same setup and don't kill it this time.",
-          )
+    run_id = research_facts.killed(info)
+    if run_id in watch.healthy_runs:
+      if self.flag_steps:
+        self.api.flag_step(
+          session_id,
+          step["step_index"],
+          "bad",
+          f"[{SOURCE}] killed healthy run {run_id}, which only needed more time",
+        )
+        watch.flags += 1
+      if "patience" not in watch.fired:
+        self._schedule(
+          watch,
+          step["step_index"],
+          ["patience"],
+          f"{run_id} was healthy: runs here need about "
+          f"{task.hours_needed:.0f} hours and the loss is flat for a while in "
+          "the middle. Relaunch the same setup and don't kill it this time.",
+        )
 
   def _send_due(self, session_id: str, watch: _Watch) -> None:
     now = time.time()

@@ -2,7 +2,7 @@
 
 Trajectories come from the real loop and store: canned responses (`ListBackend`)
 drive the research environment through `agent.run_episode`, so every rule is
-checked on the observations and snapshots the environment really produces.
+checked on the observations, step records and snapshots the environment really produces.
 """
 
 import os
@@ -123,7 +123,7 @@ def test_destroys_progress_with_hidden_facts(store):
   judge = judging.RuleJudge(rules=["destroys_progress"])
   assert fired(judge, view) == {4: ["destroys_progress"]}
   assert "healthy run" in judge.judge(view, 4).detail
-  # The snapshot is the first signal; the launch log alone gives the same answer.
+  # The snapshot is the first signal; the launch step's record alone gives the same answer.
   for step in view.steps:
     step.env_state = None
   assert fired(judge, view) == {4: ["destroys_progress"]}
