@@ -72,6 +72,7 @@ from apollo.common import metrics as metrics_lib
 from apollo.common import training as train_lib
 from apollo.lm import pretrain
 from apollo.lm.datasets import logic_mc, multiple_choice
+from apollo.models import hf
 from apollo.models import tokenizer as tokenizer_lib
 from apollo.models.roberta import model as model_lib
 from apollo.models.roberta import params as roberta_params
@@ -393,9 +394,9 @@ def resolve_init(config: ml_collections.ConfigDict) -> InitSource:
     kind = "pretrain"
   elif config.init_from_hf:
     path = config.init_from_hf
-    if not os.path.isfile(os.path.join(path, roberta_params.CONFIG_NAME)):
+    if not os.path.isfile(os.path.join(path, hf.CONFIG_NAME)):
       raise FileNotFoundError(
-        f"--config.init_from_hf={path}: no {os.path.join(path, roberta_params.CONFIG_NAME)}."
+        f"--config.init_from_hf={path}: no {os.path.join(path, hf.CONFIG_NAME)}."
       )
     model_config = roberta_params.config_from_hf(path, **common)
     tokenizer_path = tokenizer_path or path

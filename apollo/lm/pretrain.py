@@ -70,6 +70,7 @@ from apollo.lm.data import (
   tagging,
   text_sources,
 )
+from apollo.models import hf
 from apollo.models import tokenizer as tokenizer_lib
 from apollo.models.roberta import model as model_lib
 from apollo.models.roberta import params as roberta_params
@@ -328,7 +329,7 @@ def model_config_from(
     dtype=m.dtype,
   )
   if config.init_from_hf:
-    path = os.path.join(config.init_from_hf, roberta_params.CONFIG_NAME)
+    path = os.path.join(config.init_from_hf, hf.CONFIG_NAME)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"--config.init_from_hf={config.init_from_hf}: no {path}.")
     model_config = roberta_params.config_from_hf(config.init_from_hf, **common)
