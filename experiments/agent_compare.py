@@ -8,15 +8,15 @@ success rate, interventions per episode, fraction of actions masked, cost in
 environment steps; plus every seed's rows), WORKDIR/results.md (the table) and
 WORKDIR/results.png. Rerunning resumes: finished rollouts are reused from the
 stores and every fine-tune resumes from its checkpoints. The pipeline is
-`apollo.agents.compare.run_comparison`; the fields are `compare.*` in
+`apollo.studies.agent_compare.run_comparison`; the fields are `compare.*` in
 `apollo/agents/configs/sft.py` (preset `compare`).
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from apollo.agents import compare
 from apollo.common import checkpoint as checkpoint_lib
+from apollo.studies import agent_compare
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -32,8 +32,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   checkpoint_lib.quiet_orbax_logs()
-  results = compare.run_comparison(_CONFIG.value, _WORKDIR.value)
-  print(compare.markdown_table(results))
+  results = agent_compare.run_comparison(_CONFIG.value, _WORKDIR.value)
+  print(agent_compare.markdown_table(results))
   print(f"results: {_WORKDIR.value}/results.json ({results['wall_s']:.0f} s)")
 
 

@@ -9,14 +9,14 @@ r"""Agent-policy SFT on masked per-step samples: a thin absl main over the train
 Rerunning the same command resumes from `--workdir` (checkpoints, data position).
 At the end the policy is exported to `WORKDIR/policy`, which the 'flax' rollout
 backend loads (`make_flax_backend(seed, checkpoint='WORKDIR/policy')`). The trainer
-is `apollo.agents.sft.train_and_evaluate`; the fields are in
+is `apollo.agents.training.sft.train_and_evaluate`; the fields are in
 `apollo/agents/configs/sft.py`.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from apollo.agents import sft
+from apollo.agents.training import sft
 from apollo.common import checkpoint as checkpoint_lib
 
 _CONFIG = config_flags.DEFINE_config_file(

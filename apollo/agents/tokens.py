@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+import tokenizers
+
 TokenCounter = Callable[[str], int]
 
 # Chat templates add role markers and separators around every message.
@@ -25,9 +27,7 @@ def approx_token_count(text: str) -> int:
 
 def tokenizer_counter(tokenizer_json_path: str) -> TokenCounter:
   """Exact counts from a `tokenizer.json` (Hugging Face `tokenizers`)."""
-  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
-
-  tokenizer = Tokenizer.from_file(tokenizer_json_path)
+  tokenizer = tokenizers.Tokenizer.from_file(tokenizer_json_path)
   return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
 
 

@@ -3,11 +3,7 @@
 import os
 import re
 
-from apollo.agents import (
-  agent,
-  storage,
-  summarize,
-)
+from apollo.agents import agent, storage, summarize
 from apollo.agents import guidance as guidance_lib
 from apollo.agents.backends import base as backends_lib
 from apollo.agents.envs import research as research_env

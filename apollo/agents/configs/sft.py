@@ -1,17 +1,17 @@
-r"""Configs of agent-policy SFT (`apollo/agents/sft.py`) and of the comparison.
+r"""Configs of agent-policy SFT (`apollo/agents/training/sft.py`) and of the comparison.
 
 Launch the trainer (demo samples from scripted rollouts, a tiny decoder, CPU)::
 
   python -m experiments.agent_sft --flagfile=experiments/flags/agent_sft_quickstart.flags
 
-or on exported samples (e.g. `apollo.agents.sft_data`'s JSONL)::
+or on exported samples (`apollo.agents.training.samples.write_jsonl`)::
 
   python -m experiments.agent_sft --workdir=runs/sft \
       --config=apollo/agents/configs/sft.py:quickstart \
       --config.data.train_path=runs/data/train.jsonl \
       --config.data.tokenizer_path=runs/data/tokenizer.json
 
-The comparison (variants a..e; `apollo/agents/compare.py`)::
+The comparison (variants a..e; `apollo/studies/agent_compare.py`)::
 
   python -m experiments.agent_compare --flagfile=experiments/flags/compare_quickstart.flags
 
@@ -53,7 +53,7 @@ def _base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
 
   c.data = ml_collections.ConfigDict()
-  c.data.train_path = ""  # JSONL samples (input_ids, loss_mask); "" = demo samples in workdir.
+  c.data.train_path = ""  # JSONL samples (samples.write_jsonl); "" = demo samples in workdir.
   c.data.eval_path = ""  # JSONL held-out samples; "" = hold out eval_fraction of train.
   c.data.eval_fraction = 0.05  # Share of samples held out when eval_path is "".
   c.data.tokenizer_path = ""  # tokenizer.json of the samples; "" = init_from's.

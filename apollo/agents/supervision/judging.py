@@ -405,6 +405,18 @@ def judge_session(
   return SessionJudgement(session_id, by_step, combined)
 
 
+def judge_sessions(
+  store: storage_lib.TrajectoryStore,
+  session_ids: Sequence[str],
+  judges: Sequence[Judge] | None = None,
+  **options: Any,
+) -> list[SessionJudgement]:
+  """`judge_session` over several sessions; the default judges are the rules and
+  the human's flags (`RuleJudge()`, `HumanFlagJudge()`)."""
+  judges = list(judges) if judges is not None else [RuleJudge(), HumanFlagJudge()]
+  return [judge_session(store, sid, judges, **options) for sid in session_ids]
+
+
 def stored_verdicts(
   store: storage_lib.TrajectoryStore,
   session_id: str,

@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apollo.agents import guidance
 from apollo.agents.backends import base as backends_lib
 from apollo.agents.backends import flax_policy, registry
 from apollo.models import chat_template as C
@@ -12,18 +11,11 @@ from apollo.models.llama import model as D
 from apollo.models.llama import params as DI
 from apollo.models.llama import sampling
 
-GUIDANCE = guidance.format_guidance(
-  guidance.Guidance(
-    guidance_id=3, session_id="s", text="Use gpu 1 instead.", source="human", sent_at=0.0
-  )
-)
 MESSAGES = [
   {"role": "system", "content": "You are a research agent."},
   {"role": "user", "content": "Train the model."},
   {"role": "assistant", "content": 'Reading.\n{"tool": "read_file"}'},
   {"role": "user", "content": "[observation] README: train.py"},
-  {"role": "user", "content": GUIDANCE},
-  {"role": "assistant", "content": '{"tool": "launch_run", "arguments": {"gpu": 1}}'},
 ]
 
 

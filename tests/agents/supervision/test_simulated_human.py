@@ -1,14 +1,10 @@
-"""The simulated human, and the measured properties of the research environment."""
+"""The simulated human: rules on hidden facts, delays, budget, flags, restarts."""
 
 import os
 
 import pytest
 
-from apollo.agents import (
-  agent,
-  research_metrics,
-  storage,
-)
+from apollo.agents import agent, storage
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
 from apollo.agents.service import client as client_lib
@@ -86,15 +82,3 @@ def test_human_state_survives_a_restart(store):
   )
   watch = human._watch("r")  # pylint: disable=protected-access
   assert watch.sent == 1 and {"noisy_labels", "gpu_conflict"} <= watch.fired
-
-
-def test_environment_properties_hold():
-  """Measured on 16 train and 16 test seeds: long episodes, rare solo success,
-  large gain from human knowledge."""
-  for split in ("train", "test"):
-    solo = research_metrics.measure(split, 16, with_human=False)
-    guided = research_metrics.measure(split, 16, with_human=True)
-    assert solo["median_steps"] >= 50 and guided["median_steps"] >= 50
-    assert solo["success_rate"] <= 0.2
-    assert guided["success_rate"] >= solo["success_rate"] + 0.5
-    assert guided["mean_interventions"] <= 4

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from apollo.agents import sft
 from apollo.agents.backends import registry
 from apollo.agents.configs import sft as agent_sft_config
+from apollo.agents.training import samples as samples_lib
+from apollo.agents.training import sft
 from apollo.models import chat_template
 from apollo.models.llama import model as decoder
 
@@ -31,7 +32,7 @@ def _samples(lengths, seed=0, vocab=60):
   for n in lengths:
     mask = np.zeros(n, bool)
     mask[n // 2 :] = True
-    out.append({"input_ids": rng.integers(3, vocab, n).astype(np.int32), "loss_mask": mask})
+    out.append(samples_lib.Sample(rng.integers(3, vocab, n).astype(np.int32), mask))
   return out
 
 
@@ -57,7 +58,7 @@ def test_pack_keeps_masks_segments_and_positions():
     assert np.all(packed["weights"][r][seg == 0] == 0)
   assert len(found) == len(samples)
   for sample, (ids, weights, targets, positions) in zip(samples, found):
-    want_ids, want_mask = sample["input_ids"][-16:], sample["loss_mask"][-16:]
+    want_ids, want_mask = sample.input_ids[-16:], sample.loss_mask[-16:]
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_array_equal(positions, np.arange(len(ids)))
     np.testing.assert_array_equal(targets[:-1], want_ids[1:])
@@ -92,7 +93,7 @@ def test_packed_logits_equal_unpacked():
   batch = {k: jnp.asarray(packed[k]) for k in sft.BATCH_KEYS}
   logits = np.asarray(sft.packed_logits(model, batch))[0]
   for s, sample in enumerate(samples, start=1):
-    alone, _ = model(jnp.asarray(sample["input_ids"])[None])
+    alone, _ = model(jnp.asarray(sample.input_ids)[None])
     where = packed["segment_ids"][0] == s
     np.testing.assert_allclose(logits[where], np.asarray(alone)[0], atol=2e-5, rtol=2e-5)
 
@@ -127,7 +128,7 @@ def _chat_samples(tokenizer, n=24):
       },
     ]
     r = template.render(messages)
-    out.append({"input_ids": r.ids, "loss_mask": r.loss_mask})
+    out.append(samples_lib.Sample(r.ids, r.loss_mask, r.roles, r.segments))
   return out
 
 

@@ -1,15 +1,19 @@
-"""From masked trajectories to training samples (token ids + loss masks).
+"""Training samples from masked trajectories: one sample type, its views, one file format.
 
 Every stored action step holds the exact messages the model was sent and its
-exact response (`storage.StepRecord`), and the judging stage
-(`apollo.agents.judging`) gives every action a keep / mask verdict. This module
-renders those into samples for supervised fine-tuning with the policy's chat
+exact response (`storage.StepRecord`), and supervision gives every action a keep /
+mask verdict (`apollo.agents.supervision.judging`). Apollo trains on the *masked
+trajectory*: sub-optimal actions stay in the context but are not imitated (D. Fu
+et al., "Interaction as Intelligence Part II: Asynchronous Human-Agent Rollout for
+Long-Horizon Task Training", arXiv 2510.27630, 2025). `SampleBuilder` renders those
+into `Sample`s (token ids, a loss mask, roles, segments) with the policy's chat
 template (`chat_template.ChatTemplate.render(..., trainable=...)`):
 
-- `mode='per_step'`: one sample per kept action. Input: the exact stored
-  messages of step t, then the stored response as the only target. A masked
-  action gives no sample of its own but stays, untrained, in the context of
-  every later step that saw it.
+- `mode='per_step'`: one sample per kept action. Input: the messages of step t,
+  then the stored response as the only target. A masked action gives no sample of
+  its own but stays, untrained, in the context of every later step that saw it.
+  `view` chooses what the policy is shown of the messages: the exact stored
+  messages (default) or a compact view (`backends.compact_view.policy_view`).
 - `mode='per_segment'`: one sample per segment of the episode, a maximal run of
   steps whose prompts extend one another (a context compression, stored as a
   `summary` step, starts a new segment). The sample is the segment's final
@@ -24,6 +28,10 @@ Loss masks come from the chat template: only the content and the closing
 target: it teaches the model to stop after one tool call); headers, the system
 prompt, observations, guidance and masked actions are not.
 
+Which actions are targets (`verdicts`): 'judged', the stored verdicts (judge
+labels, else the store's quality field, else the human's flag); 'parseable',
+every action whose call parsed (no judging); 'all', every action.
+
 Human messages (`human_messages`): 'keep' leaves the tagged
 `<human_guidance>` user messages in the context (the model learns to follow
 advice); 'remove' drops them (at test time no human speaks). The summaries'
@@ -31,13 +39,13 @@ one-line reflections on the advice are the agent's own text and stay in both
 modes. Which is better is an experiment; `SampleStats` reports the tokens either
 way.
 
-Export: JSON lines (`write_jsonl` / `read_jsonl`) or ArrayRecord
-(`write_array_record` / `ArrayRecordSamples`, random access, one JSON record per
-sample, usable as a grain data source with `decode_record`).
+Files: JSON lines (`write_jsonl` / `read_jsonl`, what the SFT trainer reads) or
+ArrayRecord (`write_array_record` / `ArrayRecordSamples`, random access, one JSON
+record per sample, usable as a grain data source with `decode_record`).
 
-Baseline: `outcome_filter` keeps only sessions whose final score reaches a
-threshold, and `build_samples(..., all_trainable=True)` trains every action of
-them (rejection sampling, no judging).
+Baseline: `outcome_filter` keeps the sessions whose outcome was good enough, and
+`build_outcome_baseline` trains every action of them (rejection sampling, no
+judging).
 """
 
 from __future__ import annotations
@@ -46,10 +54,11 @@ import collections
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from array_record.python import array_record_module
 
 from apollo.agents import guidance as guidance_lib
 from apollo.agents import storage as storage_lib
@@ -59,8 +68,10 @@ from apollo.models import chat_template as chat_template_lib
 
 MODES = ("per_step", "per_segment")
 HUMAN_MESSAGE_MODES = ("keep", "remove")
+VERDICT_SOURCES = ("judged", "parseable", "all")
 
 Message = dict[str, str]
+View = Callable[[Sequence[Mapping[str, str]]], list[Message]]
 
 
 @dataclasses.dataclass
@@ -70,37 +81,47 @@ class Sample:
   Attributes:
     input_ids: int32 token ids.
     loss_mask: bool; True on the targets (kept assistant content + `<|im_end|>`).
-    roles: int8 role id per token (`chat_template.ROLE_IDS`; guidance is 2).
-    segment_ids: int32 index of the message each token belongs to.
+    roles: int8 role id per token (`chat_template.ROLE_IDS`; guidance is 2), or
+      None where unknown (the trainer needs only ids and mask).
+    segment_ids: int32 index of the message each token belongs to, or None.
     meta: session id, mode, the assistant turns' steps and verdicts, counts.
   """
 
   input_ids: np.ndarray
   loss_mask: np.ndarray
-  roles: np.ndarray
-  segment_ids: np.ndarray
-  meta: dict[str, Any]
+  roles: np.ndarray | None = None
+  segment_ids: np.ndarray | None = None
+  meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
     return len(self.input_ids)
 
   def to_json(self) -> dict[str, Any]:
-    return {
-      "input_ids": self.input_ids.tolist(),
-      "loss_mask": self.loss_mask.astype(np.int8).tolist(),
-      "roles": self.roles.tolist(),
-      "segment_ids": self.segment_ids.tolist(),
-      "meta": self.meta,
+    data: dict[str, Any] = {
+      "input_ids": np.asarray(self.input_ids).tolist(),
+      "loss_mask": np.asarray(self.loss_mask).astype(np.int8).tolist(),
     }
+    if self.roles is not None:
+      data["roles"] = np.asarray(self.roles).tolist()
+    if self.segment_ids is not None:
+      data["segment_ids"] = np.asarray(self.segment_ids).tolist()
+    data["meta"] = self.meta
+    return data
 
   @classmethod
   def from_json(cls, data: Mapping[str, Any]) -> Sample:
+    """A sample from `to_json`'s dict; only `input_ids` and `loss_mask` are required."""
+    if "input_ids" not in data or "loss_mask" not in data:
+      raise ValueError("a sample needs 'input_ids' and 'loss_mask'")
+    optional = lambda key, dtype: (  # noqa: E731
+      np.asarray(data[key], dtype) if data.get(key) is not None else None
+    )
     return cls(
       input_ids=np.asarray(data["input_ids"], np.int32),
       loss_mask=np.asarray(data["loss_mask"], bool),
-      roles=np.asarray(data["roles"], np.int8),
-      segment_ids=np.asarray(data["segment_ids"], np.int32),
-      meta=dict(data["meta"]),
+      roles=optional("roles", np.int8),
+      segment_ids=optional("segment_ids", np.int32),
+      meta=dict(data.get("meta") or {}),
     )
 
 
@@ -195,7 +216,11 @@ class SampleBuilder:
     human_messages: 'keep' or 'remove' the tagged guidance messages.
     label_store: judge labels (`labels.LabelStore`); without one (or for steps it
       has no label for) the store's `quality` / human flag decides.
-    all_trainable: train every action regardless of verdicts (outcome baseline).
+    verdicts: which actions are targets: 'judged' (the stored verdicts),
+      'parseable' (every action whose call parsed) or 'all' (the outcome baseline).
+    view: what the policy is shown of a step's messages (per-step mode), e.g.
+      `functools.partial(compact_view.policy_view, history=2)`; None: the exact
+      stored messages.
     max_tokens: drop samples longer than this (counted in the stats).
     authoritative: judges whose label decides alone (`judging.combine`).
   """
@@ -208,7 +233,8 @@ class SampleBuilder:
     mode: str = "per_step",
     human_messages: str = "keep",
     label_store: labels_lib.LabelStore | None = None,
-    all_trainable: bool = False,
+    verdicts: str = "judged",
+    view: View | None = None,
     max_tokens: int | None = None,
     authoritative: Sequence[str] = ("human",),
   ):
@@ -218,25 +244,38 @@ class SampleBuilder:
       raise ValueError(
         f"human_messages must be one of {HUMAN_MESSAGE_MODES}, got {human_messages!r}"
       )
+    if verdicts not in VERDICT_SOURCES:
+      raise ValueError(f"verdicts must be one of {VERDICT_SOURCES}, got {verdicts!r}")
+    if view is not None and mode != "per_step":
+      raise ValueError("a view applies to per-step samples only")
     self.store = store
     self.template = template
     self.mode = mode
     self.human_messages = human_messages
     self.label_store = label_store
-    self.all_trainable = all_trainable
+    self.verdict_source = verdicts
+    self.view = view
     self.max_tokens = max_tokens
     self.authoritative = tuple(authoritative)
     self.stats = SampleStats()
 
   def verdicts(self, session_id: str) -> dict[int, tuple[labels_lib.Label, list[labels_lib.Label]]]:
     """step -> (verdict, all labels) as this builder applies them."""
-    if self.all_trainable:
-      return {
-        s.step_index: (labels_lib.Label(labels_lib.KEEP, "outcome_filter", "outcome"), [])
-        for s in self.store.get_steps(session_id, full=False)
-        if s.kind == "action"
-      }
-    return judging.stored_verdicts(self.store, session_id, self.label_store, self.authoritative)
+    if self.verdict_source == "judged":
+      return judging.stored_verdicts(self.store, session_id, self.label_store, self.authoritative)
+    actions = [s for s in self.store.get_steps(session_id, full=False) if s.kind == "action"]
+    if self.verdict_source == "all":
+      keep = labels_lib.Label(labels_lib.KEEP, "outcome_filter", "outcome")
+      return {s.step_index: (keep, []) for s in actions}
+    return {
+      s.step_index: (
+        labels_lib.Label(labels_lib.MASK, "invalid_call", "parse", s.parse_error)
+        if s.parse_error
+        else labels_lib.Label(labels_lib.KEEP, "parseable", "parse"),
+        [],
+      )
+      for s in actions
+    }
 
   def session_samples(self, session_id: str) -> Iterator[Sample]:
     """The samples of one session, in step order."""
@@ -263,7 +302,8 @@ class SampleBuilder:
       for step in steps:
         if step.kind != "action" or verdicts[step.step_index][0].masked:
           continue  # a masked action has no target of its own
-        turns = [_Turn(dict(m)) for m in step.messages]
+        shown = self.view(step.messages) if self.view is not None else step.messages
+        turns = [_Turn(dict(m)) for m in shown]
         turns.append(_Turn({"role": "assistant", "content": step.response}, step.step_index))
         sample = self._render(turns, verdicts, base, only_steps={step.step_index})
         if sample is not None:
@@ -344,26 +384,37 @@ def build_samples(
 
 def outcome_filter(
   store: storage_lib.TrajectoryStore,
-  threshold: float,
+  threshold: float | None = None,
   session_ids: Iterable[str] | None = None,
   score_key: str = "score",
+  best_fraction: float | None = None,
 ) -> list[str]:
-  """Sessions whose final result has `score_key` >= `threshold` (the baseline's data).
+  """Sessions whose outcome was good enough: rejection sampling's data.
 
-  Sessions without a result (still running, failed) are left out.
+  Good enough: a result `score_key` >= `threshold`; with `threshold` None, the
+  environment's own verdict (`result['success']`). When no session is and
+  `best_fraction` is set, the best `best_fraction` of the sessions (at least one)
+  among those with a positive score, best first. Sessions without a result
+  (still running, failed) are left out.
   """
   sessions = (
     store.list_sessions()
     if session_ids is None
     else [s for s in map(store.get_session, session_ids) if s is not None]
   )
-  return [
-    s.session_id
-    for s in sessions
-    if s.result is not None
-    and isinstance(s.result.get(score_key), (int, float))
-    and s.result[score_key] >= threshold
-  ]
+
+  def score(session: storage_lib.SessionRecord) -> float | None:
+    value = (session.result or {}).get(score_key)
+    return value if isinstance(value, (int, float)) else None
+
+  if threshold is None:
+    kept = [s.session_id for s in sessions if s.result is not None and s.result.get("success")]
+  else:
+    kept = [s.session_id for s in sessions if (score(s) is not None and score(s) >= threshold)]
+  if kept or best_fraction is None:
+    return kept
+  scored = sorted((s for s in sessions if (score(s) or 0) > 0), key=lambda s: -score(s))
+  return [s.session_id for s in scored[: max(1, int(best_fraction * len(sessions)))]]
 
 
 def build_outcome_baseline(
@@ -375,7 +426,7 @@ def build_outcome_baseline(
 ) -> tuple[list[Sample], SampleStats]:
   """Rejection-sampling baseline: every action of the sessions that reached `threshold`."""
   kept = outcome_filter(store, threshold, session_ids)
-  return build_samples(store, template, kept, all_trainable=True, **options)
+  return build_samples(store, template, kept, verdicts="all", **options)
 
 
 # --------------------------------------------------------------------------- export
@@ -391,6 +442,7 @@ def decode_record(record: bytes) -> Sample:
 
 def write_jsonl(samples: Iterable[Sample], path: str) -> int:
   """One JSON object per line; written under a temporary name, then renamed."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   count = 0
   with open(tmp, "w", encoding="utf-8") as f:
@@ -402,16 +454,20 @@ def write_jsonl(samples: Iterable[Sample], path: str) -> int:
 
 
 def read_jsonl(path: str) -> Iterator[Sample]:
+  """The samples of a `write_jsonl` file (a line needs only input_ids and loss_mask)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No sample file at {path}.")
   with open(path, encoding="utf-8") as f:
-    for line in f:
+    for n, line in enumerate(f, 1):
       if line.strip():
-        yield decode_record(line.encode())
+        try:
+          yield decode_record(line.encode())
+        except ValueError as e:
+          raise ValueError(f"{path}:{n}: {e}") from None
 
 
 def write_array_record(samples: Iterable[Sample], path: str) -> int:
   """One JSON record per sample (group_size:1: cheapest random access)."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-
   tmp = path + ".tmp"
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   count = 0
@@ -429,8 +485,6 @@ class ArrayRecordSamples:
   """Random-access reader of a file written by `write_array_record`."""
 
   def __init__(self, path: str):
-    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-
     self._reader = array_record_module.ArrayRecordReader(path)
 
   def __len__(self) -> int:

@@ -5,15 +5,12 @@ import os
 import numpy as np
 import pytest
 
-from apollo.agents import (
-  agent,
-  sft_data,
-  storage,
-)
+from apollo.agents import agent, storage
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
 from apollo.agents.service import client as client_lib
 from apollo.agents.supervision import judging, labels, simulated_human
+from apollo.agents.training import samples as samples_lib
 from apollo.models import chat_template as C
 from tests.agents.helpers import ListBackend, call
 
@@ -83,7 +80,7 @@ def target_runs(sample):
 
 def test_per_step_samples_train_exactly_the_kept_response(store, template):
   label_store = crafted_session(store)
-  samples, stats = sft_data.build_samples(store, template, label_store=label_store)
+  samples, stats = samples_lib.build_samples(store, template, label_store=label_store)
   assert [s.meta["step"] for s in samples] == KEPT
   for sample in samples:
     step = store.get_step("a", sample.meta["step"])
@@ -116,7 +113,9 @@ def test_per_step_samples_train_exactly_the_kept_response(store, template):
 
 def test_per_segment_sample_masks_bad_actions_in_place(store, template):
   label_store = crafted_session(store)
-  [sample], _ = sft_data.build_samples(store, template, mode="per_segment", label_store=label_store)
+  [sample], _ = samples_lib.build_samples(
+    store, template, mode="per_segment", label_store=label_store
+  )
   assert sample.meta["steps"] == list(range(8))
   assert sample.meta["trainable_steps"] == KEPT
   assert sample.meta["masked_steps"] == MASKED
@@ -132,17 +131,17 @@ def test_per_segment_sample_masks_bad_actions_in_place(store, template):
   for index in MASKED:
     assert store.get_step("a", index).response in decode(template, sample.input_ids)
   # Same targets as the per-step samples, in one sequence.
-  per_step, _ = sft_data.build_samples(store, template, label_store=label_store)
+  per_step, _ = samples_lib.build_samples(store, template, label_store=label_store)
   assert int(sample.loss_mask.sum()) == sum(int(s.loss_mask.sum()) for s in per_step)
 
 
-@pytest.mark.parametrize("mode", sft_data.MODES)
+@pytest.mark.parametrize("mode", samples_lib.MODES)
 def test_human_messages_kept_or_removed(store, template, mode):
   label_store = crafted_session(store)
-  kept, kept_stats = sft_data.build_samples(
+  kept, kept_stats = samples_lib.build_samples(
     store, template, mode=mode, label_store=label_store, human_messages="keep"
   )
-  removed, removed_stats = sft_data.build_samples(
+  removed, removed_stats = samples_lib.build_samples(
     store, template, mode=mode, label_store=label_store, human_messages="remove"
   )
   assert len(kept) == len(removed)
@@ -175,7 +174,7 @@ def test_segments_follow_context_compression(store, template):
   summaries = [s.step_index for s in steps if s.kind == "summary"]
   assert summaries, "the threshold should force compressions"
   result = judging.judge_session(store, "s", [judging.RuleJudge(), judging.HumanFlagJudge()])
-  segments, _ = sft_data.build_samples(store, template, ["s"], mode="per_segment")
+  segments, _ = samples_lib.build_samples(store, template, ["s"], mode="per_segment")
   assert len(segments) == len(summaries) + 1
   # Every kept action is trained exactly once across the segments, no masked one is.
   trained = [i for s in segments for i in s.meta["trainable_steps"]]
@@ -185,27 +184,27 @@ def test_segments_follow_context_compression(store, template):
     # A segment sample starts at the system prompt and never spans a summary step.
     assert decode(template, sample.input_ids[:3]).startswith("<|im_start|>system")
     assert not any(sample.meta["first_step"] < i < sample.meta["last_step"] for i in summaries)
-  per_step, stats = sft_data.build_samples(store, template, ["s"], mode="per_step")
+  per_step, stats = samples_lib.build_samples(store, template, ["s"], mode="per_step")
   assert sum(int(s.loss_mask.sum()) for s in segments) == stats.target_tokens
   assert len(per_step) == len(kept)
 
 
 def test_jsonl_and_array_record_round_trip(store, template, tmp_path):
   label_store = crafted_session(store)
-  samples, _ = sft_data.build_samples(
+  samples, _ = samples_lib.build_samples(
     store, template, label_store=label_store, human_messages="remove"
   )
   jsonl = os.path.join(tmp_path, "samples.jsonl")
   records = os.path.join(tmp_path, "samples.array_record")
-  assert sft_data.write_jsonl(samples, jsonl) == len(samples)
-  assert sft_data.write_array_record(samples, records) == len(samples)
+  assert samples_lib.write_jsonl(samples, jsonl) == len(samples)
+  assert samples_lib.write_array_record(samples, records) == len(samples)
   assert not os.path.exists(jsonl + ".tmp") and not os.path.exists(records + ".tmp")
-  with sft_data.ArrayRecordSamples(records) as reader:
+  with samples_lib.ArrayRecordSamples(records) as reader:
     assert len(reader) == len(samples)
     assert reader[3].meta == samples[3].meta
     with pytest.raises(IndexError):
       reader[len(samples)]
-  for restored in (list(sft_data.read_jsonl(jsonl)), sft_data.read_array_record(records)):
+  for restored in (list(samples_lib.read_jsonl(jsonl)), samples_lib.read_array_record(records)):
     assert len(restored) == len(samples)
     for a, b in zip(samples, restored):
       for field in ("input_ids", "loss_mask", "roles", "segment_ids"):
@@ -221,9 +220,9 @@ def test_outcome_filter_baseline_trains_every_action(store, template):
   store.update_session("good", result={"score": 80.0})
   store.update_session("bad", result={"score": 20.0})
   store.update_session("unfinished", result={"steps": 8})  # no score
-  assert sft_data.outcome_filter(store, 50.0) == ["good"]
-  assert sft_data.outcome_filter(store, 10.0, ["bad", "unfinished", "missing"]) == ["bad"]
-  samples, stats = sft_data.build_outcome_baseline(store, template, 50.0, mode="per_step")
+  assert samples_lib.outcome_filter(store, 50.0) == ["good"]
+  assert samples_lib.outcome_filter(store, 10.0, ["bad", "unfinished", "missing"]) == ["bad"]
+  samples, stats = samples_lib.build_outcome_baseline(store, template, 50.0, mode="per_step")
   assert {s.meta["session_id"] for s in samples} == {"good"}
   assert [s.meta["step"] for s in samples] == list(range(8))  # masked ones too
   assert stats.masked_actions == 0
@@ -240,14 +239,14 @@ def test_unjudged_steps_max_tokens_and_bad_options(store, template):
     config=agent.AgentConfig(max_steps=4),
   )
   store.set_flag("u", 1, "bad", "no")
-  samples, stats = sft_data.build_samples(store, template, ["u"])
+  samples, stats = samples_lib.build_samples(store, template, ["u"])
   # Never judged: only the human's flag masks.
   assert [s.meta["step"] for s in samples] == [0, 2, 3]
   assert samples[0].meta["verdicts"]["0"]["reason"] == "unjudged"
   limit = len(samples[1]) - 1
-  short, stats = sft_data.build_samples(store, template, ["u"], max_tokens=limit)
+  short, stats = samples_lib.build_samples(store, template, ["u"], max_tokens=limit)
   assert all(len(s) <= limit for s in short) and stats.dropped_too_long == 2
   with pytest.raises(ValueError):
-    sft_data.SampleBuilder(store, template, mode="per_turn")
+    samples_lib.SampleBuilder(store, template, mode="per_turn")
   with pytest.raises(ValueError):
-    sft_data.SampleBuilder(store, template, human_messages="fold")
+    samples_lib.SampleBuilder(store, template, human_messages="fold")

@@ -1,32 +1,31 @@
-"""Supervised fine-tuning of the agent policy on masked per-step samples.
+"""Supervised fine-tuning of the agent policy on masked samples.
 
 `train_and_evaluate(config, workdir)` is the whole job (config:
-`apollo/agents/configs/sft.py`; entry point: `experiments/agent_sft.py`). It
-follows the pretraining trainer's conventions (`apollo.lm.pretrain`): a mesh
+`apollo/agents/configs/sft.py`; entry point: `experiments/agent_sft.py`). It has
+the shape of the project's other trainers (`apollo.common.training`): a mesh
 ('data', 'fsdp', 'tensor') with Auto axes, a state `{params, opt_state, step, rng}`
 created in its shards, a module-level pure `train_step` jitted once with the state
-donated, Apollo by default (`build_optimizer`), checkpoints every
-`checkpoint_every` steps, at the end and on SIGTERM (with the data position, so a
-resumed run sees exactly the batches an uninterrupted one would), metrics as sums
-and counts, a progress line, and a stop on a non-finite loss.
+donated, Apollo by default, checkpoints every `checkpoint_every` steps, at the end
+and on SIGTERM (with the data position, so a resumed run sees exactly the batches
+an uninterrupted one would), metrics as sums and counts, a progress line, and a
+stop on a non-finite loss.
 
-Data: samples are dicts with `input_ids` (token ids of one rendered context +
-response) and `loss_mask` (True on the tokens to imitate: assistant content and
-its `<|im_end|>`; see `apollo.models.chat_template`). They come from a JSONL file
-(`config.data.train_path`, e.g. written by `apollo.agents.sft_data`), or are
-passed in (`samples=`), or, for the quickstart, are built from scripted rollouts
-inside the workdir (`apollo.agents.compare.write_demo_samples`).
+Data: `samples.Sample`s, of which the trainer uses `input_ids` (token ids of one
+rendered context + response) and `loss_mask` (True on the tokens to imitate:
+assistant content and its `<|im_end|>`; see `apollo.models.chat_template`). They
+come from a JSON-lines file (`config.data.train_path`, written by
+`samples.write_jsonl`), or are passed in (`samples=`), or, for the quickstart, are
+built from scripted rollouts inside the workdir (`collect.write_demo_samples`).
 
 Sequence packing (`pack_samples`): samples are laid end to end into rows of
 `seq_len` tokens. Every token keeps its loss mask; each packed sample gets its own
 segment id (0 = padding) and positions restarting at 0, and the decoder's
 `segment_ids` argument makes attention block-diagonal-causal, so a packed row
-computes exactly the logits of its samples run one by one
-(`tests/agents/test_sft.py` checks it). A sample longer than `seq_len` keeps its
-*last* `seq_len` tokens (the response to imitate sits at the end). The data order
-is a pure function of (seed, epoch): each epoch shuffles the samples, packs them,
-and the row stream runs across epochs; its position `{epoch, row}` is the data
-state saved with each checkpoint.
+computes exactly the logits of its samples run one by one. A sample longer than
+`seq_len` keeps its *last* `seq_len` tokens (the response to imitate sits at the
+end). The data order is a pure function of (seed, epoch): each epoch shuffles the
+samples, packs them, and the row stream runs across epochs; its position
+`{epoch, row}` is the data state saved with each checkpoint.
 
 Loss: the next-token cross-entropy averaged over the masked target tokens of the
 batch (tokens with `loss_mask` False contribute nothing, not even to the mean).
@@ -39,7 +38,6 @@ Export: at the end, the policy is written as a Hugging Face-style directory
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -54,6 +52,8 @@ from absl import logging
 from flax import nnx
 
 from apollo.agents import guidance as guidance_lib
+from apollo.agents.training import collect
+from apollo.agents.training import samples as samples_lib
 from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import mesh as mesh_lib
 from apollo.common import metrics as metrics_lib
@@ -61,10 +61,6 @@ from apollo.common import training as train_lib
 from apollo.models import chat_template as chat_lib
 from apollo.models.llama import model as decoder_lib
 from apollo.models.llama import params as llama_params
-
-# The generic trainer pieces shared with pretraining and fine-tuning.
-build_optimizer = train_lib.build_optimizer
-check_checkpoint_shapes = train_lib.check_checkpoint_shapes
 
 # Decoder fields that decide parameter shapes: a workdir may only be resumed with these.
 SHAPE_FIELDS = (
@@ -88,12 +84,12 @@ POLICY_DIR = "policy"
 
 
 def pack_samples(
-  samples: Iterable[Mapping[str, Any]], seq_len: int, pad_id: int = 0
+  samples: Iterable[samples_lib.Sample], seq_len: int, pad_id: int = 0
 ) -> dict[str, np.ndarray]:
   """Packs samples (in order, next-fit) into rows of `seq_len` tokens.
 
   Args:
-    samples: dicts with `input_ids` and `loss_mask` (same length).
+    samples: their `input_ids` and `loss_mask` (same length) are packed.
     seq_len: tokens per row.
     pad_id: id written on padding.
 
@@ -109,8 +105,8 @@ def pack_samples(
   row: list[tuple[np.ndarray, np.ndarray]] = []
   used = truncated = dropped = 0
   for sample in samples:
-    ids = np.asarray(sample["input_ids"], np.int32)
-    mask = np.asarray(sample["loss_mask"], bool)
+    ids = np.asarray(sample.input_ids, np.int32)
+    mask = np.asarray(sample.loss_mask, bool)
     if ids.shape != mask.shape:
       raise ValueError(f"input_ids {ids.shape} and loss_mask {mask.shape} differ.")
     if len(ids) > seq_len:
@@ -154,7 +150,7 @@ class PackedRowStream:
 
   def __init__(
     self,
-    samples: Sequence[Mapping[str, Any]],
+    samples: Sequence[samples_lib.Sample],
     seq_len: int,
     batch_size: int,
     seed: int,
@@ -201,7 +197,7 @@ class PackedRowStream:
 
 
 def eval_batches(
-  samples: Sequence[Mapping[str, Any]], seq_len: int, batch_size: int, pad_id: int = 0
+  samples: Sequence[samples_lib.Sample], seq_len: int, batch_size: int, pad_id: int = 0
 ) -> list[dict[str, np.ndarray]]:
   """The held-out samples packed in order, in batches (the last padded with empty rows)."""
   rows = pack_samples(samples, seq_len, pad_id)
@@ -310,42 +306,8 @@ class _Window:
 # -----------------------------------------------------------------------------
 
 
-def read_jsonl_samples(path: str) -> list[dict[str, Any]]:
-  """Samples (dicts with input_ids and loss_mask) from a JSON-lines file."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"No sample file at {path}.")
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if line.strip():
-        row = json.loads(line)
-        if "input_ids" not in row or "loss_mask" not in row:
-          raise ValueError(f"{path}:{n}: a sample needs 'input_ids' and 'loss_mask'.")
-        out.append({"input_ids": row["input_ids"], "loss_mask": row["loss_mask"]})
-  return out
-
-
-def write_jsonl_samples(path: str, samples: Iterable[Mapping[str, Any]]) -> int:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  n = 0
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    for s in samples:
-      f.write(
-        json.dumps(
-          {
-            "input_ids": [int(i) for i in s["input_ids"]],
-            "loss_mask": [bool(m) for m in s["loss_mask"]],
-          }
-        )
-        + "\n"
-      )
-      n += 1
-  os.replace(path + ".tmp", path)
-  return n
-
-
 def split_eval(
-  samples: Sequence[Mapping[str, Any]], fraction: float, seed: int
+  samples: Sequence[samples_lib.Sample], fraction: float, seed: int
 ) -> tuple[list, list]:
   """(train, eval): a fixed random `fraction` of the samples held out (at least 1 if > 0)."""
   if fraction <= 0 or len(samples) < 2:
@@ -367,22 +329,20 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> tuple[list,
   """
   d = config.data
   if d.train_path:
-    samples = read_jsonl_samples(d.train_path)
+    samples = list(samples_lib.read_jsonl(d.train_path))
     tokenizer_path = d.tokenizer_path or config.init_from
   else:
-    from apollo.agents import compare  # pylint: disable=g-import-not-at-top
-
     data_dir = os.path.join(workdir, "data")
     train_path = os.path.join(data_dir, "samples.jsonl")
     tokenizer_path = os.path.join(data_dir, "tokenizer.json")
     if jax.process_index() == 0 and not os.path.isfile(train_path):
-      compare.write_demo_samples(data_dir, episodes=d.demo_episodes, seed=config.seed)
+      collect.write_demo_samples(data_dir, episodes=d.demo_episodes, seed=config.seed)
     train_lib.sync("sft_demo_data")
-    samples = read_jsonl_samples(train_path)
+    samples = list(samples_lib.read_jsonl(train_path))
   if not tokenizer_path:
     raise ValueError("Set --config.data.tokenizer_path (a tokenizer.json) or --config.init_from.")
   if d.eval_path:
-    return samples, read_jsonl_samples(d.eval_path), tokenizer_path
+    return samples, list(samples_lib.read_jsonl(d.eval_path)), tokenizer_path
   train, held = split_eval(samples, d.eval_fraction, config.seed)
   return train, held, tokenizer_path
 
@@ -404,10 +364,7 @@ def model_config_from(
   )
 
 
-TrainSetup = train_lib.TrainSetup
-
-
-def make_setup(config, model_config, mesh) -> TrainSetup:
+def make_setup(config, model_config, mesh) -> train_lib.TrainSetup:
   """Shapes and shardings of the state, computed abstractly."""
   return train_lib.make_setup(
     lambda: decoder_lib.Decoder(model_config, rngs=nnx.Rngs(config.seed)),
@@ -419,7 +376,7 @@ def make_setup(config, model_config, mesh) -> TrainSetup:
   )
 
 
-def init_state(config, setup: TrainSetup) -> dict[str, Any]:
+def init_state(config, setup: train_lib.TrainSetup) -> dict[str, Any]:
   """A fresh state: the `init_from` policy (or a random init), created in its shards."""
   if config.init_from:
     model, report = llama_params.from_pretrained(
@@ -444,7 +401,9 @@ def init_state(config, setup: TrainSetup) -> dict[str, Any]:
   )
 
 
-def export_policy(setup: TrainSetup, params: Any, tokenizer_path: str, out_dir: str) -> str:
+def export_policy(
+  setup: train_lib.TrainSetup, params: Any, tokenizer_path: str, out_dir: str
+) -> str:
   """Writes the policy as an HF-style directory the 'flax' backend loads."""
 
   if train_lib.is_main():
@@ -484,8 +443,8 @@ def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
   *,
-  samples: Sequence[Mapping[str, Any]] | None = None,
-  eval_samples: Sequence[Mapping[str, Any]] | None = None,
+  samples: Sequence[samples_lib.Sample] | None = None,
+  eval_samples: Sequence[samples_lib.Sample] | None = None,
   tokenizer_path: str = "",
   on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
@@ -507,7 +466,7 @@ def train_and_evaluate(
   mesh_lib.initialize_distributed()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  build_optimizer(config.optimizer, config.train_steps)  # Bad names fail before any work.
+  train_lib.build_optimizer(config.optimizer, config.train_steps)  # Bad names fail before any work.
   if samples is None:
     samples, eval_samples, tokenizer_path = prepare_data(config, workdir)
   elif not tokenizer_path:
@@ -539,7 +498,7 @@ def train_and_evaluate(
   )
   writer = metrics_lib.MetricsWriter(workdir)
   try:
-    check_checkpoint_shapes(ckpt, setup.abstract_state)
+    train_lib.check_checkpoint_shapes(ckpt, setup.abstract_state)
     train_lib.write_config(workdir, config, model_config)
     stream = PackedRowStream(
       samples, config.data.seq_len, config.data.batch_size, config.seed, template.pad_id
@@ -575,7 +534,7 @@ def _host_slice(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _train_loop(
-  config, setup: TrainSetup, state, start_step, stream, evals, ckpt, writer, on_step
+  config, setup: train_lib.TrainSetup, state, start_step, stream, evals, ckpt, writer, on_step
 ) -> dict[str, Any]:
   step_fn = train_lib.jit_train_step(
     functools.partial(

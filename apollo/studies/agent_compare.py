@@ -1,28 +1,35 @@
 """The paper's comparison on the built-in research environment: variants (a)..(e).
 
-`run_comparison(config, workdir)` (entry point: `experiments/agent_compare.py`):
+Apollo (D. Fu et al., "Interaction as Intelligence Part II: Asynchronous
+Human-Agent Rollout for Long-Horizon Task Training", arXiv 2510.27630, 2025)
+trains on human-guided rollouts with sub-optimal actions masked, and compares that
+with an untrained policy and with outcome-filtered autonomous rollouts. This study
+runs the same comparison at small scale. `run_comparison(config, workdir)` (entry
+point: `experiments/agent_compare.py`):
 
-0. Tokenizer: a byte-level BPE (`chat_template.train_chat_tokenizer`) trained on
-   the text of a few scripted rollouts, so the agent's strings are short.
+0. Tokenizer: a byte-level BPE (`collect.train_tokenizer`) trained on the text of
+   a few scripted rollouts, so the agent's strings are short.
 1. The base policy (a): a tiny decoder warm-started by behaviour cloning (SFT with
-   `apollo.agents.sft`) on scripted rollouts of TRAIN seeds: `bc_episodes`
-   without a human (the scripted policy drifts: default or random learning rates,
-   GPU 0, rarely filters labels, kills runs on loss plateaus) and
+   `apollo.agents.training.sft`) on scripted rollouts of TRAIN seeds:
+   `bc_episodes` without a human (the scripted policy drifts: default or random
+   learning rates, GPU 0, rarely filters labels, kills runs on loss plateaus) and
    `bc_guided_episodes` with the simulated human, its advice kept in the context,
    so the base policy has seen advice being followed (as an instruction-tuned
-   model has). Invalid calls are masked; everything else is imitated, drift
+   model has). Unparseable calls are masked; everything else is imitated, drift
    included. The result acts plausibly and drifts.
-2. Per pipeline seed: the base policy rolls out on fresh TRAIN tasks,
-   `collect_episodes` without a human and as many with the simulated human
-   (asynchronous advice, `delay_steps` late, at most `budget` messages). Every
-   action is judged by `judging.RuleJudge` + `judging.HumanFlagJudge` (the human's
-   flags decide where present). Training sets, all rendered through the same
-   compact view the policy acts on:
+2. Per pipeline seed: rollouts on fresh TRAIN tasks, `collect_episodes` without a
+   human and as many with the simulated human (asynchronous advice,
+   `delay_steps` late, at most `budget` messages). Every action of the guided
+   rollouts is judged by the rules and the human's flags
+   (`judging.judge_sessions`; the human's flags decide where present). Training
+   sets, all rendered through the compact view the policy acts on
+   (`compact_view.policy_view`):
      (b) the no-human rollouts, outcome-filtered (successful episodes; if none
-         succeeded, the best quartile by score with a score > 0), every action trained;
+         succeeded, the best quartile by score with a score > 0), every parseable
+         action trained;
      (c) the human-guided rollouts, judged-bad actions masked (kept as context),
          human messages removed from the context;
-     (d) as (c), no action masked;
+     (d) as (c), no action masked (only unparseable calls);
      (e) as (c), human messages kept in the context.
    Each is fine-tuned from the base for `sft_steps` (same steps, same optimizer).
 3. Every variant (and the base, (a)) plays `eval_episodes` held-out TEST tasks
@@ -30,47 +37,44 @@
    of the score and the success rate, interventions per episode of its training
    rollouts, the fraction of actions masked, and the cost in environment steps.
 
-The policy's view of the context (`policy_view`): a one-line system prompt (one
-JSON tool call per reply, follow human guidance) and the last `history_messages`
-messages (the observations carry the clock, budget and submissions left). The full
-loop context (its system prompt alone is
-~3k characters) would make every CPU prefill and training row several times
-longer; the stored steps keep the exact full messages, and the training samples
-are rendered through the same view the policy sees, so training and inference
-agree. (`apollo.agents.sft_data` renders the exact stored messages; it is what a
-real-size policy trains on.)
+The policy sees the compact view (a one-line system prompt and the last
+`history_messages` messages) rather than the loop's full context, which would make
+every CPU prefill and training row several times longer; the training samples
+are rendered through the same view, so training and inference agree.
 
 Who acts in the training rollouts (b..e), `rollout_agent`: 'policy' is the real
-thing (the Flax base policy acts, the human steers it); 'scripted' (the quickstart
-default) lets the scripted policy act instead: it drifts like an untrained model and
-follows advice. Measured on the quickstart's tiny CPU policy, 'policy' rollouts never
-launch a valid run within 110 steps (more than half the calls are broken), so the
-human never has anything to correct and every variant's data is empty or identical;
-results.json records which agent collected the data. Evaluation is always the
-fine-tuned Flax policies on TEST tasks without a human.
+thing (the Flax base policy acts, the human steers it); 'scripted' (the
+quickstart default) lets the scripted policy act instead: it drifts like an
+untrained model and follows advice. results.json records which agent collected
+the data. Evaluation is always the fine-tuned Flax policies on TEST tasks without
+a human.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 from absl import logging
+from matplotlib.figure import Figure
 
-from apollo.agents import agent as agent_lib
 from apollo.agents import guidance as guidance_lib
 from apollo.agents import storage
+from apollo.agents.backends import compact_view, flax_policy
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
-from apollo.agents.service import client as client_lib
-from apollo.agents.supervision import judging, simulated_human
+from apollo.agents.supervision import judging
+from apollo.agents.training import collect, sft
+from apollo.agents.training import samples as samples_lib
 from apollo.models import chat_template as chat_lib
 
 VARIANTS = ("a", "b", "c", "d", "e")
@@ -81,242 +85,52 @@ VARIANT_NAMES = {
   "d": "human-guided, no filtering",
   "e": "human-guided, filtering, human messages kept",
 }
-_TOOL_NAMES = ", ".join(t.name for t in research_env.ResearchEnv().tools())
-COMPACT_SYSTEM_PROMPT = "Research agent. One JSON tool call per reply. Follow <human_guidance>."
 # A bounded dictionary of the BC seeds' starts: collection and eval seeds never overlap.
 _BC_SEED_START = 0
 _COLLECT_SEED_START = 10_000
 
 
 # -----------------------------------------------------------------------------
-# The policy's view of the context
-# -----------------------------------------------------------------------------
-
-
-def policy_view(
-  messages: Sequence[Mapping[str, str]], history: int, keep_guidance: bool = True
-) -> list[dict[str, str]]:
-  """A one-line system prompt + the last `history` messages (the task message first).
-
-  Guidance messages ride along on top of the window (they arrive between an
-  observation and the next action), so advice is seen for `history` turns.
-  """
-  rest = [dict(m) for m in messages[1:]]
-  if not keep_guidance:
-    rest = [m for m in rest if not guidance_lib.is_guidance_message(m)]
-  window, plain = [], 0
-  for m in reversed(rest):
-    if plain >= history:
-      break
-    window.append(m)
-    plain += not guidance_lib.is_guidance_message(m)
-  return [{"role": "system", "content": COMPACT_SYSTEM_PROMPT}] + window[::-1]
-
-
-class ViewedBackend:
-  """A backend that sees `policy_view(messages)` instead of the whole context."""
-
-  def __init__(self, inner: Any, history: int):
-    self.inner, self.history = inner, history
-    self.name = getattr(inner, "name", "flax")
-
-  def complete(self, messages, tools=()):
-    return self.inner.complete(policy_view(messages, self.history), tools)
-
-  def snapshot(self) -> dict[str, Any]:
-    return self.inner.snapshot()
-
-  def restore(self, state: Mapping[str, Any]) -> None:
-    self.inner.restore(state)
-
-
-# -----------------------------------------------------------------------------
-# Rollouts, judging and samples
+# Training sets
 # -----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
-class Episode:
-  session_id: str
-  seed: int
-  result: dict[str, Any]
-  interventions: int
+class TrainingSet:
+  """One variant's samples and what collecting them cost."""
+
+  samples: list[samples_lib.Sample]
+  stats: samples_lib.SampleStats
+  episodes: int
   env_steps: int
 
 
-def run_episodes(
+def training_set(
   store_path: str,
-  prefix: str,
-  seeds: Sequence[int],
-  make_agent: Callable[[int], Any],
-  with_human: bool,
-  max_steps: int,
-  delay_steps: int = 2,
-  budget: int = 4,
-) -> list[Episode]:
-  """Runs (or, from the store, resumes / reuses) one episode per seed."""
-  store = storage.SQLiteStore(store_path)
-  human = simulated_human.SimulatedHuman(
-    client_lib.LocalClient.for_store(store), delay_steps=delay_steps, budget=budget
-  )
-  episodes = []
-  try:
-    for seed in seeds:
-      sid = f"{prefix}-{seed}"
-      result = agent_lib.run_episode(
-        sid,
-        research_env.ResearchEnv(),
-        make_agent(seed),
-        store,
-        seed,
-        config=agent_lib.AgentConfig(max_steps=max_steps),
-        listeners=[human.on_step] if with_human else (),
-      )
-      messages = sum(1 for g in store.list_guidance(sid) if g.source == simulated_human.SOURCE)
-      episodes.append(Episode(sid, seed, dict(result), messages, int(store.num_steps(sid))))
-  finally:
-    store.close()
-  return episodes
-
-
-def judge_episodes(store_path: str, episodes: Sequence[Episode]) -> dict[str, dict[int, bool]]:
-  """session -> {step: masked} by RuleJudge + HumanFlagJudge (the human's flag decides)."""
-  store = storage.SQLiteStore(store_path)
-  try:
-    judges = [judging.RuleJudge(), judging.HumanFlagJudge()]
-    return {
-      e.session_id: {
-        i: l.masked
-        for i, l in judging.judge_session(
-          store, e.session_id, judges, write_quality=True
-        ).combined.items()
-      }
-      for e in episodes
-    }
-  finally:
-    store.close()
-
-
-@dataclasses.dataclass
-class SampleSet:
-  samples: list[dict[str, Any]]
-  actions: int = 0
-  masked: int = 0
-  episodes: int = 0
-  env_steps: int = 0
-
-  @property
-  def fraction_masked(self) -> float:
-    return self.masked / self.actions if self.actions else 0.0
-
-
-def build_samples(
-  store_path: str,
-  episodes: Sequence[Episode],
+  episodes: Sequence[collect.Episode],
   template: chat_lib.ChatTemplate,
   history: int,
-  masked: Mapping[str, Mapping[int, bool]] | None = None,
+  judged: bool = False,
   keep_guidance: bool = False,
-) -> SampleSet:
-  """One sample per action step, rendered through `policy_view`.
+) -> TrainingSet:
+  """One sample per trained action of `episodes`, rendered through the compact view.
 
-  The target is the step's stored response; it is trained unless the judge masked
-  it (`masked` None: every parseable action is trained; unparseable ones never are).
-  A masked action yields no sample of its own but stays in later steps' context.
+  `judged`: the stored verdicts decide (masked actions stay in later contexts);
+  otherwise every parseable action is trained.
   """
-  out = SampleSet(samples=[], episodes=len(episodes))
   store = storage.SQLiteStore(store_path)
   try:
-    for e in episodes:
-      out.env_steps += e.env_steps
-      verdicts = (masked or {}).get(e.session_id, {})
-      for step in store.get_steps(e.session_id):
-        if step.kind != "action":
-          continue
-        out.actions += 1
-        bad = (
-          verdicts.get(step.step_index, False)
-          if masked is not None
-          else (step.parse_error is not None)
-        )
-        if bad:
-          out.masked += 1
-          continue
-        messages = policy_view(step.messages, history, keep_guidance) + [
-          {"role": "assistant", "content": step.response}
-        ]
-        rendered = template.render(messages)  # Only the final assistant turn is a target.
-        mask = rendered.loss_mask & (rendered.segments == len(messages) - 1)
-        out.samples.append({"input_ids": rendered.ids, "loss_mask": mask})
+    built, stats = samples_lib.build_samples(
+      store,
+      template,
+      [e.session_id for e in episodes],
+      verdicts="judged" if judged else "parseable",
+      human_messages="keep" if keep_guidance else "remove",
+      view=functools.partial(compact_view.policy_view, history=history),
+    )
   finally:
     store.close()
-  return out
-
-
-def outcome_filtered(episodes: Sequence[Episode]) -> tuple[list[Episode], str]:
-  """(b)'s episodes: the successes; if none, the best quartile with a score > 0."""
-  wins = [e for e in episodes if e.result.get("success")]
-  if wins:
-    return wins, "success"
-  scored = sorted(
-    (e for e in episodes if e.result.get("score", 0) > 0), key=lambda e: -e.result["score"]
-  )
-  return scored[: max(1, len(episodes) // 4)] if scored else [], "best_quartile"
-
-
-# -----------------------------------------------------------------------------
-# Tokenizer and demo data
-# -----------------------------------------------------------------------------
-
-
-def scripted_rollouts(
-  store_path: str, seeds: Sequence[int], with_human: bool, max_steps: int, prefix: str
-) -> list[Episode]:
-  return run_episodes(
-    store_path,
-    prefix,
-    seeds,
-    lambda s: research_policy.ScriptedResearchPolicy(seed=s),
-    with_human,
-    max_steps,
-  )
-
-
-def train_tokenizer(store_path: str, episodes: Sequence[Episode], vocab_size: int, out_dir: str):
-  """A BPE trained on the compact views of `episodes` (plus the demo corpus)."""
-  store = storage.SQLiteStore(store_path)
-  texts = list(chat_lib.DEMO_CORPUS) + [COMPACT_SYSTEM_PROMPT]
-  try:
-    for e in episodes:
-      steps = store.get_steps(e.session_id)
-      if steps:
-        texts.append(steps[0].messages[1]["content"])
-      texts += [s.response for s in steps] + [s.observation for s in steps]
-      texts += [g.text for g in store.list_guidance(e.session_id)]
-  finally:
-    store.close()
-  return chat_lib.train_chat_tokenizer(texts, vocab_size=vocab_size, out_dir=out_dir)
-
-
-def write_demo_samples(
-  data_dir: str, episodes: int = 6, seed: int = 0, history: int = 2, vocab_size: int = 1024
-) -> int:
-  """Scripted rollouts of TRAIN seeds -> data_dir/{tokenizer.json, samples.jsonl}."""
-  from apollo.agents import sft  # pylint: disable=g-import-not-at-top
-
-  os.makedirs(data_dir, exist_ok=True)
-  store_path = os.path.join(data_dir, "rollouts.sqlite")
-  eps = scripted_rollouts(
-    store_path, research_env.seeds_for("train", episodes, seed * 100), False, 200, "demo"
-  )
-  tokenizer = train_tokenizer(store_path, eps, vocab_size, data_dir)
-  built = build_samples(
-    store_path,
-    eps,
-    chat_lib.ChatTemplate(tokenizer, guidance_tag=guidance_lib.GUIDANCE_TAG),
-    history,
-  )
-  return sft.write_jsonl_samples(os.path.join(data_dir, "samples.jsonl"), built.samples)
+  return TrainingSet(built, stats, len(episodes), sum(e.env_steps for e in episodes))
 
 
 # -----------------------------------------------------------------------------
@@ -345,9 +159,6 @@ class _PolicyCache:
     self.p, self._models = p, {}
 
   def agent(self, policy_dir: str, sample_seed: int):
-    from apollo.agents import sft  # pylint: disable=g-import-not-at-top
-    from apollo.agents.backends import flax_policy  # pylint: disable=g-import-not-at-top
-
     if policy_dir not in self._models:
       self._models[policy_dir] = sft.load_policy(policy_dir)
     model, tokenizer = self._models[policy_dir]
@@ -359,7 +170,7 @@ class _PolicyCache:
       seed=sample_seed,
       prompt_bucket=self.p.prompt_bucket,
     )
-    return ViewedBackend(inner, self.p.history_messages)
+    return compact_view.ViewedBackend(inner, self.p.history_messages)
 
 
 def _summary(values: Sequence[float]) -> tuple[float, float]:
@@ -371,8 +182,6 @@ def _summary(values: Sequence[float]) -> tuple[float, float]:
 
 def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the whole comparison in `workdir`; returns results.json's content."""
-  from apollo.agents import sft  # pylint: disable=g-import-not-at-top
-
   p = config.compare
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -382,14 +191,14 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   # 0-1. Tokenizer and base policy (shared by every seed).
   bc_store = os.path.join(workdir, "bc", "rollouts.sqlite")
   os.makedirs(os.path.dirname(bc_store), exist_ok=True)
-  bc_solo = scripted_rollouts(
+  bc_solo = collect.scripted_rollouts(
     bc_store,
     research_env.seeds_for("train", p.bc_episodes, _BC_SEED_START),
     False,
     p.max_steps,
     "bc-solo",
   )
-  bc_guided = scripted_rollouts(
+  bc_guided = collect.scripted_rollouts(
     bc_store,
     research_env.seeds_for("train", p.bc_guided_episodes, _BC_SEED_START + p.bc_episodes),
     True,
@@ -397,11 +206,11 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     "bc-guided",
   )
   tok_dir = os.path.join(workdir, "tokenizer")
-  tokenizer = train_tokenizer(bc_store, bc_solo + bc_guided, p.tokenizer_vocab, tok_dir)
+  tokenizer = collect.train_tokenizer(bc_store, bc_solo + bc_guided, p.tokenizer_vocab, tok_dir)
   tokenizer_path = os.path.join(tok_dir, "tokenizer.json")
   template = chat_lib.ChatTemplate(tokenizer, guidance_tag=guidance_lib.GUIDANCE_TAG)
-  bc = build_samples(bc_store, bc_solo, template, p.history_messages)
-  bc_g = build_samples(bc_store, bc_guided, template, p.history_messages, keep_guidance=True)
+  bc = training_set(bc_store, bc_solo, template, p.history_messages)
+  bc_g = training_set(bc_store, bc_guided, template, p.history_messages, keep_guidance=True)
   bc_samples = bc.samples + bc_g.samples
   base = sft.train_and_evaluate(
     _sft_config(config, p.bc_steps, p.bc_learning_rate, 0, ""),
@@ -424,7 +233,9 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     sdir = os.path.join(workdir, f"seed{seed}")
     store_path = os.path.join(sdir, "rollouts.sqlite")
     os.makedirs(sdir, exist_ok=True)
-    collect = research_env.seeds_for("train", p.collect_episodes, _COLLECT_SEED_START + 1000 * seed)
+    collect_seeds = research_env.seeds_for(
+      "train", p.collect_episodes, _COLLECT_SEED_START + 1000 * seed
+    )
     if p.rollout_agent == "scripted":
       make_agent = lambda s: research_policy.ScriptedResearchPolicy(seed=s)
     elif p.rollout_agent == "policy":
@@ -433,25 +244,32 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       raise ValueError(
         f"--config.compare.rollout_agent={p.rollout_agent!r}: 'policy' or 'scripted'."
       )
-    solo = run_episodes(store_path, "solo", collect, make_agent, False, p.max_steps)
-    guided = run_episodes(
+    solo = collect.run_episodes(store_path, "solo", collect_seeds, make_agent, False, p.max_steps)
+    guided = collect.run_episodes(
       store_path,
       "human",
-      collect,
+      collect_seeds,
       make_agent,
       True,
       p.max_steps,
       p.human_delay_steps,
       p.human_budget,
     )
-    verdicts = judge_episodes(store_path, guided)
-    kept, how = outcome_filtered(solo)
+    with contextlib.closing(storage.SQLiteStore(store_path)) as store:
+      judging.judge_sessions(store, [e.session_id for e in guided])  # rules + human flags
+      # (b): the successes; if none, the best quartile with a score > 0.
+      kept_ids = samples_lib.outcome_filter(
+        store, session_ids=[e.session_id for e in solo], best_fraction=0.25
+      )
+    by_id = {e.session_id: e for e in solo}
+    kept = [by_id[sid] for sid in kept_ids]
+    how = "success" if any(e.result.get("success") for e in solo) else "best_quartile"
     sets = {
-      "b": build_samples(store_path, kept, template, p.history_messages),
-      "c": build_samples(store_path, guided, template, p.history_messages, verdicts),
-      "d": build_samples(store_path, guided, template, p.history_messages),
-      "e": build_samples(
-        store_path, guided, template, p.history_messages, verdicts, keep_guidance=True
+      "b": training_set(store_path, kept, template, p.history_messages),
+      "c": training_set(store_path, guided, template, p.history_messages, judged=True),
+      "d": training_set(store_path, guided, template, p.history_messages),
+      "e": training_set(
+        store_path, guided, template, p.history_messages, judged=True, keep_guidance=True
       ),
     }
     # (b) pays for every autonomous rollout, not only the kept ones.
@@ -472,7 +290,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     test = research_env.seeds_for("test", p.eval_episodes, 0)
     evals = {}
     for v in VARIANTS:
-      eps = run_episodes(
+      eps = collect.run_episodes(
         store_path,
         f"eval-{v}",
         test,
@@ -511,7 +329,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       row["variants"][v] = dict(
         evals[v],
         interventions_per_episode=human_msgs if v in ("c", "d", "e") else 0.0,
-        fraction_masked=data.fraction_masked if data else 0.0,
+        fraction_masked=data.stats.fraction_masked if data else 0.0,
         train_samples=len(data.samples) if data else 0,
         train_episodes=data.episodes if data else 0,
         collection_env_steps=data.env_steps if data else 0,
@@ -594,16 +412,9 @@ def write_reports(results: Mapping[str, Any], workdir: str) -> None:
   table = markdown_table(results)
   with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
     f.write(f"Rollout agent for the training data: {results.get('rollout_agent')}\n\n{table}")
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    logging.warning("matplotlib is not installed: no results.png.")
-    return
   names = list(results["variants"])
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+  fig = Figure(figsize=(9, 3.2))  # no pyplot: no global state, no GUI backend
+  axes = fig.subplots(1, 2)
   for ax, key, label in (
     (axes[0], "score", "test score"),
     (axes[1], "success_rate", "test success rate"),
@@ -620,4 +431,3 @@ def write_reports(results: Mapping[str, Any], workdir: str) -> None:
     ax.set_title(label)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "results.png"), dpi=120)
-  plt.close(fig)

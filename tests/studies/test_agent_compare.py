@@ -3,8 +3,8 @@
 import json
 import os
 
-from apollo.agents import compare
 from apollo.agents.configs import sft as agent_sft_config
+from apollo.studies import agent_compare
 
 FIELDS = (
   "score_mean",
@@ -17,24 +17,6 @@ FIELDS = (
 )
 
 
-def test_policy_view_keeps_the_tail_and_optionally_guidance():
-  messages = [
-    {"role": "system", "content": "long"},
-    {"role": "user", "content": "task"},
-    {"role": "assistant", "content": "a1"},
-    {"role": "user", "content": "o1"},
-    {"role": "user", "content": '<human_guidance id="1" source="h">x</human_guidance>'},
-    {"role": "assistant", "content": "a2"},
-    {"role": "user", "content": "o2"},
-  ]
-  view = compare.policy_view(messages, 2)
-  assert [m["content"] for m in view[1:]] == ["a2", "o2"]
-  view = compare.policy_view(messages, 3)
-  assert view[0]["content"] == compare.COMPACT_SYSTEM_PROMPT
-  assert [m["content"] for m in view[1:]][0] == "o1" and len(view) == 5
-  assert len(compare.policy_view(messages, 3, keep_guidance=False)) == 4
-
-
 def test_comparison_smoke_writes_results(tmp_path):
   c = agent_sft_config.get_config("compare")
   p = c.compare
@@ -45,11 +27,11 @@ def test_comparison_smoke_writes_results(tmp_path):
   p.prompt_bucket = 64
   c.data.seq_len, c.data.batch_size = 256, 8
   c.model.hidden_size, c.model.intermediate_size = 32, 64
-  results = compare.run_comparison(c, str(tmp_path))
+  results = agent_compare.run_comparison(c, str(tmp_path))
   with open(os.path.join(tmp_path, "results.json")) as f:
     saved = json.load(f)
-  assert sorted(saved["variants"]) == list(compare.VARIANTS)
-  for v in compare.VARIANTS:
+  assert sorted(saved["variants"]) == list(agent_compare.VARIANTS)
+  for v in agent_compare.VARIANTS:
     for field in FIELDS:
       assert field in saved["variants"][v], (v, field)
   assert saved["variants"]["a"]["interventions_per_episode"] == 0

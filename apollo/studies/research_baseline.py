@@ -1,15 +1,15 @@
-"""Measured properties of the research environment family.
+"""The scripted baseline on the research environment: how hard the tasks are.
 
-`measure` runs the scripted (plausible but untrained) policy on a set of task seeds,
-with or without the simulated human, through the real loop and store, and reports
-success rate, score and episode length. The properties the environment must hold:
+Apollo's environments must be long-horizon, rarely solved by autonomous rollouts,
+and much easier with the knowledge a human gives (D. Fu et al., "Interaction as
+Intelligence Part II: Asynchronous Human-Agent Rollout for Long-Horizon Task
+Training", arXiv 2510.27630, 2025). `measure` checks that on the built-in research
+family: it runs the scripted (plausible but untrained) policy on a set of task
+seeds, with or without the simulated human, through the real loop and store, and
+reports success rate, score, episode length and interventions. The README holds
+the measured table.
 
-- a typical episode needs at least 50 steps (median episode length);
-- outcome-only sampling rarely succeeds (success rate without a human is low);
-- the knowledge a human gives raises success a lot (with the simulated human);
-- train and test task sets are separate (`research_env.seeds_for`).
-
-    python -m apollo.agents.research_metrics --episodes 60 --split test
+    python -m apollo.studies.research_baseline --episodes 60 --split test
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ import statistics
 import tempfile
 from typing import Any
 
-from apollo.agents import agent, storage
 from apollo.agents.envs import research as research_env
 from apollo.agents.envs import research_policy
-from apollo.agents.service import client as client_lib
-from apollo.agents.supervision import simulated_human
+from apollo.agents.training import collect
 
 
 def measure(
@@ -35,35 +33,21 @@ def measure(
   budget: int = 4,
   start: int = 0,
   store_path: str | None = None,
+  max_steps: int = 400,
 ) -> dict[str, Any]:
   """Runs `episodes` seeded episodes; returns aggregate metrics."""
-  tmp = None
-  if store_path is None:
-    tmp = tempfile.TemporaryDirectory()
-    store_path = os.path.join(tmp.name, "metrics.sqlite")
-  store = storage.SQLiteStore(store_path)
-  human = simulated_human.SimulatedHuman(
-    client_lib.LocalClient.for_store(store), delay_steps=delay_steps, budget=budget
-  )
-  rows = []
-  try:
-    for seed in research_env.seeds_for(split, episodes, start=start):
-      sid = f"{split}-{seed}-{'human' if with_human else 'solo'}"
-      result = agent.run_episode(
-        sid,
-        research_env.ResearchEnv(),
-        research_policy.ScriptedResearchPolicy(seed),
-        store,
-        seed,
-        listeners=[human.on_step] if with_human else (),
-      )
-      rows.append(
-        {"seed": seed, **result, **{f"human_{k}": v for k, v in human.interventions(sid).items()}}
-      )
-  finally:
-    store.close()
-    if tmp is not None:
-      tmp.cleanup()
+  with tempfile.TemporaryDirectory() as tmp:
+    eps = collect.run_episodes(
+      store_path or os.path.join(tmp, "metrics.sqlite"),
+      f"{split}-{'human' if with_human else 'solo'}",
+      research_env.seeds_for(split, episodes, start=start),
+      lambda seed: research_policy.ScriptedResearchPolicy(seed),
+      with_human,
+      max_steps,
+      delay_steps,
+      budget,
+    )
+  rows = [{"seed": e.seed, **e.result, "human_messages": e.interventions} for e in eps]
   steps = [r["steps"] for r in rows]
   return {
     "split": split,
