@@ -1,5 +1,10 @@
 """A built-in long-horizon environment family modelled on ML-research work.
 
+Apollo trains agents on tasks that take hours and that an untrained agent rarely
+solves alone (D. Fu et al., "Interaction as Intelligence Part II: Asynchronous
+Human-Agent Rollout for Long-Horizon Task Training", arXiv 2510.27630, 2025). This
+family is such a task, simulated so that it runs anywhere, fast and reproducibly.
+
 Each seed generates one task: train a model for a (fictional) dataset, with training
 runs that take simulated hours, a limited number of scored submissions, and a score
 from 0 to 100. The agent configures, launches, monitors, evaluates and submits runs
@@ -22,10 +27,10 @@ Success means a best submitted score >= the task's target (72-78). A run that
 converged on clean data with a stable learning rate scores about 90; undertrained,
 noisy or diverged runs score far less.
 
-Sleep is capped at half an hour per call (a cluster's monitoring cadence), so a
-typical episode takes 60-130 tool calls. Time is simulated; `time_scale_s` real
-seconds per simulated hour slows sleeps down for live demos, and `interrupt()` cuts
-a sleep short.
+Sleep is capped at half an hour per call (a cluster's monitoring cadence), so an
+episode takes many tool calls. Time is simulated; `time_scale_s` real seconds per
+simulated hour slows sleeps down for live demos, and `interrupt()` cuts a sleep
+short.
 
 Splits: seeds in [0, 1_000_000) are the train set, seeds >= 1_000_000 the test set;
 the two draw the task's domain from disjoint pools (same hidden-fact distribution).

@@ -1,7 +1,9 @@
 """Supervision control: judging every action of a stored trajectory keep / mask.
 
-Apollo turns a raw trajectory into a *masked trajectory*: sub-optimal actions stay
-in the context (later steps saw them) but are not imitated. This module decides
+Apollo (D. Fu et al., "Interaction as Intelligence Part II: Asynchronous
+Human-Agent Rollout for Long-Horizon Task Training", arXiv 2510.27630, 2025) turns
+a raw trajectory into a *masked trajectory*: sub-optimal actions stay in the
+context (later steps saw them) but are not imitated. This module decides
 which actions those are. A judge looks at one action step of a stored session,
 with everything around it, and returns a `labels.Label` (verdict 'keep' or
 'mask', a short reason code, its own name, free-text evidence) or None when it

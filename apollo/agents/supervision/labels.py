@@ -1,11 +1,11 @@
 """Per-step judge labels: the `Label` record and a sidecar table in the trajectory DB.
 
-The trajectory store (`storage.py`) has one judge field per step, `quality`
+The trajectory store (`apollo.agents.storage`) has one judge field per step, `quality`
 (good / bad / unknown) with `quality_reason`: room for the *combined* verdict
 only. Supervision control runs several judges per step (rules, the human's
 flags, an LLM) and the training-data stage wants to know which judge said what,
 so every judge's label is kept here, in a table of its own inside the same
-SQLite file (storage.py's schema is untouched):
+SQLite file (the store's own schema is untouched):
 
     step_labels(session_id, step_index, judge, verdict, reason, detail, labelled_at,
                 PRIMARY KEY(session_id, step_index, judge))
