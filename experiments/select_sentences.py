@@ -20,7 +20,10 @@ Examples::
       --tfds_name=wikipedia/20230601.en --tfds_data_dir=/data/tfds --out_dir=...
 
 Re-running the same command after an interruption resumes (see
-`apollo/lm/selection.py`); on several machines pass --host_index/--host_count.
+`apollo/lm/data/selection.py`); on several machines pass --host_index/--host_count.
+A file that is not UTF-8 text stops the job with an error naming the file, line and
+byte offset; re-run with --skip_bad_files to skip such files (listed in counts.json
+under `bad_files`) and continue where it stopped.
 """
 
 from absl import app, flags, logging
@@ -65,6 +68,12 @@ _HOST_COUNT = flags.DEFINE_integer("host_count", 1, "Machines sharing the job.")
 _MAX_SHARDS = flags.DEFINE_integer(
   "max_shards", None, "Stop after this many shards (resume later)."
 )
+_SKIP_BAD_FILES = flags.DEFINE_bool(
+  "skip_bad_files",
+  False,
+  "Skip input files that are not UTF-8 text (or not JSON lines) and list them in "
+  "counts.json (bad_files); by default such a file stops the job with an error.",
+)
 _TOKENIZER_VOCAB_SIZE = flags.DEFINE_integer(
   "tokenizer_vocab_size",
   0,
@@ -104,7 +113,11 @@ def main(argv):
     host_count=_HOST_COUNT.value,
   )
   counts = selection.run_selection(
-    _make_source(), _OUT_DIR.value, config, max_shards=_MAX_SHARDS.value
+    _make_source(),
+    _OUT_DIR.value,
+    config,
+    max_shards=_MAX_SHARDS.value,
+    skip_bad_files=_SKIP_BAD_FILES.value,
   )
   logging.info("Counts: %s", counts.to_json())
   if _TOKENIZER_VOCAB_SIZE.value > 0 and _MAX_SHARDS.value is None:

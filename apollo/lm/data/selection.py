@@ -12,7 +12,7 @@ Output directory layout (single host)::
   sentences-00000.array_record   one JSON record per kept sentence (below)
   sentences-00001.array_record   ...
   counts.json                    documents read, sentences seen / kept, kept per
-                                 keyword group and per keyword
+                                 keyword group and per keyword, files skipped
   state.json                     the resume marker (see "Resuming")
 
 A record is the UTF-8 JSON of::
@@ -52,6 +52,14 @@ output directory with its own names, `sentences-h003of008-00000.array_record`,
 `counts-h003of008.json`, `state-h003of008.json`, so hosts never race on a file
 and each resumes independently. The pipeline reads every `sentences-*` file in
 the directory; `merge_counts` sums the per-host counts.
+
+Unreadable input. A file that is not UTF-8 text (or, for JSON lines, holds a
+line that is not a JSON object) stops the job with `text_sources.UnreadableFileError`
+naming the file, line and byte offset; the shards committed before it stay. With
+`skip_bad_files=True` such files are skipped whole and listed in the counts
+(`bad_files: [{path, error}]`). Because a bad file yields no document in either
+mode, a job that stopped on one resumes with `skip_bad_files=True` into the same
+output as a run that skipped from the start.
 
 OUR choices (documented defaults): sentences shorter than `min_words` words or
 longer than `max_chars` characters are dropped before matching (fragments and
@@ -124,6 +132,17 @@ class SelectionCounts:
   sentences_kept: int = 0
   kept_per_group: dict[str, int] = dataclasses.field(default_factory=dict)
   kept_per_keyword: dict[str, int] = dataclasses.field(default_factory=dict)
+  # Files skipped as unreadable (`skip_bad_files`): [{"path", "error"}], one per path.
+  bad_files: list[dict[str, str]] = dataclasses.field(default_factory=list)
+
+  def add_bad_files(self, bad_files: Sequence[Mapping[str, str]]) -> None:
+    """Adds skipped files not yet listed (a resumed job, or another host, sees them again)."""
+    known = {b["path"] for b in self.bad_files}
+    for bad in bad_files:
+      if bad["path"] not in known:
+        known.add(bad["path"])
+        self.bad_files.append(dict(path=bad["path"], error=bad["error"]))
+    self.bad_files.sort(key=lambda b: b["path"])
 
   def add(self, other: SelectionCounts) -> None:
     self.documents_read += other.documents_read
@@ -135,6 +154,7 @@ class SelectionCounts:
     ):
       for key, value in theirs.items():
         mine[key] = mine.get(key, 0) + value
+    self.add_bad_files(other.bad_files)
 
   def to_json(self) -> dict[str, Any]:
     return dict(
@@ -143,6 +163,7 @@ class SelectionCounts:
       sentences_kept=self.sentences_kept,
       kept_per_group=dict(sorted(self.kept_per_group.items())),
       kept_per_keyword=dict(sorted(self.kept_per_keyword.items())),
+      bad_files=[dict(b) for b in self.bad_files],
     )
 
   @classmethod
@@ -153,6 +174,7 @@ class SelectionCounts:
       d["sentences_kept"],
       dict(d["kept_per_group"]),
       dict(d["kept_per_keyword"]),
+      [dict(b) for b in d.get("bad_files", [])],  # Absent in counts written before.
     )
 
 
@@ -323,9 +345,18 @@ def _clean_uncommitted(out_dir: str, config: SelectionConfig, next_shard: int) -
 
 
 def _host_documents(
-  source: text_sources.DocumentSource, start: int, config: SelectionConfig
+  source: text_sources.DocumentSource,
+  start: int,
+  config: SelectionConfig,
+  bad_files: list[dict[str, Any]] | None,
 ) -> Iterator[text_sources.Document]:
-  for doc in source.iter_documents(start):
+  # Only a skipping job passes `bad_files`, so sources written before it still work.
+  documents = (
+    source.iter_documents(start)
+    if bad_files is None
+    else source.iter_documents(start, bad_files=bad_files)
+  )
+  for doc in documents:
     if doc.index % config.host_count == config.host_index:
       yield doc
 
@@ -339,6 +370,7 @@ def run_selection(
   out_dir: str,
   config: SelectionConfig = SelectionConfig(),
   max_shards: int | None = None,
+  skip_bad_files: bool = False,
 ) -> SelectionCounts:
   """Selects the logic sentences of `source` into shards under `out_dir`.
 
@@ -351,11 +383,16 @@ def run_selection(
     config: selection settings; must equal those of the run being resumed.
     max_shards: stop after committing this many shards in this call (for
       time-limited or preemptible jobs; the next call continues).
+    skip_bad_files: skip files that are not UTF-8 text (or not JSON lines) and
+      list them in the counts' `bad_files`, instead of stopping. It may differ
+      from the run being resumed.
 
   Returns:
     The counts over all documents processed so far (all calls).
 
   Raises:
+    text_sources.UnreadableFileError: a file cannot be read and
+      `skip_bad_files` is False (naming the file, line and byte offset).
     EmptySourceError: the source produced no document.
     NoLogicSentencesError: no sentence of the source holds a keyword.
     ValueError: `out_dir` holds a run with another source or other settings.
@@ -400,14 +437,25 @@ def run_selection(
 
   num_workers = config.num_workers or os.cpu_count() or 1
   pool = multiprocessing.get_context("spawn").Pool(num_workers) if num_workers > 1 else None
-  documents = _host_documents(source, state["next_document"], config)
+  bad_files = [] if skip_bad_files else None
+  documents = _host_documents(source, state["next_document"], config, bad_files)
   start_time, last_log, docs_this_run, shards_this_run = time.time(), 0.0, 0, 0
   try:
     while True:
       if max_shards is not None and shards_this_run >= max_shards:
         logging.info("Stopping after %d shards (max_shards); run again to resume.", shards_this_run)
         return counts
-      batch = [(d.index, d.doc_id, d.text) for _, d in zip(range(config.docs_per_shard), documents)]
+      try:
+        batch = [
+          (d.index, d.doc_id, d.text) for _, d in zip(range(config.docs_per_shard), documents)
+        ]
+      except text_sources.UnreadableFileError as error:
+        error.add_note(
+          "Pass --skip_bad_files (run_selection(skip_bad_files=True)) to skip such files and "
+          "list them in counts.json; the shards committed so far are kept."
+        )
+        raise
+      counts.add_bad_files(bad_files or [])
       if not batch:
         break
       tasks = [
@@ -449,14 +497,25 @@ def run_selection(
       pool.join()
 
   if counts.documents_read == 0:
-    raise EmptySourceError(f"Source {source.name} produced no documents.")
+    skipped = ""
+    if counts.bad_files:
+      paths = [b["path"] for b in counts.bad_files]
+      skipped = f" ({len(paths)} unreadable file(s) skipped: {paths[:5]})"
+    raise EmptySourceError(f"Source {source.name} produced no documents{skipped}.")
   if counts.sentences_kept == 0:
     raise NoLogicSentencesError(
       f"Source {source.name}: none of its {counts.sentences_seen} sentences "
       f"({counts.documents_read} documents) contains a logical keyword."
     )
   state["done"] = True
+  state["counts"] = counts.to_json()  # Bad files found after the last shard.
   _write_json_atomically(counts_path(out_dir, config), counts.to_json())
   commit_state(state_file, state)
+  if counts.bad_files:
+    logging.warning(
+      "Skipped %d unreadable file(s), listed in %s.",
+      len(counts.bad_files),
+      counts_path(out_dir, config),
+    )
   logging.info("Selection done: %s", counts.to_json())
   return counts

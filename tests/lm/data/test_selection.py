@@ -3,6 +3,8 @@
 import filecmp
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -282,3 +284,146 @@ def test_tfds_source_reads_a_prepared_array_record_dataset(tmp_path):
     source, str(tmp_path / "out"), selection.SelectionConfig(num_workers=1)
   )
   assert counts.sentences_kept == 1 and counts.kept_per_group == {"conclusion": 1}
+
+
+# --- Undecodable input ------------------------------------------------------
+
+_GOOD_TEXT = "It rained, so the match was off.\n\nIf it dries, the match is replayed on Sunday.\n"
+
+
+def _bad_corpus(tmp_path):
+  """a.txt (good), b.txt (Latin-1 in its second paragraph), c.txt (good)."""
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  (corpus / "a.txt").write_text(_GOOD_TEXT, encoding="utf-8")
+  latin1 = "Caf\u00e9s close early, so nobody came.\n\nBecause of it, the owners are not happy.\n"
+  (corpus / "b.txt").write_bytes(("Fine first line.\n" + latin1).encode("latin-1"))
+  (corpus / "c.txt").write_text("Although it was late, the owners did not close.\n")
+  return corpus
+
+
+def test_text_source_names_the_file_line_and_byte_of_undecodable_input(tmp_path):
+  corpus = _bad_corpus(tmp_path)
+  bad = str(corpus / "b.txt")
+  with pytest.raises(text_sources.UnreadableFileError, match=r"b\.txt: line 2, byte 20: .*UTF-8"):
+    list(text_sources.TextFileSource([str(corpus)]).iter_documents())
+  with pytest.raises(text_sources.UnreadableFileError) as error:
+    selection.run_selection(
+      text_sources.TextFileSource([str(corpus)]),
+      str(tmp_path / "out"),
+      selection.SelectionConfig(num_workers=1),
+    )
+  assert (error.value.path, error.value.line, error.value.offset) == (bad, 2, 20)
+  assert "skip_bad_files" in "".join(getattr(error.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("unit", ["paragraph", "file"])
+def test_text_source_rejects_binary_files(tmp_path, unit):
+  path = tmp_path / "weights.txt"
+  path.write_bytes(b"PK\x03\x04\x14\x00\x00\x00\x08\x00")
+  with pytest.raises(text_sources.UnreadableFileError, match=r"weights\.txt.*zip"):
+    list(text_sources.TextFileSource([str(path)], unit=unit).iter_documents())
+  path.write_bytes(b"abc\n\x00\x00\x00\x01")
+  with pytest.raises(text_sources.UnreadableFileError, match=r"line 2, byte 4: .*binary"):
+    list(text_sources.TextFileSource([str(path)], unit=unit).iter_documents())
+
+
+def test_jsonl_source_names_the_file_and_line_of_bad_input(tmp_path):
+  path = tmp_path / "docs.jsonl"
+  path.write_bytes(b'{"text": "A."}\n{"text": "Caf\xe9."}\n')
+  with pytest.raises(text_sources.UnreadableFileError, match=r"docs\.jsonl: line 2, byte 28: "):
+    list(text_sources.JsonlSource([str(path)]).iter_documents())
+  path.write_bytes(b'{"text": "A."}\n\n{"text": oops}\n')
+  with pytest.raises(text_sources.UnreadableFileError, match=r"docs\.jsonl: line 3, .*JSON"):
+    list(text_sources.JsonlSource([str(path)]).iter_documents())
+  path.write_bytes(b'{"text": "A."}\n["a list"]\n')
+  with pytest.raises(text_sources.UnreadableFileError, match=r"line 2.*object"):
+    list(text_sources.JsonlSource([str(path)]).iter_documents())
+
+
+def test_byte_order_marks_are_not_text(tmp_path):
+  path = tmp_path / "bom.txt"
+  path.write_bytes(b"\xef\xbb\xbfIt rained, so the match was off.\n")
+  docs = list(text_sources.TextFileSource([str(path)]).iter_documents())
+  assert docs[0].text == "It rained, so the match was off."
+  jsonl = tmp_path / "bom.jsonl"
+  jsonl.write_bytes(b'\xef\xbb\xbf{"text": "A."}\r\n')
+  assert [d.text for d in text_sources.JsonlSource([str(jsonl)]).iter_documents()] == ["A."]
+
+
+def test_skip_bad_files_skips_whole_files_and_counts_them(tmp_path):
+  corpus = _bad_corpus(tmp_path)
+  out = str(tmp_path / "out")
+  config = selection.SelectionConfig(num_workers=1, docs_per_shard=1)
+  counts = selection.run_selection(
+    text_sources.TextFileSource([str(corpus)]), out, config, skip_bad_files=True
+  )
+  # b.txt is skipped whole (its first, readable paragraph too): 2 + 1 documents.
+  assert counts.documents_read == 3
+  assert [r["doc_id"].split("#")[0] for r in selection.iter_records(out)] == [
+    str(corpus / "a.txt"),
+    str(corpus / "a.txt"),
+    str(corpus / "c.txt"),
+  ]
+  with open(os.path.join(out, "counts.json")) as f:
+    bad_files = json.load(f)["bad_files"]
+  assert [b["path"] for b in bad_files] == [str(corpus / "b.txt")]
+  assert "line 2, byte 20" in bad_files[0]["error"]
+  assert selection.merge_counts(out).bad_files == bad_files
+
+
+def test_stopped_on_a_bad_file_then_resumed_with_skip(tmp_path):
+  """The default stops at the bad file; rerunning with the flag resumes, same output."""
+  corpus = _bad_corpus(tmp_path)
+  config = selection.SelectionConfig(num_workers=1, docs_per_shard=1)
+  reference = str(tmp_path / "reference")
+  selection.run_selection(
+    text_sources.TextFileSource([str(corpus)]), reference, config, skip_bad_files=True
+  )
+  staged = str(tmp_path / "staged")
+  with pytest.raises(text_sources.UnreadableFileError):
+    selection.run_selection(text_sources.TextFileSource([str(corpus)]), staged, config)
+  assert len(selection.list_shards(staged)) == 2  # a.txt's two documents were committed.
+  selection.run_selection(
+    text_sources.TextFileSource([str(corpus)]), staged, config, skip_bad_files=True
+  )
+  _same_output(reference, staged)
+
+
+def test_only_bad_files_is_an_empty_source_that_says_why(tmp_path):
+  path = tmp_path / "only.txt"
+  path.write_bytes(b"caf\xe9\n")
+  with pytest.raises(selection.EmptySourceError, match=r"1 unreadable file.*only\.txt"):
+    selection.run_selection(
+      text_sources.TextFileSource([str(path)]),
+      str(tmp_path / "out"),
+      selection.SelectionConfig(num_workers=1),
+      skip_bad_files=True,
+    )
+
+
+def test_select_sentences_cli_skip_bad_files(tmp_path):
+  corpus = _bad_corpus(tmp_path)
+  command = [
+    sys.executable,
+    "-m",
+    "experiments.select_sentences",
+    "--source=text",
+    f"--inputs={corpus}",
+    "--num_workers=1",
+  ]
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  failed = subprocess.run(
+    command + [f"--out_dir={tmp_path / 'a'}"], cwd=root, capture_output=True, text=True
+  )
+  assert failed.returncode != 0
+  assert "b.txt: line 2, byte 20" in failed.stderr and "--skip_bad_files" in failed.stderr
+  done = subprocess.run(
+    command + [f"--out_dir={tmp_path / 'b'}", "--skip_bad_files"],
+    cwd=root,
+    capture_output=True,
+    text=True,
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  with open(tmp_path / "b" / "counts.json") as f:
+    assert [b["path"] for b in json.load(f)["bad_files"]] == [str(corpus / "b.txt")]
