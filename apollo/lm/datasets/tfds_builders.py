@@ -98,23 +98,21 @@ class _MultipleChoiceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     # `manual_dir` raises with MANUAL_DOWNLOAD_INSTRUCTIONS when not given.
-    manual_dir = dl_manager.manual_dir
-    present = {p.name.lower(): p for p in manual_dir.iterdir()}
-    generators = {}
-    for split, names in self.SPLIT_FILES.items():
-      path = next((present[n.lower()] for n in names if n.lower() in present), None)
-      if path is None:
-        raise FileNotFoundError(
-          f"{self.name}: no file for split {split!r} in {manual_dir} "
-          f"(expected one of {list(names)}).\n"
-          f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
-        )
-      generators[split] = self._generate_examples(os.fspath(path), split)
-    return generators
+    manual_dir = os.fspath(dl_manager.manual_dir)
+    # Every split is looked up before any is read: a missing one fails at once.
+    paths = {
+      split: multiple_choice.find_split_file(
+        manual_dir, self.name, split, names=names, hint=self.MANUAL_DOWNLOAD_INSTRUCTIONS
+      )
+      for split, names in self.SPLIT_FILES.items()
+    }
+    return {split: self._generate_examples(path, split) for split, path in paths.items()}
 
   def _generate_examples(self, path: str, split: str):
+    # Reader errors (an empty or unreadable split file, a malformed record) stop
+    # the preparation; size mismatches and oddities are reported.
     examples = type(self).READER(path)
-    multiple_choice.check_split_size(self.name, split, len(examples))
+    multiple_choice.check_split_size(self.name, split, len(examples), report=examples)
     logging.info("%s %s: %d examples from %s", self.name, split, len(examples), path)
     for position, example in enumerate(examples):
       label = example["label"]
@@ -124,7 +122,7 @@ class _MultipleChoiceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
 class Reclor(_MultipleChoiceBuilder):
   """ReClor (Yu et al., ICLR 2020): logical reasoning reading comprehension."""
 
-  SPLIT_FILES = {"train": ("train.json",), "validation": ("val.json",), "test": ("test.json",)}
+  SPLIT_FILES = multiple_choice.SPLIT_FILE_NAMES["reclor"]
   READER = staticmethod(multiple_choice.read_reclor)
   DESCRIPTION = (
     "ReClor: 4-way multiple choice questions from standardized "
@@ -147,7 +145,7 @@ class Reclor(_MultipleChoiceBuilder):
 class Logiqa(_MultipleChoiceBuilder):
   """LogiQA v1 (Liu et al., IJCAI 2020), the English release."""
 
-  SPLIT_FILES = {"train": ("Train.txt",), "validation": ("Eval.txt",), "test": ("Test.txt",)}
+  SPLIT_FILES = multiple_choice.SPLIT_FILE_NAMES["logiqa"]
   READER = staticmethod(multiple_choice.read_logiqa)
   DESCRIPTION = (
     "LogiQA: 4-way multiple choice logical reasoning questions "
@@ -171,11 +169,7 @@ class Logiqa(_MultipleChoiceBuilder):
 class Logiqa2(_MultipleChoiceBuilder):
   """LogiQA 2.0 (Liu et al., IEEE/ACM TASLP 2023), the MRC task in English."""
 
-  SPLIT_FILES = {
-    "train": ("train.txt", "train.jsonl", "train.json"),
-    "validation": ("dev.txt", "dev.jsonl", "dev.json"),
-    "test": ("test.txt", "test.jsonl", "test.json"),
-  }
+  SPLIT_FILES = multiple_choice.SPLIT_FILE_NAMES["logiqa2"]
   READER = staticmethod(multiple_choice.read_logiqa2)
   DESCRIPTION = (
     "LogiQA 2.0: 4-way multiple choice logical reasoning "

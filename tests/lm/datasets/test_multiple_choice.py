@@ -137,10 +137,23 @@ def test_read_reclor_malformed_record_names_file_and_record(tmp_path):
 
 def test_read_reclor_rejects_bad_labels(tmp_path):
   records = [dict(RECLOR_RECORDS[0], label=4), dict(RECLOR_RECORDS[1], label=True)]
-  examples = multiple_choice.read_reclor(
-    write_reclor(tmp_path / "train.json", records), skip_malformed=True
-  )
-  assert len(examples) == 0 and examples.skipped == 2
+  path = write_reclor(tmp_path / "train.json", records + [RECLOR_RECORDS[1]])
+  examples = multiple_choice.read_reclor(path, skip_malformed=True)
+  assert len(examples) == 1 and examples.skipped == 2
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+@pytest.mark.parametrize("indent", [None, 2])
+@pytest.mark.parametrize("end", ["", "\n", "\r\n"])
+def test_read_reclor_bom_crlf_and_trailing_newline(tmp_path, bom, indent, end):
+  text = json.dumps(RECLOR_RECORDS, indent=indent).replace("\n", "\r\n") + end
+  path = tmp_path / "val.json"
+  path.write_bytes(bom + text.encode("utf-8"))
+  examples = multiple_choice.read_reclor(path)
+  assert [e["id"] for e in examples] == ["train_0", "train_1"]
+  assert examples[0]["context"] == RECLOR_RECORDS[0]["context"]
+  if bom:
+    assert examples.odd["utf8_byte_order_mark"] == 1
 
 
 def test_read_reclor_not_an_array(tmp_path):
@@ -176,20 +189,107 @@ def test_read_logiqa_crlf_and_spaced_prefixes(tmp_path):
   assert examples[0]["context"] == "Context one, with a comma."
 
 
-def test_read_logiqa_malformed_record_names_file_record_and_line(tmp_path):
-  text = logiqa_text().replace("B.x", "Bx")  # record 2's option B: line 14
+# The artefacts of the published English files (specs: LogiQA v1 CORRECTION), one
+# per option line, and what the reader keeps of each line.
+LOGIQA_ARTEFACT_LINES = [
+  "",
+  "a",
+  "Context one.",
+  "Which is true?",
+  "A.First.",
+  "B No second.",  # the letter and a space, no dot
+  "c.third.",  # a lower-case letter
+  "D\uff0efourth.",  # a full-width dot
+  "",
+  "b",
+  "Context two.",
+  "Which is false?",
+  "The firm sells more on the C.S City market.",  # no prefix; a stray "C." inside
+  "B.Only the \u516c\u53f8 grew.",  # partly in Chinese
+  "C.It rose on the C.S City market.",
+  "D.None.",
+  "",
+  "d",
+  "Context three.",
+  "Question three?",
+  "A person who waits.",  # no prefix: this "A" is the article, kept
+  "B.x",
+  "C.y",
+  "D.z",  # the last record, without a final newline
+]
+
+
+def test_read_logiqa_loads_the_published_artefacts(tmp_path):
   path = tmp_path / "Test.txt"
-  path.write_text(text, encoding="utf-8")
+  path.write_text("\n".join(LOGIQA_ARTEFACT_LINES), encoding="utf-8")
+  examples = multiple_choice.read_logiqa(path)
+  assert [e["id"] for e in examples] == ["Test_0", "Test_1", "Test_2"]
+  assert [e["label"] for e in examples] == [0, 1, 3]
+  assert examples[0]["options"] == ["First.", "No second.", "third.", "fourth."]
+  assert examples[1]["options"] == [
+    "The firm sells more on the C.S City market.",
+    "Only the \u516c\u53f8 grew.",
+    "It rose on the C.S City market.",
+    "None.",
+  ]
+  assert examples[2]["options"] == ["A person who waits.", "x", "y", "z"]
+  assert examples.skipped == 0
+  assert dict(examples.odd) == {
+    "option_letter_without_dot": 1,
+    "option_lower_case_letter": 1,
+    "option_full_width_dot": 1,
+    "option_without_prefix": 2,
+    "option_with_chinese": 1,
+  }
+  # The oddities are part of the split-size report, even when the size is right.
+  message = multiple_choice.check_split_size("logiqa", "test", len(examples), report=examples)
+  assert "651" in message and "option_without_prefix=2" in message
+  assert "option_full_width_dot=1" in message
+
+
+def test_check_split_size_reports_oddities_of_a_full_split(caplog):
+  examples = multiple_choice.Examples([{}] * 651)
+  assert multiple_choice.check_split_size("logiqa", "Eval.txt", 651, report=examples) is None
+  examples.odd["option_without_prefix"] = 12
+  with caplog.at_level(logging.INFO):
+    message = multiple_choice.check_split_size("logiqa", "Eval.txt", 651, report=examples)
+  assert "option_without_prefix=12" in message and "published" not in message
+  assert "option_without_prefix=12" in caplog.text
+
+
+def test_read_logiqa_other_letters_and_runs_without_a_blank_line(tmp_path):
+  lines = ["", "c", "Ctx.", "Q?", "A.one", "C.two", "C\uff0ethree", "D.", "a", "Ctx 2.", "Q2?"]
+  lines += ["A.p", "B.q", "C.r", "D.s", ""]
+  path = tmp_path / "Eval.txt"
+  path.write_text("\n".join(lines), encoding="utf-8")
+  examples = multiple_choice.read_logiqa(path)
+  # Option B's line starts with another letter: kept whole, and counted.
+  assert examples[0]["options"] == ["one", "C.two", "three", ""]
+  assert examples[1]["options"] == ["p", "q", "r", "s"] and examples[1]["id"] == "Eval_1"
+  assert examples.odd["option_other_letter_prefix"] == 1
+  assert examples.odd["option_full_width_dot"] == 1
+  assert examples.odd["option_empty"] == 1
+  assert examples.odd["missing_blank_line"] == 1
+
+
+def test_read_logiqa_missing_line_is_malformed(tmp_path):
+  lines = logiqa_text().split("\n")
+  del lines[13]  # record 2 loses option B (line 14)
+  path = tmp_path / "Test.txt"
+  path.write_text("\n".join(lines), encoding="utf-8")
   with pytest.raises(
-    multiple_choice.MalformedRecordError, match=r"Test\.txt: record 2 \(line 14\)"
+    multiple_choice.MalformedRecordError, match=r"Test\.txt: record 2 \(line 10\): .*6 lines"
   ) as error:
     multiple_choice.read_logiqa(path)
-  assert error.value.line == 14
+  assert error.value.line == 10 and error.value.record == 2
 
   examples = multiple_choice.read_logiqa(path, skip_malformed=True)
   assert examples.skipped == 1
   # Ids keep their file positions: record 2 is missing, record 3 is Test_2.
   assert [e["id"] for e in examples] == ["Test_0", "Test_2"]
+  assert "skipped 1" in multiple_choice.check_split_size(
+    "logiqa", "test", len(examples), report=examples
+  )
 
 
 def test_read_logiqa_truncated_and_bad_letter(tmp_path):
@@ -207,6 +307,14 @@ def test_read_logiqa_truncated_and_bad_letter(tmp_path):
   assert "ends early" in str(examples.errors[1])
 
 
+def test_read_logiqa_byte_order_mark(tmp_path):
+  path = tmp_path / "Train.txt"
+  path.write_bytes(b"\xef\xbb\xbf" + logiqa_text().encode("utf-8"))
+  examples = multiple_choice.read_logiqa(path)
+  assert len(examples) == 3 and examples[0]["context"] == "Context one, with a comma."
+  assert examples.odd["utf8_byte_order_mark"] == 1
+
+
 # --- LogiQA 2.0 -------------------------------------------------------------
 
 
@@ -220,6 +328,18 @@ def test_read_logiqa2(tmp_path):
     "options": ["o1", "o2", "o3", "o4"],
     "label": 3,
   }
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+@pytest.mark.parametrize("final_newline", [False, True])
+def test_read_logiqa2_bom_crlf_and_trailing_newline(tmp_path, bom, newline, final_newline):
+  text = newline.join(json.dumps(r, ensure_ascii=False) for r in LOGIQA2_RECORDS)
+  path = tmp_path / "test.txt"
+  path.write_bytes(bom + (text + (newline if final_newline else "")).encode("utf-8"))
+  examples = multiple_choice.read_logiqa2(path)
+  assert [e["id"] for e in examples] == ["1001", "1002"]
+  assert examples[1]["options"] == ["p1", "p2", "p3", "p4"]
 
 
 def test_read_logiqa2_malformed_line(tmp_path):

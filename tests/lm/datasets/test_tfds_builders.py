@@ -82,3 +82,33 @@ def test_missing_split_file_says_what_to_provide(tmp_path):
   fixtures.write_reclor(manual / "train.json")
   with pytest.raises(FileNotFoundError, match="val.json"):
     tfds_builders.prepare("reclor", manual, tmp_path / "tfds")
+
+
+def test_missing_split_names_split_and_present_files(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  for name in ("Train.txt", "Test.txt", "readme.md"):
+    (manual / name).write_text(fixtures.logiqa_text())
+  with pytest.raises(FileNotFoundError, match=r"'validation'.*'Eval\.txt'.*readme\.md"):
+    tfds_builders.prepare("logiqa", manual, tmp_path / "tfds")
+
+
+def test_empty_split_file_is_an_error(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  for name in ("Train.txt", "Eval.txt"):
+    fixtures.write_logiqa(manual / name)
+  (manual / "Test.txt").write_bytes(b"")
+  with pytest.raises(ValueError, match=r"Test\.txt.*empty"):
+    tfds_builders.prepare("logiqa", manual, tmp_path / "tfds")
+
+
+def test_logiqa_builder_reads_the_published_artefacts_and_reports_them(tmp_path, caplog):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  for name in ("Train.txt", "Eval.txt", "Test.txt"):
+    (manual / name).write_text("\n".join(fixtures.LOGIQA_ARTEFACT_LINES), encoding="utf-8")
+  with caplog.at_level(logging.INFO):
+    source = tfds_builders.prepare("logiqa", manual, tmp_path / "tfds").as_data_source()
+  assert _decode(source["test"][0])["options"] == ["First.", "No second.", "third.", "fourth."]
+  assert "option_without_prefix=2" in caplog.text
