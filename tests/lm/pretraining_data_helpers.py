@@ -1,14 +1,30 @@
-"""Shared tiny corpora for the APOLLO data tests (selection, tokenizer, pipeline)."""
+"""Shared tiny corpora, tokenizers and checkpoints for the APOLLO tests.
+
+Besides the corpora: a BERT-style uncased WordPiece (`train_small_wordpiece`, the
+normaliser, pre-tokenizer and post-processor of all-MiniLM-L6-v2's tokenizer.json)
+and tiny random Hugging Face checkpoints of either family (`export_random_encoder`:
+a bare `BertModel` / `RobertaModel` with its tokenizer, so, like MiniLM, it has no
+MLM head and no classifier).
+"""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 
 import ml_collections
+import tokenizers
+from flax import nnx
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from apollo.lm.data import generated_corpus, selection, text_sources
 from apollo.models import tokenizer as tokenizer_lib
+from apollo.models.bert import model as bert_model
+from apollo.models.bert import params as bert_params
+from apollo.models.roberta import model as roberta_model
+from apollo.models.roberta import params as roberta_params
 
 # A hand-written mini corpus whose counts are known (see test_selection.py).
 MINI_CORPUS = """\
@@ -44,6 +60,61 @@ def train_small_tokenizer(shard_dir: str, out_dir: str):
   return tokenizer_lib.train_bpe_tokenizer(
     (r["text"] for r in selection.iter_records(shard_dir)), out_dir, vocab_size=400
   )
+
+
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # Ids 0-4 when trained.
+
+
+def train_small_wordpiece(
+  texts: Iterable[str], out_dir: str | None = None, vocab_size: int = 300
+) -> tokenizers.Tokenizer:
+  """An uncased BERT WordPiece: lower-casing + accent-stripping normaliser, BERT's
+  pre-tokenizer, `[CLS] a [SEP] b [SEP]` post-processor; saved as out_dir/tokenizer.json.
+
+  A small vocabulary splits most words into "##" pieces.
+  """
+  tokenizer = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+  tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tokenizer.decoder = decoders.WordPiece()
+  trainer = trainers.WordPieceTrainer(
+    vocab_size=vocab_size, special_tokens=list(BERT_SPECIAL_TOKENS), show_progress=False
+  )
+  tokenizer.train_from_iterator(texts, trainer=trainer)
+  cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+  tokenizer.post_processor = processors.TemplateProcessing(
+    single="[CLS] $A [SEP]",
+    pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+    special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+  )
+  if out_dir is not None:
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+  return tokenizer
+
+
+def export_random_encoder(family: str, out_dir: str, tokenizer_json: str, seed: int = 0) -> str:
+  """A tiny random HF checkpoint of `family` ('bert' / 'roberta') with its tokenizer.
+
+  The model is a bare trunk with a pooler (`BertModel` / `RobertaModel`, as MiniLM):
+  no MLM head and no classifier, so importing it leaves those fresh. Its vocabulary
+  is the tokenizer's, padded to a multiple of 128.
+  """
+  vocab = tokenizers.Tokenizer.from_file(tokenizer_json).get_vocab_size()
+  shape = dict(
+    vocab_size=-(-vocab // 128) * 128,
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    intermediate_size=64,
+  )
+  if family == "bert":
+    config, params = bert_model.get_config("tiny", **shape), bert_params
+  else:
+    config, params = roberta_model.get_config("tiny", **shape), roberta_params
+  params.export_hf(roberta_model.Encoder(config, rngs=nnx.Rngs(seed)), out_dir)
+  shutil.copy(tokenizer_json, os.path.join(out_dir, "tokenizer.json"))
+  return out_dir
 
 
 def shards_and_tokenizer(root) -> tuple[str, str]:

@@ -9,7 +9,10 @@ tokens and 10% left as is.
 
 Masking works on subword tokens but chooses whole words: all subword tokens of
 a chosen word are targets together and share one 80/10/10 draw (OUR choice:
-per-word, so a half-masked word never leaks its other half). Words are drawn in
+per-word, so a half-masked word never leaks its other half). Tokens are mapped
+onto the tagged words by the encoding's character offsets and word ids
+(`tokens_to_words`), so this holds for WordPiece (BERT, MiniLM: "##" pieces,
+a lower-casing normaliser) and byte-level BPE (RoBERTa) alike. Words are drawn in
 a random order and taken while they fit in the remaining budget (as in BERT's
 whole-word masking); if that leaves the budget short, the shortest word left is
 added, so the targets exceed the budget by less than one word at most.
@@ -29,6 +32,7 @@ References:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Sequence
 
@@ -83,18 +87,45 @@ def candidate_words(
 
 
 def tokens_to_words(
-  token_offsets: Sequence[tuple[int, int]], words: Sequence[tagging.Word]
+  token_offsets: Sequence[tuple[int, int]],
+  words: Sequence[tagging.Word],
+  token_word_ids: Sequence[int | None] | None = None,
 ) -> np.ndarray:
-  """For each token, the index of the word it overlaps most (-1: none).
+  """For each token, the index of the tagged word it belongs to (-1: none).
 
-  Byte-level BPE and our word split disagree at the edges ("doesn" + "'t" vs
-  "does" + "n't"); the largest character overlap decides.
+  The tokenizer and our word split disagree at the edges ("doesn" + "'t" vs
+  "does" + "n't"); the largest character overlap decides. Offsets are the
+  encoding's, into the original text (tokenizers keeps them aligned through a
+  normaliser, e.g. BERT's lower-casing and accent stripping), never token strings.
+
+  Args:
+    token_offsets: `Encoding.offsets`, (start, end) characters of each token.
+    words: the tagged words of the same text, sorted by position.
+    token_word_ids: `Encoding.word_ids`, the tokenizer's own word of each token
+      (None for a token outside any). Given, all pieces of one tokenizer word
+      (WordPiece's "##" continuations, a byte-level BPE word's pieces) go to one
+      tagged word, decided by the overlap of their joint span: a chosen word
+      then never leaves a piece of itself visible.
+
+  Returns:
+    [T] int32 word indices.
   """
-  result = np.full(len(token_offsets), -1, dtype=np.int32)
-  first = 0
-  for t, (start, end) in enumerate(token_offsets):
-    while first < len(words) and words[first].end <= start:
-      first += 1  # Both lists are sorted by position: a two-pointer sweep.
+  spans = list(token_offsets)
+  if token_word_ids is not None:
+    # Runs of tokens with the same word id share the span of the whole run.
+    t = 0
+    while t < len(spans):
+      end_run = t + 1
+      if token_word_ids[t] is not None:
+        while end_run < len(spans) and token_word_ids[end_run] == token_word_ids[t]:
+          end_run += 1
+      joint = (min(s for s, _ in spans[t:end_run]), max(e for _, e in spans[t:end_run]))
+      spans[t:end_run] = [joint] * (end_run - t)
+      t = end_run
+  word_ends = [w.end for w in words]  # Sorted, as the words are.
+  result = np.full(len(spans), -1, dtype=np.int32)
+  for t, (start, end) in enumerate(spans):
+    first = bisect.bisect_right(word_ends, start)  # The first word ending after `start`.
     best, best_overlap = -1, 0
     i = first
     while i < len(words) and words[i].start < end:

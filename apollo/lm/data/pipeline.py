@@ -4,8 +4,10 @@ Reads the sentence shards of `selection.py` and yields batches that carry both
 objectives' data, S-MLM (`masking.py`) and E-CLS (`negatives.py`):
 
   key                      shape   dtype    meaning
-  input_ids                [B, L]  int32    <s> sentence </s> <pad>...; masked
-  attention_mask           [B, L]  int32    1 on real tokens, 0 on <pad>
+  input_ids                [B, L]  int32    <s> sentence </s> <pad>... (RoBERTa) or
+                                            [CLS] sentence [SEP] [PAD]... (BERT);
+                                            masked
+  attention_mask           [B, L]  int32    1 on real tokens, 0 on padding
   mlm_labels               [B, L]  int32    original id at S-MLM targets, -100 elsewhere
   mlm_weights              [B, L]  float32  1.0 at S-MLM targets, 0.0 elsewhere
   ecls_label               [B]     int32    0 = entailment-type (original sentence),
@@ -31,6 +33,11 @@ How examples are made (OUR choices, documented):
 * Held-out split: a sentence is in `eval` when a hash of its text falls below
   `eval_fraction` (deterministic, and duplicates of a sentence share a split).
 * Sequences longer than `max_len` are truncated before `</s>`.
+* The tokenizer decides the family (`tokenizer.special_ids`): a trained or
+  RoBERTa byte-level BPE, or a checkpoint's own WordPiece (BERT, MiniLM). A
+  single sentence is one segment, token type 0 everywhere, which is the
+  encoder's default, so batches carry no token types. Whole-word masking maps
+  pieces to words by the encoding's offsets and word ids (`masking.tokens_to_words`).
 
 Determinism and resuming. The pipeline is a grain `MapDataset` over example
 indices (`range(2 * num_sentences)`: sentence `i // 2`, label `i % 2`), shuffled
@@ -203,7 +210,9 @@ class MakeExample(grain.transforms.RandomMap):
     encoding = self._tokenizer.encode(sentence.text, add_special_tokens=False)
     content = config.max_len - 2
     token_ids = np.asarray(encoding.ids[:content], dtype=np.int32)
-    token_words = masking.tokens_to_words(encoding.offsets[:content], sentence.words)
+    token_words = masking.tokens_to_words(
+      encoding.offsets[:content], sentence.words, encoding.word_ids[:content]
+    )
     candidates = masking.candidate_words(
       sentence.words, sentence.tags, sentence.keywords, config.masking
     )
@@ -232,10 +241,10 @@ class MakeExample(grain.transforms.RandomMap):
   ) -> dict[str, Any]:
     """<s> masked sentence </s> <pad>... and the arrays of the module docstring."""
     config, special = self._config, self._special
-    length = len(masked_ids) + 2
+    sequence = special.single(masked_ids.tolist())
+    length = len(sequence)
     input_ids = np.full(config.max_len, special.pad, dtype=np.int32)
-    input_ids[0], input_ids[length - 1] = special.bos, special.eos
-    input_ids[1 : length - 1] = masked_ids
+    input_ids[:length] = sequence
     mlm_labels = np.full(config.max_len, masking.IGNORE_LABEL, dtype=np.int32)
     mlm_labels[1 : length - 1] = labels
     attention_mask = np.zeros(config.max_len, dtype=np.int32)

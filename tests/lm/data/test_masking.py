@@ -1,9 +1,12 @@
 """Tests for S-MLM selective masking."""
 
+import unicodedata
+
 import numpy as np
 import pytest
 
 from apollo.lm.data import keywords, masking, tagging
+from tests.lm import pretraining_data_helpers as helpers
 
 MASK_ID, VOCAB, SPECIAL = 4, 1000, (0, 1, 2, 3, 4)
 
@@ -126,3 +129,71 @@ def test_budget_is_reached_with_one_long_word_when_short_words_run_out():
     targets = np.flatnonzero(result.labels != masking.IGNORE_LABEL)
     assert not result.too_few_candidates
     assert set(targets) >= {1, 2, 3, 4}  # The 4-token word, whole.
+
+
+# -----------------------------------------------------------------------------
+# WordPiece (BERT, MiniLM): whole words over "##" pieces, offsets through lower-casing
+# -----------------------------------------------------------------------------
+
+_WORDPIECE_TEXTS = [
+  "Zorblaxes quickly disappeared, because the owners weren't watching.",
+  "The café stayed open although nobody came; therefore it closed.",
+  "If Kalo doesn't swim, the river is cold.",
+] * 5
+
+
+@pytest.fixture(scope="module")
+def wordpiece():
+  # A small vocabulary: most words become several "##" pieces.
+  return helpers.train_small_wordpiece(_WORDPIECE_TEXTS, vocab_size=80)
+
+
+def test_wordpiece_pieces_of_a_word_map_to_one_tagged_word(wordpiece):
+  text = "Zorblaxes quickly DISAPPEARED, because the Café owners weren't watching: Kalo doesn't."
+  words = tagging.word_tokenize(text)
+  encoding = wordpiece.encode(text, add_special_tokens=False)
+  token_words = masking.tokens_to_words(encoding.offsets, words, encoding.word_ids)
+  assert any(t.startswith("##") for t in encoding.tokens)
+  by_piece_word = {}
+  for t, word_id in enumerate(encoding.word_ids):
+    by_piece_word.setdefault(word_id, set()).add(int(token_words[t]))
+  assert all(len(tagged) == 1 for tagged in by_piece_word.values())  # Never split.
+  # The lower-cased, accent-stripped pieces spell each tagged word (offsets, not strings;
+  # "were" and "does" keep the "n" of "n't", below).
+  for w, word in enumerate(words):
+    pieces = [encoding.tokens[t].removeprefix("##") for t in np.flatnonzero(token_words == w)]
+    if word.text.isalpha() and word.text not in ("were", "does"):
+      folded = unicodedata.normalize("NFD", word.text.lower())
+      assert "".join(pieces) == "".join(c for c in folded if not unicodedata.combining(c))
+  # "doesn't": WordPiece's word "doesn" (do ##es ##n) goes whole to "does", "'" and
+  # "t" to "n't"; piece by piece, "##n" would have gone to "n't".
+  does = [w.text for w in words].index("does")
+  assert [encoding.tokens[t] for t in np.flatnonzero(token_words == does)] == ["do", "##es", "##n"]
+  assert [encoding.tokens[t] for t in np.flatnonzero(token_words == does + 1)] == ["'", "t"]
+  piecewise = masking.tokens_to_words(encoding.offsets, words)
+  assert [encoding.tokens[t] for t in np.flatnonzero(piecewise == does + 1)] == ["##n", "'", "t"]
+
+
+def test_whole_word_masking_masks_every_piece_of_a_chosen_word(wordpiece):
+  text = "Zorblaxes quickly DISAPPEARED, because the owners weren't watching."
+  words = tagging.word_tokenize(text)
+  encoding = wordpiece.encode(text, add_special_tokens=False)
+  token_words = masking.tokens_to_words(encoding.offsets, words, encoding.word_ids)
+  chosen = [w.text for w in words].index("DISAPPEARED")
+  pieces = np.flatnonzero(token_words == chosen)
+  assert len(pieces) > 1 and encoding.tokens[pieces[1]].startswith("##")
+  ids = np.asarray(encoding.ids)
+  outcomes = set()
+  for seed in range(30):
+    result = _mask(ids, token_words, [chosen], seed)
+    targets = np.flatnonzero(result.labels != masking.IGNORE_LABEL)
+    np.testing.assert_array_equal(targets, pieces)  # All pieces, nothing else.
+    replaced = result.input_ids[pieces]
+    if (replaced == MASK_ID).all():
+      outcomes.add("mask")
+    elif (replaced == ids[pieces]).all():
+      outcomes.add("keep")
+    else:
+      assert not (replaced == MASK_ID).any()  # One draw per word: never half-masked.
+      outcomes.add("random")
+  assert "mask" in outcomes and len(outcomes) >= 2

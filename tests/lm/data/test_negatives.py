@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from apollo.lm.data import keywords, negatives, tagging
+from apollo.lm.data import keywords, negatives, selection, tagging
+from tests.lm import pretraining_data_helpers as helpers
 
 _TAGGER = tagging.make_tagger()
 _KNOWN = _TAGGER.vocabulary.__contains__
@@ -118,3 +119,20 @@ def test_enabled_perturbations_and_random_choice():
 )
 def test_verb_base_form(word, tag, base):
   assert negatives.verb_base_form(word, tag, _KNOWN) == base
+
+
+def test_perturbations_survive_an_uncased_wordpiece(tmp_path):
+  """E-CLS negatives are made on text, before tokenization: through BERT's lower-casing
+  WordPiece every perturbed sentence still differs from its original."""
+  shard_dir = str(tmp_path / "shards")
+  helpers.make_generated_shards(shard_dir, num_documents=30, docs_per_shard=30)
+  texts = [r["text"] for r in selection.iter_records(shard_dir)]
+  wordpiece = helpers.train_small_wordpiece(texts, vocab_size=200)
+  kinds = dict.fromkeys(negatives.PERTURBATIONS, 0)
+  for text in texts:
+    original = wordpiece.encode(text).ids
+    options = negatives.applicable_perturbations(_sentence(text), negatives.PERTURBATIONS, _KNOWN)
+    for kind, perturbed in options.items():
+      assert wordpiece.encode(perturbed).ids != original, (kind, text, perturbed)
+      kinds[kind] += 1
+  assert min(kinds.values()) > 10, kinds

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from apollo.lm.data import masking, negatives, pipeline
+from apollo.lm.data import masking, negatives, pipeline, selection
+from apollo.models import tokenizer as tokenizer_lib
 from tests.lm import pretraining_data_helpers as helpers
 
 _CONFIG = pipeline.PretrainDataConfig(max_len=40, batch_size=8, eval_fraction=0.2, read_threads=1)
@@ -151,3 +152,29 @@ def test_missing_shards_are_a_clear_error(corpus, tmp_path):
     pipeline.make_pretrain_dataset(str(tmp_path), tok, _CONFIG)
   with pytest.raises(ValueError, match="split"):
     pipeline.make_pretrain_dataset(corpus[0], tok, _CONFIG, split="test")
+
+
+def test_wordpiece_batches_are_bert_shaped_and_mask_whole_words(corpus):
+  """With a checkpoint's uncased WordPiece: [CLS] ... [SEP] [PAD]..., and every piece
+  of a chosen word is a target (a "##" piece never without the piece before it)."""
+  shard_dir, _ = corpus
+  texts = (r["text"] for r in selection.iter_records(shard_dir))
+  wordpiece = helpers.train_small_wordpiece(texts, vocab_size=200)
+  special = tokenizer_lib.special_ids(wordpiece)
+  assert special.family == "bert" and special.pad == 0
+  batches = _batches((shard_dir, wordpiece), n=4)
+  multi_piece_targets = 0
+  for batch in batches:
+    for row, length in enumerate(batch["attention_mask"].sum(1)):
+      ids, labels = batch["input_ids"][row], batch["mlm_labels"][row]
+      assert ids[0] == special.bos and ids[length - 1] == special.eos
+      assert (ids[length:] == special.pad).all()
+      targets = labels != masking.IGNORE_LABEL
+      assert ((ids == special.mask) <= targets).all()
+      original = np.where(targets, labels, ids)
+      for t in range(1, length - 1):
+        continuation = wordpiece.id_to_token(int(original[t])).startswith("##")
+        if continuation:
+          assert targets[t] == targets[t - 1], wordpiece.decode(original[:length].tolist())
+          multi_piece_targets += int(targets[t])
+  assert multi_piece_targets > 10
