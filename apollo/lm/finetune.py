@@ -9,21 +9,27 @@ SIGTERM handling, metrics.jsonl + TensorBoard, a refused workdir when shapes
 differ. The optimizer, schedule, weight-decay mask and workdir checks are
 `apollo.common.training`'s (shared with pretraining).
 
-The standard recipe (RoBERTa for multiple choice): each question becomes
-`NUM_CHOICES` sequences `<s> context </s></s> second </s>` with `second` from
-`multiple_choice.choice_texts` (question + " " + option, or the option filling the
-question's blank); when a pair is longer than `max_len`, the context is cut
-first (from its end), then the second text. `MultipleChoiceModel` scores the
+The standard recipe (RoBERTa / BERT for multiple choice): each question becomes
+`NUM_CHOICES` sequences, the pair (context, second) in the tokenizer family's format
+(`SpecialIds.pair`): `<s> context </s></s> second </s>` for RoBERTa, `[CLS] context
+[SEP] second [SEP]` with token types 0 / 1 for BERT (passed to the model), with
+`second` from `multiple_choice.choice_texts` (question + " " + option, or the option
+filling the question's blank); when a pair is longer than `max_len`, the context is
+cut first (from its end), then the second text. `MultipleChoiceModel` scores the
 pooled first token of each; softmax cross-entropy over the options.
 
 Initialisation (exactly one source, or none):
 * `init_from_pretrain`: a workdir of `experiments.pretrain`. Its config.json
-  gives the encoder shapes and its tokenizer, its latest checkpoint the encoder
-  weights. The pooler and the scorer are new (the pretraining model has no
+  gives the encoder shapes and its tokenizer (the one it was pretrained with: a
+  trained BPE, or its own `init_from` checkpoint's), its latest checkpoint the
+  encoder weights. The pooler and the scorer are new (the pretraining model has no
   pooler), initialised from `seed`.
-* `init_from_hf`: a local Hugging Face RoBERTa directory (config.json, weights,
-  vocab.json + merges.txt or tokenizer.json).
+* `init_from`: a checkpoint, any name or path `apollo.models.load` accepts
+  (`minilm-l6`, a local HF BERT or RoBERTa directory), with its own tokenizer; the
+  scorer (and a pooler the checkpoint lacks) are new, listed in
+  `workdir/init_report.json`.
 * neither: random init of `config.model` (needs `data.tokenizer_path`).
+The weights are imported only for a new run; a resume restores its own.
 
 Data order: the training batches are a pure function of the step: epoch `e`
 visits the training examples in `permutation(seed, e)`, and step `s` takes the
@@ -72,10 +78,8 @@ from apollo.common import metrics as metrics_lib
 from apollo.common import training as train_lib
 from apollo.lm import pretrain
 from apollo.lm.datasets import logic_mc, multiple_choice
-from apollo.models import hf
 from apollo.models import tokenizer as tokenizer_lib
 from apollo.models.roberta import model as model_lib
-from apollo.models.roberta import params as roberta_params
 
 SPLITS = ("train", "validation", "test")
 # Dataset name -> (reader, file name of each split).
@@ -102,7 +106,7 @@ SHAPE_FIELDS = (
   "max_position_embeddings",
   "type_vocab_size",
 )
-_DEVICE_KEYS = ("input_ids", "attention_mask", "label", "example_mask")
+_DEVICE_KEYS = ("input_ids", "token_type_ids", "attention_mask", "label", "example_mask")
 _VOCAB_MULTIPLE = 128  # As pretraining: a trained tokenizer's vocabulary is padded.
 
 
@@ -113,28 +117,34 @@ _VOCAB_MULTIPLE = 128  # As pretraining: a trained tokenizer's vocabulary is pad
 
 def encode_pair(
   first: Sequence[int], second: Sequence[int], special: tokenizer_lib.SpecialIds, max_len: int
-) -> tuple[np.ndarray, np.ndarray, bool]:
-  """`<s> first </s></s> second </s> <pad>...` of length `max_len` (RoBERTa's pair format).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+  """A (first, second) pair in the family's format (`SpecialIds.pair`), padded to `max_len`.
 
-  Too long: `first` (the context) is cut from its end first; if `second` alone
-  does not fit, it is cut too and `first` is dropped.
+  RoBERTa: `<s> first </s></s> second </s> <pad>...`, token types all 0; BERT:
+  `[CLS] first [SEP] second [SEP] [PAD]...`, token types 0 up to the first [SEP],
+  1 after it (0 on padding). Too long: `first` (the context) is cut from its end
+  first; if `second` alone does not fit, it is cut too and `first` is dropped.
 
   Returns:
-    (input_ids [max_len] int32, attention_mask [max_len] int32, truncated).
+    (input_ids, token_type_ids, attention_mask, truncated); arrays [max_len] int32.
   """
-  budget = max_len - 4
+  budget = max_len - special.pair_overhead
   if budget < 1:
-    raise ValueError(f"max_len={max_len} leaves no room for text (4 special tokens).")
+    raise ValueError(
+      f"max_len={max_len} leaves no room for text ({special.pair_overhead} special tokens)."
+    )
   first, second = list(first), list(second)
   truncated = len(first) + len(second) > budget
   second = second[:budget]
   first = first[: budget - len(second)]
-  ids = [special.bos, *first, special.eos, special.eos, *second, special.eos]
+  ids, types = special.pair(first, second)
   input_ids = np.full(max_len, special.pad, np.int32)
   input_ids[: len(ids)] = ids
+  token_type_ids = np.zeros(max_len, np.int32)
+  token_type_ids[: len(types)] = types
   mask = np.zeros(max_len, np.int32)
   mask[: len(ids)] = 1
-  return input_ids, mask, truncated
+  return input_ids, token_type_ids, mask, truncated
 
 
 @dataclasses.dataclass
@@ -143,6 +153,7 @@ class EncodedSplit:
 
   ids: list[str]
   input_ids: np.ndarray  # [N, C, L] int32.
+  token_type_ids: np.ndarray  # [N, C, L] int32; BERT's segments (0 / 1), RoBERTa's all 0.
   attention_mask: np.ndarray  # [N, C, L] int32.
   label: np.ndarray  # [N] int32; -1 where the split hides the label.
   truncated: int  # Sequences (of N * C) that had to be cut.
@@ -153,6 +164,15 @@ class EncodedSplit:
   @property
   def has_labels(self) -> bool:
     return bool(len(self.label)) and bool(np.all(self.label >= 0))
+
+  def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
+    """The model inputs and labels of questions `index`."""
+    return dict(
+      input_ids=self.input_ids[index],
+      token_type_ids=self.token_type_ids[index],
+      attention_mask=self.attention_mask[index],
+      label=self.label[index],
+    )
 
 
 def encode_examples(
@@ -165,8 +185,9 @@ def encode_examples(
   encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
   token_ids = {t: e.ids for t, e in zip(texts, encoded)}
   n = len(examples)
-  input_ids = np.zeros((n, multiple_choice.NUM_CHOICES, max_len), np.int32)
-  attention_mask = np.zeros((n, multiple_choice.NUM_CHOICES, max_len), np.int32)
+  shape = (n, multiple_choice.NUM_CHOICES, max_len)
+  input_ids, token_type_ids = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+  attention_mask = np.zeros(shape, np.int32)
   truncated = 0
   for i, ps in enumerate(pairs):
     if len(ps) != multiple_choice.NUM_CHOICES:
@@ -176,10 +197,14 @@ def encode_examples(
       )
     for c, (first, second) in enumerate(ps):
       a, b = token_ids[first], token_ids[second]
-      input_ids[i, c], attention_mask[i, c], cut = encode_pair(a, b, special, max_len)
+      input_ids[i, c], token_type_ids[i, c], attention_mask[i, c], cut = encode_pair(
+        a, b, special, max_len
+      )
       truncated += cut
   label = np.asarray([-1 if e["label"] is None else e["label"] for e in examples], np.int32)
-  return EncodedSplit([e["id"] for e in examples], input_ids, attention_mask, label, truncated)
+  return EncodedSplit(
+    [e["id"] for e in examples], input_ids, token_type_ids, attention_mask, label, truncated
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -244,12 +269,7 @@ def train_batch(
   for epoch in np.unique(epochs):
     order = np.random.default_rng([seed, int(epoch)]).permutation(n)
     index[epochs == epoch] = order[offsets[epochs == epoch]]
-  return dict(
-    input_ids=split.input_ids[index],
-    attention_mask=split.attention_mask[index],
-    label=split.label[index],
-    example_mask=np.ones(per_host, np.int32),
-  )
+  return dict(split.rows(index), example_mask=np.ones(per_host, np.int32))
 
 
 def eval_batches(split: EncodedSplit, batch_size: int):
@@ -258,15 +278,8 @@ def eval_batches(split: EncodedSplit, batch_size: int):
     index = np.arange(start, min(start + batch_size, len(split)))
     pad = batch_size - len(index)
     take = np.concatenate([index, np.zeros(pad, np.int64)])
-    yield (
-      dict(
-        input_ids=split.input_ids[take],
-        attention_mask=split.attention_mask[take],
-        label=split.label[take],
-        example_mask=np.concatenate([np.ones(len(index), np.int32), np.zeros(pad, np.int32)]),
-      ),
-      len(index),
-    )
+    example_mask = np.concatenate([np.ones(len(index), np.int32), np.zeros(pad, np.int32)])
+    yield dict(split.rows(take), example_mask=example_mask), len(index)
 
 
 # -----------------------------------------------------------------------------
@@ -283,7 +296,11 @@ def choice_sums(
 ) -> tuple[dict[str, jax.Array], jax.Array]:
   """(sums and counts of cross-entropy and hits over labelled rows, logits [B, C])."""
   logits = model(
-    batch["input_ids"], batch["attention_mask"], deterministic=deterministic, rngs=rngs
+    batch["input_ids"],
+    batch["attention_mask"],
+    batch["token_type_ids"],
+    deterministic=deterministic,
+    rngs=rngs,
   ).astype(jnp.float32)
   labelled = batch["example_mask"].astype(jnp.float32) * (batch["label"] >= 0)
   labels = jnp.maximum(batch["label"], 0)
@@ -329,11 +346,12 @@ def eval_step(
 class InitSource:
   """Where the weights and the tokenizer come from (see the module docstring)."""
 
-  kind: str  # "pretrain", "hf" or "scratch".
-  path: str  # The pretrain workdir or HF directory; "" for scratch.
+  kind: str  # "pretrain", "checkpoint" or "scratch".
+  path: str  # The pretrain workdir, or the checkpoint as configured; "" for scratch.
   model_config: model_lib.EncoderConfig
   tokenizer: tokenizers.Tokenizer
   tokenizer_path: str
+  checkpoint: pretrain.InitCheckpoint | None = None  # kind "checkpoint": its local directory.
 
 
 def _load_tokenizer(path: str, flag: str) -> tokenizers.Tokenizer:
@@ -360,6 +378,13 @@ def _saved_pretrain_config(pretrain_dir: str) -> dict:
     return json.load(f)
 
 
+def _saved_encoder_config(saved: Mapping[str, Any], **overrides: Any) -> model_lib.EncoderConfig:
+  """The encoder config a pretraining workdir recorded (its `model_resolved`)."""
+  names = {f.name for f in dataclasses.fields(model_lib.EncoderConfig)}
+  resolved = {k: v for k, v in saved["model_resolved"].items() if k in names}
+  return model_lib.EncoderConfig(**{**resolved, **overrides})
+
+
 def resolve_init(config: ml_collections.ConfigDict) -> InitSource:
   """The model config and tokenizer of the configured initialisation source.
 
@@ -373,46 +398,33 @@ def resolve_init(config: ml_collections.ConfigDict) -> InitSource:
     dtype=m.dtype,
   )
   tokenizer_path = config.data.tokenizer_path
-  if config.init_from_pretrain and config.init_from_hf:
-    raise ValueError("Set at most one of --config.init_from_pretrain and --config.init_from_hf.")
+  checkpoint = None
+  if config.init_from_pretrain and config.init_from:
+    raise ValueError("Set at most one of --config.init_from_pretrain and --config.init_from.")
   if config.init_from_pretrain:
-    path = config.init_from_pretrain
+    path, kind = config.init_from_pretrain, "pretrain"
     saved = _saved_pretrain_config(path)
-    resolved = {
-      k: v
-      for k, v in saved["model_resolved"].items()
-      if k in {f.name for f in dataclasses.fields(model_lib.EncoderConfig)}
-    }
-    model_config = model_lib.EncoderConfig(**{**resolved, **common})
-    if not tokenizer_path:
-      pdata = saved.get("config", {}).get("data", {})
-      tokenizer_path = (
-        pdata.get("tokenizer_path")
-        or saved["config"].get("init_from_hf")
-        or os.path.join(path, "data", "tokenizer")
-      )
-    kind = "pretrain"
-  elif config.init_from_hf:
-    path = config.init_from_hf
-    if not os.path.isfile(os.path.join(path, hf.CONFIG_NAME)):
-      raise FileNotFoundError(
-        f"--config.init_from_hf={path}: no {os.path.join(path, hf.CONFIG_NAME)}."
-      )
-    model_config = roberta_params.config_from_hf(path, **common)
-    tokenizer_path = tokenizer_path or path
-    kind = "hf"
+    model_config = _saved_encoder_config(saved, **common)
+    # The tokenizer it was pretrained with: configured, its checkpoint's own, or trained.
+    tokenizer_path = tokenizer_path or pretrain.tokenizer_path_of(
+      ml_collections.ConfigDict(saved["config"]), path
+    )
+    flag = "the tokenizer of --config.init_from_pretrain"
+  elif config.init_from:
+    path, kind = config.init_from, "checkpoint"
+    checkpoint = pretrain.resolve_init_from(path)
+    model_config = checkpoint.encoder_config(**common)
+    tokenizer_path = tokenizer_path or checkpoint.hf_dir
+    flag = f"the tokenizer of {checkpoint.flag}"
   else:
     path, kind = "", "scratch"
     if not tokenizer_path:
       raise ValueError(
         "Fine-tuning from scratch needs --config.data.tokenizer_path (or set "
-        "--config.init_from_pretrain / --config.init_from_hf)."
+        "--config.init_from_pretrain / --config.init_from)."
       )
-  flag = (
-    "--config.data.tokenizer_path"
-    if config.data.tokenizer_path
-    else (f"the tokenizer of --config.init_from_{'pretrain' if kind == 'pretrain' else 'hf'}")
-  )
+  if config.data.tokenizer_path:
+    flag = "--config.data.tokenizer_path"
   tokenizer = _load_tokenizer(tokenizer_path, flag)
   if kind == "scratch":
     overrides = {
@@ -430,21 +442,14 @@ def resolve_init(config: ml_collections.ConfigDict) -> InitSource:
       f"--config.data.max_len={config.data.max_len} exceeds the model's "
       f"{model_config.max_sequence_length} positions."
     )
-  return InitSource(kind, path, model_config, tokenizer, tokenizer_path)
+  return InitSource(kind, path, model_config, tokenizer, tokenizer_path, checkpoint)
 
 
 def restore_pretrained_encoder(pretrain_dir: str, mesh: jax.sharding.Mesh) -> tuple[Any, int]:
   """(encoder params, step) of the latest checkpoint of a pretraining workdir."""
   saved = _saved_pretrain_config(pretrain_dir)
   pconfig = ml_collections.ConfigDict(saved["config"])
-  pmodel = model_lib.EncoderConfig(
-    **{
-      k: v
-      for k, v in saved["model_resolved"].items()
-      if k in {f.name for f in dataclasses.fields(model_lib.EncoderConfig)}
-    }
-  )
-  setup = pretrain.make_setup(pconfig, pmodel, mesh)
+  setup = pretrain.make_setup(pconfig, _saved_encoder_config(saved), mesh)
   directory = os.path.join(pretrain_dir, "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(
@@ -518,22 +523,29 @@ def make_setup(
 
 
 def init_state(
-  config: ml_collections.ConfigDict, setup: train_lib.TrainSetup, source: InitSource
+  config: ml_collections.ConfigDict,
+  setup: train_lib.TrainSetup,
+  source: InitSource,
+  workdir: str | None = None,
 ) -> dict[str, Any]:
-  """A fresh state from the init source, every array created in its shards."""
+  """A fresh state from the init source, every array created in its shards.
+
+  What was initialised fresh (the scorer, a pooler the source lacks) is logged and,
+  with `workdir`, listed in `workdir/init_report.json`.
+  """
   m = config.model
-  if source.kind == "hf":
-    model, report = roberta_params.from_pretrained(
-      source.path,
-      model_lib.MultipleChoiceModel,
-      seed=config.seed,
+  if source.kind == "checkpoint":
+    params = pretrain.import_checkpoint(
+      source.checkpoint,
+      "multiple_choice",
       mesh=setup.mesh,
+      seed=config.seed,
+      model_config=setup.model_config,
+      workdir=workdir,
       hidden_dropout_rate=m.hidden_dropout_rate,
       attention_dropout_rate=m.attention_dropout_rate,
       dtype=m.dtype,
     )
-    logging.info("Imported %s: %s", source.path, report.summary())
-    params = nnx.to_pure_dict(nnx.state(model))
   else:
     model = model_lib.create_sharded_model(
       lambda: model_lib.MultipleChoiceModel(setup.model_config, rngs=nnx.Rngs(config.seed)),
@@ -543,10 +555,25 @@ def init_state(
     if source.kind == "pretrain":
       encoder, step = restore_pretrained_encoder(source.path, setup.mesh)
       params = dict(params, encoder=_graft(params["encoder"], encoder))
-      logging.info("Encoder from %s (step %d); pooler and scorer are new.", source.path, step)
+      fresh = sorted(set(_leaf_names(params)) - {f"encoder/{n}" for n in _leaf_names(encoder)})
+      logging.info("Encoder from %s (step %d); initialised fresh: %s", source.path, step, fresh)
+      if workdir is not None and train_lib.is_main():
+        train_lib.write_json_atomically(
+          os.path.join(workdir, pretrain.INIT_REPORT),
+          dict(init_from_pretrain=source.path, step=step, seed=config.seed, fresh=fresh),
+        )
   return train_lib.new_train_state(
     params, setup.optimizer, setup.mesh, setup.state_shardings, config.seed
   )
+
+
+def _leaf_names(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+  """'encoder/pooler/dense/kernel', ... of a pure-dict parameter tree."""
+  names = []
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    names += _leaf_names(value, name + "/") if isinstance(value, Mapping) else [name]
+  return names
 
 
 def _device_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -707,7 +734,7 @@ def train_and_evaluate(
       schedule=dict(train_steps=train_steps, warmup_steps=warmup_steps),
     )
     state, start_step, data = train_lib.resume_or_init(
-      ckpt, setup.abstract_state, lambda: init_state(config, setup, source)
+      ckpt, setup.abstract_state, lambda: init_state(config, setup, source, workdir)
     )
     if data.get("num_train_examples", len(train_split)) != len(train_split):
       raise ValueError(

@@ -6,14 +6,15 @@
 1. Data: the selected-sentence shards of `config.data.shard_dir`, or, when it is
    empty, the embedded generated corpus selected into `workdir/data/sentences`
    (idempotent: a restarted job reuses or resumes it); a tokenizer from
-   `config.data.tokenizer_path` (or the `init_from_hf` directory), or a BPE trained
-   once into `workdir/data/tokenizer`.
+   `config.data.tokenizer_path`, else the `init_from` checkpoint's own (WordPiece
+   for BERT / MiniLM, byte-level BPE for RoBERTa; no BPE is trained), else a BPE
+   trained once into `workdir/data/tokenizer`.
 2. Mesh ('data', 'fsdp', 'tensor') from `config.mesh`, with **Auto** axis types: the
    forward needs no `auto_axes` wrapper, the compiler places the collectives from
    the parameters' and the batch's shardings (which `jax.jit`'s `out_shardings` pin).
 3. State `{params, opt_state, step, rng}`: params are a pure dict
    (`nnx.to_pure_dict`) created directly in their shards (`create_sharded_model`,
-   or `roberta_params.from_pretrained(mesh=...)`), the optimizer state too
+   or `apollo.models.load(init_from, mesh=...)`), the optimizer state too
    (`apollo.optim.init_sharded`); `step` counts updates, `rng` is the base dropout
    key (folded with the step, so dropout is a pure function of the state).
 4. `train_step` (module level, pure, jitted once with the state donated) and
@@ -23,6 +24,15 @@
    resumed run sees exactly the batches an uninterrupted one would have seen.
    A non-finite loss raises `NonFiniteLossError` before anything of that step is
    saved; earlier checkpoints are left intact (in-flight saves are waited for).
+
+Continued pretraining of a real encoder (`config.init_from`, the paper's setting):
+any name or path `apollo.models.load` accepts (`minilm-l6`, a local HF BERT or
+RoBERTa directory). The model config comes from the checkpoint, the tokenizer is
+its own, and the heads it lacks (MiniLM has no MLM head; no checkpoint has an E-CLS
+head) are initialised from `seed`; the MLM decoder is the word embedding (tied).
+`workdir/init_report.json` and the log list what was loaded, kept fresh and left
+unused. The checkpoint is imported only when the workdir has no checkpoint of its
+own: a resumed run restores its weights and never re-imports.
 
 Loss (weights are OUR documented defaults): the S-MLM cross-entropy averaged over
 the target tokens of the batch, plus `ecls_weight` times the E-CLS cross-entropy
@@ -40,11 +50,12 @@ References:
   S. Sanyal et al., "APOLLO: A Simple Approach for Adaptive Pretraining of Language
   Models for Logical Reasoning", ACL 2023.
   The trainer's shape follows the Flax examples (github.com/google/flax/tree/main/examples);
-  the model is HF transformers' RoBERTa (`apollo.models.roberta`).
+  the model is HF transformers' RoBERTa / BERT (`apollo.models.roberta`, `apollo.models.bert`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Mapping
@@ -70,8 +81,9 @@ from apollo.lm.data import (
   tagging,
   text_sources,
 )
-from apollo.models import hf
+from apollo.models import hf, registry
 from apollo.models import tokenizer as tokenizer_lib
+from apollo.models.bert import params as bert_params
 from apollo.models.roberta import model as model_lib
 from apollo.models.roberta import params as roberta_params
 
@@ -251,22 +263,135 @@ class _MetricAccumulator:
 
 
 # -----------------------------------------------------------------------------
+# The checkpoint to continue from (`init_from`)
+# -----------------------------------------------------------------------------
+
+INIT_REPORT = "init_report.json"  # What the import loaded, initialised fresh, left unused.
+
+
+@dataclasses.dataclass(frozen=True)
+class InitCheckpoint:
+  """The checkpoint named by `--config.init_from`, resolved to a local HF directory."""
+
+  name: str  # As configured: a registered name (minilm-l6) or a path.
+  hf_dir: str  # The local Hugging Face directory behind it.
+  model_type: str  # 'bert' or 'roberta'.
+
+  @property
+  def flag(self) -> str:
+    return f"--config.init_from={self.name}"
+
+  def encoder_config(self, **overrides: Any) -> model_lib.EncoderConfig:
+    """The encoder config of its config.json (no weights read)."""
+    params = bert_params if self.model_type == "bert" else roberta_params
+    return params.config_from_hf(self.hf_dir, **overrides)
+
+  def load(self, head: str, *, mesh, seed: int, **overrides: Any) -> registry.LoadedModel:
+    """The model with `head` ('pretraining' / 'multiple_choice'), created in its shards."""
+    return registry.load(self.hf_dir, head=head, mesh=mesh, seed=seed, **overrides)
+
+
+def resolve_init_from(init_from: str) -> InitCheckpoint | None:
+  """The encoder checkpoint behind `init_from` (None for ""); unzips a named one once.
+
+  Raises:
+    ValueError / FileNotFoundError: naming the flag: an unknown name, a path that is
+      not a HF directory, a package that is not installed, or a decoder checkpoint.
+  """
+  if not init_from:
+    return None
+  flag = f"--config.init_from={init_from}"
+  try:
+    hf_dir = registry.resolve(init_from)
+  except (ValueError, FileNotFoundError) as e:
+    raise type(e)(f"{flag}: {e}") from e
+  model_type = hf.read_config(hf_dir).get("model_type")
+  if model_type not in registry.ENCODER_TYPES:
+    raise ValueError(
+      f"{flag}: {hf_dir} holds model_type={model_type!r}; APOLLO continues an encoder "
+      f"({', '.join(registry.ENCODER_TYPES)})."
+    )
+  return InitCheckpoint(init_from, str(hf_dir), model_type)
+
+
+def import_checkpoint(
+  checkpoint: InitCheckpoint,
+  head: str,
+  *,
+  mesh,
+  seed: int,
+  model_config: model_lib.EncoderConfig,
+  workdir: str | None,
+  **overrides: Any,
+) -> Any:
+  """Pure-dict params of `head` from the checkpoint; reports the fresh heads.
+
+  The report goes to the log and, when `workdir` is given, to `workdir/init_report.json`.
+
+  Raises:
+    ValueError: if the imported model's config is not `model_config` (the shapes
+      the state was set up for).
+  """
+  loaded = checkpoint.load(head, mesh=mesh, seed=seed, **overrides)
+  if loaded.model.config != model_config:
+    raise ValueError(
+      f"{checkpoint.flag}: the imported config {loaded.model.config} differs from the "
+      f"configured {model_config}."
+    )
+  report = loaded.report
+  logging.info("Imported %s (%s): %s", checkpoint.name, checkpoint.hf_dir, report.summary())
+  if report.missing:
+    logging.info("Initialised fresh from seed %d (not in the checkpoint): %s", seed, report.missing)
+  if workdir is not None and train_lib.is_main():
+    train_lib.write_json_atomically(
+      os.path.join(workdir, INIT_REPORT),
+      dict(
+        init_from=checkpoint.name,
+        hf_dir=checkpoint.hf_dir,
+        model_type=checkpoint.model_type,
+        head=head,
+        source=report.source,
+        seed=seed,
+        loaded=len(report.loaded),
+        fresh=report.missing,
+        unused=report.unused,
+      ),
+    )
+  return nnx.to_pure_dict(nnx.state(loaded.model))
+
+
+# -----------------------------------------------------------------------------
 # Set-up: data, tokenizer, model config, workdir checks
 # -----------------------------------------------------------------------------
+
+
+def tokenizer_path_of(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the run's tokenizer is: the configured one, the checkpoint's own, or trained."""
+  if config.data.tokenizer_path:
+    return config.data.tokenizer_path
+  checkpoint = resolve_init_from(config.get("init_from", ""))  # Older workdirs lack it.
+  if checkpoint is not None:
+    return checkpoint.hf_dir
+  return os.path.join(workdir, "data", "tokenizer", "tokenizer.json")
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str):
   """(shard_dir, tokenizer): prepared inside `workdir/data` when the config says so.
 
+  The tokenizer is `data.tokenizer_path`, else the `init_from` checkpoint's own,
+  else a byte-level BPE trained once on the selected sentences.
+
   Raises:
-    ValueError: unknown tagger.
-    FileNotFoundError: a shard dir or tokenizer path that does not exist (named).
+    ValueError: unknown tagger, or an `init_from` that is no encoder checkpoint.
+    FileNotFoundError: a shard dir, tokenizer path or checkpoint that does not
+      exist (named).
   """
   d = config.data
   if d.tagger not in tagging.TAGGERS:
     raise ValueError(
       f"Unknown --config.data.tagger={d.tagger!r}; expected one of {tagging.TAGGERS}."
     )
+  checkpoint = resolve_init_from(config.init_from)  # A bad name fails before any work.
   if d.shard_dir:
     shard_dir = d.shard_dir
     if not selection.list_shards(shard_dir):
@@ -293,17 +418,18 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
       )
     train_lib.sync("apollo_pretrain_selection")
 
-  tokenizer_path = d.tokenizer_path or config.init_from_hf
-  if tokenizer_path:
+  tokenizer_path = tokenizer_path_of(config, workdir)
+  if d.tokenizer_path or checkpoint is not None:
     try:
       tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
     except FileNotFoundError as e:
-      flag = "--config.data.tokenizer_path" if d.tokenizer_path else "--config.init_from_hf"
-      raise FileNotFoundError(f"{flag}={tokenizer_path}: {e}") from e
+      flag = (
+        f"--config.data.tokenizer_path={d.tokenizer_path}" if d.tokenizer_path else checkpoint.flag
+      )
+      raise FileNotFoundError(f"{flag}: {e}") from e
   else:
-    tokenizer_dir = os.path.join(workdir, "data", "tokenizer")
-    tokenizer_json = os.path.join(tokenizer_dir, "tokenizer.json")
-    if train_lib.is_main() and not os.path.isfile(tokenizer_json):
+    tokenizer_dir = os.path.dirname(tokenizer_path)
+    if train_lib.is_main() and not os.path.isfile(tokenizer_path):
       # Train into a temporary directory and rename: a crash never leaves half a tokenizer.
       tmp = tokenizer_dir + ".tmp"
       tokenizer_lib.train_bpe_tokenizer(
@@ -313,30 +439,34 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
       )
       os.replace(tmp, tokenizer_dir)
     train_lib.sync("apollo_pretrain_tokenizer")
-    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_json)
-  tokenizer_lib.special_ids(tokenizer)  # A missing special token is an error naming it.
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
+  special = tokenizer_lib.special_ids(tokenizer)  # A missing special token is an error naming it.
+  logging.info(
+    "Tokenizer %s: %s family, %d tokens.",
+    tokenizer_path,
+    special.family,
+    tokenizer.get_vocab_size(),
+  )
   return shard_dir, tokenizer
 
 
 def model_config_from(
   config: ml_collections.ConfigDict, vocab_size: int
 ) -> model_lib.EncoderConfig:
-  """The encoder config: from `init_from_hf`'s config.json, or the preset + overrides."""
+  """The encoder config: the `init_from` checkpoint's config.json, or the preset + overrides."""
   m = config.model
   common = dict(
     hidden_dropout_rate=m.hidden_dropout_rate,
     attention_dropout_rate=m.attention_dropout_rate,
     dtype=m.dtype,
   )
-  if config.init_from_hf:
-    path = os.path.join(config.init_from_hf, hf.CONFIG_NAME)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"--config.init_from_hf={config.init_from_hf}: no {path}.")
-    model_config = roberta_params.config_from_hf(config.init_from_hf, **common)
+  checkpoint = resolve_init_from(config.init_from)
+  if checkpoint is not None:
+    model_config = checkpoint.encoder_config(**common)
     if vocab_size > model_config.vocab_size:
       raise ValueError(
-        f"The tokenizer has {vocab_size} tokens but {path} only "
-        f"{model_config.vocab_size} embeddings."
+        f"The tokenizer has {vocab_size} tokens but {checkpoint.flag} ({checkpoint.hf_dir}) "
+        f"only {model_config.vocab_size} embeddings."
       )
   else:
     overrides = {
@@ -371,26 +501,35 @@ def make_setup(
   )
 
 
-def init_state(config: ml_collections.ConfigDict, setup: train_lib.TrainSetup) -> dict[str, Any]:
-  """A fresh state, every array created directly in its shards."""
-  if config.init_from_hf:
+def init_state(
+  config: ml_collections.ConfigDict, setup: train_lib.TrainSetup, workdir: str | None = None
+) -> dict[str, Any]:
+  """A fresh state, every array created directly in its shards.
+
+  With `init_from`, the checkpoint's weights and fresh heads (reported in the log
+  and in `workdir/init_report.json`); else a random init of `setup.model_config`.
+  """
+  checkpoint = resolve_init_from(config.init_from)
+  if checkpoint is not None:
     m = config.model
-    model, report = roberta_params.from_pretrained(
-      config.init_from_hf,
-      model_lib.PretrainingModel,
-      seed=config.seed,
+    params = import_checkpoint(
+      checkpoint,
+      "pretraining",
       mesh=setup.mesh,
+      seed=config.seed,
+      model_config=setup.model_config,
+      workdir=workdir,
       hidden_dropout_rate=m.hidden_dropout_rate,
       attention_dropout_rate=m.attention_dropout_rate,
       dtype=m.dtype,
     )
-    logging.info("Imported %s: %s", config.init_from_hf, report.summary())
   else:
     model = model_lib.create_sharded_model(
       lambda: model_lib.PretrainingModel(setup.model_config, rngs=nnx.Rngs(config.seed)), setup.mesh
     )
+    params = nnx.to_pure_dict(nnx.state(model))
   return train_lib.new_train_state(
-    nnx.to_pure_dict(nnx.state(model)),
+    params,
     setup.optimizer,
     setup.mesh,
     setup.state_shardings,
@@ -516,9 +655,16 @@ def train_and_evaluate(
   writer = metrics_lib.MetricsWriter(workdir)
   try:
     train_lib.check_checkpoint_shapes(ckpt, setup.abstract_state)
-    train_lib.write_config(workdir, config, model_config)  # Only once the workdir is known to fit.
+    # Only once the workdir is known to fit.
+    train_lib.write_config(
+      workdir,
+      config,
+      model_config,
+      init=dict(init_from=config.init_from, tokenizer=tokenizer_path_of(config, workdir)),
+    )
+    # The checkpoint is imported only for a new run: a resume restores its own weights.
     state, start_step, data = train_lib.resume_or_init(
-      ckpt, setup.abstract_state, lambda: init_state(config, setup)
+      ckpt, setup.abstract_state, lambda: init_state(config, setup, workdir)
     )
     train_it = iter(
       pipeline.make_pretrain_dataset(

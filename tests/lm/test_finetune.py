@@ -1,6 +1,7 @@
 """Tests of multiple-choice fine-tuning (tiny encoder, 2x2x2 CPU mesh).
 
-* tokenisation: RoBERTa's pair format, the context cut first, blanks filled;
+* tokenisation: each family's pair format (RoBERTa's `<s> a </s></s> b </s>`, BERT's
+  `[CLS] a [SEP] b [SEP]` with token types 0 / 1), the context cut first, blanks filled;
 * end to end from scratch: checkpoints, metrics, predictions, results.json; a
   SIGTERM at step 2 and a rerun end bit-for-bit equal to an uninterrupted run;
 * from a tiny pretraining workdir (made once per module): the encoder weights are
@@ -23,6 +24,7 @@ from apollo.common import training as train_lib
 from apollo.lm import finetune, pretrain
 from apollo.lm.configs import finetune as finetune_configs
 from apollo.lm.configs import pretrain as pretrain_configs
+from apollo.lm.data import selection
 from apollo.lm.datasets import logic_mc, multiple_choice
 from apollo.models import tokenizer as tokenizer_lib
 from tests.lm import pretraining_data_helpers as helpers
@@ -72,16 +74,48 @@ def tiny_config(dirs, **overrides):
 
 def test_pair_format_and_context_cut_first(tokenizer):
   special = tokenizer_lib.special_ids(tokenizer)
-  ids, mask, cut = finetune.encode_pair([10, 11, 12], [20, 21], special, 12)
+  assert special.family == "roberta"
+  ids, types, mask, cut = finetune.encode_pair([10, 11, 12], [20, 21], special, 12)
   s, e, p = special.bos, special.eos, special.pad
   assert ids.tolist() == [s, 10, 11, 12, e, e, 20, 21, e, p, p, p] and not cut
-  assert mask.tolist() == [1] * 9 + [0] * 3
+  assert mask.tolist() == [1] * 9 + [0] * 3 and not types.any()  # One token type.
   # Too long: the context loses its end first; the second text stays whole.
-  ids, mask, cut = finetune.encode_pair(list(range(10, 20)), [20, 21], special, 10)
+  ids, _, mask, cut = finetune.encode_pair(list(range(10, 20)), [20, 21], special, 10)
   assert ids.tolist() == [s, 10, 11, 12, 13, e, e, 20, 21, e] and cut and mask.all()
   # A second text that alone is too long is cut too, and the context dropped.
-  ids, _, cut = finetune.encode_pair([10, 11], list(range(20, 30)), special, 8)
+  ids, _, _, cut = finetune.encode_pair([10, 11], list(range(20, 30)), special, 8)
   assert ids.tolist() == [s, e, e, 20, 21, 22, 23, e] and cut
+
+
+def test_bert_pair_format_has_segment_types_and_one_separator():
+  special = tokenizer_lib.SpecialIds(bos=101, pad=0, eos=102, unk=100, mask=103, family="bert")
+  ids, types, mask, cut = finetune.encode_pair([10, 11, 12], [20, 21], special, 10)
+  assert ids.tolist() == [101, 10, 11, 12, 102, 20, 21, 102, 0, 0] and not cut
+  assert types.tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 0, 0]  # Segment B from after [SEP].
+  assert mask.tolist() == [1] * 8 + [0] * 2
+  # Three special tokens, not four: one more context token fits than with RoBERTa.
+  ids, types, _, cut = finetune.encode_pair(list(range(10, 20)), [20, 21], special, 10)
+  assert ids.tolist() == [101, 10, 11, 12, 13, 14, 102, 20, 21, 102] and cut
+  assert types.tolist() == [0] * 7 + [1] * 3
+  with pytest.raises(ValueError, match="3 special tokens"):
+    finetune.encode_pair([1], [2], special, 3)
+
+
+def test_encode_examples_with_a_wordpiece_tokenizer(dirs):
+  texts = [r["text"] for r in selection.iter_records(dirs["shards"])]
+  wordpiece = helpers.train_small_wordpiece(texts, vocab_size=300)
+  special = tokenizer_lib.special_ids(wordpiece)
+  example = multiple_choice.read_reclor(os.path.join(dirs["logic"], "val.json"))[0]
+  split = finetune.encode_examples([example], wordpiece, 512)
+  assert split.truncated == 0
+  for c, (first, second) in enumerate(multiple_choice.choice_texts(example)):
+    real = split.attention_mask[0, c] == 1
+    ids, types = split.input_ids[0, c][real].tolist(), split.token_type_ids[0, c][real].tolist()
+    sep = ids.index(special.eos)
+    assert ids[0] == special.bos and ids[-1] == special.eos and ids[sep + 1] != special.eos
+    assert types == [0] * (sep + 1) + [1] * (len(ids) - sep - 1)
+    assert wordpiece.decode(ids[1:sep]) == wordpiece.decode(wordpiece.encode(first).ids)
+    assert wordpiece.decode(ids[sep + 1 : -1]) == wordpiece.decode(wordpiece.encode(second).ids)
 
 
 def test_encode_examples_fills_blanks_and_counts_truncation(tokenizer):
@@ -288,11 +322,11 @@ def test_other_bad_inputs_name_the_flag(dirs, tmp_path):
     (dict(**{"data.data_dir": str(tmp_path / "none")}), FileNotFoundError, "data_dir=.*none"),
     (dict(**{"optimizer.name": "lamb"}), ValueError, "optimizer.name='lamb'"),
     (dict(**{"data.max_len": 4096}), ValueError, "max_len=4096 exceeds"),
-    (dict(init_from_hf=str(tmp_path)), ValueError, "at most one"),
+    (dict(init_from=str(tmp_path)), ValueError, "at most one"),
   ]
   for overrides, error, match in cases:
     config = tiny_config(dirs, **overrides)
-    if "init_from_hf" in overrides:
+    if "init_from" in overrides:
       config.init_from_pretrain = str(tmp_path)
     with pytest.raises(error, match=match):
       finetune.train_and_evaluate(config, str(tmp_path / "w"))
@@ -321,13 +355,14 @@ def test_mismatched_shapes_are_refused(dirs, scratch_run, tmp_path):
     "reclor_roberta_large",
     "logiqa_roberta_base",
     "logiqa_roberta_large",
+    "minilm_finetune",
   ],
 )
 def test_flagfiles_parse(name):
   workdir, config = helpers.parse_flagfile("apollo/lm/configs/finetune.py:quickstart", name)
   assert workdir and config.data.dataset in finetune.DATASETS
-  assert bool(config.init_from_pretrain) != bool(config.init_from_hf)
+  assert bool(config.init_from_pretrain) != bool(config.init_from)
   train_lib.build_optimizer(config.optimizer, 10)  # Valid names.
-  if name != "quickstart_finetune":
+  if name not in ("quickstart_finetune", "minilm_finetune"):
     assert (config.data.max_len, config.data.batch_size, config.num_epochs) == (256, 24, 10)
     assert config.optimizer.warmup_fraction == 0.1 and config.optimizer.weight_decay == 0.01

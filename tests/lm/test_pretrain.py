@@ -233,7 +233,7 @@ def test_mismatched_shapes_refused_and_nothing_damaged(data_dirs, uninterrupted,
 
 
 @pytest.mark.parametrize(
-  "name", ["quickstart", "wikipedia_roberta_base", "wikipedia_roberta_large"]
+  "name", ["quickstart", "minilm_pretrain", "wikipedia_roberta_base", "wikipedia_roberta_large"]
 )
 def test_flagfiles_parse(name):
   """Every flagfile parses (as the absl main would) into a config with valid names."""

@@ -7,7 +7,7 @@ Launch (after the quickstart pretraining, `make demo`; on a CPU)::
 ReClor / LogiQA at RoBERTa scale (accelerator; data and weights in local dirs)::
 
   python -m experiments.finetune --flagfile=experiments/flags/reclor_roberta_large.flags \
-      --config.init_from_hf=/data/roberta-large --config.data.data_dir=/data/reclor
+      --config.init_from=/data/roberta-large --config.data.data_dir=/data/reclor
 
 or directly with a preset and overrides::
 
@@ -17,6 +17,8 @@ or directly with a preset and overrides::
 
 Presets:
   quickstart    the generated logic set (apollo.lm.datasets.logic_mc), tiny encoder, CPU.
+  minilm        the generated logic set after the MiniLM continued pretraining
+                (experiments/flags/minilm_finetune.flags), CPU.
   reclor_base   ReClor, RoBERTa-base (accelerator).
   reclor_large  ReClor, RoBERTa-large: the reference settings (max length 256,
                 batch 24, lr 1e-5, 10 epochs, 10% warmup, weight decay 0.01).
@@ -32,7 +34,14 @@ import ml_collections
 
 from apollo.common.config import mesh_config, optimizer_config
 
-PRESETS = ("quickstart", "reclor_base", "reclor_large", "logiqa_base", "logiqa_large")
+PRESETS = (
+  "quickstart",
+  "minilm",
+  "reclor_base",
+  "reclor_large",
+  "logiqa_base",
+  "logiqa_large",
+)
 
 
 def _base_config() -> ml_collections.ConfigDict:
@@ -46,7 +55,10 @@ def _base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500  # Save every this many steps (also at the end and on SIGTERM).
   c.max_checkpoints = 2  # Checkpoints kept in workdir/checkpoints.
   c.init_from_pretrain = ""  # A workdir of experiments.pretrain (latest checkpoint's encoder).
-  c.init_from_hf = ""  # A local HF RoBERTa directory; neither set = random init of `model`.
+  # A checkpoint: any name or path `apollo.models.load` accepts (minilm-l6, a local HF
+  # BERT or RoBERTa directory), with its own tokenizer; the scorer (and a pooler it
+  # lacks) are new. Neither this nor init_from_pretrain = random init of `model`.
+  c.init_from = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = (
@@ -71,7 +83,7 @@ def _base_config() -> ml_collections.ConfigDict:
   c.data.logic_mc_seed = 0  # logic_mc: the benchmark's seed (not the training seed).
   c.data.max_train_examples = 0  # > 0 keeps only the first this many training questions.
   # tokenizer.json or a directory with it or vocab.json + merges.txt; "" = the init
-  # source's (the pretraining workdir's or the HF directory's). Required from scratch.
+  # source's (the pretraining workdir's or the checkpoint's). Required from scratch.
   c.data.tokenizer_path = ""
   c.data.max_len = 256  # Tokens per (context, option) sequence; the context is cut first.
   c.data.batch_size = 24  # Questions per global batch (x4 sequences); divisible by data*fsdp.
@@ -108,10 +120,27 @@ def _quickstart(c: ml_collections.ConfigDict) -> None:
   c.optimizer.weight_decay = 0.01
 
 
+def _minilm(c: ml_collections.ConfigDict) -> None:
+  # The generated logic set after the MiniLM continued pretraining (runs/pretrain_minilm:
+  # its WordPiece, BERT pairs with token types 0 / 1, 512 positions). 128 tokens hold 99%
+  # of the (context, question + option) pairs; a new pooler + scorer.
+  c.init_from_pretrain = "runs/pretrain_minilm"
+  c.data.dataset = "logic_mc"
+  c.data.logic_mc_train, c.data.logic_mc_validation, c.data.logic_mc_test = 2000, 300, 300
+  c.data.max_len = 128
+  c.data.batch_size = 8
+  c.data.eval_batch_size = 32
+  c.train_steps = 250  # One epoch of 2,000 questions.
+  c.log_every = 25
+  c.eval_every = 125
+  c.checkpoint_every = 125
+  c.optimizer.learning_rate = 1e-4  # A small BERT's usual fine-tuning rate.
+
+
 def _benchmark(c: ml_collections.ConfigDict, dataset: str, size: str) -> None:
   c.data.dataset = dataset
   c.data.data_dir = f"/data/{dataset}"
-  c.init_from_hf = f"/data/roberta-{size}"
+  c.init_from = f"/data/roberta-{size}"
   c.model.dtype = "bfloat16"
   c.data.max_len = 256
   c.data.batch_size = 24
@@ -134,6 +163,8 @@ def get_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
   c = _base_config()
   if preset == "quickstart":
     _quickstart(c)
+  elif preset == "minilm":
+    _minilm(c)
   else:
     dataset, size = preset.split("_")
     _benchmark(c, dataset, size)

@@ -13,6 +13,8 @@ or directly with a preset and overrides::
 
 Presets:
   quickstart  tiny encoder, generated corpus prepared inside the workdir, CPU.
+  minilm      continued pretraining of all-MiniLM-L6-v2 (BERT, its own WordPiece) on the
+              same generated corpus, CPU (experiments/flags/minilm_pretrain.flags).
   base        roberta-base continued pretraining on Wikipedia sentences (accelerator).
   large       roberta-large continued pretraining on Wikipedia sentences (the paper's
               backbone; accelerator).
@@ -27,7 +29,7 @@ import ml_collections
 
 from apollo.common.config import mesh_config, optimizer_config
 
-PRESETS = ("quickstart", "base", "large")
+PRESETS = ("quickstart", "minilm", "base", "large")
 
 
 def _base_config() -> ml_collections.ConfigDict:
@@ -46,10 +48,16 @@ def _base_config() -> ml_collections.ConfigDict:
   # S-MLM logits are computed only at this many positions per row (the targets);
   # rows with more targets lose the extra ones (counted as mlm_dropped_targets).
   c.mlm_max_predictions = 20
-  c.init_from_hf = ""  # A local HF RoBERTa directory to continue from; "" = random init.
+  # The checkpoint to continue from: any name or path `apollo.models.load` accepts
+  # (minilm-l6, a local HF BERT or RoBERTa directory); its config, its own tokenizer
+  # (no BPE is trained) and its weights, with the heads it lacks initialised fresh
+  # (listed in workdir/init_report.json). "" = random init of `model`.
+  c.init_from = ""
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "tiny"  # apollo.models.roberta.model preset: tiny / small / base / large.
+  # From scratch only (init_from ""): apollo.models.roberta.model preset, tiny / small /
+  # base / large, and the overrides below.
+  c.model.preset = "tiny"
   c.model.hidden_size = 0  # > 0 overrides the preset's width.
   c.model.num_layers = 0  # > 0 overrides the preset's depth.
   c.model.num_heads = 0  # > 0 overrides the preset's attention heads.
@@ -66,10 +74,10 @@ def _base_config() -> ml_collections.ConfigDict:
   c.data.generated_seed = 0  # Seed of the generated corpus.
   c.data.selection_workers = 1  # Processes for the in-workdir selection; 0 = one per core.
   # tokenizer.json, or a directory with it or vocab.json + merges.txt; "" = the
-  # init_from_hf directory if set, else a BPE trained into workdir/data/tokenizer.
+  # init_from checkpoint's own if set, else a BPE trained into workdir/data/tokenizer.
   c.data.tokenizer_path = ""
   c.data.tokenizer_vocab_size = 2048  # Size of the BPE trained when no tokenizer is given.
-  c.data.max_len = 32  # Tokens per sequence, <s> and </s> included.
+  c.data.max_len = 32  # Tokens per sequence, <s> and </s> ([CLS] and [SEP]) included.
   c.data.batch_size = 32  # Global batch (all hosts); divisible by data*fsdp and hosts.
   c.data.mask_ratio = 0.15  # S-MLM budget: targets per sentence token.
   c.data.mask_pos_prefixes = ("VB", "JJ", "RB")  # Penn tag prefixes that are S-MLM candidates.
@@ -105,10 +113,27 @@ def _quickstart(c: ml_collections.ConfigDict) -> None:
   c.optimizer.warmup_steps = 100
 
 
+def _minilm(c: ml_collections.ConfigDict) -> None:
+  # The paper's setting at CPU scale: a real pretrained encoder (all-MiniLM-L6-v2: 6
+  # layers, width 384, 22.7M parameters, uncased WordPiece of 30,522 tokens) continues
+  # with S-MLM + E-CLS on the generated corpus. Its MLM and E-CLS heads are new.
+  c.init_from = "minilm-l6"
+  c.data.max_len = 32  # 99% of the corpus' sentences are <= 29 WordPiece tokens.
+  c.data.batch_size = 32
+  c.mlm_max_predictions = 6  # 15% of <= 30 tokens, in whole words.
+  c.eval_batches = 8  # 256 held-out examples per evaluation.
+  c.train_steps = 800
+  c.log_every = 25
+  c.eval_every = 100
+  c.checkpoint_every = 200
+  c.optimizer.learning_rate = 0.01
+  c.optimizer.warmup_steps = 50
+
+
 def _wikipedia(c: ml_collections.ConfigDict, size: str) -> None:
   c.model.preset = size
   c.model.dtype = "bfloat16"
-  c.init_from_hf = f"/data/roberta-{size}"
+  c.init_from = f"/data/roberta-{size}"
   c.data.shard_dir = "/data/wikipedia_sentences"
   c.data.tokenizer_path = ""  # The roberta directory's vocab.json + merges.txt.
   c.data.max_len = 128 if size == "base" else 256
@@ -131,13 +156,15 @@ def _wikipedia(c: ml_collections.ConfigDict, size: str) -> None:
 
 
 def get_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
-  """The config of `preset` ('quickstart', 'base' or 'large')."""
+  """The config of `preset` ('quickstart', 'minilm', 'base' or 'large')."""
   preset = preset or "quickstart"
   if preset not in PRESETS:
     raise ValueError(f"Unknown pretrain preset {preset!r}; choose from {PRESETS}.")
   c = _base_config()
   if preset == "quickstart":
     _quickstart(c)
+  elif preset == "minilm":
+    _minilm(c)
   else:
     _wikipedia(c, preset)
   return c
