@@ -3,9 +3,11 @@
 An environment speaks text: `reset(seed)` returns the first observation, `step(action)`
 returns the next one. An action is one tool call, a tool name plus JSON arguments,
 and every tool is described by a `ToolSpec` whose `parameters` field is a JSON-schema
-object. `validate_action` checks a call against that schema *before* the environment
-sees it, so environments only ever receive well-formed arguments and a malformed call
-becomes an error observation in the agent loop rather than an exception.
+object; `ToolSpec.to_openai()` is the same tool in the OpenAI `tools` format that
+native tool calling sends. `validate_action` checks a call against that schema
+*before* the environment sees it, so environments only ever receive well-formed
+arguments and a malformed call becomes an error observation in the agent loop
+rather than an exception.
 
 Environments also expose:
 - a clock (`now_hours`): simulated hours for the built-in research tasks, real
@@ -44,6 +46,10 @@ class ToolSpec:
 
   def to_json(self) -> dict[str, Any]:
     return {"name": self.name, "description": self.description, "parameters": dict(self.parameters)}
+
+  def to_openai(self) -> dict[str, Any]:
+    """The tool as an entry of an OpenAI chat-completions request's `tools`."""
+    return {"type": "function", "function": self.to_json()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,6 +309,11 @@ def tool(
       "additionalProperties": False,
     },
   )
+
+
+def tools_as_openai(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
+  """`tools` in the OpenAI `tools` format (what native tool calling sends)."""
+  return [t.to_openai() for t in tools]
 
 
 def tools_as_text(tools: Sequence[ToolSpec]) -> str:

@@ -2,7 +2,8 @@
 
 `TrajectoryStore` is the interface the rollout service uses; `SQLiteStore` is the
 default implementation (one SQLite file in WAL mode, safe for many rollout threads
-and readers at once). Schema (version 1):
+and readers at once). Schema (version 2; a version-1 file gains the new columns
+when opened, and its steps read as text-mode steps):
 
     sessions(session_id PK, created_at, updated_at, status, env_name, seed, backend,
              config_json, result_json, error)
@@ -12,23 +13,38 @@ and readers at once). Schema (version 1):
           messages_json, response, action_json, parse_error, observation, reward, done,
           prompt_tokens, completion_tokens, context_tokens, guidance_ids_json,
           info_json, env_state_json, policy_state_json, human_flag,
-          human_flag_reason, quality, quality_reason,
+          human_flag_reason, quality, quality_reason, assistant_json, call_json,
           PRIMARY KEY(session_id, step_index))
         kind: action (one model turn) | summary (context compression)
-        messages_json: the exact messages sent to the model (for summaries: the
-          context that was compressed), stored as a JSON list of message ids into
-          `messages`; response: the exact model output (for summaries: the summary)
+        messages_json: the exact messages sent to the model, in the OpenAI chat
+          format (for summaries: the context that was compressed), stored as a
+          JSON list of message ids into `messages`; response: the exact text the
+          model produced (for summaries: the summary)
+        assistant_json: the assistant message as it entered the context (OpenAI
+          format, with `tool_calls` in native mode); NULL in version-1 steps,
+          read as {"role": "assistant", "content": response}
+        call_json: how the reply's tool call fared (`agent.CallCheck`: parsed,
+          schema_ok, unknown_tool, malformed, no_call, multiple)
         human_flag: NULL | good | bad, set by a human; quality: good | bad | unknown,
           the judge's label (filled by the judging stage)
     guidance(guidance_id PK autoincrement, session_id, source, text, sent_at,
              delivered_at, delivered_step, client_msg_id, meta_json,
              UNIQUE(session_id, client_msg_id))
-    messages(message_id PK, role, content)
-        content-addressed (message_id = sha256 of role and content): consecutive
-        prompts share almost all their messages, so each is stored once and the
-        store grows linearly with the episode, not quadratically
+    messages(message_id PK, role, content, extra_json)
+        content-addressed (message_id = sha256 of role, content and the other
+        fields): consecutive prompts share almost all their messages, so each is
+        stored once and the store grows linearly with the episode, not
+        quadratically. extra_json: the fields besides role and content
+        (`tool_calls`, `tool_call_id`), NULL when there are none
     events(event_id PK autoincrement, session_id, at, kind, data_json)
         kind: pause | resume | interrupt | stop | flag | resume_after_crash | ...
+
+Export (`export_jsonl`, the HTTP API's `export.jsonl`): one JSON line per episode
+whose `messages` are the whole trajectory in the OpenAI chat format (system, task,
+assistant turns with their `tool_calls`, tool results, the human's tagged user
+messages; context summaries are left out, every turn is there), with `tools`,
+the session's fields and one entry per action step (`steps`), so another SFT
+stack can read it as is; an assistant message judged bad has `"weight": 0`.
 
 Times are unix seconds (float). Steps are inserted with `INSERT OR IGNORE` on their
 primary key, in the same transaction that marks the guidance they delivered, so a
@@ -54,7 +70,7 @@ from typing import Any
 
 from apollo.agents import guidance as guidance_lib
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SESSION_STATUSES = ("created", "running", "paused", "finished", "stopped", "failed")
 ACTIVE_STATUSES = ("created", "running", "paused")
 FLAGS = ("good", "bad")
@@ -102,6 +118,8 @@ CREATE TABLE IF NOT EXISTS steps(
   human_flag_reason TEXT,
   quality TEXT NOT NULL DEFAULT 'unknown',
   quality_reason TEXT,
+  assistant_json TEXT,
+  call_json TEXT,
   PRIMARY KEY(session_id, step_index)
 );
 CREATE TABLE IF NOT EXISTS guidance(
@@ -120,7 +138,8 @@ CREATE INDEX IF NOT EXISTS guidance_by_session ON guidance(session_id, delivered
 CREATE TABLE IF NOT EXISTS messages(
   message_id TEXT PRIMARY KEY,
   role TEXT NOT NULL,
-  content TEXT NOT NULL
+  content TEXT NOT NULL,
+  extra_json TEXT
 );
 CREATE TABLE IF NOT EXISTS events(
   event_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -130,6 +149,14 @@ CREATE TABLE IF NOT EXISTS events(
   data_json TEXT NOT NULL DEFAULT '{}'
 );
 """
+
+
+# Columns added since version 1: (table, column, declaration).
+_ADDED_COLUMNS = (
+  ("steps", "assistant_json", "TEXT"),
+  ("steps", "call_json", "TEXT"),
+  ("messages", "extra_json", "TEXT"),
+)
 
 
 @contextlib.contextmanager
@@ -148,6 +175,13 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
   conn.execute("COMMIT")
 
 
+def format_observation(step_index: int, tool: str | None, observation: str, is_error: bool) -> str:
+  """The text that carries an observation to the model (tags in `observation`
+  neutralised, so a program's output cannot pose as the human)."""
+  attrs = f'step="{step_index}" tool="{tool or ""}"' + (' error="true"' if is_error else "")
+  return f"<observation {attrs}>\n{guidance_lib.neutralise_tags(observation)}\n</observation>"
+
+
 @dataclasses.dataclass
 class StepRecord:
   """One stored step (see the module docstring for the meaning of each field)."""
@@ -155,7 +189,7 @@ class StepRecord:
   session_id: str
   step_index: int
   kind: str
-  messages: list[dict[str, str]]
+  messages: list[dict[str, Any]]
   response: str
   observation: str
   action: dict[str, Any] | None = None
@@ -179,6 +213,52 @@ class StepRecord:
   human_flag_reason: str | None = None
   quality: str = "unknown"
   quality_reason: str | None = None
+  assistant: dict[str, Any] | None = None
+  call: dict[str, Any] | None = None
+
+  @property
+  def assistant_message(self) -> dict[str, Any]:
+    """The assistant message of this step as it entered the context (OpenAI format).
+
+    Native mode: `{"role": "assistant", "content": ..., "tool_calls": [...]}`;
+    text mode and steps stored before tool calls were native:
+    `{"role": "assistant", "content": response}`. With `messages`, this is the
+    step's conversation: `messages + [assistant_message]`.
+    """
+    if self.assistant is not None:
+      return self.assistant
+    return {"role": "assistant", "content": self.response}
+
+  @property
+  def tool_calls(self) -> list[dict[str, Any]]:
+    """The OpenAI `tool_calls` of the step's assistant message ([] in text mode)."""
+    return list(self.assistant_message.get("tool_calls") or ())
+
+  def observation_messages(self) -> list[dict[str, Any]]:
+    """The messages that brought this step's observation to the model: a tool
+    message per call of its assistant message (each answers its `tool_call_id`),
+    or one user message when the reply made no call (text mode, or no call read).
+    The context after an action step is `messages + [assistant_message] + these`."""
+    tool = self.action["tool"] if self.action else None
+    is_error = bool(
+      self.parse_error or self.info.get("invalid_action") or self.info.get("tool_exception")
+    )
+    content = format_observation(self.step_index, tool, self.observation, is_error)
+    calls = self.assistant_message.get("tool_calls") or ()
+    if calls:
+      return [{"role": "tool", "tool_call_id": c["id"], "content": content} for c in calls]
+    return [{"role": "user", "content": content}]
+
+  def reply_text(self) -> str:
+    """The reply as one text: its content, then each native call as a JSON object
+    `{"tool": ..., "arguments": ...}` (for readers that show a step as text, such
+    as the LLM judge). In text mode this is the response."""
+    message = self.assistant_message
+    calls = [
+      json.dumps({"tool": c["function"]["name"], "arguments": _json_or_text(c["function"])})
+      for c in message.get("tool_calls") or ()
+    ]
+    return "\n".join(t for t in [message.get("content") or "", *calls] if t)
 
   def to_json(self, full: bool = True) -> dict[str, Any]:
     """JSON view; `full=False` drops the bulky messages and state snapshots."""
@@ -188,6 +268,13 @@ class StepRecord:
         data.pop(key)
       data["num_messages"] = len(self.messages)
     return data
+
+
+def _json_or_text(function: Mapping[str, Any]) -> Any:
+  try:
+    return json.loads(function.get("arguments") or "{}")
+  except json.JSONDecodeError:
+    return function.get("arguments")
 
 
 @dataclasses.dataclass
@@ -289,7 +376,7 @@ class TrajectoryStore(abc.ABC):
   def list_events(self, session_id: str) -> list[dict[str, Any]]: ...
 
   def export_jsonl(self, path: str, session_ids: Iterable[str] | None = None) -> int:
-    """Writes one JSON line per step (session fields included); returns the count."""
+    """Writes one JSON line per episode (see the module docstring); returns the count."""
     ids = (
       list(session_ids) if session_ids is not None else [s.session_id for s in self.list_sessions()]
     )
@@ -303,22 +390,86 @@ class TrajectoryStore(abc.ABC):
     return count
 
   def iter_export(self, session_ids: Iterable[str]) -> Iterator[str]:
+    """One JSON line per session: `episode_record`."""
     for sid in session_ids:
       session = self.get_session(sid)
       if session is None:
         continue
-      guidance = {g.guidance_id: g.to_json() for g in self.list_guidance(sid)}
-      for step in self.get_steps(sid):
-        row = step.to_json()
-        row["session"] = {
-          "env_name": session.env_name,
-          "seed": session.seed,
-          "backend": session.backend,
-          "status": session.status,
-          "result": session.result,
-        }
-        row["guidance"] = [guidance[i] for i in step.guidance_ids if i in guidance]
-        yield json.dumps(row, ensure_ascii=False)
+      record = episode_record(session, self.get_steps(sid), self.list_guidance(sid))
+      yield json.dumps(record, ensure_ascii=False)
+
+
+def trajectory_messages(steps: Sequence[StepRecord]) -> tuple[list[dict[str, Any]], list[int]]:
+  """The whole trajectory of an episode as one OpenAI chat, and where each action
+  step's assistant message sits in it.
+
+  The chat is the first prompt (system prompt, task), then per action step the
+  human messages delivered with it, its assistant message and its observation
+  messages. Context summaries are left out: they replaced turns the model had
+  seen, and every one of those turns is in the chat.
+  """
+  actions = [s for s in steps if s.kind == "action"]
+  if not actions:
+    return [], []
+  first = actions[0]
+  fresh = len(first.guidance_ids)
+  chat = [dict(m) for m in first.messages[: len(first.messages) - fresh]]
+  positions = []
+  for step in actions:
+    delivered = len(step.guidance_ids)
+    if delivered:
+      chat += [dict(m) for m in step.messages[-delivered:]]
+    positions.append(len(chat))
+    chat.append(dict(step.assistant_message))
+    chat += step.observation_messages()
+  return chat, positions
+
+
+def episode_record(
+  session: SessionRecord, steps: Sequence[StepRecord], guidance: Sequence[guidance_lib.Guidance]
+) -> dict[str, Any]:
+  """One episode as an export line: an OpenAI chat-format trajectory plus metadata.
+
+  Keys: `session_id`, `env_name`, `seed`, `backend`, `status`, `result`, `tools`
+  (the episode's tools in the OpenAI format), `messages` (`trajectory_messages`;
+  an assistant message whose step was judged or flagged bad carries `"weight": 0`,
+  the OpenAI fine-tuning convention for a turn not to train on), `steps` (per
+  action step: `message_index` into `messages`, the call check, the action, the
+  parse error, the judge's quality and the human's flag) and `guidance` (every
+  human message with its delivery).
+  """
+  chat, positions = trajectory_messages(steps)
+  actions = [s for s in steps if s.kind == "action"]
+  tools = actions[0].info.get("tools") if actions else None
+  step_rows = []
+  for step, position in zip(actions, positions):
+    bad = step.quality == "bad" or step.human_flag == "bad"
+    chat[position]["weight"] = 0 if bad else 1
+    step_rows.append(
+      {
+        "step_index": step.step_index,
+        "message_index": position,
+        "action": step.action,
+        "parse_error": step.parse_error,
+        "call": step.call,
+        "quality": step.quality,
+        "human_flag": step.human_flag,
+        "reward": step.reward,
+        "done": step.done,
+      }
+    )
+  return {
+    "session_id": session.session_id,
+    "env_name": session.env_name,
+    "seed": session.seed,
+    "backend": session.backend,
+    "status": session.status,
+    "result": session.result,
+    "tools": tools,
+    "messages": chat,
+    "steps": step_rows,
+    "guidance": [g.to_json() for g in guidance],
+  }
 
 
 class SQLiteStore(TrajectoryStore):
@@ -333,10 +484,15 @@ class SQLiteStore(TrajectoryStore):
     self._closed = False
     with self._connection() as conn:
       conn.executescript(_SCHEMA)
-      conn.execute(
-        "INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)",
-        ("schema_version", str(SCHEMA_VERSION)),
-      )
+      with write_transaction(conn):
+        for table, column, declaration in _ADDED_COLUMNS:
+          present = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+          if column not in present:  # a version-1 file: old rows read as NULL
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        conn.execute(
+          "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+          ("schema_version", str(SCHEMA_VERSION)),
+        )
 
   # ------------------------------------------------------------------ plumbing
   def _connect(self) -> sqlite3.Connection:
@@ -438,7 +594,7 @@ class SQLiteStore(TrajectoryStore):
 
   # ------------------------------------------------------------------ steps
   def append_step(self, step: StepRecord, delivered: Sequence[tuple[int, float]] = ()) -> bool:
-    message_rows = [(_message_id(m), m["role"], m["content"]) for m in step.messages]
+    message_rows = [_message_row(m) for m in step.messages]
     row = (
       step.session_id,
       step.step_index,
@@ -467,14 +623,18 @@ class SQLiteStore(TrajectoryStore):
       step.human_flag_reason,
       step.quality,
       step.quality_reason,
+      _dumps_or_none(step.assistant),
+      _dumps_or_none(step.call),
     )
     with self._write() as conn:
-      cur = conn.execute(f"INSERT OR IGNORE INTO steps VALUES ({','.join('?' * len(row))})", row)
+      cur = conn.execute(
+        f"INSERT OR IGNORE INTO steps({', '.join(_STEP_COLUMNS)}) "
+        f"VALUES ({','.join('?' * len(row))})",
+        row,
+      )
       if cur.rowcount != 1:
         return False
-      conn.executemany(
-        "INSERT OR IGNORE INTO messages(message_id, role, content) VALUES (?, ?, ?)", message_rows
-      )
+      conn.executemany("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?)", message_rows)
       for guidance_id, at in delivered:
         # Only the first delivery counts; the WHERE clause makes a repeat a no-op.
         conn.execute(
@@ -615,6 +775,38 @@ class SQLiteStore(TrajectoryStore):
     ]
 
 
+_STEP_COLUMNS = (
+  "session_id",
+  "step_index",
+  "kind",
+  "started_at",
+  "model_started_at",
+  "model_finished_at",
+  "finished_at",
+  "env_hours_before",
+  "env_hours_after",
+  "messages_json",
+  "response",
+  "action_json",
+  "parse_error",
+  "observation",
+  "reward",
+  "done",
+  "prompt_tokens",
+  "completion_tokens",
+  "context_tokens",
+  "guidance_ids_json",
+  "info_json",
+  "env_state_json",
+  "policy_state_json",
+  "human_flag",
+  "human_flag_reason",
+  "quality",
+  "quality_reason",
+  "assistant_json",
+  "call_json",
+)
+
 _LIGHT_COLUMNS = (
   "session_id",
   "step_index",
@@ -640,6 +832,8 @@ _LIGHT_COLUMNS = (
   "human_flag_reason",
   "quality",
   "quality_reason",
+  "assistant_json",
+  "call_json",
 )
 
 
@@ -666,28 +860,41 @@ def _session_from_row(row: sqlite3.Row) -> SessionRecord:
   )
 
 
-def _message_id(message: Mapping[str, str]) -> str:
-  return hashlib.sha256(f"{message['role']}\0{message['content']}".encode()).hexdigest()[:32]
+def _message_row(message: Mapping[str, Any]) -> tuple[str, str, str, str | None]:
+  """(message_id, role, content, extra_json) of one message.
+
+  A message with only a role and a content keeps version 1's id, so old and new
+  steps share their messages.
+  """
+  content = message.get("content")
+  content = "" if content is None else content
+  extra = {k: v for k, v in message.items() if k not in ("role", "content")}
+  key = f"{message['role']}\0{content}"
+  extra_json = None
+  if extra:
+    extra_json = json.dumps(extra, sort_keys=True, ensure_ascii=False)
+    key += f"\0{extra_json}"
+  return hashlib.sha256(key.encode()).hexdigest()[:32], message["role"], content, extra_json
 
 
 def _load_messages(
   conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]
-) -> dict[str, dict[str, str]]:
+) -> dict[str, dict[str, Any]]:
   """message_id -> message for every message referenced by `rows`."""
   ids = sorted({i for r in rows for i in json.loads(r["messages_json"])})
-  found: dict[str, dict[str, str]] = {}
+  found: dict[str, dict[str, Any]] = {}
   for start in range(0, len(ids), 500):  # stay under SQLite's variable limit
     chunk = ids[start : start + 500]
     for r in conn.execute(
-      "SELECT message_id, role, content FROM messages WHERE message_id "
+      "SELECT message_id, role, content, extra_json FROM messages WHERE message_id "
       f"IN ({','.join('?' * len(chunk))})",
       chunk,
     ):
-      found[r[0]] = {"role": r[1], "content": r[2]}
+      found[r[0]] = {"role": r[1], "content": r[2], **(json.loads(r[3]) if r[3] else {})}
   return found
 
 
-def _step_from_row(row: sqlite3.Row, messages: Mapping[str, dict[str, str]]) -> StepRecord:
+def _step_from_row(row: sqlite3.Row, messages: Mapping[str, dict[str, Any]]) -> StepRecord:
   keys = row.keys()
   return StepRecord(
     session_id=row["session_id"],
@@ -723,6 +930,8 @@ def _step_from_row(row: sqlite3.Row, messages: Mapping[str, dict[str, str]]) -> 
     human_flag_reason=row["human_flag_reason"],
     quality=row["quality"],
     quality_reason=row["quality_reason"],
+    assistant=_loads_or_none(row["assistant_json"]),
+    call=_loads_or_none(row["call_json"]),
   )
 
 

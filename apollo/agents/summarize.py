@@ -53,7 +53,11 @@ _FACT_RE = re.compile(
 )
 _STATE_RE = re.compile(r"^\[.*\]$", re.MULTILINE)
 
-Message = dict[str, str]
+Message = dict[str, Any]
+
+# Roles of the messages that carry observations: tool results in native mode, user
+# messages in text mode (and for replies that made no call).
+_OBSERVATION_ROLES = ("user", "tool")
 
 
 @dataclasses.dataclass
@@ -84,15 +88,17 @@ def choose_split(
 
   Messages 0 and 1 (system prompt, task) are always kept. The split is the first
   assistant message at or after the token midpoint of the rest, so a model turn is
-  never separated from the observation that answers it.
+  never separated from the observation that answers it (nor, in native mode, a
+  tool call from its tool message).
   """
   history = list(range(2, len(messages)))
-  total = sum(counter(messages[i]["content"]) for i in history)
+  sizes = {i: counter(tokens_lib.message_text(messages[i])) for i in history}
+  total = sum(sizes.values())
   running = 0
   for i in history:
     if running >= total / 2 and messages[i]["role"] == "assistant":
       return i
-    running += counter(messages[i]["content"])
+    running += sizes[i]
   return None
 
 
@@ -108,7 +114,7 @@ def collect_human_messages(old: Sequence[Message]) -> list[HumanMessage]:
         humans.setdefault(gid, HumanMessage(gid, "", None, line_match.group(0)))
       continue
     obs = _OBS_RE.search(m["content"])
-    if obs and m["role"] == "user":
+    if obs and m["role"] in _OBSERVATION_ROLES:
       next_step = int(obs.group(1))
     if guidance_lib.is_guidance_message(m):
       for block in guidance_lib.parse_guidance_blocks(m["content"]):
@@ -123,7 +129,7 @@ def _actions_after(old: Sequence[Message], step: int | None, limit: int = 4) -> 
     return []
   names = []
   for m in old:
-    obs = _OBS_RE.search(m["content"]) if m["role"] == "user" else None
+    obs = _OBS_RE.search(m["content"]) if m["role"] in _OBSERVATION_ROLES else None
     if obs and int(obs.group(1)) >= step and obs.group(2):
       names.append(obs.group(2))
   return names[:limit]
@@ -180,7 +186,7 @@ class RuleBasedSummarizer:
         previous = m["content"].partition("## Facts learned")[2].partition("## ")[0]
         facts.extend(line[2:] for line in previous.strip().splitlines() if line.startswith("- "))
         continue
-      if m["role"] != "user":
+      if m["role"] not in _OBSERVATION_ROLES:
         continue
       for obs in _OBS_RE.finditer(m["content"]):
         step, tool, text = int(obs.group(1)), obs.group(2) or "?", obs.group(3)
@@ -220,7 +226,8 @@ class ModelSummarizer:
   def summarize(
     self, old: Sequence[Message], humans: Sequence[HumanMessage], covered: tuple[int, int]
   ) -> str:
-    transcript = "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in old)[-self.max_chars :]
+    turns = [f"[{m['role']}]\n{tokens_lib.message_text(m)}" for m in old]
+    transcript = "\n\n".join(turns)[-self.max_chars :]
     prompt = [
       {
         "role": "system",
@@ -255,7 +262,7 @@ def covered_steps(old: Sequence[Message]) -> tuple[int, int]:
   steps = [
     int(m.group(1))
     for msg in old
-    if msg["role"] == "user"
+    if msg["role"] in _OBSERVATION_ROLES
     for m in _OBS_RE.finditer(msg["content"])
   ]
   spans = [

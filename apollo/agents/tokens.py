@@ -10,7 +10,9 @@ English text and JSON, plus a few tokens of chat-template overhead per message);
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import tokenizers
 
@@ -31,8 +33,20 @@ def tokenizer_counter(tokenizer_json_path: str) -> TokenCounter:
   return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
+def message_text(message: Mapping[str, Any]) -> str:
+  """The text a message puts in front of the model: its content, then its native
+  tool calls (name and arguments), which a template writes out as text too."""
+  text = message.get("content") or ""
+  for call in message.get("tool_calls") or ():
+    function = call.get("function") or {}
+    text += "\n" + json.dumps(
+      {"name": function.get("name"), "arguments": function.get("arguments")}
+    )
+  return text
+
+
 def count_message_tokens(
-  messages: Sequence[Mapping[str, str]], counter: TokenCounter = approx_token_count
+  messages: Sequence[Mapping[str, Any]], counter: TokenCounter = approx_token_count
 ) -> int:
-  """Tokens of a chat context: content plus per-message template overhead."""
-  return sum(counter(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+  """Tokens of a chat context: content and tool calls plus per-message template overhead."""
+  return sum(counter(message_text(m)) + MESSAGE_OVERHEAD_TOKENS for m in messages)

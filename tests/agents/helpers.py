@@ -32,6 +32,7 @@ class GatedBackend:
   def __init__(self, inner: Any):
     self.inner = inner
     self.name = "gated"
+    self.tool_mode = getattr(inner, "tool_mode", "text")
     self.permits = threading.Semaphore(0)
     self.calls = 0
     self.entered = threading.Event()

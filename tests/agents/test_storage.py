@@ -61,10 +61,17 @@ def test_step_insert_is_idempotent_and_guidance_delivered_once(store):
   assert len(store.list_guidance("a")) == 2
 
 
-def test_flags_quality_and_jsonl_export(store, tmp_path):
+@pytest.mark.parametrize("tool_mode", ["native", "text"])
+def test_flags_quality_and_jsonl_export(store, tmp_path, tool_mode):
   agent.run_episode(
-    "e", research_env.ResearchEnv(), research_policy.ScriptedResearchPolicy(4), store, 4
+    "e",
+    research_env.ResearchEnv(),
+    research_policy.ScriptedResearchPolicy(4),
+    store,
+    4,
+    config=agent.AgentConfig(tool_mode=tool_mode),
   )
+  store.add_guidance("e", "unused")  # never delivered: listed, not in the messages
   n = store.num_steps("e")
   assert store.set_flag("e", 3, "bad", "killed a healthy run")
   assert store.set_quality("e", 3, "bad", "judge")
@@ -72,24 +79,42 @@ def test_flags_quality_and_jsonl_export(store, tmp_path):
   with pytest.raises(ValueError):
     store.set_flag("e", 1, "great", None)
   path = os.path.join(tmp_path, "out.jsonl")
-  assert store.export_jsonl(path) == n
+  assert store.export_jsonl(path) == 1  # one line per episode
   with open(path) as f:
-    rows = [json.loads(line) for line in f]
-  assert [r["step_index"] for r in rows] == list(range(n))
-  assert rows[3]["human_flag"] == "bad" and rows[3]["quality"] == "bad"
-  for key in (
-    "messages",
-    "response",
-    "action",
-    "observation",
-    "started_at",
-    "finished_at",
-    "prompt_tokens",
-    "completion_tokens",
-    "session",
-    "guidance",
-  ):
-    assert key in rows[0]
+    [episode] = [json.loads(line) for line in f]
+  assert episode["session_id"] == "e" and episode["seed"] == 4
+  assert episode["result"] == store.get_session("e").result
+  assert [t["function"]["name"] for t in episode["tools"]] == [
+    t.name for t in research_env.ResearchEnv().tools()
+  ]
+  steps, messages = episode["steps"], episode["messages"]
+  assert [s["step_index"] for s in steps] == list(range(n))
+  assert steps[3]["human_flag"] == "bad" and steps[3]["quality"] == "bad"
+  assert messages[0]["role"] == "system" and messages[1]["role"] == "user"
+  for row in steps:
+    turn = messages[row["message_index"]]
+    assert turn["role"] == "assistant" and turn["weight"] == (0 if row["step_index"] == 3 else 1)
+    assert row["call"]["mode"] == tool_mode
+  # OpenAI chat format: every call is answered by the tool message with its id, next.
+  for i, m in enumerate(messages):
+    calls = m.get("tool_calls") or []
+    if m["role"] == "assistant" and calls:
+      answers = messages[i + 1 : i + 1 + len(calls)]
+      assert [a["role"] for a in answers] == ["tool"] * len(calls)
+      assert [a["tool_call_id"] for a in answers] == [c["id"] for c in calls]
+      for c in calls:
+        assert c["type"] == "function" and isinstance(c["function"]["arguments"], str)
+    if m["role"] == "tool":
+      assert messages[i - 1]["role"] in ("assistant", "tool")
+  if tool_mode == "native":
+    assert sum(bool(m.get("tool_calls")) for m in messages) >= n - 3
+  else:
+    assert not any(m["role"] == "tool" for m in messages)
+  # The export is the whole trajectory: every step's reply, in order, once.
+  assert [m for m in messages if m["role"] == "assistant"] == [
+    {**s.assistant_message, "weight": 0 if s.step_index == 3 else 1} for s in store.get_steps("e")
+  ]
+  assert episode["guidance"][0]["text"] == "unused"
 
 
 def _rollout_cmd(workdir, *extra):
@@ -169,11 +194,25 @@ def test_kill_9_mid_episode_resumes_without_loss_or_duplicates(tmp_path, human):
         research_policy.ScriptedResearchPolicy(session.seed),
         ref_store,
         session.seed,
+        config=agent.AgentConfig(tool_mode="native"),  # as experiments.rollout runs it
       )
-      assert [s.response for s in ref_store.get_steps("ref")] == [s.response for s in steps]
+      ref_steps = ref_store.get_steps("ref")
+      assert [s.response for s in ref_steps] == [s.response for s in steps]
+      assert [s.tool_calls for s in ref_steps] == [s.tool_calls for s in steps]
       assert ref_store.get_session("ref").result["score"] == session.result["score"]
+  with open(os.path.join(workdir, "summary.json")) as f:
+    calls = json.load(f)["tool_calls"]
+  # The scripted policy's calls travel natively; about 2% are malformed on purpose.
+  assert calls["action_steps"] == sum(store.num_steps(s.session_id) for s in sessions)
+  assert calls["parse_rate"] > 0.9 and calls["schema_pass_rate"] == pytest.approx(
+    calls["parse_rate"]
+  )
+  assert calls["parsed"] + calls["malformed"] == calls["action_steps"]
   with open(os.path.join(workdir, "trajectories.jsonl")) as f:
-    assert sum(1 for _ in f) == sum(store.num_steps(s.session_id) for s in sessions)
+    episodes = [json.loads(line) for line in f]
+  assert sorted(len(e["steps"]) for e in episodes) == sorted(
+    store.num_steps(s.session_id) for s in sessions
+  )
   resumed = [
     e
     for s in sessions
@@ -197,3 +236,72 @@ def test_messages_are_stored_once_and_prompts_rebuilt_exactly(store):
   assert store.last_step("d").messages == steps[-1].messages
   light = store.get_steps("d", full=False)
   assert light[0].messages == [] and light[0].response == steps[0].response
+
+
+def test_a_version_1_store_stays_readable_and_resumes(tmp_path):
+  """A store written before tool calls were native (no assistant/call columns, no
+  message extras) opens, reads its steps as text-mode steps and resumes."""
+  path = os.path.join(tmp_path, "v1.sqlite")
+  store = storage.SQLiteStore(path)
+  agent.run_episode(
+    "old",
+    research_env.ResearchEnv(),
+    research_policy.ScriptedResearchPolicy(3),
+    store,
+    3,
+    config=agent.AgentConfig(max_steps=6),
+  )
+  expected = store.get_steps("old")
+  store.close()
+  with sqlite3.connect(path) as conn:  # back to version 1's schema
+    for table, column in (("steps", "assistant_json"), ("steps", "call_json")):
+      conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    conn.execute("ALTER TABLE messages DROP COLUMN extra_json")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+  store = storage.SQLiteStore(path)
+  try:
+    steps = store.get_steps("old")
+    assert [s.messages for s in steps] == [s.messages for s in expected]
+    assert all(s.assistant is None and s.call is None for s in steps)
+    assert [s.assistant_message for s in steps] == [s.assistant_message for s in expected]
+    assert agent.context_after(steps[-1]) == agent.context_after(expected[-1])
+    # The episode goes on where it stopped, now storing the new fields.
+    agent.Rollout(
+      "old",
+      research_env.ResearchEnv(),
+      research_policy.ScriptedResearchPolicy(3),
+      store,
+      agent.AgentConfig(max_steps=9),
+    ).run()
+    later = store.get_steps("old", since=5)
+    assert [s.step_index for s in later] == [6, 7, 8]
+    assert later[0].messages[: len(agent.context_after(expected[-1]))] == agent.context_after(
+      expected[-1]
+    )
+    assert all(s.call["mode"] == "text" for s in later)
+    with sqlite3.connect(path) as conn:
+      version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    assert version == (str(storage.SCHEMA_VERSION),)
+  finally:
+    store.close()
+
+
+def test_native_messages_keep_their_tool_fields(store):
+  messages = [
+    {"role": "user", "content": "go"},
+    {
+      "role": "assistant",
+      "content": "",
+      "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "sleep", "arguments": "{}"}}
+      ],
+    },
+    {"role": "tool", "tool_call_id": "c1", "content": "slept"},
+    {"role": "tool", "tool_call_id": "c2", "content": "slept"},  # same text, other call
+  ]
+  store.create_session(storage.SessionRecord("n", "research", 0, "x", {}))
+  step = storage.StepRecord("n", 0, "action", messages, "r", "o")
+  assert store.append_step(step)
+  assert store.get_step("n", 0).messages == messages
+  with sqlite3.connect(store.path) as conn:
+    assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 4

@@ -3,6 +3,8 @@
 import os
 import re
 
+import pytest
+
 from apollo.agents import agent, storage, summarize
 from apollo.agents import guidance as guidance_lib
 from apollo.agents.backends import base as backends_lib
@@ -32,7 +34,7 @@ def _context(n_turns, guidance_at):
     messages.append(
       {
         "role": "user",
-        "content": agent.format_observation(
+        "content": storage.format_observation(
           step,
           "sleep",
           f"slept 0.50h. launched r{step}\n[clock {step}h / 30h | submissions left: 3]",
@@ -69,7 +71,8 @@ def test_model_summary_is_repaired_to_one_line_per_message():
   assert _reflection_ids(result.summary) == [1, 2]
 
 
-def test_long_session_compresses_and_stores_summary_steps(tmp_path):
+@pytest.mark.parametrize("tool_mode", ["native", "text"])
+def test_long_session_compresses_and_stores_summary_steps(tmp_path, tool_mode):
   store = storage.SQLiteStore(os.path.join(tmp_path, "s.sqlite"))
   human = simulated_human.SimulatedHuman(client_lib.LocalClient.for_store(store), delay_steps=1)
   seed = next(s for s in range(100) if len(research_env.generate_task(s).hidden_facts()) >= 3)
@@ -77,7 +80,7 @@ def test_long_session_compresses_and_stores_summary_steps(tmp_path):
   rollout = agent.Rollout(
     "long",
     research_env.ResearchEnv(),
-    research_policy.ScriptedResearchPolicy(seed),
+    research_policy.ScriptedResearchPolicy(seed, tool_mode=tool_mode),
     store,
     agent.AgentConfig(context_token_threshold=3000),
     listeners=[human.on_step],
@@ -101,4 +104,9 @@ def test_long_session_compresses_and_stores_summary_steps(tmp_path):
   # only add guidance to it).
   rebuilt = agent.context_after(summaries[-1])
   assert after.messages[: len(rebuilt)] == rebuilt
+  # In native mode the kept half never starts with a tool result cut off from its call.
+  for s in summaries:
+    kept = agent.context_after(s)[3:]
+    assert kept and kept[0]["role"] == "assistant"
+    assert (kept[0].get("tool_calls") is not None) == (tool_mode == "native")
   store.close()

@@ -24,12 +24,14 @@ COMPACT_SYSTEM_PROMPT = "Research agent. One JSON tool call per reply. Follow <h
 
 
 def policy_view(
-  messages: Sequence[Mapping[str, str]], history: int, keep_guidance: bool = True
-) -> list[dict[str, str]]:
+  messages: Sequence[Mapping[str, Any]], history: int, keep_guidance: bool = True
+) -> list[dict[str, Any]]:
   """A one-line system prompt + the last `history` messages (the task message first).
 
   Guidance messages ride along on top of the window (they arrive between an
-  observation and the next action), so advice is seen for `history` turns.
+  observation and the next action), so advice is seen for `history` turns. A
+  native-mode tool message whose call fell out of the window is left out too
+  (a tool result must follow the call it answers).
   """
   rest = [dict(m) for m in messages[1:]]
   if not keep_guidance:
@@ -40,7 +42,10 @@ def policy_view(
       break
     window.append(m)
     plain += not guidance_lib.is_guidance_message(m)
-  return [{"role": "system", "content": COMPACT_SYSTEM_PROMPT}] + window[::-1]
+  window.reverse()
+  while window and window[0]["role"] == "tool":
+    window.pop(0)
+  return [{"role": "system", "content": COMPACT_SYSTEM_PROMPT}] + window
 
 
 class ViewedBackend:
@@ -49,6 +54,7 @@ class ViewedBackend:
   def __init__(self, inner: backends_lib.Backend, history: int):
     self.inner, self.history = inner, history
     self.name = getattr(inner, "name", "flax")
+    self.tool_mode = getattr(inner, "tool_mode", "text")
 
   def complete(
     self, messages: backends_lib.Messages, tools: Sequence[env_lib.ToolSpec] = ()

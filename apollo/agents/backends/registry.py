@@ -3,6 +3,8 @@
 The service stores a session's backend as a name plus options (`"scripted"`,
 `{"latency_s": 0.3}`), so a restarted service rebuilds the same backend;
 `make_backend(name, seed, **options)` does that. `register_backend` adds a name.
+Every backend made here prefers native tool calls (`tool_mode`), the scripted
+policy included, unless its options say otherwise.
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ from apollo.agents.backends import base as backends_lib
 from apollo.agents.backends import openai_chat
 from apollo.agents.envs import research_policy
 
+
+def make_scripted_backend(
+  seed: int, tool_mode: str = "native", **options: Any
+) -> research_policy.ScriptedResearchPolicy:
+  """The `'scripted'` backend: the research task's scripted policy, native by default."""
+  return research_policy.ScriptedResearchPolicy(seed, tool_mode=tool_mode, **options)
+
+
 # name -> factory(seed=..., **options) -> Backend.
 BACKEND_FACTORIES: dict[str, Callable[..., backends_lib.Backend]] = {
   "openai": openai_chat.make_openai_backend,
-  "scripted": research_policy.ScriptedResearchPolicy,
+  "scripted": make_scripted_backend,
 }
 
 # Backends with heavy imports (jax, flax) register themselves when first asked for.

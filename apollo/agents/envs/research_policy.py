@@ -8,6 +8,11 @@ human guidance when it gets some. `ScriptedResearchPolicy` is that agent, behind
 the same `Backend` protocol as a served model. Like a model, it acts only on what
 the messages say: it reads the observations' text and the guidance it is shown.
 
+It answers in either tool mode, like a model behind a server with or without
+tool support: given the tools (native mode), its call comes back as an OpenAI
+`tool_calls` entry beside its one line of reasoning; given none (text mode), the
+call is a JSON object in its text. Its decisions do not depend on the mode.
+
 Its state is its snapshot, saved with every step, so a resumed rollout continues
 with the same plans; its random draws are hashes of (seed, turn), so an episode is
 a pure function of its seed and the guidance it received.
@@ -87,15 +92,30 @@ class ScriptedResearchPolicy:
   killing runs. Advice that makes the current run pointless (wrong data, learning
   rate or GPU) makes it kill that run and relaunch.
   A small fraction of responses (`invalid_rate`) is malformed on purpose so the
-  error path is exercised in every long run.
+  error path is exercised in every long run (a truncated JSON call in text mode,
+  truncated JSON arguments in native mode).
+
+  Args:
+    seed: the episode's draws.
+    latency_s: seconds each turn sleeps (stands in for model time).
+    invalid_rate: fraction of malformed calls.
+    tool_mode: the mode it prefers when the loop is not told one. 'text' by
+      default: the compact-view training data of `training.collect` is rendered
+      with a ChatML template that has no tool messages; the service and
+      `experiments.rollout` run it native.
   """
 
   name = "scripted"
 
-  def __init__(self, seed: int, latency_s: float = 0.0, invalid_rate: float = 0.02):
+  def __init__(
+    self, seed: int, latency_s: float = 0.0, invalid_rate: float = 0.02, tool_mode: str = "text"
+  ):
+    if tool_mode not in backends_lib.TOOL_MODES:
+      raise ValueError(f"tool_mode must be one of {backends_lib.TOOL_MODES}, got {tool_mode!r}")
     self.seed = seed
     self.latency_s = latency_s
     self.invalid_rate = invalid_rate
+    self.tool_mode = tool_mode
     self.state = _PolicyState()
     self.patient_draw = _rand(seed, "patient") < 0.3
     self.keep_default_lr = _rand(seed, "lr") < 0.75
@@ -252,7 +272,7 @@ class ScriptedResearchPolicy:
   def complete(
     self, messages: backends_lib.Messages, tools: Sequence[env_lib.ToolSpec]
   ) -> backends_lib.ModelResponse:
-    del tools
+    """The next action: a native `tool_calls` entry if given `tools`, else JSON text."""
     if self.latency_s:
       time.sleep(self.latency_s)  # stands in for model time in demos and benchmarks
     self._observe(messages)
@@ -261,14 +281,32 @@ class ScriptedResearchPolicy:
     s.last_action = {"tool": action["tool"], "arguments": action["arguments"]}
     s.turn += 1
     thought = action.get("thought") or _THOUGHTS.get(action["tool"], "Next step.")
-    call = json.dumps({"tool": action["tool"], "arguments": action["arguments"]})
-    if _rand(self.seed, s.turn, "invalid") < self.invalid_rate:
-      call = call[:-2]  # a truncated, unparseable call
+    invalid = _rand(self.seed, s.turn, "invalid") < self.invalid_rate
+    if invalid:
       s.last_action = None
+    prompt_tokens = tokens_lib.count_message_tokens(messages)
+    if tools:
+      arguments = json.dumps(action["arguments"])
+      if invalid:
+        arguments = arguments[:-1]  # truncated, unparseable arguments
+      call = {
+        "id": f"call_{s.turn}",
+        "type": "function",
+        "function": {"name": action["tool"], "arguments": arguments},
+      }
+      return backends_lib.ModelResponse(
+        text=thought,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=tokens_lib.approx_token_count(thought + arguments),
+        tool_calls=[call],
+      )
+    call = json.dumps({"tool": action["tool"], "arguments": action["arguments"]})
+    if invalid:
+      call = call[:-2]  # a truncated, unparseable call
     text = f"{thought}\n{call}"
     return backends_lib.ModelResponse(
       text=text,
-      prompt_tokens=tokens_lib.count_message_tokens(messages),
+      prompt_tokens=prompt_tokens,
       completion_tokens=tokens_lib.approx_token_count(text),
     )
 

@@ -10,7 +10,7 @@
     guide ID TEXT...                  send guidance (returns at once)
     pause ID | resume ID | interrupt ID | stop ID
     flag ID STEP good|bad|clear [--reason TEXT]
-    export ID|all [--out FILE]        JSON lines, one per step
+    export ID|all [--out FILE]        JSON lines, one per episode (OpenAI chat messages)
 
 The token may also come from the APOLLO_TOKEN environment variable. Exit status is
 0 on success and 1 on an API error, whose message is printed.

@@ -12,7 +12,8 @@ status; POST bodies must be `Content-Type: application/json`, at most 64 KiB):
     POST /api/sessions                       create and start a session; body:
          {"env": "research", "seed": 3, "backend": "scripted",
           "env_options": {...}, "backend_options": {...},
-          "agent": {"max_steps": 400, "context_token_threshold": 100000},
+          "agent": {"max_steps": 400, "context_token_threshold": 100000,
+                    "tool_mode": "native" | "text" | null (the backend's)},
           "paused": false, "session_id": optional}              -> 201 session
     GET  /api/sessions/{id}                  session, with its guidance and counts
     GET  /api/sessions/{id}/steps?since=-1&limit=200&full=0      {"steps": [...]}
@@ -27,7 +28,10 @@ status; POST bodies must be `Content-Type: application/json`, at most 64 KiB):
     GET  /api/sessions/{id}/events           server-sent events: `step` (one per
                                              stored step, id = step index), `session`
                                              (status/guidance/flag changes), `end`
-    GET  /api/sessions/{id}/export.jsonl     one JSON line per step
+    GET  /api/sessions/{id}/export.jsonl     one JSON line per episode: its trajectory
+    GET  /api/export.jsonl                   as OpenAI chat `messages` (tool calls,
+                                             tool results, tagged guidance) + `tools`,
+                                             `steps`, `guidance` (`storage.episode_record`)
     GET  /                                   the web console
 
 Errors: 400 malformed JSON or invalid fields, 401 missing/wrong token, 403 foreign

@@ -155,6 +155,9 @@ class SessionManager:
     bad_agent = sorted(set(spec.get("agent", {})) - agent_fields)
     if bad_agent:
       raise ApiError(400, f"unknown agent option(s) {bad_agent}; allowed: {sorted(agent_fields)}")
+    tool_mode = spec.get("agent", {}).get("tool_mode")
+    if tool_mode is not None and tool_mode not in agent_lib.TOOL_MODES:
+      raise ApiError(400, f"agent.tool_mode must be one of {list(agent_lib.TOOL_MODES)} or null")
     session_id = spec.get("session_id") or uuid.uuid4().hex[:12]
     if not isinstance(session_id, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", session_id):
       raise ApiError(400, "session_id must match [A-Za-z0-9_-]{1,64}")

@@ -187,7 +187,7 @@ class LLMJudge:
       guidance=guidance_text,
       history="\n".join(history) or "(this is the first step)",
       step_index=step_index,
-      response=_shorten(step.response, self.max_response_chars),
+      response=_shorten(step.reply_text(), self.max_response_chars),
       observation=_shorten(step.observation, self.max_observation_chars),
     )
     return [{"role": "system", "content": JUDGE_SYSTEM_PROMPT}, {"role": "user", "content": user}]

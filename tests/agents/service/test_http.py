@@ -51,8 +51,12 @@ def test_session_lifecycle_and_live_events(stack):
   assert session["result"]["steps"] == session["num_steps"] >= 50
   step = client.request("GET", f"/api/sessions/{sid}/steps/0")
   assert step["messages"][0]["role"] == "system"
-  lines = client.export(sid).splitlines()
-  assert len(lines) == session["num_steps"]
+  [line] = client.export(sid).splitlines()  # one line per episode
+  episode = json.loads(line)
+  assert episode["session_id"] == sid and len(episode["steps"]) == session["num_steps"]
+  # The service's scripted policy calls tools natively.
+  assert all(s["call"]["mode"] == "native" for s in episode["steps"])
+  assert sum(m["role"] == "tool" for m in episode["messages"]) >= session["num_steps"] - 5
   # Reconnecting with Last-Event-ID style `since` replays only newer steps.
   replay = [d for k, d in client.events(sid, since=session["num_steps"] - 3) if k == "step"]
   assert [d["step_index"] for d in replay] == list(

@@ -195,14 +195,15 @@ def test_ignores_filter_advice(store):
   assert fired(judging.RuleJudge(rules=["ignores_advice"]), view) == {1: ["ignores_advice"]}
 
 
-def test_rules_on_a_guided_scripted_episode(store):
+@pytest.mark.parametrize("tool_mode", ["native", "text"])
+def test_rules_on_a_guided_scripted_episode(store, tool_mode):
   """The scripted policy follows advice: only its malformed calls and re-checks are
   masked, and the runs it kills on the human's advice are not 'destroyed'."""
   human = simulated_human.SimulatedHuman(client_lib.LocalClient.for_store(store))
   agent.run_episode(
     "s",
     research_env.ResearchEnv(),
-    research_policy.ScriptedResearchPolicy(0),
+    research_policy.ScriptedResearchPolicy(0, tool_mode=tool_mode),
     store,
     0,
     listeners=[human.on_step],

@@ -19,7 +19,8 @@ def store(tmp_path):
   s.close()
 
 
-def test_interventions_are_stored_counted_delayed_and_budgeted(store):
+@pytest.mark.parametrize("tool_mode", ["native", "text"])
+def test_interventions_are_stored_counted_delayed_and_budgeted(store, tool_mode):
   seed = next(s for s in range(200) if len(research_env.generate_task(s).hidden_facts()) >= 3)
   human = simulated_human.SimulatedHuman(
     client_lib.LocalClient.for_store(store), delay_steps=3, budget=1
@@ -27,7 +28,7 @@ def test_interventions_are_stored_counted_delayed_and_budgeted(store):
   agent.run_episode(
     "h",
     research_env.ResearchEnv(),
-    research_policy.ScriptedResearchPolicy(seed),
+    research_policy.ScriptedResearchPolicy(seed, tool_mode=tool_mode),
     store,
     seed,
     listeners=[human.on_step],
