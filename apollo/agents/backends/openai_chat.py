@@ -1,10 +1,14 @@
 """A client of OpenAI-compatible chat-completions servers as a rollout backend.
 
-Served models (vLLM or SGLang serving GLM-4.5, Qwen, ...) answer
-`POST {base_url}/chat/completions`; `OpenAIChatBackend` sends the loop's exact
-messages there over the standard library's `urllib`, with timeouts and retries,
-and returns the reply in the loop's action format. The same client serves the LLM
-judge (`apollo.agents.supervision.llm_judge`).
+Served models (vLLM or SGLang serving GLM-4.5, Qwen, ..., or this project's
+`experiments.serve`) answer `POST {base_url}/chat/completions`; `OpenAIChatBackend`
+sends the loop's exact messages there over the standard library's `urllib`, with
+timeouts and retries. Given tools (native mode) it sends them as `tools` with
+`tool_choice` and returns the reply's `tool_calls`; the server reads them out of
+the model's text with its tool-call parser. A server that refuses `tools` (vLLM
+without `--enable-auto-tool-choice`, for one) gets a `BackendError` that names the
+fallback, `--tool_mode=text`. The same client serves the LLM judge
+(`apollo.agents.supervision.llm_judge`), which sends no tools.
 """
 
 from __future__ import annotations
@@ -27,11 +31,17 @@ class OpenAIChatBackend:
 
   Retries connection errors, timeouts, HTTP 408/409/429 and 5xx with exponential
   backoff (honouring `Retry-After`); other 4xx answers fail at once because
-  retrying cannot fix them. If the server returns native `tool_calls`, they are
-  rewritten into the loop's JSON action format so one parser serves every backend.
+  retrying cannot fix them. Without tools (text mode), `tool_calls` a server
+  returns anyway are written into the text in the JSON action format, so the
+  loop's text parser still sees them.
+
+  Args:
+    tool_choice: sent with tools: 'auto' (the model decides) or 'required'
+      (servers then make the model call a tool).
   """
 
   name = "openai"
+  tool_mode = "native"
 
   def __init__(
     self,
@@ -44,6 +54,7 @@ class OpenAIChatBackend:
     temperature: float = 0.6,
     max_tokens: int = 4096,
     extra_body: Mapping[str, Any] | None = None,
+    tool_choice: str = "auto",
   ):
     self.url = base_url.rstrip("/") + "/chat/completions"
     self.model = model
@@ -54,18 +65,21 @@ class OpenAIChatBackend:
     self.temperature = temperature
     self.max_tokens = max_tokens
     self.extra_body = dict(extra_body or {})
+    self.tool_choice = tool_choice
 
   def complete(
     self, messages: backends_lib.Messages, tools: Sequence[env_lib.ToolSpec]
   ) -> backends_lib.ModelResponse:
-    del tools  # described in the system prompt; the JSON action format is server-agnostic
-    body = {
+    body: dict[str, Any] = {
       "model": self.model,
       "messages": [dict(m) for m in messages],
       "temperature": self.temperature,
       "max_tokens": self.max_tokens,
-      **self.extra_body,
     }
+    if tools:
+      body["tools"] = env_lib.tools_as_openai(tools)
+      body["tool_choice"] = self.tool_choice
+    body.update(self.extra_body)
     data = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     if self.api_key:
@@ -78,11 +92,17 @@ class OpenAIChatBackend:
       try:
         with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
           answer = json.loads(reply.read().decode())
-        return self._parse(answer, messages)
+        return self._parse(answer, messages, native=bool(tools))
       except urllib.error.HTTPError as e:
         detail = e.read().decode(errors="replace")[:500]
         last_error = f"HTTP {e.code}: {detail}"
         if e.code not in (408, 409, 429) and e.code < 500:
+          if tools and "tool" in detail.lower():
+            raise backends_lib.BackendError(
+              f"{self.url} refused the request's tools ({last_error}). This server does not "
+              "take native tool calls as configured: enable its tool-call parser, or run "
+              "with --tool_mode=text (calls written as JSON in the reply's text)."
+            ) from e
           raise backends_lib.BackendError(last_error) from e
         retry_after = e.headers.get("Retry-After") if e.headers else None
         if retry_after and retry_after.isdigit():
@@ -96,23 +116,31 @@ class OpenAIChatBackend:
     )
 
   def _parse(
-    self, answer: Mapping[str, Any], messages: backends_lib.Messages
+    self, answer: Mapping[str, Any], messages: backends_lib.Messages, native: bool
   ) -> backends_lib.ModelResponse:
     message = answer["choices"][0]["message"]
     text = message.get("content") or ""
-    for call in message.get("tool_calls") or ():
-      fn = call["function"]
-      try:
-        arguments = json.loads(fn.get("arguments") or "{}")
-      except json.JSONDecodeError:
-        arguments = fn.get("arguments")
-      text += "\n" + json.dumps({"tool": fn["name"], "arguments": arguments})
+    calls = list(message.get("tool_calls") or ())
+    if not native:
+      for call in calls:
+        fn = call["function"]
+        try:
+          arguments = json.loads(fn.get("arguments") or "{}")
+        except json.JSONDecodeError:
+          arguments = fn.get("arguments")
+        text += "\n" + json.dumps({"tool": fn["name"], "arguments": arguments})
+      calls = []
     usage = answer.get("usage") or {}
+    completion = text + "".join(json.dumps(c) for c in calls)
     return backends_lib.ModelResponse(
       text=text,
       prompt_tokens=int(usage.get("prompt_tokens") or tokens_lib.count_message_tokens(messages)),
-      completion_tokens=int(usage.get("completion_tokens") or tokens_lib.approx_token_count(text)),
+      completion_tokens=int(
+        usage.get("completion_tokens") or tokens_lib.approx_token_count(completion)
+      ),
       raw=dict(answer),
+      tool_calls=calls,
+      content=text,
     )
 
   def snapshot(self) -> dict[str, Any]:

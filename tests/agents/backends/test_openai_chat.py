@@ -1,14 +1,22 @@
-"""The OpenAI-compatible client against a fake local server."""
+"""The OpenAI-compatible client against a fake local server and against the
+project's own server (`apollo.models.serving`) with a canned generator."""
 
 import http.server
 import json
+import os
+import socket
 import threading
+import time
 
 import pytest
+import uvicorn
 
-from apollo.agents import agent
+from apollo.agents import agent, storage
 from apollo.agents.backends import base as backends_lib
 from apollo.agents.backends import openai_chat
+from apollo.agents.envs import research as research_env
+from apollo.models import serving
+from tests.agents.backends import native_helpers
 
 
 class _FakeServer(http.server.ThreadingHTTPServer):
@@ -113,7 +121,7 @@ def test_openai_client_gives_up_after_retries(fake):
     client.complete([{"role": "user", "content": "x"}], ())
 
 
-def test_native_tool_calls_become_the_json_action_format(fake):
+def test_text_mode_writes_returned_tool_calls_as_json_actions(fake):
   call = {
     "id": "c1",
     "type": "function",
@@ -127,3 +135,107 @@ def test_native_tool_calls_become_the_json_action_format(fake):
     client.complete([{"role": "user", "content": "x"}], ()).text
   )
   assert error is None and action.tool == "check_run" and action.arguments == {"run_id": "r1"}
+
+
+def test_native_mode_sends_tools_and_returns_tool_calls(fake):
+  call = {
+    "id": "c1",
+    "type": "function",
+    "function": {"name": "check_run", "arguments": '{"run_id": "r1"}'},
+  }
+  server = fake([_ok("Checking.", [call])])
+  client = openai_chat.OpenAIChatBackend(
+    f"http://127.0.0.1:{server.server_address[1]}", model="m", timeout_s=5, tool_choice="required"
+  )
+  tools = research_env.ResearchEnv().tools()
+  reply = client.complete([{"role": "user", "content": "x"}], tools)
+  assert reply.tool_calls == [call] and reply.content == reply.text == "Checking."
+  _, _, body = server.requests[-1]
+  assert body["tool_choice"] == "required"
+  assert body["tools"] == [t.to_openai() for t in tools]
+  assert body["tools"][0] == {
+    "type": "function",
+    "function": {
+      "name": "list_files",
+      "description": tools[0].description,
+      "parameters": dict(tools[0].parameters),
+    },
+  }
+
+
+def test_a_server_that_refuses_tools_names_the_text_fallback(fake):
+  refusal = {"error": {"message": '"auto" tool choice requires --enable-auto-tool-choice'}}
+  server = fake([(400, refusal), (400, refusal)])
+  client = openai_chat.OpenAIChatBackend(
+    f"http://127.0.0.1:{server.server_address[1]}", model="m", timeout_s=5
+  )
+  with pytest.raises(backends_lib.BackendError, match="--tool_mode=text"):
+    client.complete([{"role": "user", "content": "x"}], research_env.ResearchEnv().tools())
+  # Without tools the same answer is an ordinary client error.
+  with pytest.raises(backends_lib.BackendError) as error:
+    client.complete([{"role": "user", "content": "x"}], ())
+  assert "--tool_mode" not in str(error.value) and len(server.requests) == 2
+
+
+class _Uvicorn:
+  """An ASGI app served on 127.0.0.1 (a free port) in a daemon thread."""
+
+  def __init__(self, app):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    self._thread = threading.Thread(target=self._server.run, args=([sock],), daemon=True)
+    self._thread.start()
+    deadline = time.monotonic() + 30
+    while not self._server.started:
+      assert time.monotonic() < deadline, "uvicorn did not start"
+      time.sleep(0.01)
+
+  def close(self):
+    self._server.should_exit = True
+    self._thread.join(10)
+
+
+def test_episode_against_the_projects_server_with_native_tool_calls(tmp_path):
+  """The loop -> OpenAIChatBackend -> apollo.models.serving (Hermes parsing) -> back."""
+  checkpoint = native_helpers.tiny_checkpoint(tmp_path)
+  h = native_helpers.hermes
+  generator = native_helpers.CannedGenerator(
+    checkpoint.tokenizer,
+    [
+      "Let me look.\n" + h("list_files"),
+      h("read_file", path="README.md"),
+      '<tool_call>\n{"name": "sleep", "arguments": {"hours": 0.5}\n</tool_call>',
+      h("launch_rocket"),
+      h("sleep", hours=-1),
+      "I am not sure what to do.",
+      h("gpu_status") + "\n" + h("list_jobs"),
+      h("finish"),
+    ],
+  )
+  server = _Uvicorn(serving.create_app(checkpoint, generator, model_name="tiny-chat"))
+  store = storage.SQLiteStore(os.path.join(tmp_path, "store.sqlite"))
+  try:
+    backend = openai_chat.OpenAIChatBackend(
+      server.url, model="tiny-chat", timeout_s=10, max_tokens=256
+    )
+    result = agent.run_episode("e2e", research_env.ResearchEnv(), backend, store, seed=0)
+    steps = store.get_steps("e2e")
+  finally:
+    server.close()
+    store.close()
+  assert result["steps"] == 8 and steps[-1].done
+  checks = [s.call for s in steps]
+  assert [c["parsed"] for c in checks] == [True, True, False, True, True, False, False, True]
+  assert [c["schema_ok"] for c in checks] == [True, True, False, False, False, False, False, True]
+  assert checks[2]["malformed"] and checks[3]["unknown_tool"] and checks[5]["no_call"]
+  assert checks[6]["multiple"] and checks[6]["calls"] == 2
+  assert steps[0].assistant_message["content"] == "Let me look."
+  assert steps[0].action == {"tool": "list_files", "arguments": {}}
+  # The server saw the tools and, on later turns, the calls and results in its format.
+  first, last = generator.prompt_text(0), generator.prompt_text(-1)
+  assert "<tools>" in first and '"name": "finish"' in first
+  assert '<tool_call>\n{"name": "read_file", "arguments": {"path": "README.md"}}' in last
+  assert '<tool_response>\n<observation step="0" tool="list_files">' in last
+  assert "ERROR: unknown tool 'launch_rocket'" in last
