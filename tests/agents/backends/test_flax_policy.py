@@ -6,10 +6,12 @@ import pytest
 
 from apollo.agents.backends import base as backends_lib
 from apollo.agents.backends import flax_policy, registry
+from apollo.agents.envs import research as research_env
 from apollo.models import chat_template as C
 from apollo.models.llama import model as D
 from apollo.models.llama import params as DI
 from apollo.models.llama import sampling
+from tests.agents.backends import native_helpers
 
 MESSAGES = [
   {"role": "system", "content": "You are a research agent."},
@@ -84,3 +86,86 @@ def test_registered_as_flax_backend():
   backend = registry.make_backend("flax", seed=0, max_new_tokens=4, temperature=0, prompt_bucket=64)
   assert isinstance(backend, flax_policy.FlaxPolicyBackend) and backend.name == "flax"
   assert isinstance(backend.complete(MESSAGES[:2], tools=()).text, str)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+  return native_helpers.tiny_checkpoint(tmp_path)
+
+
+def test_checkpoint_backend_renders_like_the_server_and_parses_hermes_calls(checkpoint):
+  tools = research_env.ResearchEnv().tools()
+  generator = native_helpers.CannedGenerator(
+    checkpoint.tokenizer,
+    [
+      "Reading first.\n" + native_helpers.hermes("read_file", path="README.md"),
+      '<tool_call>\n{"name": "sleep", "arguments": {"hours": 0.5}\n</tool_call>',
+      "plain words",
+    ],
+  )
+  backend = flax_policy.CheckpointBackend(checkpoint, generator, seed=3, max_new_tokens=64)
+  messages = [
+    {"role": "system", "content": "Act."},
+    {"role": "user", "content": "Task."},
+    {
+      "role": "assistant",
+      "content": "",
+      "tool_calls": [
+        {"id": "c0", "type": "function", "function": {"name": "list_files", "arguments": "{}"}}
+      ],
+    },
+    {"role": "tool", "tool_call_id": "c0", "content": "<observation>README.md</observation>"},
+  ]
+  reply = backend.complete(messages, tools)
+  assert reply.content == "Reading first." and reply.call_errors == []
+  assert reply.tool_calls == [
+    {
+      "id": "call_0_0",
+      "type": "function",
+      "function": {"name": "read_file", "arguments": '{"path": "README.md"}'},
+    }
+  ]
+  assert reply.text.startswith("Reading first.\n<tool_call>")
+  # The prompt is the server's: tools described in the system message, the earlier
+  # call written in Hermes form, the tool result as a <tool_response>.
+  prompt = generator.prompt_text()
+  assert "<tools>" in prompt and '"name": "launch_run"' in prompt
+  assert '<tool_call>\n{"name": "list_files", "arguments": {}}\n</tool_call>' in prompt
+  assert "<tool_response>\n<observation>README.md</observation>\n</tool_response>" in prompt
+  assert reply.prompt_tokens == len(generator.requests[0].prompt_ids)
+  # A broken call is reported, not raised; without tools the reply is plain text.
+  broken = backend.complete(messages, tools)
+  assert broken.tool_calls == [] and "invalid JSON" in broken.call_errors[0]
+  assert backend.complete(messages[:2], ()).text == "plain words"
+  # Each turn samples with its own seed; the turn counter is the snapshot.
+  seeds = [r.seed for r in generator.requests]
+  assert len(set(seeds)) == 3 and backend.snapshot() == {"turn": 3}
+  backend.restore({"turn": 0})
+  backend.complete(messages[:2], ())
+  assert generator.requests[-1].seed == seeds[0]
+
+
+def test_checkpoint_backend_required_tool_choice_and_context_limit(checkpoint):
+  tools = research_env.ResearchEnv().tools()
+  generator = native_helpers.CannedGenerator(
+    checkpoint.tokenizer, ['{"name": "gpu_status", "arguments": {}}\n</tool_call>'], max_len=4096
+  )
+  backend = flax_policy.CheckpointBackend(checkpoint, generator, tool_choice="required")
+  reply = backend.complete([{"role": "user", "content": "Go."}], tools)
+  # The reply was started with the call's opening (as the server does) and read whole.
+  assert generator.prompt_text().endswith("<|im_start|>assistant\n<tool_call>\n")
+  assert [c["function"]["name"] for c in reply.tool_calls] == ["gpu_status"]
+  long = [{"role": "user", "content": "word " * 5000}]
+  with pytest.raises(backends_lib.BackendError, match="compress the context"):
+    backend.complete(long, tools)
+  with pytest.raises(ValueError, match="tool_choice"):
+    flax_policy.CheckpointBackend(checkpoint, generator, tool_choice="none")
+
+
+def test_tiny_policy_refuses_native_mode(policy, tokenizer):
+  backend = flax_policy.FlaxPolicyBackend(policy, tokenizer, max_new_tokens=4)
+  with pytest.raises(backends_lib.BackendError, match="--tool_mode=text"):
+    backend.complete(MESSAGES[:2], research_env.ResearchEnv().tools())
