@@ -8,10 +8,23 @@ Headless (N episodes with the simulated human, then a JSON-lines export):
 
     python -m experiments.rollout --headless --episodes=24 --workdir=runs/rollout_headless
 
+A real model, in process or behind the OpenAI-compatible server (`experiments.serve`),
+with native tool calls (`--tool_mode=text` for servers without tool support):
+
+    python -m experiments.rollout --headless --backend=flax --model=smollm2-135m-instruct \
+        --split=test --episodes=4 --max_steps=16 --workdir=runs/rollout_smollm2
+    python -m experiments.serve --model=smollm2-135m-instruct --port=8000 &
+    python -m experiments.rollout --headless --backend=openai \
+        --openai_base_url=http://127.0.0.1:8000/v1 --openai_model=smollm2-135m-instruct \
+        --judge_base_url=http://127.0.0.1:8000/v1 --judge_model=smollm2-135m-instruct ...
+
 Everything lives in --workdir: `trajectories.sqlite` (the store), `trajectories.jsonl`
-(one line per step) and `summary.json`. Re-running the same command resumes: active
-sessions continue from their last completed step (also after `kill -9`) and finished
-episodes are not run again.
+(one line per episode: its trajectory as OpenAI chat messages) and `summary.json`
+(scores, and per episode and overall how the model's tool calls fared: parsed,
+schema-valid, unknown tool, malformed, none, several; steps per second; the LLM
+judge's verdicts when `--judge_base_url` is set). Re-running the same command
+resumes: active sessions continue from their last completed step (also after
+`kill -9`) and finished episodes are not run again.
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ from apollo.agents.envs import research as research_env
 from apollo.agents.service import client as client_lib
 from apollo.agents.service import http_api
 from apollo.agents.service import manager as manager_lib
-from apollo.agents.supervision import simulated_human
+from apollo.agents.supervision import judging, llm_judge, simulated_human
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/rollout", "Store, export and summary go here.")
 _HEADLESS = flags.DEFINE_bool("headless", False, "Run --episodes to the end and exit.")
@@ -39,7 +52,33 @@ _CONCURRENCY = flags.DEFINE_integer("concurrency", 16, "Headless: sessions runni
 _ENV = flags.DEFINE_enum("env", "research", ["research", "workspace"], "Environment.")
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "test"], "Research task split.")
 _SEED_START = flags.DEFINE_integer("seed_start", 0, "Index of the first task seed in the split.")
-_BACKEND = flags.DEFINE_string("backend", "scripted", "scripted | openai | a registered one.")
+_BACKEND = flags.DEFINE_string(
+  "backend", "scripted", "scripted | openai | flax | a registered one."
+)
+_TOOL_MODE = flags.DEFINE_enum(
+  "tool_mode",
+  "native",
+  ["native", "text"],
+  "native: tools sent beside the messages (OpenAI `tools`, or the checkpoint's template), "
+  "calls read back by the backend. text: calls written as JSON in the reply's text, for "
+  "servers without tool support.",
+)
+_TOOL_CHOICE = flags.DEFINE_enum(
+  "tool_choice",
+  "auto",
+  ["auto", "required"],
+  "openai / flax --model, native mode: 'required' makes the model open a call.",
+)
+_MODEL = flags.DEFINE_string(
+  "model", None, "flax backend: a checkpoint for apollo.models.load (smollm2-135m-instruct, ...)."
+)
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+  "max_new_tokens", 256, "flax / openai backends: the longest reply, in tokens."
+)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "flax / openai backends: sampling.")
+_MODEL_MAX_BATCH = flags.DEFINE_integer(
+  "model_max_batch", 8, "flax --model: sessions decoded together in one batch at most."
+)
 _MODEL_LATENCY_S = flags.DEFINE_float(
   "model_latency_s",
   0.02,
@@ -71,6 +110,13 @@ _HUMAN_BUDGET = flags.DEFINE_integer("human_budget", 4, "Advice messages per ses
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Bind address (non-loopback needs --token).")
 _PORT = flags.DEFINE_integer("port", 8765, "Port (0: any free port).")
 _TOKEN = flags.DEFINE_string("token", None, "API token; defaults to $APOLLO_TOKEN.")
+_JUDGE_BASE_URL = flags.DEFINE_string(
+  "judge_base_url", None, "Headless: also ask an LLM judge on this OpenAI-compatible server."
+)
+_JUDGE_MODEL = flags.DEFINE_string("judge_model", None, "The judge's served model name.")
+_JUDGE_STEPS = flags.DEFINE_integer(
+  "judge_steps", 4, "LLM judge: the first N action steps of each episode."
+)
 
 
 def _session_spec(index: int) -> dict:
@@ -86,6 +132,17 @@ def _session_spec(index: int) -> dict:
       "base_url": _OPENAI_BASE_URL.value,
       "model": _OPENAI_MODEL.value,
       "api_key_env": _OPENAI_API_KEY_ENV.value,
+      "tool_choice": _TOOL_CHOICE.value,
+      "max_tokens": _MAX_NEW_TOKENS.value,
+      "temperature": _TEMPERATURE.value,
+    }
+  elif _BACKEND.value == "flax" and _MODEL.value:
+    backend_options = {
+      "model": _MODEL.value,
+      "tool_choice": _TOOL_CHOICE.value,
+      "max_new_tokens": _MAX_NEW_TOKENS.value,
+      "temperature": _TEMPERATURE.value,
+      "max_batch": _MODEL_MAX_BATCH.value,
     }
   else:
     backend_options = {}
@@ -96,16 +153,38 @@ def _session_spec(index: int) -> dict:
     "backend": _BACKEND.value,
     "env_options": env_options,
     "backend_options": backend_options,
-    "agent": {"max_steps": _MAX_STEPS.value, "context_token_threshold": _CONTEXT_TOKENS.value},
+    "agent": {
+      "max_steps": _MAX_STEPS.value,
+      "context_token_threshold": _CONTEXT_TOKENS.value,
+      "tool_mode": _TOOL_MODE.value,
+    },
   }
 
 
-def _summarise(store: storage.SQLiteStore, session_ids: list[str]) -> dict:
-  rows = []
+# Per-step tool-call counters (`agent.CallCheck`) summed in summaries.
+_CALL_COUNTERS = ("parsed", "schema_ok", "unknown_tool", "malformed", "no_call", "multiple")
+
+
+def tool_call_stats(steps: list[storage.StepRecord]) -> dict:
+  """How the action steps' tool calls fared: counts and fractions of `_CALL_COUNTERS`."""
+  checks = [s.call for s in steps if s.kind == "action" and s.call is not None]
+  counts = {key: sum(bool(c.get(key)) for c in checks) for key in _CALL_COUNTERS}
+  n = len(checks)
+  return {
+    "action_steps": n,
+    **counts,
+    "parse_rate": counts["parsed"] / n if n else 0.0,
+    "schema_pass_rate": counts["schema_ok"] / n if n else 0.0,
+  }
+
+
+def _summarise(store: storage.SQLiteStore, session_ids: list[str], started: float) -> dict:
+  rows, all_steps = [], []
   for sid in session_ids:
     session = store.get_session(sid)
     guidance = store.list_guidance(sid)
     steps = store.get_steps(sid, full=False)
+    all_steps += steps
     rows.append(
       {
         "session_id": sid,
@@ -116,16 +195,61 @@ def _summarise(store: storage.SQLiteStore, session_ids: list[str]) -> dict:
         "human_messages": sum(g.source == "human" for g in guidance),
         "simulated_human_messages": sum(g.source == "simulated_human" for g in guidance),
         "bad_flags": sum(s.human_flag == "bad" for s in steps),
+        "tool_calls": tool_call_stats(steps),
       }
     )
   results = [r["result"] or {} for r in rows]
+  # Throughput of this invocation: the steps it stored over its wall time.
+  wall_s = time.time() - started
+  recent = [s for s in all_steps if (s.finished_at or 0.0) >= started]
+  model_s = sum(
+    s.model_finished_at - s.model_started_at
+    for s in recent
+    if s.model_started_at is not None and s.model_finished_at is not None
+  )
   return {
     "episodes": len(rows),
     "success_rate": (sum(bool(r.get("success")) for r in results) / len(rows)) if rows else 0.0,
     "mean_score": statistics.fmean(r.get("score", 0.0) for r in results) if rows else 0.0,
     "median_steps": statistics.median(r["steps"] for r in rows) if rows else 0,
     "interventions": sum(r["simulated_human_messages"] + r["human_messages"] for r in rows),
+    "tool_calls": tool_call_stats(all_steps),
+    "steps_per_s": len(recent) / wall_s if wall_s > 0 else None,
+    "wall_s": wall_s,
+    "model_s_per_step": model_s / len(recent) if recent else None,
     "sessions": rows,
+  }
+
+
+def judge_with_llm(store: storage.SQLiteStore, session_ids: list[str]) -> dict:
+  """The LLM judge on the first `--judge_steps` action steps of each session,
+  beside the rule judge; the labels are reported, not stored."""
+  judge = llm_judge.LLMJudge.from_openai(_JUDGE_BASE_URL.value, _JUDGE_MODEL.value)
+  rules = judging.RuleJudge()
+  verdicts, agree, judged = {"keep": 0, "mask": 0}, 0, []
+  started = time.time()
+  for sid in session_ids:
+    view = judging.TrajectoryView.load(store, sid)
+    for step in view.action_steps()[: _JUDGE_STEPS.value]:
+      label = judge.judge(view, step.step_index)
+      rule = rules.judge(view, step.step_index)
+      verdicts[label.verdict] += 1
+      agree += rule is not None and rule.verdict == label.verdict
+      judged.append(
+        {
+          "session_id": sid,
+          "step_index": step.step_index,
+          "llm": label.to_json(),
+          "rules": rule.to_json() if rule else None,
+        }
+      )
+  return {
+    "steps": len(judged),
+    "verdicts": verdicts,
+    "judge_errors": dict(judge.errors),
+    "agreement_with_rules": agree / len(judged) if judged else None,
+    "seconds": time.time() - started,
+    "labels": judged,
   }
 
 
@@ -137,6 +261,7 @@ def run_headless(
   client = client_lib.HttpClient(server.url, _TOKEN.value)
   specs = [_session_spec(i) for i in range(_EPISODES.value)]
   ids = [s["session_id"] for s in specs]
+  started = time.time()
   resumed = manager.resume_unfinished()
   if resumed:
     print(f"resumed {len(resumed)} session(s) from their last completed step: {resumed}")
@@ -162,9 +287,23 @@ def run_headless(
   stop.set()
   if watcher is not None:
     watcher.join(timeout=5)
+  summary = _summarise(store, ids, started)
   count = store.export_jsonl(os.path.join(_WORKDIR.value, "trajectories.jsonl"), ids)
-  summary = _summarise(store, ids)
   summary["jsonl_lines"] = count
+  summary["settings"] = {
+    "backend": _BACKEND.value,
+    "model": _MODEL.value or (_OPENAI_MODEL.value if _BACKEND.value == "openai" else None),
+    "tool_mode": _TOOL_MODE.value,
+    "tool_choice": _TOOL_CHOICE.value,
+    "split": _SPLIT.value,
+    "max_steps": _MAX_STEPS.value,
+    "max_new_tokens": _MAX_NEW_TOKENS.value,
+    "temperature": _TEMPERATURE.value,
+    "simulated_human": _SIMULATED_HUMAN.value,
+    "context_token_threshold": _CONTEXT_TOKENS.value,
+  }
+  if _JUDGE_BASE_URL.value:
+    summary["llm_judge"] = judge_with_llm(store, ids)
   with open(os.path.join(_WORKDIR.value, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
   return summary
@@ -188,10 +327,13 @@ def main(argv: list[str]) -> None:
     finally:
       server.stop()
       manager.shutdown()
+    calls = summary["tool_calls"]
     print(
       f"episodes={summary['episodes']} success_rate={summary['success_rate']:.2f} "
       f"mean_score={summary['mean_score']:.1f} median_steps={summary['median_steps']} "
-      f"interventions={summary['interventions']} jsonl_lines={summary['jsonl_lines']}"
+      f"interventions={summary['interventions']} jsonl_lines={summary['jsonl_lines']}\n"
+      f"tool calls: parsed={calls['parse_rate']:.2f} schema_ok={calls['schema_pass_rate']:.2f} "
+      f"of {calls['action_steps']} steps; steps/s={summary['steps_per_s'] or 0:.3f}"
     )
     print(f"store: {store.path}\nexport: {os.path.join(_WORKDIR.value, 'trajectories.jsonl')}")
     return
