@@ -6,8 +6,10 @@ mask verdict (`apollo.agents.supervision.judging`). Apollo trains on the *masked
 trajectory*: sub-optimal actions stay in the context but are not imitated (D. Fu
 et al., "Interaction as Intelligence Part II: Asynchronous Human-Agent Rollout for
 Long-Horizon Task Training", arXiv 2510.27630, 2025). `SampleBuilder` renders those
-into `Sample`s (token ids, a loss mask, roles, segments) with the policy's chat
-template (`chat_template.ChatTemplate.render(..., trainable=...)`):
+into `Sample`s (token ids, a loss mask, roles, segments) with the policy's own chat
+template (`chat_template.ChatTemplate.render(..., tools=, trainable=)`: the
+checkpoint's Jinja template, `chat_template.from_pretrained`, or ChatML for the toy
+policies):
 
 - `mode='per_step'`: one sample per kept action. Input: the messages of step t,
   then the stored response as the only target. A masked action gives no sample of
@@ -23,10 +25,21 @@ template (`chat_template.ChatTemplate.render(..., trainable=...)`):
   Token for token this is the union of the per-step samples of the segment, in
   one sequence.
 
-Loss masks come from the chat template: only the content and the closing
-`<|im_end|>` of kept assistant turns are trained (the end-of-turn token is a
-target: it teaches the model to stop after one tool call); headers, the system
-prompt, observations, guidance and masked actions are not.
+Both forms of a stored step are accepted: text mode (the call is JSON in the
+response's text, the observation a user message) and native mode (the assistant
+message carries OpenAI `tool_calls`, the observation comes back as a `tool`
+message, and the tools went beside the messages: the episode's tools, stored with
+its first step, are rendered as the template renders tools). A
+step's assistant turn is its stored assistant message (`StepRecord.assistant_message`),
+and the template renders it as the model writes it: `tool_calls` through a template
+that renders them, or as text in the model's tool-call format otherwise (SmolLM2's
+Hermes `<tool_call>` blocks; see `chat_template.adapt_messages`, which the OpenAI
+server uses too, so training and serving see the same tokens).
+
+Loss masks come from the chat template: only the content, the tool calls and the
+end-of-turn token (e.g. `<|im_end|>`) of kept assistant turns are trained (the
+end-of-turn token is a target: it teaches the model to stop after one tool call);
+headers, the system prompt, observations, guidance and masked actions are not.
 
 Which actions are targets (`verdicts`): 'judged', the stored verdicts (judge
 labels, else the store's quality field, else the human's flag); 'parseable',
@@ -70,8 +83,8 @@ MODES = ("per_step", "per_segment")
 HUMAN_MESSAGE_MODES = ("keep", "remove")
 VERDICT_SOURCES = ("judged", "parseable", "all")
 
-Message = dict[str, str]
-View = Callable[[Sequence[Mapping[str, str]]], list[Message]]
+Message = dict[str, Any]
+View = Callable[[Sequence[Mapping[str, Any]]], list[Message]]
 
 
 @dataclasses.dataclass
@@ -80,7 +93,8 @@ class Sample:
 
   Attributes:
     input_ids: int32 token ids.
-    loss_mask: bool; True on the targets (kept assistant content + `<|im_end|>`).
+    loss_mask: bool; True on the targets (kept assistant turns' content, tool calls
+      and end-of-turn token).
     roles: int8 role id per token (`chat_template.ROLE_IDS`; guidance is 2), or
       None where unknown (the trainer needs only ids and mask).
     segment_ids: int32 index of the message each token belongs to, or None.
@@ -169,6 +183,19 @@ def _verdict_json(
   }
 
 
+def _native_tools(steps: Sequence[storage_lib.StepRecord]) -> dict[int, list[dict[str, Any]]]:
+  """step -> the tools the model was given beside its messages, for native-mode steps.
+
+  The episode's tools are stored with its first action step (`info['tools']`); a
+  text-mode step listed them in its system prompt instead, and gets none.
+  """
+  actions = [s for s in steps if s.kind == "action"]
+  tools = actions[0].info.get("tools") if actions else None
+  if not tools:
+    return {}
+  return {s.step_index: tools for s in actions if (s.call or {}).get("mode") == "native"}
+
+
 def _segments(steps: Sequence[storage_lib.StepRecord]) -> list[list[storage_lib.StepRecord]]:
   """Maximal runs of action steps whose prompts extend one another."""
   segments: list[list[storage_lib.StepRecord]] = []
@@ -182,7 +209,7 @@ def _segments(steps: Sequence[storage_lib.StepRecord]) -> list[list[storage_lib.
       and len(step.messages) > len(previous.messages)
       and (
         step.messages[: len(previous.messages) + 1]
-        == previous.messages + [{"role": "assistant", "content": previous.response}]
+        == previous.messages + [previous.assistant_message]
       )
     )
     if extends:
@@ -197,11 +224,11 @@ def _conversation(steps: Sequence[storage_lib.StepRecord]) -> list[_Turn]:
   """The final conversation of a segment with each of its own responses tagged."""
   last = steps[-1]
   turns = [_Turn(dict(m)) for m in last.messages]
-  turns.append(_Turn({"role": "assistant", "content": last.response}))
+  turns.append(_Turn(dict(last.assistant_message)))
   for step in steps:
     # Step s's response sits right after its prompt (the prompts extend each other).
     position = len(step.messages)
-    assert turns[position].message == {"role": "assistant", "content": step.response}
+    assert turns[position].message == step.assistant_message
     turns[position].step = step.step_index
   return turns
 
@@ -284,6 +311,7 @@ class SampleBuilder:
       raise KeyError(f"unknown session {session_id!r}")
     verdicts = self.verdicts(session_id)
     steps = self.store.get_steps(session_id)
+    tools = _native_tools(steps)
     self.stats.sessions += 1
     for index, (label, _) in verdicts.items():
       self.stats.actions += 1
@@ -304,15 +332,17 @@ class SampleBuilder:
           continue  # a masked action has no target of its own
         shown = self.view(step.messages) if self.view is not None else step.messages
         turns = [_Turn(dict(m)) for m in shown]
-        turns.append(_Turn({"role": "assistant", "content": step.response}, step.step_index))
-        sample = self._render(turns, verdicts, base, only_steps={step.step_index})
+        turns.append(_Turn(dict(step.assistant_message), step.step_index))
+        sample = self._render(turns, verdicts, base, {step.step_index}, tools.get(step.step_index))
         if sample is not None:
           sample.meta["step"] = step.step_index
           yield sample
     else:
       for segment in _segments(steps):
         own = {s.step_index for s in segment}
-        sample = self._render(_conversation(segment), verdicts, base, only_steps=own)
+        sample = self._render(
+          _conversation(segment), verdicts, base, own, tools.get(segment[-1].step_index)
+        )
         if sample is not None:
           sample.meta["first_step"], sample.meta["last_step"] = min(own), max(own)
           yield sample
@@ -323,6 +353,7 @@ class SampleBuilder:
     verdicts: Mapping[int, tuple[labels_lib.Label, list]],
     base: Mapping[str, Any],
     only_steps: set[int],
+    tools: list[dict[str, Any]] | None,
   ) -> Sample | None:
     if self.human_messages == "remove":
       kept = [t for t in turns if not guidance_lib.is_guidance_message(t.message)]
@@ -333,7 +364,7 @@ class SampleBuilder:
     ]
     if not any(targets):
       return None  # every action of the segment was masked
-    rendered = self.template.render([t.message for t in turns], trainable=targets)
+    rendered = self.template.render([t.message for t in turns], tools=tools, trainable=targets)
     if self.max_tokens is not None and len(rendered) > self.max_tokens:
       self.stats.dropped_too_long += 1
       return None

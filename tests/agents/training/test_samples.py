@@ -12,6 +12,7 @@ from apollo.agents.service import client as client_lib
 from apollo.agents.supervision import judging, labels, simulated_human
 from apollo.agents.training import samples as samples_lib
 from apollo.models import chat_template as C
+from apollo.models import tool_calls as tool_calls_lib
 from tests.agents.helpers import ListBackend, call
 
 GUIDANCE_TEXT = "GPU 0 is shared with another team's job. Use gpu 1 instead."
@@ -250,3 +251,55 @@ def test_unjudged_steps_max_tokens_and_bad_options(store, template):
     samples_lib.SampleBuilder(store, template, mode="per_turn")
   with pytest.raises(ValueError):
     samples_lib.SampleBuilder(store, template, human_messages="fold")
+
+
+# A checkpoint's own templates over the demo tokenizer: SmolLM2's (no tools, no tool
+# calls, no tool role: the conversation is adapted) and a Qwen2.5-style one (all three).
+SMOLLM2_TEMPLATE = (
+  "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+  "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+  "Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + "
+  "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+  "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("which", ["smollm2", "qwen25"])
+def test_native_tool_calls_train_as_the_model_writes_them(store, which):
+  from tests.models.test_jinja_templates import QWEN25_STYLE
+
+  template = C.ChatTemplate(
+    C.train_chat_tokenizer(),
+    "human_guidance",
+    template=SMOLLM2_TEMPLATE if which == "smollm2" else QWEN25_STYLE,
+    tool_call_format="hermes",
+  )
+  agent.run_episode(
+    "n",
+    research_env.ResearchEnv(),
+    research_policy.ScriptedResearchPolicy(0, tool_mode="native", invalid_rate=0.0),
+    store,
+    0,
+    config=agent.AgentConfig(max_steps=5),
+  )
+  steps = store.get_steps("n")
+  assert all(s.tool_calls for s in steps)  # OpenAI tool_calls, results as tool messages
+  samples, _ = samples_lib.build_samples(store, template, ["n"], verdicts="all")
+  assert [s.meta["step"] for s in samples] == [s.step_index for s in steps]
+  for sample, step in zip(samples, steps):
+    [(start, end)] = target_runs(sample)
+    call = tool_calls_lib.render(step.tool_calls, "hermes")
+    content = step.assistant_message["content"]
+    # Hermes text either way: written into the content for SmolLM2's template, by
+    # the template itself for the Qwen2.5-style one (which puts "\n" before the call).
+    assert decode(template, sample.input_ids[start:end]) == f"{content}\n{call}<|im_end|>"
+    context = decode(template, sample.input_ids[:start])
+    assert '"name": "check_run"' in context or '"name": "read_file"' in context  # the tools
+    if step.step_index:
+      assert "<tool_response>\n<observation" in context
+  # Per segment: the same targets in one sequence.
+  [segment], _ = samples_lib.build_samples(
+    store, template, ["n"], mode="per_segment", verdicts="all"
+  )
+  assert int(segment.loss_mask.sum()) == sum(int(s.loss_mask.sum()) for s in samples)
+  assert (segment.roles == C.ROLE_TOOL).sum() > 0
