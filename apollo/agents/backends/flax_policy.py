@@ -166,6 +166,9 @@ class CheckpointBackend:
         text=text, prompt_tokens=length, completion_tokens=len(tokens)
       )
     parsed = tool_calls.parse(text, prompt.tool_format)
+    # As the server answers: a reply with no readable call is all content, so the
+    # model sees what it wrote at its next turn.
+    content = parsed.content if parsed.tool_calls else text
     return backends_lib.ModelResponse(
       text=text,
       prompt_tokens=length,
@@ -174,7 +177,7 @@ class CheckpointBackend:
         tool_calls.ToolCall(c.name, c.arguments, id=f"call_{turn}_{i}").to_openai()
         for i, c in enumerate(parsed.tool_calls)
       ],
-      content=parsed.content,
+      content=content,
       call_errors=list(parsed.errors),
     )
 

@@ -139,6 +139,7 @@ def test_checkpoint_backend_renders_like_the_server_and_parses_hermes_calls(chec
   # A broken call is reported, not raised; without tools the reply is plain text.
   broken = backend.complete(messages, tools)
   assert broken.tool_calls == [] and "invalid JSON" in broken.call_errors[0]
+  assert broken.content == broken.text  # kept whole, so the model sees what it wrote
   assert backend.complete(messages[:2], ()).text == "plain words"
   # Each turn samples with its own seed; the turn counter is the snapshot.
   seeds = [r.seed for r in generator.requests]
