@@ -3,7 +3,7 @@
     python -m apollo.agents.service.cli [--url http://127.0.0.1:8765] [--token T] COMMAND ...
 
     list                              sessions with status and step counts
-    create [--seed N] [--env research] [--backend scripted] [--paused]
+    create [--seed N] [--env research] [--backend scripted] [--tool_mode native|text] [--paused]
     show ID                           one session (status, guidance, counts)
     steps ID [--since N] [--limit N]  one line per step
     watch ID                          follow the live event stream
@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
   create.add_argument("--seed", type=int, default=0)
   create.add_argument("--env", default="research")
   create.add_argument("--backend", default="scripted")
+  create.add_argument(
+    "--tool_mode", choices=["native", "text"], default=None, help="default: the backend's"
+  )
   create.add_argument("--paused", action="store_true")
   for name in ("show", "watch", "pause", "resume", "interrupt", "stop"):
     sub.add_parser(name).add_argument("session_id")
@@ -83,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
           f"steps={s['num_steps']} result={json.dumps(s['result'])}"
         )
     elif args.command == "create":
+      agent = {"tool_mode": args.tool_mode} if args.tool_mode else {}
       s = client.create_session(
-        env=args.env, seed=args.seed, backend=args.backend, paused=args.paused
+        env=args.env, seed=args.seed, backend=args.backend, paused=args.paused, agent=agent
       )
       print(s["session_id"])
     elif args.command == "show":

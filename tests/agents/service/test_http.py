@@ -210,6 +210,22 @@ def test_pause_resume_flag_and_cli_over_http(stack, capsys):
   assert kinds.count("pause") == 1 and kinds.count("resume") == 2 and "flag" in kinds
 
 
+def test_tool_mode_is_a_session_option(stack, capsys):
+  store, _, server, client = stack
+  url = ["--url", server.url]
+  assert cli.main(url + ["create", "--seed", "4", "--tool_mode", "text", "--paused"]) == 0
+  sid = capsys.readouterr().out.strip()
+  assert store.get_session(sid).config["agent"] == {"tool_mode": "text"}
+  client.control(sid, "resume")
+  wait_for(lambda: store.num_steps(sid) >= 2)
+  client.control(sid, "stop")
+  steps = store.get_steps(sid)
+  assert steps[0].call["mode"] == "text" and not steps[0].tool_calls
+  assert '"tool": ' in steps[0].response  # the JSON-in-text call
+  with pytest.raises(manager_lib.ApiError, match="tool_mode"):
+    client.create_session(seed=1, agent={"tool_mode": "xml"})
+
+
 def test_access_rules():
   # Loopback clients need no token; others need the right one.
   assert http_api.check_access("127.0.0.1", "127.0.0.1:8765", None, None, None) is None
