@@ -1,14 +1,20 @@
 r"""Agent-policy SFT on masked per-step samples: a thin absl main over the trainer.
 
   python -m experiments.agent_sft --flagfile=experiments/flags/agent_sft_quickstart.flags
+  python -m experiments.agent_sft --flagfile=experiments/flags/agent_sft_smollm2.flags
+  python -m experiments.agent_sft --workdir=runs/sft \
+      --config=apollo/agents/configs/sft.py:smollm2 \
+      --config.init_from=/path/to/hf_dir --config.data.train_path=runs/data/train.jsonl
   python -m experiments.agent_sft --workdir=runs/sft \
       --config=apollo/agents/configs/sft.py:quickstart \
       --config.data.train_path=runs/data/train.jsonl \
       --config.data.tokenizer_path=runs/data/tokenizer.json
 
-Rerunning the same command resumes from `--workdir` (checkpoints, data position).
-At the end the policy is exported to `WORKDIR/policy`, which the 'flax' rollout
-backend loads (`make_flax_backend(seed, checkpoint='WORKDIR/policy')`). The trainer
+`--config.init_from` takes any name or path `apollo.models.load` takes; the samples
+must be rendered with that checkpoint's tokenizer and chat template. Rerunning the
+same command resumes from `--workdir` (checkpoints, data position). At the end the
+policy is exported to `WORKDIR/policy`, which `apollo.models.load` and the 'flax'
+rollout backend load (`make_flax_backend(seed, checkpoint='WORKDIR/policy')`). The trainer
 is `apollo.agents.training.sft.train_and_evaluate`; the fields are in
 `apollo/agents/configs/sft.py`.
 """
@@ -22,7 +28,7 @@ from apollo.common import checkpoint as checkpoint_lib
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
   "apollo/agents/configs/sft.py:quickstart",
-  "Config file and preset (quickstart, compare, qwen2_0_5b); override with --config.x=y.",
+  "Config file and preset (quickstart, compare, smollm2, qwen2_0_5b); override with --config.x=y.",
 )
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Checkpoints, metrics and the policy go here.", required=True

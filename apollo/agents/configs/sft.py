@@ -4,6 +4,11 @@ Launch the trainer (demo samples from scripted rollouts, a tiny decoder, CPU)::
 
   python -m experiments.agent_sft --flagfile=experiments/flags/agent_sft_quickstart.flags
 
+full fine-tuning of SmolLM2-135M-Instruct (any name or path `apollo.models.load` takes
+works as `init_from`; the tokenizer and chat template are the checkpoint's own)::
+
+  python -m experiments.agent_sft --flagfile=experiments/flags/agent_sft_smollm2.flags
+
 or on exported samples (`apollo.agents.training.samples.write_jsonl`)::
 
   python -m experiments.agent_sft --workdir=runs/sft \
@@ -18,6 +23,8 @@ The comparison (variants a..e; `apollo/studies/agent_compare.py`)::
 Presets:
   quickstart  tiny decoder on CPU, demo samples built in the workdir.
   compare     the quickstart trainer plus the comparison's fields (`compare.*`).
+  smollm2     SmolLM2-135M-Instruct, full fine-tuning on CPU; demo samples rendered
+              with its own template.
   qwen2_0_5b  fine-tune an exported Qwen2-0.5B directory (accelerator).
 
 Fields whose default is OUR choice (not from the paper) say so in the README.
@@ -29,7 +36,7 @@ import ml_collections
 
 from apollo.common.config import mesh_config, optimizer_config
 
-PRESETS = ("quickstart", "compare", "qwen2_0_5b")
+PRESETS = ("quickstart", "compare", "smollm2", "qwen2_0_5b")
 
 
 def _base_config() -> ml_collections.ConfigDict:
@@ -40,8 +47,11 @@ def _base_config() -> ml_collections.ConfigDict:
   c.eval_every = 100  # Held-out loss every this many steps (and at the end).
   c.checkpoint_every = 100  # Save every this many steps (also at the end and on SIGTERM).
   c.max_checkpoints = 2  # Checkpoints kept in workdir/checkpoints.
-  c.init_from = ""  # An HF-style policy directory to fine-tune; "" = random `model.preset`.
-  c.export_policy = True  # Write workdir/policy (loadable by the 'flax' backend) at the end.
+  # The policy to fine-tune: a name or path apollo.models.load takes (smollm2-135m-instruct,
+  # a .gguf, an HF directory); its tokenizer and chat template render the samples.
+  # "" = a random `model.preset` decoder with ChatML.
+  c.init_from = ""
+  c.export_policy = True  # Write workdir/policy (loadable by apollo.models.load) at the end.
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"  # apollo.models.llama.model preset of a random init.
@@ -56,7 +66,7 @@ def _base_config() -> ml_collections.ConfigDict:
   c.data.train_path = ""  # JSONL samples (samples.write_jsonl); "" = demo samples in workdir.
   c.data.eval_path = ""  # JSONL held-out samples; "" = hold out eval_fraction of train.
   c.data.eval_fraction = 0.05  # Share of samples held out when eval_path is "".
-  c.data.tokenizer_path = ""  # tokenizer.json of the samples; "" = init_from's.
+  c.data.tokenizer_path = ""  # Checkpoint dir or tokenizer.json of the samples; "" = init_from's.
   c.data.demo_episodes = 6  # Scripted rollouts behind the demo samples (train_path "").
   c.data.seq_len = 512  # Tokens per packed row.
   c.data.batch_size = 8  # Packed rows per update (global); divisible by data*fsdp.
@@ -104,8 +114,21 @@ def _quickstart(c: ml_collections.ConfigDict) -> None:
   c.optimizer.learning_rate = 1e-2
 
 
+def _smollm2(c: ml_collections.ConfigDict) -> None:
+  """A few dozen full fine-tuning steps of SmolLM2-135M-Instruct, sized for 2 CPU cores."""
+  c.init_from = "smollm2-135m-instruct"
+  c.train_steps = 30
+  c.log_every = 5
+  c.eval_every = 15
+  c.checkpoint_every = 15
+  c.data.seq_len = 512  # Compact-view samples are ~250-400 of its tokens.
+  c.data.batch_size = 2
+  c.optimizer.learning_rate = 1e-4  # Fine-tuning a pretrained model: far below the toys' 1e-2.
+  c.optimizer.warmup_steps = 5
+
+
 def get_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
-  """The config of `preset` ('quickstart', 'compare' or 'qwen2_0_5b')."""
+  """The config of `preset` ('quickstart', 'compare', 'smollm2' or 'qwen2_0_5b')."""
   preset = preset or "quickstart"
   if preset not in PRESETS:
     raise ValueError(f"Unknown agent_sft preset {preset!r}; choose from {PRESETS}.")
@@ -117,6 +140,8 @@ def get_config(preset: str = "quickstart") -> ml_collections.ConfigDict:
     c.data.seq_len = 512  # Compact views are ~150-250 tokens: 2-3 samples per row.
     c.data.batch_size = 4
     c.data.eval_fraction = 0.0  # The comparison's yardstick is the test tasks.
+  if preset == "smollm2":
+    _smollm2(c)
   if preset == "qwen2_0_5b":
     c.init_from = "/data/Qwen2-0.5B-Instruct"
     c.model.dtype = "bfloat16"

@@ -6,7 +6,8 @@ asynchronously, as from a person), and reuses episodes a store already holds, so
 an interrupted collection resumes. `train_tokenizer` fits a byte-level BPE to the
 text of such episodes, so a small policy's sequences stay short.
 `write_demo_samples` is the SFT quickstart's data: scripted rollouts of TRAIN
-tasks rendered through the compact view, one sample per parseable action.
+tasks rendered through the compact view, one sample per parseable action, with a
+checkpoint's own chat template or ChatML over such a BPE.
 """
 
 from __future__ import annotations
@@ -122,24 +123,37 @@ def train_tokenizer(
 
 
 def write_demo_samples(
-  data_dir: str, episodes: int = 6, seed: int = 0, history: int = 2, vocab_size: int = 1024
+  data_dir: str,
+  episodes: int = 6,
+  seed: int = 0,
+  history: int = 2,
+  vocab_size: int = 1024,
+  template: chat_lib.ChatTemplate | None = None,
 ) -> int:
-  """Scripted rollouts of TRAIN seeds -> data_dir/{tokenizer.json, samples.jsonl}.
+  """Scripted rollouts of TRAIN seeds -> data_dir/{samples.jsonl, tokenizer files}.
 
   One sample per parseable action, rendered through the compact view with the
-  last `history` messages. Returns the number of samples.
+  last `history` messages, with `template` (a checkpoint's own, e.g.
+  `chat_template.from_pretrained(...)`), or without one with ChatML over a BPE of
+  `vocab_size` trained on the rollouts. The template's tokenizer.json and
+  tokenizer_config.json are saved beside the samples (`ChatTemplate.save_pretrained`),
+  so `chat_template.from_pretrained(data_dir)` reads it back. Returns the number of
+  samples.
   """
   os.makedirs(data_dir, exist_ok=True)
   store_path = os.path.join(data_dir, "rollouts.sqlite")
   eps = scripted_rollouts(
     store_path, research_env.seeds_for("train", episodes, seed * 100), False, 200, "demo"
   )
-  tokenizer = train_tokenizer(store_path, eps, vocab_size, data_dir)
+  if template is None:
+    tokenizer = train_tokenizer(store_path, eps, vocab_size, data_dir)
+    template = chat_lib.ChatTemplate(tokenizer, guidance_tag=guidance_lib.GUIDANCE_TAG)
+  template.save_pretrained(data_dir)
   store = storage.SQLiteStore(store_path)
   try:
     built, _ = samples_lib.build_samples(
       store,
-      chat_lib.ChatTemplate(tokenizer, guidance_tag=guidance_lib.GUIDANCE_TAG),
+      template,
       [e.session_id for e in eps],
       verdicts="parseable",
       human_messages="remove",

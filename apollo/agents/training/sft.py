@@ -10,12 +10,21 @@ and on SIGTERM (with the data position, so a resumed run sees exactly the batche
 an uninterrupted one would), metrics as sums and counts, a progress line, and a
 stop on a non-finite loss.
 
+The policy: `config.init_from` names a checkpoint (a registered name such as
+`smollm2-135m-instruct`, a `.gguf` file or a Hugging Face directory, resolved by
+`apollo.models.registry.resolve`), fully fine-tuned; empty, a random decoder of
+`config.model`. The samples' tokenizer and chat template are the checkpoint's own
+(`apollo.models.chat_template.from_pretrained`); a workdir whose samples were
+tokenized otherwise is refused.
+
 Data: `samples.Sample`s, of which the trainer uses `input_ids` (token ids of one
-rendered context + response) and `loss_mask` (True on the tokens to imitate:
-assistant content and its `<|im_end|>`; see `apollo.models.chat_template`). They
-come from a JSON-lines file (`config.data.train_path`, written by
-`samples.write_jsonl`), or are passed in (`samples=`), or, for the quickstart, are
-built from scripted rollouts inside the workdir (`collect.write_demo_samples`).
+rendered context + response) and `loss_mask` (True on the tokens to imitate: an
+assistant turn's content, tool calls and end-of-turn token; see
+`apollo.models.chat_template`). They come from a JSON-lines file
+(`config.data.train_path`, written by `samples.write_jsonl`), or are passed in
+(`samples=`), or, for the quickstart, are built from scripted rollouts inside the
+workdir (`collect.write_demo_samples`, with the checkpoint's template, or ChatML
+over a BPE trained on the rollouts for a random decoder).
 
 Sequence packing (`pack_samples`): samples are laid end to end into rows of
 `seq_len` tokens. Every token keeps its loss mask; each packed sample gets its own
@@ -30,14 +39,17 @@ samples, packs them, and the row stream runs across epochs; its position
 Loss: the next-token cross-entropy averaged over the masked target tokens of the
 batch (tokens with `loss_mask` False contribute nothing, not even to the mean).
 
-Export: at the end, the policy is written as a Hugging Face-style directory
-(`workdir/policy`: config.json, model.safetensors, tokenizer.json) that the
-'flax' rollout backend loads: `make_flax_backend(seed, checkpoint=workdir/policy)`.
+Export: at the end, the policy is written as a Hugging Face directory
+(`workdir/policy`: config.json with the token ids, model.safetensors,
+tokenizer.json, tokenizer_config.json with the chat template) that
+`apollo.models.load` and the 'flax' rollout backend load
+(`make_flax_backend(seed, checkpoint=workdir/policy)`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -59,6 +71,7 @@ from apollo.common import mesh as mesh_lib
 from apollo.common import metrics as metrics_lib
 from apollo.common import training as train_lib
 from apollo.models import chat_template as chat_lib
+from apollo.models import hf, registry
 from apollo.models.llama import model as decoder_lib
 from apollo.models.llama import params as llama_params
 
@@ -76,6 +89,8 @@ SHAPE_FIELDS = (
 )
 BATCH_KEYS = ("input_ids", "targets", "weights", "segment_ids", "positions")
 POLICY_DIR = "policy"
+# config.json fields an exported policy takes from its checkpoint (generation stops at eos).
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 # -----------------------------------------------------------------------------
@@ -321,22 +336,36 @@ def split_eval(
   )
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> tuple[list, list, str]:
-  """(train samples, eval samples, tokenizer.json path) from the config.
+def checkpoint_template(name_or_path: str) -> chat_lib.ChatTemplate:
+  """The chat template (and tokenizer) of a registered checkpoint name, a `.gguf`, a
+  checkpoint directory or a bare tokenizer.json (ChatML; see `chat_template.from_pretrained`)."""
+  named = registry.NAMED_CHECKPOINTS.get(name_or_path)
+  path = registry.resolve(name_or_path) if named or name_or_path.endswith(".gguf") else name_or_path
+  return chat_lib.from_pretrained(
+    path, guidance_lib.GUIDANCE_TAG, named.tool_call_format if named else None
+  )
+
+
+def prepare_data(
+  config: ml_collections.ConfigDict, workdir: str, template: chat_lib.ChatTemplate | None
+) -> tuple[list, list, str]:
+  """(train samples, eval samples, where their tokenizer and template are) from the config.
 
   An empty `data.train_path` builds demo samples from scripted rollouts into
-  `workdir/data` (idempotent).
+  `workdir/data` (idempotent), rendered with `template` (the checkpoint's) or,
+  without one, with ChatML over a BPE trained on the rollouts.
   """
   d = config.data
   if d.train_path:
     samples = list(samples_lib.read_jsonl(d.train_path))
     tokenizer_path = d.tokenizer_path or config.init_from
   else:
-    data_dir = os.path.join(workdir, "data")
-    train_path = os.path.join(data_dir, "samples.jsonl")
-    tokenizer_path = os.path.join(data_dir, "tokenizer.json")
+    tokenizer_path = os.path.join(workdir, "data")
+    train_path = os.path.join(tokenizer_path, "samples.jsonl")
     if jax.process_index() == 0 and not os.path.isfile(train_path):
-      collect.write_demo_samples(data_dir, episodes=d.demo_episodes, seed=config.seed)
+      collect.write_demo_samples(
+        tokenizer_path, episodes=d.demo_episodes, seed=config.seed, template=template
+      )
     train_lib.sync("sft_demo_data")
     samples = list(samples_lib.read_jsonl(train_path))
   if not tokenizer_path:
@@ -348,11 +377,12 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> tuple[list,
 
 
 def model_config_from(
-  config: ml_collections.ConfigDict, vocab_size: int
+  config: ml_collections.ConfigDict, init_dir: str, vocab_size: int
 ) -> decoder_lib.DecoderConfig:
+  """The decoder of `init_dir` (the resolved `init_from`), or of `config.model` if ''."""
   m = config.model
-  if config.init_from:
-    return llama_params.config_from_hf(config.init_from, dtype=m.dtype)
+  if init_dir:
+    return llama_params.config_from_hf(init_dir, dtype=m.dtype)
   overrides = {
     k: int(m[k])
     for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
@@ -376,16 +406,16 @@ def make_setup(config, model_config, mesh) -> train_lib.TrainSetup:
   )
 
 
-def init_state(config, setup: train_lib.TrainSetup) -> dict[str, Any]:
-  """A fresh state: the `init_from` policy (or a random init), created in its shards."""
-  if config.init_from:
+def init_state(config, setup: train_lib.TrainSetup, init_dir: str) -> dict[str, Any]:
+  """A fresh state: the policy of `init_dir` (or a random init), created in its shards."""
+  if init_dir:
     model, report = llama_params.from_pretrained(
-      config.init_from,
+      init_dir,
       mesh=setup.mesh,
       rules=decoder_lib.LOGICAL_AXIS_RULES,
       dtype=config.model.dtype,
     )
-    logging.info("Initialised from %s: %s", config.init_from, report.summary())
+    logging.info("Initialised from %s (%s): %s", config.init_from, init_dir, report.summary())
   else:
     model = decoder_lib.create_sharded_model(
       lambda: decoder_lib.Decoder(setup.model_config, rngs=nnx.Rngs(config.seed)),
@@ -402,9 +432,18 @@ def init_state(config, setup: train_lib.TrainSetup) -> dict[str, Any]:
 
 
 def export_policy(
-  setup: train_lib.TrainSetup, params: Any, tokenizer_path: str, out_dir: str
+  setup: train_lib.TrainSetup,
+  params: Any,
+  template: chat_lib.ChatTemplate,
+  out_dir: str,
+  init_dir: str = "",
 ) -> str:
-  """Writes the policy as an HF-style directory the 'flax' backend loads."""
+  """Writes the policy as a Hugging Face directory (`apollo.models.load` reads it).
+
+  config.json takes the token ids of `init_dir`'s (else the template's stop and pad
+  ids); tokenizer.json and tokenizer_config.json (with the chat template) are the
+  template's; `init_dir`'s generation_config.json is copied.
+  """
 
   if train_lib.is_main():
     host = jax.device_get(params)
@@ -415,12 +454,20 @@ def export_policy(
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     llama_params.export_hf(model, tmp)
-    src = (
-      tokenizer_path
-      if tokenizer_path.endswith(".json")
-      else os.path.join(tokenizer_path, "tokenizer.json")
-    )
-    shutil.copy(src, os.path.join(tmp, "tokenizer.json"))
+    if init_dir:
+      source = hf.read_config(init_dir)
+      token_ids = {k: source[k] for k in TOKEN_ID_FIELDS if source.get(k) is not None}
+      generation = os.path.join(init_dir, "generation_config.json")
+      if os.path.isfile(generation):
+        shutil.copy(generation, os.path.join(tmp, "generation_config.json"))
+    else:
+      token_ids = {"eos_token_id": list(template.stop_ids), "pad_token_id": template.pad_id}
+    config_path = os.path.join(tmp, hf.CONFIG_NAME)
+    with open(config_path) as f:
+      exported = json.load(f)
+    with open(config_path, "w") as f:
+      json.dump({**exported, **token_ids}, f, indent=2)
+    template.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
   train_lib.sync("sft_export")
@@ -456,7 +503,8 @@ def train_and_evaluate(
       data/ for demo samples); a rerun resumes from it.
     samples / eval_samples / tokenizer_path: in-memory data instead of
       `config.data` (the comparison passes its samples this way; they must be the
-      same on a resume).
+      same on a resume); `tokenizer_path` is what `checkpoint_template` reads
+      (default `config.data.tokenizer_path`, else `config.init_from`).
     on_step: called after each update is dispatched (tests send SIGTERM from it).
 
   Returns:
@@ -467,14 +515,24 @@ def train_and_evaluate(
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   train_lib.build_optimizer(config.optimizer, config.train_steps)  # Bad names fail before any work.
+  init_dir = os.fspath(registry.resolve(config.init_from)) if config.init_from else ""
+  init_template = checkpoint_template(config.init_from) if config.init_from else None
   if samples is None:
-    samples, eval_samples, tokenizer_path = prepare_data(config, workdir)
+    samples, eval_samples, tokenizer_path = prepare_data(config, workdir, init_template)
   elif not tokenizer_path:
     tokenizer_path = config.data.tokenizer_path or config.init_from
   eval_samples = list(eval_samples or [])
-  tokenizer = chat_lib.load_chat_tokenizer(tokenizer_path)
-  template = chat_lib.ChatTemplate(tokenizer, guidance_tag=guidance_lib.GUIDANCE_TAG)
-  model_config = model_config_from(config, tokenizer.get_vocab_size())
+  same_source = init_template is not None and tokenizer_path == config.init_from
+  template = init_template if same_source else checkpoint_template(tokenizer_path)
+  if (
+    init_template is not None
+    and template.tokenizer.get_vocab() != init_template.tokenizer.get_vocab()
+  ):
+    raise ValueError(
+      f"The samples were tokenized with {tokenizer_path}, whose vocabulary is not that of "
+      f"--config.init_from={config.init_from}; render them with the checkpoint's template."
+    )
+  model_config = model_config_from(config, init_dir, template.tokenizer.get_vocab_size())
   train_lib.check_saved_config(workdir, model_config, SHAPE_FIELDS)
   mesh = mesh_lib.make_mesh(
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor, axis_type="auto"
@@ -504,7 +562,7 @@ def train_and_evaluate(
       samples, config.data.seq_len, config.data.batch_size, config.seed, template.pad_id
     )
     state, start_step, data = train_lib.resume_or_init(
-      ckpt, setup.abstract_state, lambda: init_state(config, setup)
+      ckpt, setup.abstract_state, lambda: init_state(config, setup, init_dir)
     )
     if "train_iterator" in data:
       stream.set_state(data["train_iterator"])
@@ -517,7 +575,7 @@ def train_and_evaluate(
     result["policy_dir"] = ""
     if not result["preempted"] and config.export_policy:
       result["policy_dir"] = export_policy(
-        setup, result.pop("params"), tokenizer_path, os.path.join(workdir, POLICY_DIR)
+        setup, result.pop("params"), template, os.path.join(workdir, POLICY_DIR), init_dir
       )
     result.pop("params", None)
     return result

@@ -4,11 +4,15 @@
 * the logits of a packed row equal those of its samples run one by one (no
   attention across packed samples);
 * the loss sees only masked-in targets;
-* end to end on the 8-device CPU mesh: SIGTERM at step 3 then a rerun ends with
-  exactly the parameters of an uninterrupted run; a checkpoint, metrics and an
-  exported policy (loaded by the 'flax' backend) are written.
+* end to end on the 8-device CPU mesh, from a tiny random Llama checkpoint with a
+  Jinja template (SmolLM2's): the loss falls, SIGTERM at step 3 then a rerun ends
+  with exactly the parameters of an uninterrupted run, and the exported policy is a
+  checkpoint `apollo.models.load` reads (weights, tokenizer, template);
+* from scratch, the export is a 'flax' backend checkpoint; from SmolLM2 itself, a
+  slow smoke test.
 """
 
+import json
 import os
 import signal
 
@@ -18,12 +22,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from apollo import models
 from apollo.agents.backends import registry
 from apollo.agents.configs import sft as agent_sft_config
 from apollo.agents.training import samples as samples_lib
 from apollo.agents.training import sft
-from apollo.models import chat_template
+from apollo.models import chat_template, inference
+from apollo.models import registry as model_registry
 from apollo.models.llama import model as decoder
+from apollo.models.llama import params as llama_params
 
 
 def _samples(lengths, seed=0, vocab=60):
@@ -115,17 +122,30 @@ def test_loss_only_on_masked_tokens():
   np.testing.assert_allclose(float(sums["loss_sum"]), (nll * packed["weights"]).sum(), rtol=1e-4)
 
 
-def _chat_samples(tokenizer, n=24):
-  template = chat_template.ChatTemplate(tokenizer, guidance_tag="human_guidance")
+# SmolLM2's template: a default system prompt, no tools, no tool calls, no tool role.
+SMOLLM2_STYLE = (
+  "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+  "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM<|im_end|>\\n' }}"
+  "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'"
+  " + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+  "{% endif %}"
+)
+
+
+def _chat_samples(template, n=24):
+  """Native tool-call conversations (OpenAI format), rendered with `template`."""
   out = []
   for i in range(n):
+    call = {
+      "id": f"call_{i}",
+      "type": "function",
+      "function": {"name": "check_run", "arguments": f'{{"run_id": "r{i % 3}"}}'},
+    }
     messages = [
-      {"role": "system", "content": "Research agent."},
       {"role": "user", "content": f"[clock {i}.00h / 24h | submissions left: 3]"},
-      {
-        "role": "assistant",
-        "content": f'{{"tool": "check_run", "arguments": {{"run_id": "r{i % 3}"}}}}',
-      },
+      {"role": "assistant", "content": "Checking the run.", "tool_calls": [call]},
+      {"role": "tool", "tool_call_id": f"call_{i}", "content": f"run r{i % 3}: status=running"},
+      {"role": "assistant", "content": "It is running; sleeping."},
     ]
     r = template.render(messages)
     out.append(samples_lib.Sample(r.ids, r.loss_mask, r.roles, r.segments))
@@ -133,14 +153,30 @@ def _chat_samples(tokenizer, n=24):
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tok")
-  chat_template.train_chat_tokenizer(vocab_size=300, out_dir=path)
-  return str(path / "tokenizer.json")
+def tiny_checkpoint(tmp_path_factory):
+  """A tiny random Llama as a Hugging Face directory, with SmolLM2's Jinja template."""
+  path = tmp_path_factory.mktemp("tiny-llama")
+  tokenizer = chat_template.train_chat_tokenizer(vocab_size=300)
+  config = decoder.get_config(
+    "tiny",
+    vocab_size=tokenizer.get_vocab_size(),
+    hidden_size=32,
+    intermediate_size=64,
+    max_position_embeddings=128,
+  )
+  llama_params.export_hf(decoder.Decoder(config, rngs=nnx.Rngs(0)), path)
+  hf_config = json.loads((path / "config.json").read_text())
+  (path / "config.json").write_text(json.dumps({**hf_config, "eos_token_id": 2}))
+  template = chat_template.ChatTemplate(
+    tokenizer, template=SMOLLM2_STYLE, special_tokens={"eos_token": "<|im_end|>"}
+  )
+  template.save_pretrained(path)
+  return str(path)
 
 
-def _config(steps=6):
+def _config(steps=6, init_from=""):
   c = agent_sft_config.get_config("quickstart")
+  c.init_from = init_from
   c.train_steps = steps
   c.log_every = 2
   c.eval_every = 3
@@ -153,33 +189,105 @@ def _config(steps=6):
   return c
 
 
-def test_sft_end_to_end_resume_equals_uninterrupted(tmp_path, tokenizer_dir):
+def _train_losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+def test_sft_from_a_checkpoint_resumes_exactly_and_exports_a_loadable_policy(
+  tmp_path, tiny_checkpoint
+):
   assert jax.device_count() == 8
-  samples = _chat_samples(chat_template.load_chat_tokenizer(tokenizer_dir))
+  template = sft.checkpoint_template(tiny_checkpoint)
+  assert template.source == SMOLLM2_STYLE
+  samples = _chat_samples(chat_template.from_pretrained(tiny_checkpoint, tool_call_format="hermes"))
   train, held = samples[:20], samples[20:]
-  kwargs = dict(samples=train, eval_samples=held, tokenizer_path=tokenizer_dir)
-  straight = sft.train_and_evaluate(_config(), str(tmp_path / "a"), **kwargs)
+  config = _config(init_from=tiny_checkpoint)
+  kwargs = dict(samples=train, eval_samples=held)  # Tokenizer and template: init_from's.
+  straight = sft.train_and_evaluate(config, str(tmp_path / "a"), **kwargs)
   assert straight["step"] == 6 and straight["train"]["loss"] > 0
+  losses = _train_losses(tmp_path / "a")
+  assert len(losses) == 3 and losses[-1] < losses[0]  # It learns (from the checkpoint).
 
   def preempt_at_3(step):
     if step == 3:
       os.kill(os.getpid(), signal.SIGTERM)
 
   workdir = str(tmp_path / "b")
-  first = sft.train_and_evaluate(_config(), workdir, on_step=preempt_at_3, **kwargs)
+  first = sft.train_and_evaluate(config, workdir, on_step=preempt_at_3, **kwargs)
   assert first["preempted"] and first["step"] == 3 and not first["policy_dir"]
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
-  second = sft.train_and_evaluate(_config(), workdir, **kwargs)
+  second = sft.train_and_evaluate(config, workdir, **kwargs)
   assert second["step"] == 6 and not second["preempted"]
-  assert os.path.isfile(os.path.join(workdir, "metrics.jsonl"))
 
   model_a, _ = sft.load_policy(straight["policy_dir"])
   model_b, _ = sft.load_policy(second["policy_dir"])
   for x, y in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The export is a checkpoint apollo.models.load reads: weights, tokenizer, template.
+  policy = models.load(second["policy_dir"])
+  assert policy.family == "decoder" and policy.chat_template == SMOLLM2_STYLE
+  assert json.loads((tmp_path / "b" / "policy" / "config.json").read_text())["eos_token_id"] == 2
+  for x, y in zip(jax.tree.leaves(nnx.state(policy.model)), jax.tree.leaves(nnx.state(model_b))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  messages = [{"role": "user", "content": "hi"}]
+  assert inference.render_prompt(policy, messages) == list(
+    template.render(messages, add_generation_prompt=True).ids
+  )
+
+
+def test_samples_of_another_tokenizer_are_refused(tmp_path, tiny_checkpoint):
+  other = chat_template.ChatTemplate(chat_template.train_chat_tokenizer(vocab_size=280))
+  other.save_pretrained(tmp_path / "other")
+  with pytest.raises(ValueError, match="vocabulary"):
+    sft.train_and_evaluate(
+      _config(init_from=tiny_checkpoint),
+      str(tmp_path / "w"),
+      samples=_chat_samples(other),
+      tokenizer_path=str(tmp_path / "other"),
+    )
+
+
+def test_sft_from_scratch_exports_a_flax_backend_policy(tmp_path):
+  """A random decoder with ChatML over a demo BPE: the toy policies' path."""
+  template = chat_template.ChatTemplate(chat_template.train_chat_tokenizer(vocab_size=300))
+  template.save_pretrained(tmp_path / "tokenizer")
+  result = sft.train_and_evaluate(
+    _config(steps=2),
+    str(tmp_path / "w"),
+    samples=_chat_samples(template, n=8),
+    tokenizer_path=str(tmp_path / "tokenizer" / "tokenizer.json"),
+  )
+  assert models.load(result["policy_dir"]).chat_template == chat_template.CHATML_TEMPLATE
   # The export is a checkpoint of the 'flax' rollout backend.
   backend = registry.make_backend(
-    "flax", seed=0, checkpoint=second["policy_dir"], max_new_tokens=4, prompt_bucket=32
+    "flax", seed=0, checkpoint=result["policy_dir"], max_new_tokens=4, prompt_bucket=32
   )
   text = backend.complete([{"role": "user", "content": "hi"}]).text
   assert isinstance(text, str)
+
+
+@pytest.mark.slow
+def test_sft_from_smollm2_smoke(tmp_path, monkeypatch):
+  """Two full fine-tuning steps of SmolLM2-135M-Instruct on demo samples rendered with
+  its own template (the model converts once into a temporary cache)."""
+  pytest.importorskip("gguf")
+  from apollo.models import gguf
+
+  try:
+    gguf.smollm2_gguf_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  config = agent_sft_config.get_config("smollm2")
+  config.train_steps, config.log_every, config.eval_every = 2, 1, 2
+  config.data.demo_episodes, config.data.seq_len, config.data.batch_size = 1, 128, 8
+  config.mesh.data, config.mesh.fsdp = 1, 8  # One copy of the weights over the 8 devices.
+  monkeypatch.setenv(model_registry.CACHE_ENV, str(tmp_path / "cache"))
+  result = sft.train_and_evaluate(config, str(tmp_path / "w"))
+  assert result["step"] == 2 and np.isfinite(result["train"]["loss"])
+  template = chat_template.from_pretrained(tmp_path / "w" / "data")
+  assert "SmolLM" in template.source and template.tokenizer.get_vocab_size() == 49152
+  policy = models.load(result["policy_dir"])
+  assert policy.chat_template == template.source
+  assert policy.model.config.num_layers == 30
