@@ -245,14 +245,47 @@ def normalise_tool_calls(calls: Sequence[Any], step_index: int) -> list[dict[str
   return out
 
 
+def _read_arguments(function: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+  """(arguments, None) for a readable call, else (None, why it cannot be read)."""
+  if not function["name"]:
+    return None, "the tool call has no tool name"
+  try:
+    arguments = json.loads(function["arguments"] or "{}")
+  except json.JSONDecodeError as e:
+    return None, f"the arguments of your {function['name']!r} call are not valid JSON ({e.msg})"
+  if arguments is None:
+    arguments = {}
+  if not isinstance(arguments, dict):
+    return None, f"the arguments of your {function['name']!r} call must be a JSON object"
+  return arguments, None
+
+
 def read_native_reply(response: backends_lib.ModelResponse, step_index: int) -> ReadReply:
-  """A native-mode reply: the call is the one entry of `response.tool_calls`."""
-  calls = normalise_tool_calls(response.tool_calls, step_index)
+  """A native-mode reply: the call is the one entry of `response.tool_calls`.
+
+  Only readable calls (a name, arguments that are a JSON object) stay in the
+  assistant message's `tool_calls`, each to be answered by a tool message; an
+  unreadable one is written into its content as the text the model produced, as
+  a server does with call text it cannot parse, so that the context can always be
+  rendered again and the model still sees what it wrote.
+  """
   content = response.text if response.content is None else response.content
-  assistant: dict[str, Any] = {"role": "assistant", "content": content or ""}
-  if calls:
-    assistant["tool_calls"] = calls
-  check = CallCheck(mode="native", calls=len(calls) + len(response.call_errors))
+  content = content or ""
+  readable, errors, arguments = [], list(response.call_errors), None
+  for call in normalise_tool_calls(response.tool_calls, step_index):
+    function = call["function"]
+    call_arguments, error = _read_arguments(function)
+    if error is None:
+      readable.append(call)
+      arguments = call_arguments
+    else:
+      errors.append(error)
+      written = f'{{"name": {json.dumps(function["name"])}, "arguments": {function["arguments"]}}}'
+      content = f"{content}\n{written}" if content else written
+  assistant: dict[str, Any] = {"role": "assistant", "content": content}
+  if readable:
+    assistant["tool_calls"] = readable
+  check = CallCheck(mode="native", calls=len(readable) + len(errors))
   if check.calls > 1:
     check.multiple = True
     error = (
@@ -260,37 +293,22 @@ def read_native_reply(response: backends_lib.ModelResponse, step_index: int) -> 
       "(none of them was executed)"
     )
     return ReadReply(None, error, check, assistant)
-  if response.call_errors:
+  if errors:
     check.malformed = True
-    error = f"could not read your tool call: {'; '.join(response.call_errors)}"
-    return ReadReply(None, error, check, assistant)
-  if not calls and "<tool_call>" in assistant["content"]:
+    return ReadReply(None, f"could not read your tool call: {errors[0]}", check, assistant)
+  if not readable and "<tool_call>" in content:
     # The Hermes / GLM-4.5 opening with nothing a server could read after it.
     check.malformed, check.calls = True, 1
     error = "could not read the <tool_call> in your reply; call exactly one tool"
     return ReadReply(None, error, check, assistant)
-  if not calls:
+  if not readable:
     check.no_call = True
     return ReadReply(
       None, "no tool call found; every reply must call exactly one tool", check, assistant
     )
-  function = calls[0]["function"]
-  if not function["name"]:
-    check.malformed = True
-    return ReadReply(None, "the tool call has no tool name", check, assistant)
-  try:
-    arguments = json.loads(function["arguments"] or "{}")
-  except json.JSONDecodeError as e:
-    check.malformed = True
-    error = f"the arguments of your {function['name']!r} call are not valid JSON ({e.msg})"
-    return ReadReply(None, error, check, assistant)
-  if arguments is None:
-    arguments = {}
-  if not isinstance(arguments, dict):
-    check.malformed = True
-    return ReadReply(None, "the arguments must be a JSON object", check, assistant)
   check.parsed = True
-  return ReadReply(env_lib.Action(function["name"], arguments), None, check, assistant)
+  action = env_lib.Action(readable[0]["function"]["name"], arguments)
+  return ReadReply(action, None, check, assistant)
 
 
 def context_after(step: storage_lib.StepRecord) -> list[dict[str, Any]]:

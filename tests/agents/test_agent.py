@@ -296,6 +296,13 @@ def test_native_bad_calls_become_error_observations_counted_per_step(store):
     ("tool", "b"),
   ]
   assert "exactly one tool call" in context[two + 1]["content"]
+  # An unreadable call stays in the context as the text the model wrote (so the
+  # context renders again), answered by a user message, not a tool message.
+  broken = steps[2].assistant_message
+  assert "tool_calls" not in broken
+  assert broken["content"] == '{"name": "sleep", "arguments": {"hours": 0.5}'
+  assert [m["role"] for m in steps[2].observation_messages()] == ["user"]
+  assert "not valid JSON" in steps[2].observation
   # A call without an id gets one, and its arguments become a JSON string.
   fixed = steps[7].assistant_message["tool_calls"][0]
   assert fixed == _call("list_files", {}, "call_7_0")
