@@ -185,6 +185,9 @@ class MakeExample(grain.transforms.RandomMap):
     self._analyzer = SentenceAnalyzer(config)
     self._special = tokenizer_lib.special_ids(tokenizer)
     self._vocab_size = tokenizer.get_vocab_size()
+    # Word ids come from the pre-tokenizer; without one a whole sentence is one "word",
+    # and pieces are then matched to words one by one.
+    self._use_word_ids = tokenizer.pre_tokenizer is not None
 
   def random_map(self, element, rng: np.random.Generator) -> dict[str, Any] | None:
     sentence_index, label = (int(x) for x in element)
@@ -210,9 +213,8 @@ class MakeExample(grain.transforms.RandomMap):
     encoding = self._tokenizer.encode(sentence.text, add_special_tokens=False)
     content = config.max_len - 2
     token_ids = np.asarray(encoding.ids[:content], dtype=np.int32)
-    token_words = masking.tokens_to_words(
-      encoding.offsets[:content], sentence.words, encoding.word_ids[:content]
-    )
+    word_ids = encoding.word_ids[:content] if self._use_word_ids else None
+    token_words = masking.tokens_to_words(encoding.offsets[:content], sentence.words, word_ids)
     candidates = masking.candidate_words(
       sentence.words, sentence.tags, sentence.keywords, config.masking
     )
