@@ -1,5 +1,7 @@
 """The Flax policy as a rollout backend (apollo.agents.backends.flax_policy)."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -170,3 +172,20 @@ def test_tiny_policy_refuses_native_mode(policy, tokenizer):
   backend = flax_policy.FlaxPolicyBackend(policy, tokenizer, max_new_tokens=4)
   with pytest.raises(backends_lib.BackendError, match="--tool_mode=text"):
     backend.complete(MESSAGES[:2], research_env.ResearchEnv().tools())
+
+
+def test_checkpoint_backend_reads_calls_in_the_checkpoints_format(checkpoint):
+  glm = dataclasses.replace(checkpoint, tool_call_format="glm45")
+  reply_text = (
+    "<think>The run id is r1.</think>Checking.\n"
+    "<tool_call>check_run\n<arg_key>run_id</arg_key>\n<arg_value>r1</arg_value>\n</tool_call>"
+  )
+  generator = native_helpers.CannedGenerator(glm.tokenizer, [reply_text])
+  backend = flax_policy.CheckpointBackend(glm, generator)
+  reply = backend.complete([{"role": "user", "content": "Go."}], research_env.ResearchEnv().tools())
+  assert [(c["function"]["name"], c["function"]["arguments"]) for c in reply.tool_calls] == [
+    ("check_run", '{"run_id": "r1"}')
+  ]
+  assert reply.content == "Checking." and reply.call_errors == []
+  # The tools were described with GLM-4.5's call syntax.
+  assert "<arg_key>" in generator.prompt_text()
