@@ -12,7 +12,11 @@ Pieces:
 * :class:`Decoder`: ``model(input_ids, positions, attention_mask, cache) ->
   (logits, new_cache)``.
 * :class:`KVCache` / :func:`init_cache`: a preallocated, fixed-size cache, so a
-  decoding step is one compiled function with static shapes.
+  decoding step is one compiled function with static shapes. Cached attention
+  visits only the cache blocks up to the last written slot
+  (:func:`cached_attention`, an online softmax over blocks of
+  :data:`CACHE_BLOCK` slots), so a step costs what the tokens in the cache cost,
+  whatever the cache's allocated size.
 Sampling lives in :mod:`apollo.models.llama.sampling`. References: Touvron et al.
 (2023), "LLaMA"; Su et al. (2021), "RoFormer" (rotary embeddings); Ainslie et al.
 (2023), "GQA"; the reference implementation is transformers' ``modeling_llama.py``.
@@ -271,11 +275,21 @@ def get_config(name: str, **overrides: Any) -> DecoderConfig:
 # -----------------------------------------------------------------------------
 
 
-class LayerCache(NamedTuple):
-  """Keys and values of one layer, for every cache slot."""
+# Cache slots per block of cached attention: a step reads ceil(used / CACHE_BLOCK)
+# blocks. Smaller blocks waste less on a partly used block, larger ones cost fewer
+# loop iterations (each is a few microseconds on a CPU).
+CACHE_BLOCK = 64
 
-  k: jax.Array  # [B, T, kv_heads, head_dim], post-RoPE keys.
-  v: jax.Array  # [B, T, kv_heads, head_dim].
+
+class LayerCache(NamedTuple):
+  """Keys and values of one layer, for every cache slot.
+
+  Heads come before slots, so attention reads a block of slots of every head as
+  contiguous rows (no transpose of the cache in a decoding step).
+  """
+
+  k: jax.Array  # [B, kv_heads, T, head_dim], post-RoPE keys.
+  v: jax.Array  # [B, kv_heads, T, head_dim].
 
 
 class KVCache(NamedTuple):
@@ -306,7 +320,7 @@ def init_cache(config: DecoderConfig, batch_size: int, max_len: int, dtype: Any 
   """
   c = config
   dtype = c.dtype if dtype is None else jnp.dtype(dtype)
-  shape = (batch_size, max_len, c.num_kv_heads, c.head_dim)
+  shape = (batch_size, c.num_kv_heads, max_len, c.head_dim)
   layers = tuple(
     LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers)
   )
@@ -456,7 +470,9 @@ class Attention(nnx.Module):
       x: [B, L, embed].
       positions: int [B, L] RoPE positions.
       inv_freq: float32 [head_dim/2].
-      key_mask: bool [B, L, S]: query i may attend key j (S = L, or the cache size).
+      key_mask: without a cache, bool [B, L, L]: query i may attend key j. With a
+        cache, bool [B, T]: the slots holding real tokens, this input's included;
+        query i (written to slot ``index + i``) attends the real slots up to its own.
       layer_cache: this layer's :class:`LayerCache`, or None (keys = this input).
       index: int32 [] slot where this input's keys are written in the cache.
 
@@ -467,25 +483,114 @@ class Attention(nnx.Module):
     q = apply_rope(self.q_proj(x), positions, inv_freq)  # [B, L, H, D]
     k = apply_rope(self.k_proj(x), positions, inv_freq)  # [B, L, KV, D]
     v = self.v_proj(x)
-    if layer_cache is not None:
-      start = (0, index, 0, 0)
-      k = jax.lax.dynamic_update_slice(layer_cache.k, k.astype(layer_cache.k.dtype), start)
-      v = jax.lax.dynamic_update_slice(layer_cache.v, v.astype(layer_cache.v.dtype), start)
-      layer_cache = LayerCache(k, v)
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
     batch, length = q.shape[:2]
-    # GQA: query heads h = g * groups + j read kv head g (HF's repeat_kv order).
+    # GQA: query heads h = g * groups + j read kv head g (HF's repeat_kv order);
+    # grouping the query heads leaves the kv heads unrepeated.
     q = q.reshape(batch, length, c.num_kv_heads, c.num_query_groups, c.head_dim)
     q = q * jnp.asarray(c.head_dim**-0.5, q.dtype)
-    logits = jnp.einsum("blkgd,bskd->bkgls", q, k)
-    # Softmax in float32 whatever the compute dtype.
-    logits = jnp.where(
-      key_mask[:, None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min
-    )
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    context = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+    if layer_cache is not None:
+      start = (0, 0, index, 0)
+      k = jnp.swapaxes(k, 1, 2).astype(layer_cache.k.dtype)  # [B, KV, L, D]
+      v = jnp.swapaxes(v, 1, 2).astype(layer_cache.v.dtype)
+      layer_cache = LayerCache(
+        jax.lax.dynamic_update_slice(layer_cache.k, k, start),
+        jax.lax.dynamic_update_slice(layer_cache.v, v, start),
+      )
+      context = cached_attention(
+        jnp.moveaxis(q, 1, 3), layer_cache.k, layer_cache.v, key_mask, index, CACHE_BLOCK
+      )  # [B, KV, G, L, D]
+      context = jnp.moveaxis(context, 3, 1)
+    else:
+      logits = jnp.einsum("blkgd,bskd->bkgls", q, k)
+      # Softmax in float32 whatever the compute dtype.
+      logits = jnp.where(key_mask[:, None, None], logits.astype(jnp.float32), _MASKED)
+      probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+      context = jnp.einsum("bkgls,bskd->blkgd", probs, v)
     context = context.reshape(batch, length, c.num_heads, c.head_dim)
     return self.o_proj(context), layer_cache
+
+
+# The score of a masked key. Finite, so that a query with no key to attend (left
+# padding) averages the values instead of producing NaN.
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def cached_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  valid: jax.Array,
+  index: jax.Array,
+  block: int = CACHE_BLOCK,
+) -> jax.Array:
+  """Causal attention of ``L`` queries at slots ``index .. index+L-1`` over a cache.
+
+  Only the blocks of ``block`` slots up to the last query's slot are read (a
+  ``fori_loop`` with a traced trip count, combined by an online softmax as in
+  Milakov & Gimelshein (2018), "Online normalizer calculation for softmax"), so
+  the cost follows the tokens written, not the cache's size. Equal to a softmax
+  over every slot with masked scores (:func:`dense_cached_attention`) up to
+  float32 rounding.
+
+  Args:
+    q: [B, KV, G, L, D] queries, already scaled by ``1/sqrt(D)``.
+    k: [B, KV, T, D] cached keys, this input's included.
+    v: [B, KV, T, D] cached values.
+    valid: bool [B, T]: slots holding real tokens (left padding is False).
+    index: int32 []: the slot of the first query.
+    block: slots per block (clipped to T).
+
+  Returns:
+    [B, KV, G, L, D] in the dtype of ``v``; a query with no real slot to attend
+    (left padding) gets a finite average of values, used by nothing.
+  """
+  batch, kv_heads, groups, length, head_dim = q.shape
+  slots = k.shape[2]
+  block = min(block, slots)
+  query_slot = index + jnp.arange(length)
+  num_blocks = (index + length + block - 1) // block
+
+  def attend_block(j, carry):
+    running_max, norm, acc = carry
+    # The last block is moved back to end at T when T is not a multiple of
+    # `block`; slots before j * block were already counted and are masked.
+    start = jnp.minimum(j * block, slots - block)
+    k_block = jax.lax.dynamic_slice_in_dim(k, start, block, axis=2)
+    v_block = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
+    slot = start + jnp.arange(block)
+    allowed = (slot[None, :] <= query_slot[:, None]) & (slot >= j * block)[None, :]  # [L, blk]
+    allowed = allowed[None] & jax.lax.dynamic_slice_in_dim(valid, start, block, axis=1)[:, None]
+    scores = jnp.einsum("bkgld,bksd->bkgls", q, k_block.astype(q.dtype))
+    scores = jnp.where(allowed[:, None, None], scores.astype(jnp.float32), _MASKED)
+    new_max = jnp.maximum(running_max, scores.max(axis=-1))
+    probs = jnp.exp(scores - new_max[..., None])
+    rescale = jnp.exp(running_max - new_max)
+    norm = norm * rescale + probs.sum(axis=-1)
+    update = jnp.einsum("bkgls,bksd->bkgld", probs.astype(v.dtype), v_block)
+    acc = acc * rescale[..., None] + update.astype(jnp.float32)
+    return new_max, norm, acc
+
+  stats_shape = (batch, kv_heads, groups, length)
+  init = (
+    jnp.full(stats_shape, _MASKED, jnp.float32),
+    jnp.zeros(stats_shape, jnp.float32),
+    jnp.zeros((*stats_shape, head_dim), jnp.float32),
+  )
+  _, norm, acc = jax.lax.fori_loop(0, num_blocks, attend_block, init)
+  return (acc / norm[..., None]).astype(v.dtype)
+
+
+def dense_cached_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, index: jax.Array
+) -> jax.Array:
+  """:func:`cached_attention` as one softmax over every slot (the reference)."""
+  length, slots = q.shape[3], k.shape[2]
+  causal = jnp.arange(slots)[None, :] <= (index + jnp.arange(length))[:, None]
+  allowed = causal[None] & valid[:, None, :]  # [B, L, T]
+  scores = jnp.einsum("bkgld,bksd->bkgls", q, k.astype(q.dtype))
+  scores = jnp.where(allowed[:, None, None], scores.astype(jnp.float32), _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgls,bksd->bkgld", probs, v)
 
 
 class MLP(nnx.Module):
@@ -561,6 +666,7 @@ class Decoder(nnx.Module):
     attention_mask: jax.Array | None = None,
     cache: KVCache | None = None,
     segment_ids: jax.Array | None = None,
+    last_logits_only: bool = False,
   ) -> tuple[jax.Array, KVCache | None]:
     """Next-token logits for every input position.
 
@@ -576,6 +682,9 @@ class Decoder(nnx.Module):
       segment_ids: int [B, L] (no cache only): packed training rows; a token
         attends only to earlier tokens of its own segment. Pass per-segment
         ``positions`` with it (they restart at 0 in each segment).
+      last_logits_only: the LM head only for the last position (L becomes 1 in
+        the logits): a prefill needs just the next token's, and the head over a
+        whole prompt costs ``L`` times as much.
 
     Returns:
       (logits [B, L, vocab] in the compute dtype, the updated cache or None).
@@ -598,9 +707,7 @@ class Decoder(nnx.Module):
       if segment_ids is not None:
         raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache.")
       valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
-      query_slot = cache.index + jnp.arange(length)
-      causal = jnp.arange(cache.max_len)[None, :] <= query_slot[:, None]
-      key_mask = causal[None] & valid[:, None, :]
+      key_mask = valid  # Causality within the cache is cached_attention's.
     inv_freq = rope_inverse_frequencies(c)
 
     x = self.embed_tokens(input_ids)
@@ -611,6 +718,8 @@ class Decoder(nnx.Module):
         x, positions, inv_freq, key_mask, layer_cache, None if cache is None else cache.index
       )
       new_layers.append(layer_cache)
+    if last_logits_only:
+      x = x[:, -1:]
     x = self.norm(x)
     if self.lm_head is None:
       logits = self.embed_tokens.attend(x)

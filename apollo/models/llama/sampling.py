@@ -4,6 +4,12 @@
 once (prefill), then a ``jax.lax.while_loop`` of single-token steps over the
 preallocated KV cache, with greedy, temperature, top-k and top-p (nucleus) sampling
 as in Holtzman et al. (2020), "The Curious Case of Neural Text Degeneration".
+
+Prompts are left-padded up to a bucket length (:func:`prompt_bucket`), so prompts
+of different lengths share one compiled function; the padding is masked, and a
+decoding step reads only the cache blocks in use, so neither the padding nor a
+large cache changes the tokens or costs much. ``benchmarks/generate.py`` measures
+the speed.
 """
 
 from __future__ import annotations
@@ -25,6 +31,25 @@ class GenerateOutput(NamedTuple):
   tokens: jax.Array  # int32 [B, max_new_tokens]; pad_id after a row's stop token.
   lengths: jax.Array  # int32 [B]: generated tokens per row, its stop token included.
   finished: jax.Array  # bool [B]: the row produced a stop token.
+
+
+# Prompt lengths are padded up to a power of two from this one ...
+MIN_PROMPT_BUCKET = 16
+# ... up to this one, then to a multiple of it: a long prompt wastes at most a
+# fraction of its length in padding, a short one at most as many tokens as it has.
+PROMPT_BUCKET_STEP = 256
+
+
+def prompt_bucket(length: int) -> int:
+  """The padded length of a ``length``-token prompt (one compilation per bucket).
+
+  Powers of two from :data:`MIN_PROMPT_BUCKET` to :data:`PROMPT_BUCKET_STEP`, then
+  multiples of :data:`PROMPT_BUCKET_STEP`: 1-16 -> 16, 17-32 -> 32, ..., 257-512 ->
+  512, 513-768 -> 768.
+  """
+  if length <= PROMPT_BUCKET_STEP:
+    return max(MIN_PROMPT_BUCKET, 1 << max(length - 1, 0).bit_length())
+  return -(-length // PROMPT_BUCKET_STEP) * PROMPT_BUCKET_STEP
 
 
 def sample_logits(
@@ -83,7 +108,7 @@ def _generate(
   model = nnx.merge(graphdef, state)
   batch = prompt_ids.shape[0]
   cache = model.init_cache(batch, cache_size)
-  logits, cache = model(prompt_ids, attention_mask=prompt_mask, cache=cache)
+  logits, cache = model(prompt_ids, attention_mask=prompt_mask, cache=cache, last_logits_only=True)
 
   def pick(logits, step):
     if greedy:
@@ -129,14 +154,17 @@ def generate(
   prompt_mask: jax.Array | None = None,
   pad_id: int = 0,
   cache_size: int | None = None,
+  bucket_prompt: bool = True,
 ) -> GenerateOutput:
   """Samples continuations of a batch of (left-padded) prompts with a KV cache.
 
   The prompt is processed in one prefill call, then one token per iteration of a
   ``jax.lax.while_loop`` (it stops early when every row has produced a stop
-  token). One compilation per (prompt shape, ``max_new_tokens``, cache size,
-  greedy / top_k / top_p-on switches, number of stop ids); temperature, top_p,
-  the stop ids and pad_id are traced, so changing them does not recompile.
+  token). One compilation per (batch size, prompt bucket, ``max_new_tokens``,
+  cache size, greedy / top_k / top_p-on switches, number of stop ids);
+  temperature, top_p, the stop ids and pad_id are traced, so changing them does
+  not recompile. The prompt is left-padded (masked) up to :func:`prompt_bucket`
+  of its length, which changes neither the tokens nor the RoPE positions.
 
   Args:
     model: the :class:`Decoder`.
@@ -149,7 +177,10 @@ def generate(
     eos_id: stop token id(s); a row stops after producing one.
     prompt_mask: [B, P], 0 on left padding; default all ones.
     pad_id: written after a row has stopped.
-    cache_size: KV cache slots; default ``P + max_new_tokens``.
+    cache_size: KV cache slots; default ``prompt_bucket(P) + max_new_tokens``. A
+      step reads only the slots in use, so a larger cache costs memory, not time.
+    bucket_prompt: pad the prompt to :func:`prompt_bucket` (to at most
+      ``cache_size - max_new_tokens``); False compiles for the exact length.
 
   Returns:
     :class:`GenerateOutput` (tokens [B, max_new_tokens], lengths, finished).
@@ -159,18 +190,27 @@ def generate(
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
   needed = prompt_len + max_new_tokens
-  cache_size = needed if cache_size is None else cache_size
-  if cache_size < needed:
+  if cache_size is not None and cache_size < needed:
     raise ValueError(
       f"cache_size={cache_size} < prompt ({prompt_len}) + max_new_tokens ({max_new_tokens})."
     )
+  if prompt_mask is None:
+    prompt_mask = jnp.ones((batch, prompt_len), bool)
+  prompt_mask = jnp.asarray(prompt_mask, bool)
+  padded_len = prompt_bucket(prompt_len) if bucket_prompt else prompt_len
+  if cache_size is None:
+    cache_size = padded_len + max_new_tokens
+  padded_len = min(padded_len, cache_size - max_new_tokens)
+  if padded_len > prompt_len:
+    # Masked padding on the left; token 0 is a valid id for the embedding lookup.
+    padding = ((0, 0), (padded_len - prompt_len, 0))
+    prompt_ids = jnp.pad(prompt_ids, padding)
+    prompt_mask = jnp.pad(prompt_mask, padding)
   greedy = temperature == 0
   if rng is None:
     if not greedy:
       raise ValueError("Sampling with temperature > 0 needs an rng key.")
     rng = jax.random.key(0)
-  if prompt_mask is None:
-    prompt_mask = jnp.ones((batch, prompt_len), bool)
   # Stop ids and pad are traced (no recompilation per value); -1 matches no token.
   if eos_id is None:
     eos_id = (-1,)
@@ -180,7 +220,7 @@ def generate(
     graphdef,
     state,
     prompt_ids,
-    jnp.asarray(prompt_mask, bool),
+    prompt_mask,
     rng,
     jnp.float32(temperature if not greedy else 1.0),
     jnp.float32(1.0 if top_p is None else top_p),
