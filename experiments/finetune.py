@@ -1,6 +1,7 @@
 r"""Multiple-choice fine-tuning (ReClor, LogiQA, the generated logic set): a thin absl main.
 
   python -m experiments.finetune --flagfile=experiments/flags/quickstart_finetune.flags
+  python -m experiments.finetune --flagfile=experiments/flags/minilm_finetune.flags
   python -m experiments.finetune --flagfile=experiments/flags/reclor_roberta_large.flags
   python -m experiments.finetune --workdir=runs/finetune \
       --config=apollo/lm/configs/finetune.py:quickstart --config.train_steps=50
@@ -19,7 +20,7 @@ from apollo.lm import finetune
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
   "apollo/lm/configs/finetune.py:quickstart",
-  "Config file and preset (quickstart, reclor_base, reclor_large, logiqa_base, "
+  "Config file and preset (quickstart, minilm, reclor_base, reclor_large, logiqa_base, "
   "logiqa_large); override fields with --config.x=y.",
 )
 _WORKDIR = flags.DEFINE_string(

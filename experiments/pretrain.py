@@ -1,6 +1,7 @@
 r"""APOLLO continued pretraining (S-MLM + E-CLS): a thin absl main over the trainer.
 
   python -m experiments.pretrain --flagfile=experiments/flags/quickstart.flags
+  python -m experiments.pretrain --flagfile=experiments/flags/minilm_pretrain.flags
   python -m experiments.pretrain --workdir=runs/pretrain \
       --config=apollo/lm/configs/pretrain.py:quickstart --config.train_steps=100
 
@@ -20,7 +21,8 @@ from apollo.lm import pretrain
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
   "apollo/lm/configs/pretrain.py:quickstart",
-  "Config file and preset (quickstart, base, large); override fields with --config.x=y.",
+  "Config file and preset (quickstart, minilm, base, large); override fields with "
+  "--config.x=y, e.g. --config.init_from=minilm-l6 to continue a checkpoint.",
 )
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Checkpoints, metrics and prepared data go here.", required=True

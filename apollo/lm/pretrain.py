@@ -286,7 +286,9 @@ class InitCheckpoint:
     params = bert_params if self.model_type == "bert" else roberta_params
     return params.config_from_hf(self.hf_dir, **overrides)
 
-  def load(self, head: str, *, mesh, seed: int, **overrides: Any) -> registry.LoadedModel:
+  def load(
+    self, head: str, *, mesh: jax.sharding.Mesh, seed: int, **overrides: Any
+  ) -> registry.LoadedModel:
     """The model with `head` ('pretraining' / 'multiple_choice'), created in its shards."""
     return registry.load(self.hf_dir, head=head, mesh=mesh, seed=seed, **overrides)
 
@@ -318,7 +320,7 @@ def import_checkpoint(
   checkpoint: InitCheckpoint,
   head: str,
   *,
-  mesh,
+  mesh: jax.sharding.Mesh,
   seed: int,
   model_config: model_lib.EncoderConfig,
   workdir: str | None,
@@ -338,10 +340,8 @@ def import_checkpoint(
       f"{checkpoint.flag}: the imported config {loaded.model.config} differs from the "
       f"configured {model_config}."
     )
-  report = loaded.report
+  report = loaded.report  # Its summary names the tensors kept at their fresh init.
   logging.info("Imported %s (%s): %s", checkpoint.name, checkpoint.hf_dir, report.summary())
-  if report.missing:
-    logging.info("Initialised fresh from seed %d (not in the checkpoint): %s", seed, report.missing)
   if workdir is not None and train_lib.is_main():
     train_lib.write_json_atomically(
       os.path.join(workdir, INIT_REPORT),
