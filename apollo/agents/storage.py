@@ -215,6 +215,8 @@ class StepRecord:
   quality_reason: str | None = None
   assistant: dict[str, Any] | None = None
   call: dict[str, Any] | None = None
+  # How many messages the step has when `messages` was not read (light reads).
+  num_messages: int | None = dataclasses.field(default=None, repr=False)
 
   @property
   def assistant_message(self) -> dict[str, Any]:
@@ -261,12 +263,14 @@ class StepRecord:
     return "\n".join(t for t in [message.get("content") or "", *calls] if t)
 
   def to_json(self, full: bool = True) -> dict[str, Any]:
-    """JSON view; `full=False` drops the bulky messages and state snapshots."""
+    """JSON view; `full=False` drops the bulky messages and state snapshots.
+    Both carry `num_messages`, the number of messages the step was given."""
     data = dataclasses.asdict(self)
+    if self.num_messages is None:
+      data["num_messages"] = len(self.messages)
     if not full:
       for key in ("messages", "env_state", "policy_state"):
         data.pop(key)
-      data["num_messages"] = len(self.messages)
     return data
 
 
@@ -657,7 +661,7 @@ class SQLiteStore(TrajectoryStore):
   def get_steps(
     self, session_id: str, since: int = -1, limit: int | None = None, full: bool = True
   ) -> list[StepRecord]:
-    columns = "*" if full else ", ".join(_LIGHT_COLUMNS)
+    columns = "*" if full else ", ".join(_LIGHT_COLUMNS + (_NUM_MESSAGES,))
     query = (
       f"SELECT {columns} FROM steps WHERE session_id = ? AND step_index > ? ORDER BY step_index"
     )
@@ -836,6 +840,9 @@ _LIGHT_COLUMNS = (
   "call_json",
 )
 
+# What a light read selects instead of the message ids: their count.
+_NUM_MESSAGES = "json_array_length(messages_json) AS num_messages"
+
 
 def _dumps_or_none(value: Any) -> str | None:
   return None if value is None else json.dumps(value)
@@ -932,6 +939,7 @@ def _step_from_row(row: sqlite3.Row, messages: Mapping[str, dict[str, Any]]) -> 
     quality_reason=row["quality_reason"],
     assistant=_loads_or_none(row["assistant_json"]),
     call=_loads_or_none(row["call_json"]),
+    num_messages=row["num_messages"] if "num_messages" in keys else None,
   )
 
 

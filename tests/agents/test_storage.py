@@ -238,6 +238,9 @@ def test_messages_are_stored_once_and_prompts_rebuilt_exactly(store):
   assert store.last_step("d").messages == steps[-1].messages
   light = store.get_steps("d", full=False)
   assert light[0].messages == [] and light[0].response == steps[0].response
+  # A light step still says how many messages it was given (the console shows it).
+  assert [s.to_json(full=False)["num_messages"] for s in light] == [len(s.messages) for s in steps]
+  assert steps[-1].to_json()["num_messages"] == len(steps[-1].messages)
 
 
 def test_a_version_1_store_stays_readable_and_resumes(tmp_path):

@@ -1,4 +1,5 @@
-"""The web console in headless Chromium: live view, guidance, pause/resume, flags.
+"""The web console in headless Chromium: live view, guidance, pause/resume, flags,
+and each step's full reply, parsed call and exact messages.
 
 Needs Debian's `chromium` and the Python `playwright` package (no browser download);
 skipped with the reason when either is missing.
@@ -13,7 +14,7 @@ from apollo.agents import storage
 from apollo.agents.service import client as client_lib
 from apollo.agents.service import http_api
 from apollo.agents.service import manager as manager_lib
-from tests.agents.helpers import wait_for
+from tests.agents.helpers import call, run_canned, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 try:
@@ -68,6 +69,13 @@ def test_console_steers_a_live_session(tmp_path):
       assert "guided" in page.get_attribute('#steps tr[data-step="0"]', "class")
       page.wait_for_selector("#guidance-list li.delivered", timeout=10_000)
 
+      # The flag buttons show text and an inline icon (emoji glyphs are missing here).
+      for flag in ("good", "bad"):
+        button = f'#steps tr[data-step="0"] .flag-{flag}'
+        assert page.text_content(button).strip() == flag
+        assert page.query_selector(button + " svg") is not None
+        assert page.locator(button).bounding_box()["width"] > 20
+
       page.click("#pause-btn")
       wait_for(lambda: store.get_session(sid).status == "paused", timeout=20)
       page.wait_for_selector("#status.paused", timeout=20_000)
@@ -90,6 +98,79 @@ def test_console_steers_a_live_session(tmp_path):
       browser.close()
     assert errors == []
     assert store.get_session(sid).status == "stopped"
+  finally:
+    server.stop()
+    manager.shutdown()
+    store.close()
+
+
+# A reply that looks like markup, long enough to be cut in the row's preview.
+HTML_REPLY = (
+  '<b id="injected">bold</b><img src="x" onerror="window.__injected = 1">'
+  + " thinking it over. " * 60
+  + "\n"
+  + call("list_files")
+)
+UNPARSED_REPLY = '{"tool": "sleep", "arguments": {"hours": 0.5}'  # the closing brace is missing
+
+
+def test_console_shows_replies_parse_failures_and_messages(tmp_path):
+  store = storage.SQLiteStore(os.path.join(tmp_path, "store.sqlite"))
+  run_canned(store, "canned", 0, [HTML_REPLY, UNPARSED_REPLY, call("gpu_status")])
+  manager = manager_lib.SessionManager(store)
+  server = http_api.RolloutHTTPServer(manager, "127.0.0.1", 0).start()
+  row = '#steps tr[data-step="{}"] '.format
+  try:
+    with sync_playwright() as p:
+      browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+      page = browser.new_page()
+      errors = []
+      page.on("pageerror", lambda e: errors.append(str(e)))
+      page.goto(server.url + "/")
+      page.click('.session-item[data-id="canned"]', timeout=10_000)
+      page.wait_for_selector(row(2), timeout=10_000)
+
+      # A parsed call: its tool in the row, no failure badge; the reply stays text.
+      assert "list_files" in page.text_content(row(0) + ".call-line")
+      assert page.query_selector(row(0) + ".badge.parse-error") is None
+      # A reply that did not parse: a visible badge, the parse error as its tooltip.
+      assert page.is_visible(row(1) + ".badge.parse-error")
+      assert "unparsed" in page.get_attribute(row(1), "class")
+      assert page.get_attribute(row(1) + ".badge.parse-error", "title") == (
+        store.get_step("canned", 1).parse_error
+      )
+
+      # Expanding the full reply shows it verbatim, as text; the parsed call beside it.
+      assert not page.is_visible(row(0) + ".reply-text")
+      page.click(row(0) + "details.reply > summary")
+      assert page.is_visible(row(0) + ".reply-text")
+      assert page.text_content(row(0) + ".reply-text") == HTML_REPLY
+      assert '"tool": "list_files"' in page.text_content(row(0) + ".parsed-call")
+      page.click(row(1) + "details.reply > summary")
+      assert page.text_content(row(1) + ".parsed-call").startswith("none: ")
+      assert page.query_selector("#injected") is None and page.query_selector("#steps img") is None
+      assert page.evaluate("window.__injected") is None
+
+      # The exact messages, fetched on demand: those the model was given, then its reply.
+      step = store.get_step("canned", 1)
+      assert page.query_selector(row(1) + ".messages details.msg") is None
+      page.click(row(1) + "button.load-messages")
+      page.wait_for_selector(row(1) + ".messages details.msg", timeout=10_000)
+      items = page.query_selector_all(row(1) + ".messages details.msg")
+      assert len(items) == len(step.messages) + 1
+      contents = [i.query_selector(".msg-content").text_content() for i in items]
+      assert contents == [m["content"] for m in step.messages] + [UNPARSED_REPLY]
+      assert "reply-msg" in items[-1].get_attribute("class")
+      assert "role-system" in items[0].get_attribute("class")
+
+      # Flagging updates the row in place: what was opened stays open.
+      page.click(row(1) + ".flag-bad")
+      page.wait_for_selector(row(1).strip() + ".flag-bad-row", timeout=10_000)
+      wait_for(lambda: store.get_step("canned", 1).human_flag == "bad")
+      assert page.get_attribute(row(0) + "details.reply", "open") is not None
+      assert page.is_visible(row(1) + ".messages details.msg")
+      browser.close()
+    assert errors == []
   finally:
     server.stop()
     manager.shutdown()
