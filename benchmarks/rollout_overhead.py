@@ -1,6 +1,6 @@
 """Rollout loop overhead and guidance latency with concurrent sessions.
 
-    python -m benchmarks.rollout_overhead [--sessions 16] [--model_latency_s 0.05]
+    python -m benchmarks.rollout_overhead [--sessions 16] [--model_latency_s 0.05] [--listeners 200]
 
 Runs N research-task sessions at once in one service (SQLite store, HTTP API on
 127.0.0.1) with the scripted policy standing in for a model that takes
@@ -13,21 +13,29 @@ running sessions. Reports:
 - guidance latency: from the client's POST to the moment the message entered the
   agent's context (`delivered_at`), i.e. what the human waits before the agent sees
   it. It is bounded below by the model call under way when the message arrives.
+
+The last row runs the same sessions with `--listeners` server-sent event streams open
+(consoles watching, spread over the sessions, read by one selector thread) and also
+reports the fan-out latency: from the POST to the `guidance` event reaching a
+listener of that session.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import selectors
+import socket
 import statistics
 import tempfile
 import threading
 import time
 
 from apollo.agents import storage
+from apollo.agents.service import app as app_lib
 from apollo.agents.service import client as client_lib
-from apollo.agents.service import http_api
 from apollo.agents.service import manager as manager_lib
 
 
@@ -36,21 +44,90 @@ def _pct(values: list[float], q: float) -> float:
   return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run(sessions: int, model_latency_s: float, max_steps: int, guidance_interval_s: float) -> dict:
+class _Listeners:
+  """`n` event streams over `session_ids` (round robin), read in one thread; records
+  when each listener first sees each guidance message."""
+
+  def __init__(self, server: app_lib.RolloutServer, session_ids: list[str], n: int):
+    self.selector = selectors.DefaultSelector()
+    self.first_seen: dict[int, list[float]] = {}  # guidance id -> receive times
+    self.buffers: dict[socket.socket, bytes] = {}
+    self.seen: dict[socket.socket, set[int]] = {}
+    for i in range(n):
+      sock = socket.create_connection((server.host, server.port))
+      sid = session_ids[i % len(session_ids)]
+      sock.sendall(f"GET /api/sessions/{sid}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+      sock.setblocking(False)
+      self.selector.register(sock, selectors.EVENT_READ)
+      self.buffers[sock], self.seen[sock] = b"", set()
+    self.stop = threading.Event()
+    self.thread = threading.Thread(target=self._read, daemon=True)
+    self.thread.start()
+
+  def _read(self) -> None:
+    while not self.stop.is_set():
+      for key, _ in self.selector.select(timeout=0.1):
+        sock = key.fileobj
+        try:
+          data = sock.recv(1 << 16)
+        except BlockingIOError:
+          continue
+        if not data:
+          self.selector.unregister(sock)
+          continue
+        now = time.time()
+        buffer = self.buffers[sock] + data
+        *events, self.buffers[sock] = buffer.split(b"\n\n")
+        for event in events:
+          if b"event: guidance\n" not in event:
+            continue
+          payload = event.split(b"data: ", 1)[1].split(b"\r\n")[0]
+          gid = json.loads(payload)["guidance_id"]
+          if gid not in self.seen[sock]:
+            self.seen[sock].add(gid)
+            self.first_seen.setdefault(gid, []).append(now)
+
+  def close(self) -> None:
+    self.stop.set()
+    self.thread.join()
+    for sock in self.buffers:
+      sock.close()
+
+
+def run(
+  sessions: int,
+  model_latency_s: float,
+  max_steps: int,
+  guidance_interval_s: float,
+  listeners: int = 0,
+) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     store = storage.SQLiteStore(os.path.join(tmp, "bench.sqlite"))
     manager = manager_lib.SessionManager(store, workdir=tmp)
-    server = http_api.RolloutHTTPServer(manager, "127.0.0.1", 0).start()
+    server = app_lib.RolloutServer(
+      manager, "127.0.0.1", 0, max_streams_per_client=max(listeners, app_lib.MAX_STREAMS_PER_CLIENT)
+    ).start()
     client = client_lib.HttpClient(server.url)
-    began = time.perf_counter()
+    # Created paused, so that the listeners are connected before any step runs.
     ids = [
       client.create_session(
         seed=i,
         backend_options={"latency_s": model_latency_s, "invalid_rate": 0.0},
         agent={"max_steps": max_steps},
+        paused=True,
       )["session_id"]
       for i in range(sessions)
     ]
+    watchers = _Listeners(server, ids, listeners) if listeners else None
+    if watchers is not None:
+      deadline = time.monotonic() + 60
+      while sum(app_lib.streams_open(server.app).values()) < listeners:
+        if time.monotonic() > deadline:
+          raise RuntimeError("the listeners did not connect")
+        time.sleep(0.01)
+    began = time.perf_counter()
+    for sid in ids:
+      client.control(sid, "resume")
     sent: dict[int, float] = {}
     stop = threading.Event()
 
@@ -72,6 +149,12 @@ def run(sessions: int, model_latency_s: float, max_steps: int, guidance_interval
     wall = time.perf_counter() - began
     stop.set()
     sender.join()
+    fanout = []
+    if watchers is not None:
+      watchers.close()
+      for gid, times in watchers.first_seen.items():
+        if gid in sent:
+          fanout += [t - sent[gid] for t in times]
     overhead, model, steps_total = [], [], 0
     for sid in ids:
       steps = store.get_steps(sid, full=False)
@@ -102,6 +185,8 @@ def run(sessions: int, model_latency_s: float, max_steps: int, guidance_interval
     "latency": latency,
     "accept_latency": accept_latency,
     "undelivered": undelivered,
+    "listeners": listeners,
+    "fanout": fanout,
   }
 
 
@@ -111,22 +196,27 @@ def main() -> None:
   parser.add_argument("--model_latency_s", type=float, default=0.05)
   parser.add_argument("--max_steps", type=int, default=100)
   parser.add_argument("--guidance_interval_s", type=float, default=0.02)
+  parser.add_argument("--listeners", type=int, default=200, help="event streams, last row")
   args = parser.parse_args()
   print(f"cpu cores: {os.cpu_count()}")
   print(
-    "| sessions | model latency | steps | steps/s | loop overhead p50 / p95 / mean (ms) "
-    "| guidance latency p50 / p95 / max (ms) | guidance msgs |"
+    "| sessions | SSE listeners | model latency | steps | steps/s "
+    "| loop overhead p50 / p95 / mean (ms) | guidance latency p50 / p95 / max (ms) "
+    "| guidance event to listeners p50 / p95 (ms) | guidance msgs |"
   )
-  print("|---|---|---|---|---|---|---|")
-  for sessions in sorted({1, args.sessions}):
-    r = run(sessions, args.model_latency_s, args.max_steps, args.guidance_interval_s)
+  print("|---|---|---|---|---|---|---|---|---|")
+  rows = [(n, 0) for n in sorted({1, args.sessions})] + [(args.sessions, args.listeners)]
+  for sessions, listeners in rows:
+    r = run(sessions, args.model_latency_s, args.max_steps, args.guidance_interval_s, listeners)
     o = [1000 * x for x in r["overhead"]]
     g = [1000 * x for x in r["latency"]]
+    f = [1000 * x for x in r["fanout"]]
+    fanout = f"{_pct(f, 0.5):.0f} / {_pct(f, 0.95):.0f}" if f else "-"
     print(
-      f"| {sessions} | {1000 * args.model_latency_s:.0f} ms | {r['steps']} | "
+      f"| {sessions} | {listeners} | {1000 * args.model_latency_s:.0f} ms | {r['steps']} | "
       f"{r['steps'] / r['wall_s']:.0f} | {_pct(o, 0.5):.1f} / {_pct(o, 0.95):.1f} / "
       f"{statistics.fmean(o):.1f} | {_pct(g, 0.5):.0f} / {_pct(g, 0.95):.0f} / {max(g):.0f} | "
-      f"{len(g)} |",
+      f"{fanout} | {len(g)} |",
       flush=True,
     )
 

@@ -18,6 +18,16 @@ with native tool calls (`--tool_mode=text` for servers without tool support):
         --openai_base_url=http://127.0.0.1:8000/v1 --openai_model=smollm2-135m-instruct \
         --judge_base_url=http://127.0.0.1:8000/v1 --judge_model=smollm2-135m-instruct ...
 
+Only the operator chooses what runs: the backends a session may name are configured
+here, at launch (`--backends`, from the `--openai_*` / `--model` flags, and any named in
+a `--backend_config` JSON file, e.g. `{"glm": {"factory": "openai", "options":
+{"base_url": "http://10.0.0.5:8000/v1", "model": "zai-org/GLM-4.5", "api_key_env":
+"GLM_KEY"}}}`); a request picks one by name and may set only its sampling knobs, never
+a server URL, model or key. Sessions in the `workspace` environment run shell commands:
+the API creates them only when `--api_envs` (or `--env`) names it, and then only with
+the token when one is set. A second process on the same --workdir refuses to start
+(`service.lock`).
+
 Everything lives in --workdir: `trajectories.sqlite` (the store), `trajectories.jsonl`
 (one line per episode: its trajectory as OpenAI chat messages) and `summary.json`
 (scores, and per episode and overall how the model's tool calls fared: parsed,
@@ -40,8 +50,8 @@ from absl import app, flags
 
 from apollo.agents import storage
 from apollo.agents.envs import research as research_env
+from apollo.agents.service import app as app_lib
 from apollo.agents.service import client as client_lib
-from apollo.agents.service import http_api
 from apollo.agents.service import manager as manager_lib
 from apollo.agents.supervision import judging, llm_judge, simulated_human
 
@@ -53,7 +63,26 @@ _ENV = flags.DEFINE_enum("env", "research", ["research", "workspace"], "Environm
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "test"], "Research task split.")
 _SEED_START = flags.DEFINE_integer("seed_start", 0, "Index of the first task seed in the split.")
 _BACKEND = flags.DEFINE_string(
-  "backend", "scripted", "scripted | openai | flax | a registered one."
+  "backend", "scripted", "The sessions' backend: one of --backends or --backend_config."
+)
+_BACKENDS = flags.DEFINE_list(
+  "backends",
+  [],
+  "Operator: backends the service offers, configured from this command line: scripted, "
+  "openai (--openai_base_url, --openai_model, --openai_api_key_env), flax (--model). "
+  "Always includes scripted and --backend.",
+)
+_BACKEND_CONFIG = flags.DEFINE_string(
+  "backend_config",
+  None,
+  'Operator: a JSON file of more named backends, {"name": {"factory": "openai", '
+  '"options": {"base_url": ..., "model": ..., "api_key_env": ...}}}.',
+)
+_API_ENVS = flags.DEFINE_list(
+  "api_envs",
+  [],
+  "Operator: environments the API may create sessions in (research always; --env too). "
+  "workspace runs shell commands on this machine.",
 )
 _TOOL_MODE = flags.DEFINE_enum(
   "tool_mode",
@@ -119,30 +148,60 @@ _JUDGE_STEPS = flags.DEFINE_integer(
 )
 
 
+def _backends() -> dict[str, manager_lib.BackendProfile]:
+  """The backends this service offers, as the operator configured them."""
+  from_flags = {
+    "scripted": manager_lib.BackendProfile("scripted"),
+    "openai": manager_lib.BackendProfile(
+      "openai",
+      {
+        "base_url": _OPENAI_BASE_URL.value,
+        "model": _OPENAI_MODEL.value,
+        "api_key_env": _OPENAI_API_KEY_ENV.value,
+      },
+    ),
+    "flax": manager_lib.BackendProfile(
+      "flax",
+      {"max_batch": _MODEL_MAX_BATCH.value, **({"model": _MODEL.value} if _MODEL.value else {})},
+    ),
+  }
+  backends = {}
+  for name in {"scripted", *_BACKENDS.value, _BACKEND.value}:
+    if name in from_flags:
+      backends[name] = from_flags[name]
+  if _BACKEND_CONFIG.value:
+    with open(_BACKEND_CONFIG.value, encoding="utf-8") as f:
+      for name, entry in json.load(f).items():
+        backends[name] = manager_lib.BackendProfile(entry["factory"], entry.get("options", {}))
+  if _BACKEND.value not in backends:
+    raise app.UsageError(
+      f"--backend={_BACKEND.value} is neither built in ({sorted(from_flags)}) nor in "
+      "--backend_config"
+    )
+  return backends
+
+
 def _session_spec(index: int) -> dict:
   if _ENV.value == "research":
     seed = research_env.seeds_for(_SPLIT.value, 1, start=_SEED_START.value + index)[0]
     env_options = {"time_scale_s": _TIME_SCALE_S.value}
   else:
     seed, env_options = _SEED_START.value + index, {}
-  if _BACKEND.value == "scripted":
+  # Per-session knobs only: servers, models and keys are the operator's (`_backends`).
+  factory = _backends()[_BACKEND.value].factory
+  if factory == "scripted":
     backend_options = {"latency_s": _MODEL_LATENCY_S.value}
-  elif _BACKEND.value == "openai":
+  elif factory == "openai":
     backend_options = {
-      "base_url": _OPENAI_BASE_URL.value,
-      "model": _OPENAI_MODEL.value,
-      "api_key_env": _OPENAI_API_KEY_ENV.value,
       "tool_choice": _TOOL_CHOICE.value,
       "max_tokens": _MAX_NEW_TOKENS.value,
       "temperature": _TEMPERATURE.value,
     }
-  elif _BACKEND.value == "flax" and _MODEL.value:
+  elif factory == "flax":
     backend_options = {
-      "model": _MODEL.value,
       "tool_choice": _TOOL_CHOICE.value,
       "max_new_tokens": _MAX_NEW_TOKENS.value,
       "temperature": _TEMPERATURE.value,
-      "max_batch": _MODEL_MAX_BATCH.value,
     }
   else:
     backend_options = {}
@@ -256,9 +315,10 @@ def judge_with_llm(store: storage.SQLiteStore, session_ids: list[str]) -> dict:
 def run_headless(
   store: storage.SQLiteStore,
   manager: manager_lib.SessionManager,
-  server: http_api.RolloutHTTPServer,
+  server: app_lib.RolloutServer,
+  token: str | None = None,
 ) -> dict:
-  client = client_lib.HttpClient(server.url, _TOKEN.value)
+  client = client_lib.HttpClient(server.url, token)
   specs = [_session_spec(i) for i in range(_EPISODES.value)]
   ids = [s["session_id"] for s in specs]
   started = time.time()
@@ -316,14 +376,30 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 
 def main(argv: list[str]) -> None:
   del argv
-  os.makedirs(_WORKDIR.value, exist_ok=True)
   token = _TOKEN.value or os.environ.get("APOLLO_TOKEN") or None
+  try:
+    workdir_lock = manager_lib.lock_workdir(_WORKDIR.value)
+  except manager_lib.WorkdirLocked as e:
+    raise SystemExit(f"error: {e}") from None
+  try:
+    _serve(token)
+  finally:
+    workdir_lock.close()
+
+
+def _serve(token: str | None) -> None:
+  """Runs the service on the locked --workdir: headless to the end, or until Ctrl-C."""
   store = storage.SQLiteStore(os.path.join(_WORKDIR.value, "trajectories.sqlite"))
-  manager = manager_lib.SessionManager(store, workdir=_WORKDIR.value)
+  manager = manager_lib.SessionManager(
+    store,
+    workdir=_WORKDIR.value,
+    backends=_backends(),
+    envs=sorted({"research", _ENV.value, *_API_ENVS.value}),
+  )
   if _HEADLESS.value:
-    server = http_api.RolloutHTTPServer(manager, "127.0.0.1", 0, token=token).start()
+    server = app_lib.RolloutServer(manager, "127.0.0.1", 0, token=token).start()
     try:
-      summary = run_headless(store, manager, server)
+      summary = run_headless(store, manager, server, token)
     finally:
       server.stop()
       manager.shutdown()
@@ -337,7 +413,7 @@ def main(argv: list[str]) -> None:
     )
     print(f"store: {store.path}\nexport: {os.path.join(_WORKDIR.value, 'trajectories.jsonl')}")
     return
-  server = http_api.RolloutHTTPServer(manager, _HOST.value, _PORT.value, token=token).start()
+  server = app_lib.RolloutServer(manager, _HOST.value, _PORT.value, token=token).start()
   resumed = manager.resume_unfinished()
   for i in range(_EPISODES.value):
     spec = _session_spec(i)
@@ -357,7 +433,7 @@ def main(argv: list[str]) -> None:
   url = server.url + "/"
   print(
     f"Apollo rollout console: {url}"
-    + (f"?token={token}" if token and not http_api.is_loopback(_HOST.value) else "")
+    + (f"?token={token}" if token and not app_lib.is_loopback(_HOST.value) else "")
   )
   print(f"resumed: {resumed or 'none'}; sessions: {[s.session_id for s in store.list_sessions()]}")
   print(

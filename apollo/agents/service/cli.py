@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             f"# status={data['status']} steps={data['num_steps']} paused={data['paused']}",
             flush=True,
           )
+        elif kind == "guidance":
+          delivered = data["delivered_step"]
+          when = "pending" if delivered is None else f"delivered at step {delivered}"
+          print(f"# guidance {data['guidance_id']} ({when}): {data['text'][:100]}", flush=True)
         elif kind == "end":
           print(f"# ended: {data['status']}")
     elif args.command == "guide":

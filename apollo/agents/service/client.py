@@ -100,7 +100,9 @@ class HttpClient:
 
   def request(self, method: str, path: str, body: Any = None, raw: bool = False) -> Any:
     data = None if body is None else json.dumps(body).encode()
-    headers = {"Accept": "application/json"}
+    # X-Apollo-Request: what the server asks of state-changing requests (no page on
+    # another origin can send it).
+    headers = {"Accept": "application/json", "X-Apollo-Request": "1"}
     if data is not None:
       headers["Content-Type"] = "application/json"
     if self.token:
@@ -114,10 +116,11 @@ class HttpClient:
     except urllib.error.HTTPError as e:
       text = e.read().decode(errors="replace")
       try:
-        message = json.loads(text)["error"]
-      except (json.JSONDecodeError, KeyError, TypeError):
-        message = text
-      raise manager_lib.ApiError(e.code, message) from None
+        payload = json.loads(text)
+        message, field = payload["error"], payload.get("field")
+      except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        message, field = text, None
+      raise manager_lib.ApiError(e.code, message, field) from None
     return payload.decode() if raw else json.loads(payload)
 
   # RolloutAPI
@@ -171,7 +174,9 @@ class HttpClient:
     return self.request("GET", path, raw=True)
 
   def events(self, session_id: str, since: int = -1) -> Iterator[tuple[str, Any]]:
-    """Yields (event, data) from the server-sent event stream until it ends."""
+    """Yields (event, data) from the server-sent event stream until it ends: `session`
+    (first the whole session, later its changed status fields), `step`, `guidance`
+    (one message, when sent and when delivered) and `end`."""
     headers = {"Accept": "text/event-stream"}
     if self.token:
       headers["Authorization"] = f"Bearer {self.token}"

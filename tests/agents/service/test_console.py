@@ -11,8 +11,8 @@ import shutil
 import pytest
 
 from apollo.agents import storage
+from apollo.agents.service import app as app_lib
 from apollo.agents.service import client as client_lib
-from apollo.agents.service import http_api
 from apollo.agents.service import manager as manager_lib
 from tests.agents.helpers import call, run_canned, wait_for
 
@@ -40,7 +40,7 @@ CHROMIUM_ARGS = [
 def test_console_steers_a_live_session(tmp_path):
   store = storage.SQLiteStore(os.path.join(tmp_path, "store.sqlite"))
   manager = manager_lib.SessionManager(store)
-  server = http_api.RolloutHTTPServer(manager, "127.0.0.1", 0).start()
+  server = app_lib.RolloutServer(manager, "127.0.0.1", 0).start()
   client = client_lib.HttpClient(server.url)
   sid = client.create_session(
     seed=0, paused=True, session_id="web", backend_options={"latency_s": 0.05}
@@ -118,7 +118,7 @@ def test_console_shows_replies_parse_failures_and_messages(tmp_path):
   store = storage.SQLiteStore(os.path.join(tmp_path, "store.sqlite"))
   run_canned(store, "canned", 0, [HTML_REPLY, UNPARSED_REPLY, call("gpu_status")])
   manager = manager_lib.SessionManager(store)
-  server = http_api.RolloutHTTPServer(manager, "127.0.0.1", 0).start()
+  server = app_lib.RolloutServer(manager, "127.0.0.1", 0).start()
   row = '#steps tr[data-step="{}"] '.format
   try:
     with sync_playwright() as p:

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from apollo.agents import storage
-from apollo.agents.service import cli, http_api
+from apollo.agents.service import app as app_lib
+from apollo.agents.service import cli
 from apollo.agents.service import client as client_lib
 from apollo.agents.service import manager as manager_lib
 from tests.agents.helpers import wait_for
@@ -16,8 +17,15 @@ from tests.agents.helpers import wait_for
 @pytest.fixture
 def stack(tmp_path):
   store = storage.SQLiteStore(os.path.join(tmp_path, "store.sqlite"))
-  manager = manager_lib.SessionManager(store, workdir=str(tmp_path))
-  server = http_api.RolloutHTTPServer(manager, "127.0.0.1", 0).start()
+  # An operator-configured backend whose model server is unreachable.
+  down = manager_lib.BackendProfile(
+    "openai",
+    {"base_url": "http://127.0.0.1:9/v1", "model": "m", "max_retries": 0, "timeout_s": 1},
+  )
+  manager = manager_lib.SessionManager(
+    store, workdir=str(tmp_path), backends={**manager_lib.DEFAULT_BACKENDS, "down": down}
+  )
+  server = app_lib.RolloutServer(manager, "127.0.0.1", 0).start()
   yield store, manager, server, client_lib.HttpClient(server.url, timeout_s=20)
   server.stop()
   manager.shutdown()
@@ -25,8 +33,7 @@ def stack(tmp_path):
 
 
 def _raw(server, method, path, body=b"", headers=None):
-  host, port = server.server_address[:2]
-  conn = http.client.HTTPConnection(host, port, timeout=10)
+  conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
   conn.request(method, path, body=body, headers=headers or {})
   reply = conn.getresponse()
   data = reply.read()
@@ -119,7 +126,7 @@ def test_bad_input_gets_4xx_and_the_service_keeps_running(stack):
     (
       "POST",
       f"/api/sessions/{sid}/guidance",
-      b"x" * (http_api.MAX_BODY_BYTES + 1),
+      b"x" * (app_lib.MAX_BODY_BYTES + 1),
       json_h,
       413,
       "exceeds",
@@ -137,20 +144,22 @@ def test_bad_input_gets_4xx_and_the_service_keeps_running(stack):
     ("GET", "/api/sessions/nope/steps", b"", {}, 404, "unknown session"),
     ("GET", "/api/sessions/nope/events", b"", {}, 404, "unknown session"),
     ("POST", f"/api/sessions/{sid}/guidance", b'{"text": "too late"}', json_h, 409, "finished"),
-    ("POST", f"/api/sessions/{sid}/pause", b"", {}, 409, "finished"),
+    ("POST", f"/api/sessions/{sid}/pause", b"{}", json_h, 409, "finished"),
+    ("POST", f"/api/sessions/{sid}/pause", b"", {"X-Apollo-Request": "1"}, 409, "finished"),
+    ("POST", f"/api/sessions/{sid}/pause", b"", {}, 415, "Content-Type"),
     ("POST", f"/api/sessions/{sid}/steps/999999/flag", b'{"flag": "bad"}', json_h, 404, "no step"),
     ("POST", f"/api/sessions/{sid}/steps/1/flag", b'{"flag": "meh"}', json_h, 400, "flag"),
     ("GET", f"/api/sessions/{sid}/steps/999999", b"", {}, 404, "no step"),
-    ("GET", f"/api/sessions/{sid}/steps?since=abc", b"", {}, 400, "integers"),
+    ("GET", f"/api/sessions/{sid}/steps?since=abc", b"", {}, 400, "since"),
     ("POST", "/api/sessions", b'{"env": "mars"}', json_h, 400, "unknown env"),
     ("POST", "/api/sessions", b'{"seed": -1}', json_h, 400, "seed"),
     (
       "POST",
       "/api/sessions",
-      b'{"backend": "openai", "backend_options": {"api_key": "k"}}',
+      b'{"backend": "down", "backend_options": {"api_key": "k"}}',
       json_h,
       400,
-      "api_key_env",
+      "backend_options.api_key",
     ),
     (
       "POST",
@@ -161,7 +170,7 @@ def test_bad_input_gets_4xx_and_the_service_keeps_running(stack):
       "already exists",
     ),
     ("GET", "/api/nothing", b"", {}, 404, "no route"),
-    ("DELETE", f"/api/sessions/{sid}", b"", {}, 405, "not allowed"),
+    ("DELETE", f"/api/sessions/{sid}", b"", {"X-Apollo-Request": "1"}, 405, "not allowed"),
   ]
   for method, path, body, headers, status, fragment in cases:
     got, payload = _raw(server, method, path, body, headers)
@@ -228,24 +237,24 @@ def test_tool_mode_is_a_session_option(stack, capsys):
 
 def test_access_rules():
   # Loopback clients need no token; others need the right one.
-  assert http_api.check_access("127.0.0.1", "127.0.0.1:8765", None, None, None) is None
-  assert http_api.check_access("::1", "localhost:1", None, None, "tok") is None
-  assert http_api.check_access("10.1.2.3", "h:1", None, None, None)[0] == 401
-  assert http_api.check_access("10.1.2.3", "h:1", None, None, "tok")[0] == 401
-  assert http_api.check_access("10.1.2.3", "h:1", "Bearer nope", None, "tok")[0] == 401
-  assert http_api.check_access("10.1.2.3", "h:1", "Bearer tok", None, "tok") is None
-  assert http_api.check_access("10.1.2.3", "h:1", None, "tok", "tok") is None
+  assert app_lib.check_access("127.0.0.1", "127.0.0.1:8765", None, None, None) is None
+  assert app_lib.check_access("::1", "localhost:1", None, None, "tok") is None
+  assert app_lib.check_access("10.1.2.3", "h:1", None, None, None)[0] == 401
+  assert app_lib.check_access("10.1.2.3", "h:1", None, None, "tok")[0] == 401
+  assert app_lib.check_access("10.1.2.3", "h:1", "Bearer nope", None, "tok")[0] == 401
+  assert app_lib.check_access("10.1.2.3", "h:1", "Bearer tok", None, "tok") is None
+  assert app_lib.check_access("10.1.2.3", "h:1", None, "tok", "tok") is None
   # A web page that rebinds its own domain to 127.0.0.1 is refused.
-  assert http_api.check_access("127.0.0.1", "evil.example:8765", None, None, None)[0] == 403
+  assert app_lib.check_access("127.0.0.1", "evil.example:8765", None, None, None)[0] == 403
   with pytest.raises(ValueError, match="token"):
-    http_api.RolloutHTTPServer(None, "0.0.0.0", 0, token=None)
+    app_lib.RolloutServer(None, "0.0.0.0", 0, token=None)
 
 
 def test_token_is_enforced_for_untrusted_clients(tmp_path):
   store = storage.SQLiteStore(os.path.join(tmp_path, "s.sqlite"))
   manager = manager_lib.SessionManager(store)
   # trust_loopback=False treats this loopback test client like a remote one.
-  server = http_api.RolloutHTTPServer(
+  server = app_lib.RolloutServer(
     manager, "127.0.0.1", 0, token="s3cret", trust_loopback=False
   ).start()
   try:
@@ -265,16 +274,7 @@ def test_token_is_enforced_for_untrusted_clients(tmp_path):
 def test_a_failed_session_restarts_from_its_last_step(stack):
   store, _, _, client = stack
   # The model server is unreachable: the session fails after its retries...
-  sid = client.create_session(
-    seed=0,
-    backend="openai",
-    backend_options={
-      "base_url": "http://127.0.0.1:9/v1",
-      "model": "m",
-      "max_retries": 0,
-      "timeout_s": 1,
-    },
-  )["session_id"]
+  sid = client.create_session(seed=0, backend="down")["session_id"]
   wait_for(lambda: client.get_session(sid)["status"] == "failed", timeout=20)
   session = client.get_session(sid)
   assert "BackendError" in session["error"] and session["num_steps"] == 0

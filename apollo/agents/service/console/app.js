@@ -354,10 +354,22 @@ function select(id) {
   if (token) url += '&token=' + encodeURIComponent(token);
   source = new EventSource(url);
   source.addEventListener('step', (ev) => renderStep(JSON.parse(ev.data)));
+  // Events carry what changed: the first `session` event holds the whole guidance
+  // list, later ones only the status fields; each `guidance` event one message.
+  let guidance = new Map();
+  let latest = null;
+  const show = () => showSession({ ...latest, updated_at: Math.max(latest.updated_at, shownUpdatedAt),
+                                   guidance: [...guidance.values()] });
   source.addEventListener('session', (ev) => {
-    const s = JSON.parse(ev.data);
-    showSession(s);
+    latest = JSON.parse(ev.data);
+    if (latest.guidance) guidance = new Map(latest.guidance.map((g) => [g.guidance_id, g]));
+    show();
     reloadFlags().catch(() => {});
+  });
+  source.addEventListener('guidance', (ev) => {
+    const g = JSON.parse(ev.data);
+    guidance.set(g.guidance_id, g);
+    if (latest) show();
   });
   source.addEventListener('end', () => { source.close(); refreshSessions(); });
   refreshSessions();
