@@ -17,29 +17,33 @@ policy is exported to `WORKDIR/policy`, which `apollo.models.load` and the 'flax
 rollout backend load (`make_flax_backend(seed, checkpoint='WORKDIR/policy')`). The trainer
 is `apollo.agents.training.sft.train_and_evaluate`; the fields are in
 `apollo/agents/configs/sft.py`.
+
+If no checkpoint there restores, every rerun refuses until `--start_over` (the damaged
+checkpoints move to WORKDIR/checkpoints.damaged/<n>/). A config that cannot work
+(unknown field, learning rate <= 0, step counts or intervals <= 0) is one error line.
 """
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from apollo.agents.training import sft
 from apollo.common import checkpoint as checkpoint_lib
+from apollo.common import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config",
+_CONFIG = cli.define_config_flag(
   "apollo/agents/configs/sft.py:quickstart",
   "Config file and preset (quickstart, compare, smollm2, qwen2_0_5b); override with --config.x=y.",
 )
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Checkpoints, metrics and the policy go here.", required=True
 )
+_START_OVER = cli.define_start_over_flag()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   checkpoint_lib.quiet_orbax_logs()
-  result = sft.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  result = sft.train_and_evaluate(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value)
   train, evaluation = result["train"], result["eval"]
   print(
     f"step {result['step']}"
@@ -55,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

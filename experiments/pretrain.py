@@ -6,6 +6,9 @@ r"""APOLLO continued pretraining (S-MLM + E-CLS): a thin absl main over the trai
       --config=apollo/lm/configs/pretrain.py:quickstart --config.train_steps=100
 
 Rerunning the same command resumes from `--workdir` (checkpoints, data position).
+If no checkpoint there restores, every rerun refuses until `--start_over` (the damaged
+checkpoints move to WORKDIR/checkpoints.damaged/<n>/). A config that cannot work
+(unknown field, learning rate <= 0, step counts or intervals <= 0) is one error line.
 Multi-host jobs call `jax.distributed.initialize()` when the launcher sets the
 usual variables (see `apollo.common.mesh.initialize_distributed`). The trainer is
 `apollo.lm.pretrain.train_and_evaluate`; the config fields and presets are in
@@ -13,13 +16,12 @@ usual variables (see `apollo.common.mesh.initialize_distributed`). The trainer i
 """
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from apollo.common import checkpoint as checkpoint_lib
+from apollo.common import cli
 from apollo.lm import pretrain
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config",
+_CONFIG = cli.define_config_flag(
   "apollo/lm/configs/pretrain.py:quickstart",
   "Config file and preset (quickstart, minilm, base, large); override fields with "
   "--config.x=y, e.g. --config.init_from=minilm-l6 to continue a checkpoint.",
@@ -27,13 +29,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Checkpoints, metrics and prepared data go here.", required=True
 )
+_START_OVER = cli.define_start_over_flag()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   checkpoint_lib.quiet_orbax_logs()
-  result = pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  result = pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value)
   train, evaluation = result["train"], result["eval"]
   logging.info("Done at step %d%s.", result["step"], " (preempted)" if result["preempted"] else "")
   print(
@@ -48,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

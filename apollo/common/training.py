@@ -342,10 +342,22 @@ def make_setup(
 
 
 def resume_or_init(
-  ckpt: checkpoint_lib.Checkpointer, abstract_state: Any, init: Callable[[], Any]
+  ckpt: checkpoint_lib.Checkpointer,
+  abstract_state: Any,
+  init: Callable[[], Any],
+  *,
+  required_data: Sequence[str] = (),
+  start_over: bool = False,
 ) -> tuple[Any, int, dict[str, Any]]:
-  """(state, step, saved data) of the latest checkpoint, or (init(), 0, {}) if none."""
-  restored = ckpt.restore_latest(abstract_state)
+  """(state, step, saved data) of the latest checkpoint, or (init(), 0, {}) if none.
+
+  A checkpoint whose saved data lacks a key of `required_data` (the data iterator's
+  state: without it the resumed run would see other data) is damaged, like one whose
+  files do not restore: set aside, and the previous one is tried. If none restores,
+  this raises `CheckpointError` on every rerun, unless `start_over` (then the damaged
+  checkpoints are moved aside, see `Checkpointer.restore_latest`, and `init()` runs).
+  """
+  restored = ckpt.restore_latest(abstract_state, required_data=required_data, start_over=start_over)
   if restored is None:
     return init(), 0, {}
   logging.info("Resumed from %s at step %d.", ckpt.directory, restored.step)

@@ -70,9 +70,11 @@ from absl import logging
 from flax import nnx
 
 from apollo.common import checkpoint as checkpoint_lib
+from apollo.common import config as config_lib
 from apollo.common import mesh as mesh_lib
 from apollo.common import metrics as metrics_lib
 from apollo.common import training as train_lib
+from apollo.lm.configs import pretrain as pretrain_configs
 from apollo.lm.data import (
   generated_corpus,
   negatives,
@@ -608,16 +610,22 @@ def evaluate(
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, *, on_step: Callable[[int], None] | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  on_step: Callable[[int], None] | None = None,
+  start_over: bool = False,
 ) -> dict[str, Any]:
   """Trains (or resumes) in `workdir` until `config.train_steps`; evaluates on the way.
 
   Args:
-    config: see `apollo/lm/configs/pretrain.py`.
+    config: see `apollo/lm/configs/pretrain.py`; checked first (`check_config`).
     workdir: checkpoints/, metrics.jsonl, tensorboard/, config.json and (for the
       generated corpus) data/ go here; a rerun resumes from it.
     on_step: called with the step number after each update is dispatched (tests
       use it to send SIGTERM mid-run).
+    start_over: if no checkpoint in the workdir restores (a `CheckpointError`
+      otherwise, on every rerun), move the damaged ones aside and start from step 0.
 
   Returns:
     {'step': last step, 'preempted': bool, 'train': last train summary,
@@ -627,7 +635,10 @@ def train_and_evaluate(
     NonFiniteLossError: the loss became NaN/inf; nothing of that step is saved and
       the earlier checkpoints are complete.
     ValueError / FileNotFoundError: bad input, naming the flag or file.
+    ConfigError: an unknown field or a value that cannot work, before any work.
+    CheckpointError: checkpoints exist but none restores (and not `start_over`).
   """
+  config_lib.check_config(config, pretrain_configs.get_config())
   mesh_lib.initialize_distributed()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -664,7 +675,11 @@ def train_and_evaluate(
     )
     # The checkpoint is imported only for a new run: a resume restores its own weights.
     state, start_step, data = train_lib.resume_or_init(
-      ckpt, setup.abstract_state, lambda: init_state(config, setup, workdir)
+      ckpt,
+      setup.abstract_state,
+      lambda: init_state(config, setup, workdir),
+      required_data=["train_iterator"],  # Without it the resume would see other data.
+      start_over=start_over,
     )
     train_it = iter(
       pipeline.make_pretrain_dataset(

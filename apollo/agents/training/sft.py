@@ -64,9 +64,11 @@ from absl import logging
 from flax import nnx
 
 from apollo.agents import guidance as guidance_lib
+from apollo.agents.configs import sft as sft_configs
 from apollo.agents.training import collect
 from apollo.agents.training import samples as samples_lib
 from apollo.common import checkpoint as checkpoint_lib
+from apollo.common import config as config_lib
 from apollo.common import mesh as mesh_lib
 from apollo.common import metrics as metrics_lib
 from apollo.common import training as train_lib
@@ -494,6 +496,7 @@ def train_and_evaluate(
   eval_samples: Sequence[samples_lib.Sample] | None = None,
   tokenizer_path: str = "",
   on_step: Callable[[int], None] | None = None,
+  start_over: bool = False,
 ) -> dict[str, Any]:
   """Fine-tunes (or resumes) in `workdir` until `config.train_steps`; exports the policy.
 
@@ -506,11 +509,19 @@ def train_and_evaluate(
       same on a resume); `tokenizer_path` is what `checkpoint_template` reads
       (default `config.data.tokenizer_path`, else `config.init_from`).
     on_step: called after each update is dispatched (tests send SIGTERM from it).
+    start_over: if no checkpoint in the workdir restores (a `CheckpointError`
+      otherwise, on every rerun), move the damaged ones aside and start from step 0.
 
   Returns:
     {'step', 'preempted', 'train': last train summary, 'eval': last eval summary,
      'policy_dir': the exported policy ('' if preempted)}.
+
+  Raises:
+    ConfigError: an unknown field or a value that cannot work, before any work.
+    CheckpointError: checkpoints exist but none restores (and not `start_over`).
   """
+  # The comparison preset has every field (its `compare` block included).
+  config_lib.check_config(config, sft_configs.get_config("compare"))
   mesh_lib.initialize_distributed()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -562,7 +573,11 @@ def train_and_evaluate(
       samples, config.data.seq_len, config.data.batch_size, config.seed, template.pad_id
     )
     state, start_step, data = train_lib.resume_or_init(
-      ckpt, setup.abstract_state, lambda: init_state(config, setup, init_dir)
+      ckpt,
+      setup.abstract_state,
+      lambda: init_state(config, setup, init_dir),
+      required_data=["train_iterator"],  # Without it the resume would see other data.
+      start_over=start_over,
     )
     if "train_iterator" in data:
       stream.set_state(data["train_iterator"])
