@@ -73,10 +73,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from apollo.common import checkpoint as checkpoint_lib
+from apollo.common import config as config_lib
 from apollo.common import mesh as mesh_lib
 from apollo.common import metrics as metrics_lib
 from apollo.common import training as train_lib
 from apollo.lm import pretrain
+from apollo.lm.configs import finetune as finetune_configs
 from apollo.lm.datasets import logic_mc, multiple_choice
 from apollo.models import tokenizer as tokenizer_lib
 from apollo.models.roberta import model as model_lib
@@ -646,15 +648,21 @@ def evaluate_split(
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, *, on_step: Callable[[int], None] | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  on_step: Callable[[int], None] | None = None,
+  start_over: bool = False,
 ) -> dict[str, Any]:
   """Fine-tunes (or resumes) in `workdir`; evaluates every `eval_every` steps and at the end.
 
   Args:
-    config: see `apollo/lm/configs/finetune.py`.
+    config: see `apollo/lm/configs/finetune.py`; checked first (`check_config`).
     workdir: checkpoints/, metrics.jsonl, tensorboard/, config.json, predictions_*.json,
       results.json (and, for the generated set, data/) go here; a rerun resumes.
     on_step: called with the step number after each update is dispatched (tests).
+    start_over: if no checkpoint in the workdir restores (a `CheckpointError`
+      otherwise, on every rerun), move the damaged ones aside and start from step 0.
 
   Returns:
     {'step', 'preempted', 'train': last train summary, 'eval': {split: summary},
@@ -663,7 +671,14 @@ def train_and_evaluate(
   Raises:
     NonFiniteLossError: the loss became NaN/inf; nothing of that step is saved.
     ValueError / FileNotFoundError: bad input, naming the flag or file.
+    ConfigError: an unknown field or a value that cannot work, before any work.
+    CheckpointError: checkpoints exist but none restores (and not `start_over`).
   """
+  config_lib.check_config(
+    config,
+    finetune_configs.get_config(),
+    zero_means=dict(train_steps="num_epochs over the training split", eval_every="each epoch"),
+  )
   mesh_lib.initialize_distributed()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -734,7 +749,11 @@ def train_and_evaluate(
       schedule=dict(train_steps=train_steps, warmup_steps=warmup_steps),
     )
     state, start_step, data = train_lib.resume_or_init(
-      ckpt, setup.abstract_state, lambda: init_state(config, setup, source, workdir)
+      ckpt,
+      setup.abstract_state,
+      lambda: init_state(config, setup, source, workdir),
+      required_data=["num_train_examples"],  # What a resume checks the split against.
+      start_over=start_over,
     )
     if data.get("num_train_examples", len(train_split)) != len(train_split):
       raise ValueError(
