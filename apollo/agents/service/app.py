@@ -187,7 +187,8 @@ def _reject_constant(name: str) -> Any:
 
 
 def _path(parts: tuple[Any, ...]) -> str:
-  return ".".join(str(p) for p in parts) or "body"
+  path = ".".join(str(p) for p in parts) or "body"
+  return path.encode("utf-8", "backslashreplace").decode("utf-8")  # a key may be the culprit
 
 
 def _check_string(value: str, parts: tuple[Any, ...]) -> None:
