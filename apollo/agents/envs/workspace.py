@@ -3,59 +3,74 @@
 Everything happens inside a per-episode working directory (`root`). Tools:
 
 - `run_command(command, session="main", wait_s=5)`: starts `bash -c command` in a
-  named background session (own process group, cwd = root) and waits up to `wait_s`
-  seconds for it; returns the output so far and whether it is still running. Long
-  jobs keep running in the background while the agent does other things.
+  named background session, inside a fresh sandbox (`apollo.agents.envs.sandbox`:
+  bubblewrap; cwd = root) and waits up to `wait_s` seconds for it; returns the output
+  so far and whether it is still running. Long jobs keep running in the background
+  while the agent does other things.
 - `read_output(session, max_chars)`: output produced since the last read.
 - `is_idle(session)`: whether the session's command has exited (and its exit code).
-- `kill_session(session)`: kills the session's whole process group.
+- `kill_session(session)`: kills every process the session's command started (its
+  sandbox's PID namespace: background jobs, `setsid` children and orphans included).
 - `view_file(path, start_line, end_line)`, `write_file(path, content)`,
   `edit_file(path, old, new)` (exactly one occurrence of `old` is replaced).
 - `sleep(seconds)`: waits (at most 300 s per call).
 - `submit(answer)`: ends the episode; the task's checker scores the answer 0-100.
 
-Limits: paths must stay inside `root`; each session keeps at most
-`max_output_bytes` of output (older output is dropped and marked); commands are
-killed after `command_timeout_s`; the episode ends after `time_budget_s` of wall
-clock. No network access is assumed or provided: tasks are solvable offline.
+Limits: file tools reach only `root` (symbolic links are followed only while they
+stay inside it; FIFOs and devices are refused; files over `max_file_bytes` are
+refused by `view_file` and `edit_file`); each session keeps at most
+`max_output_bytes` of output (older output is dropped and marked); a watchdog kills a
+command `command_timeout_s` after it started, while it runs; the episode ends after
+`time_budget_s` of wall clock. Commands see only the workspace, a private /tmp and a
+read-only system, with no network, no service environment and the process, memory,
+CPU-time and file-size limits of `sandbox.Limits` (`max_processes`, ...). Where
+bubblewrap cannot run, the environment refuses to start, unless the operator passes
+`unsafe_no_sandbox=True`: then commands run unconfined, a warning is logged, and
+`describe()["sandbox"]` and every snapshot say "NONE (unsafe)" (else "bubblewrap").
 
 `interrupt()` (the API's "interrupt command") cuts short the running tool call: a
 `sleep` ends, and a `run_command` still being waited on gets SIGINT, like Ctrl-C.
 
 Resume: files persist in `root`, and the clock, the read positions and the
 submission are in the snapshot; background processes do not survive a crash of
-the service, and the agent is told that their sessions were lost.
+the service (the sandboxes die with it), and the agent is told that their sessions
+were lost.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
-import signal
 import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from absl import logging
+
 from apollo.agents import env as env_lib
+from apollo.agents.envs import sandbox as sandbox_lib
 
 MAX_SLEEP_S = 300.0
 
 
 class _Session:
-  """One background shell command and its captured output."""
+  """One background shell command (in its own sandbox) and its captured output."""
 
-  def __init__(self, command: str, cwd: str, max_bytes: int):
+  def __init__(
+    self,
+    command: str,
+    runner: sandbox_lib.Sandbox | sandbox_lib.Unconfined,
+    max_bytes: int,
+    timeout_s: float,
+  ):
     self.command = command
-    self.proc = subprocess.Popen(
-      ["bash", "-c", command],
-      cwd=cwd,
-      stdin=subprocess.DEVNULL,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      start_new_session=True,
-    )
+    self.process = runner.start(command)
+    self.proc = self.process.proc
+    self.timeout_s = timeout_s
+    self.timed_out = False
     self.max_bytes = max_bytes
     self.buffer = bytearray()
     self.dropped = 0
@@ -64,6 +79,16 @@ class _Session:
     self.lock = threading.Lock()
     self.reader = threading.Thread(target=self._pump, daemon=True)
     self.reader.start()
+    self.watchdog = threading.Thread(target=self._watch, daemon=True)
+    self.watchdog.start()
+
+  def _watch(self) -> None:
+    """Kills the command once it has run for `timeout_s`, whatever the agent does."""
+    try:
+      self.proc.wait(timeout=self.timeout_s)
+    except subprocess.TimeoutExpired:
+      self.timed_out = True
+      self.process.kill()
 
   def _pump(self) -> None:
     for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):
@@ -75,11 +100,16 @@ class _Session:
           self.dropped += cut
           self.read_pos = max(0, self.read_pos - cut)
 
-  def signal(self, sig: int) -> None:
-    try:
-      os.killpg(self.proc.pid, sig)
-    except ProcessLookupError:
-      pass
+  def interrupt(self) -> None:
+    """Ctrl-C: SIGINT to every process of the command."""
+    self.process.interrupt()
+
+  def kill(self) -> None:
+    """Kills every process of the command and waits for them."""
+    self.process.kill()
+
+  def release(self) -> None:
+    self.process.release()
 
   def new_output(self, max_chars: int) -> str:
     with self.lock:
@@ -131,8 +161,38 @@ class WorkspaceEnv(env_lib.Environment):
     max_output_bytes: int = 1 << 20,
     max_observation_chars: int = 8000,
     max_sessions: int = 8,
+    max_file_bytes: int = 8 << 20,
+    max_processes: int = sandbox_lib.Limits.max_processes,
+    max_memory_mb: int = sandbox_lib.Limits.max_memory_mb,
+    max_cpu_s: int = sandbox_lib.Limits.max_cpu_s,
+    max_file_mb: int = sandbox_lib.Limits.max_file_mb,
+    max_tmp_mb: int = sandbox_lib.Limits.max_tmp_mb,
+    unsafe_no_sandbox: bool = False,
   ):
-    self.root = os.path.abspath(root)
+    os.makedirs(root, exist_ok=True)
+    # The real path: a root reached through a symbolic link works like any other, and
+    # the agent may name files by either absolute path.
+    self.aliases = (os.path.abspath(root),)
+    self.root = os.path.realpath(root)
+    self.limits = sandbox_lib.Limits(
+      max_processes=max_processes,
+      max_memory_mb=max_memory_mb,
+      max_cpu_s=max_cpu_s,
+      max_file_mb=max_file_mb,
+      max_tmp_mb=max_tmp_mb,
+    )
+    # Raises SandboxUnavailable (the session does not start) unless the operator opted out.
+    self.sandbox = sandbox_lib.make(self.root, self.limits, unsafe_no_sandbox)
+    if not isinstance(self.sandbox, sandbox_lib.Sandbox):
+      logging.warning(
+        "UNSAFE: workspace %s runs the agent's commands WITHOUT A SANDBOX "
+        "(unsafe_no_sandbox=True): they can read and write every file this service can, "
+        "reach the network, see its environment and outlive their sessions. Reason the "
+        "sandbox is unavailable: %s",
+        self.root,
+        sandbox_lib.unavailable_reason(),
+      )
+    self.max_file_bytes = max_file_bytes
     self.time_budget_s = time_budget_s
     self.command_timeout_s = command_timeout_s
     self.max_output_bytes = max_output_bytes
@@ -153,24 +213,38 @@ class WorkspaceEnv(env_lib.Environment):
   def tools(self) -> Sequence[env_lib.ToolSpec]:
     return _TOOLS
 
+  def describe(self) -> dict[str, Any]:
+    """What confines this workspace, for consoles: `sandbox` is "bubblewrap" or
+    "NONE (unsafe)"."""
+    return {
+      "sandbox": self.sandbox.name,
+      "root": self.root,
+      "limits": dataclasses.asdict(self.limits),
+      "command_timeout_s": self.command_timeout_s,
+      "max_file_bytes": self.max_file_bytes,
+    }
+
   def reset(self, seed: int) -> str:
     self.seed = seed
-    os.makedirs(self.root, exist_ok=True)
     self.task = make_task(seed)
     marker = os.path.join(self.root, ".apollo_task_seed")
-    if not os.path.exists(marker):  # a resumed episode keeps the agent's edits
+    if not os.path.lexists(marker):  # a resumed episode keeps the agent's edits
       for name, content in self.task["files"].items():
-        with open(os.path.join(self.root, name), "w", encoding="utf-8") as f:
-          f.write(content)
-      with open(marker, "w", encoding="utf-8") as f:
-        f.write(str(seed))
+        self._write(name, content)
+      self._write(".apollo_task_seed", str(seed))
     self.started = time.monotonic()
     self.elapsed_before = 0.0
     self.submission = None
+    confined = (
+      "Commands run in a sandbox: only this directory and a private /tmp are writable. "
+      if isinstance(self.sandbox, sandbox_lib.Sandbox)
+      else ""
+    )
     return (
       f"TASK: {self.task['description']}\nYou work in {self.root} (your current "
       f"directory). Files: {', '.join(sorted(self._listing()))}. No network access. "
-      f"Time budget: {self.time_budget_s / 60:.0f} minutes. Submit with the submit tool."
+      f"{confined}Time budget: {self.time_budget_s / 60:.0f} minutes. Submit with the "
+      "submit tool."
     )
 
   def _listing(self) -> list[str]:
@@ -201,13 +275,14 @@ class WorkspaceEnv(env_lib.Environment):
     if not self._busy.is_set():
       return False
     if self._waiting_on is not None:
-      self._waiting_on.signal(signal.SIGINT)
+      self._waiting_on.interrupt()
     self._interrupt.set()
     return True
 
   def close(self) -> None:
     for session in self.sessions.values():
-      session.signal(signal.SIGKILL)
+      session.kill()
+      session.release()
     self.sessions.clear()
 
   def result(self) -> dict[str, Any]:
@@ -225,6 +300,7 @@ class WorkspaceEnv(env_lib.Environment):
       "elapsed_s": self.now_hours() * 3600,
       "submission": self.submission,
       "sessions": sorted(set(self.sessions) | self.lost),
+      "sandbox": self.sandbox.name,
     }
 
   def restore(self, state: Mapping[str, Any]) -> None:
@@ -234,11 +310,28 @@ class WorkspaceEnv(env_lib.Environment):
     self.lost = set(state["sessions"]) - set(self.sessions)
 
   # ------------------------------------------------------------------ helpers
-  def _path(self, path: str) -> str:
-    full = os.path.realpath(os.path.join(self.root, path))
-    if full != self.root and not full.startswith(self.root + os.sep):
-      raise ValueError(f"path {path!r} is outside the working directory")
-    return full
+  def _open(self, path: str, flags: int, create: bool = False) -> int:
+    """A descriptor of the regular file `path` inside root (see `sandbox.open_in_root`)."""
+    return sandbox_lib.open_in_root(
+      self.root, path, flags, create=create, owner=self.sandbox.owner, aliases=self.aliases
+    )
+
+  def _write(self, path: str, content: str) -> None:
+    with os.fdopen(self._open(path, os.O_WRONLY | os.O_TRUNC, create=True), "wb") as f:
+      f.write(content.encode("utf-8"))
+
+  def _read(self, f: Any, errors: str = "strict") -> str | None:
+    """The text of the open file `f`, or None when it is over `max_file_bytes`."""
+    if os.fstat(f.fileno()).st_size > self.max_file_bytes:
+      return None
+    data = f.read(self.max_file_bytes + 1)  # never more, even if the file grows meanwhile
+    return None if len(data) > self.max_file_bytes else data.decode("utf-8", errors=errors)
+
+  def _too_big(self, path: str) -> str:
+    return (
+      f"ERROR: {path} is larger than {self.max_file_bytes} bytes; look at parts of it "
+      "with run_command (head, sed -n, grep)."
+    )
 
   def _session(self, name: str) -> _Session:
     if name in self.lost:
@@ -264,24 +357,19 @@ class WorkspaceEnv(env_lib.Environment):
       self._busy.clear()
       self._waiting_on = None
 
-  def _reap_timeouts(self) -> None:
-    for session in self.sessions.values():
-      if (
-        session.proc.poll() is None and time.monotonic() - session.started > self.command_timeout_s
-      ):
-        session.signal(signal.SIGKILL)
-
   def _status(self, name: str, session: _Session) -> str:
     code = session.proc.poll()
-    return (
-      f"session {name}: running for {time.monotonic() - session.started:.1f}s"
-      if code is None
-      else f"session {name}: exited with exit code {code}"
-    )
+    if code is None:
+      return f"session {name}: running for {time.monotonic() - session.started:.1f}s"
+    if session.timed_out:
+      return (
+        f"session {name}: killed after the command timeout of {session.timeout_s:g}s "
+        f"(exit code {code})"
+      )
+    return f"session {name}: exited with exit code {code}"
 
   # ------------------------------------------------------------------ tools
   def _tool_run_command(self, command: str, session: str = "main", wait_s: float = 5.0) -> str:
-    self._reap_timeouts()
     old = self.sessions.get(session)
     if old is not None and old.proc.poll() is None:
       return (
@@ -291,7 +379,9 @@ class WorkspaceEnv(env_lib.Environment):
     if old is None and len(self.sessions) >= self.max_sessions:
       return f"ERROR: at most {self.max_sessions} sessions; reuse or kill one."
     self.lost.discard(session)
-    proc = _Session(command, self.root, self.max_output_bytes)
+    if old is not None:
+      old.release()
+    proc = _Session(command, self.sandbox, self.max_output_bytes, self.command_timeout_s)
     self.sessions[session] = proc
     interrupted = self._wait(wait_s, proc)
     if interrupted:
@@ -319,33 +409,35 @@ class WorkspaceEnv(env_lib.Environment):
     s = self._session(session)
     if s.proc.poll() is not None:
       return f"session {session} had already exited (exit code {s.proc.returncode})."
-    s.signal(signal.SIGKILL)
-    s.proc.wait(timeout=5)
+    s.kill()
     return f"killed session {session}."
 
   def _tool_view_file(self, path: str, start_line: int = 1, end_line: int = 200) -> str:
-    with open(self._path(path), encoding="utf-8", errors="replace") as f:
-      lines = f.read().splitlines()
+    with os.fdopen(self._open(path, os.O_RDONLY), "rb") as f:
+      text = self._read(f, errors="replace")
+    if text is None:
+      return self._too_big(path)
+    lines = text.splitlines()
     chosen = lines[start_line - 1 : end_line]
     numbered = "\n".join(f"{i:5d}  {line}" for i, line in enumerate(chosen, start=start_line))
     return f"{path} ({len(lines)} lines)\n{numbered}"
 
   def _tool_write_file(self, path: str, content: str) -> str:
-    full = self._path(path)
-    os.makedirs(os.path.dirname(full), exist_ok=True)
-    with open(full, "w", encoding="utf-8") as f:
-      f.write(content)
+    self._write(path, content)
     return f"written {path} ({len(content)} characters)."
 
   def _tool_edit_file(self, path: str, old: str, new: str) -> str:
-    full = self._path(path)
-    with open(full, encoding="utf-8") as f:
-      text = f.read()
-    count = text.count(old)
-    if count != 1:
-      return f"ERROR: `old` occurs {count} times in {path}; it must occur exactly once."
-    with open(full, "w", encoding="utf-8") as f:
-      f.write(text.replace(old, new, 1))
+    # One descriptor from reading to writing: the file edited is the file read.
+    with os.fdopen(self._open(path, os.O_RDWR), "r+b") as f:
+      text = self._read(f)
+      if text is None:
+        return self._too_big(path)
+      count = text.count(old)
+      if count != 1:
+        return f"ERROR: `old` occurs {count} times in {path}; it must occur exactly once."
+      f.seek(0)
+      f.truncate()
+      f.write(text.replace(old, new, 1).encode("utf-8"))
     return f"edited {path}."
 
   def _tool_sleep(self, seconds: float) -> str:

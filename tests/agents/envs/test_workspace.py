@@ -8,8 +8,12 @@ import pytest
 
 from apollo.agents import agent, storage
 from apollo.agents import env as env_lib
+from apollo.agents.envs import sandbox as sandbox_lib
 from apollo.agents.envs import workspace as workspace_env
 from tests.agents.helpers import ListBackend, wait_for
+
+_NO_SANDBOX = sandbox_lib.unavailable_reason()
+pytestmark = pytest.mark.skipif(_NO_SANDBOX is not None, reason=f"no sandbox here: {_NO_SANDBOX}")
 
 
 def _call(env, tool, **arguments):
