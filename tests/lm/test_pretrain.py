@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from apollo.common import checkpoint as checkpoint_lib
+from apollo.common import config as config_lib
 from apollo.common import metrics as metrics_lib
 from apollo.common import training as train_lib
 from apollo.lm import pretrain
@@ -172,6 +173,71 @@ def test_nan_stops_keeps_last_good_checkpoint_and_resumes(
     jax.device_get(ours.state["params"]),
     jax.device_get(theirs.state["params"]),
   )
+
+
+def test_checkpoint_without_iterator_state_falls_back_and_stays_exact(
+  data_dirs, uninterrupted, tmp_path
+):
+  """Step 6 lost its data state: resuming from it would reset the data order, so it is
+  set aside and the run redoes steps 5-6 from step 4, ending equal to the reference."""
+  reference_dir, _ = uninterrupted
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(reference_dir, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "6", "data"))
+  config = tiny_config(data_dirs)
+  result = pretrain.train_and_evaluate(config, workdir)
+  assert result["step"] == STEPS
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "6.corrupt"))
+  assert train_losses(workdir) == train_losses(reference_dir)
+  ours, theirs = restore(workdir, config), restore(reference_dir, config)
+  assert ours.step == STEPS and ours.data["train_iterator"] == theirs.data["train_iterator"]
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.device_get(ours.state["params"]),
+    jax.device_get(theirs.state["params"]),
+  )
+
+
+def _damage_all(checkpoints):
+  for step in os.listdir(checkpoints):
+    for root, _, files in os.walk(os.path.join(checkpoints, step, "state")):
+      for name in files:
+        if name == "manifest.ocdbt":
+          with open(os.path.join(root, name), "wb") as f:
+            f.write(b"\x00garbage")
+
+
+def test_unrestorable_workdir_refuses_every_rerun_until_start_over(
+  data_dirs, uninterrupted, tmp_path
+):
+  reference_dir, _ = uninterrupted
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(reference_dir, workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  _damage_all(checkpoints)
+  config = tiny_config(data_dirs)
+  for _ in range(2):  # Not a fresh start from step 0 on the second try either.
+    with pytest.raises(checkpoint_lib.CheckpointError) as refused:
+      pretrain.train_and_evaluate(config, workdir)
+    message = str(refused.value)
+    assert checkpoints in message and "6.corrupt" in message and "--start_over" in message
+  assert sorted(os.listdir(checkpoints)) == ["2.corrupt", "4.corrupt", "6.corrupt"]
+
+  result = pretrain.train_and_evaluate(config, workdir, start_over=True)
+  assert result["step"] == STEPS
+  moved = os.path.join(workdir, "checkpoints.damaged", "1")
+  assert sorted(os.listdir(moved)) == ["2.corrupt", "4.corrupt", "6.corrupt"]  # Kept.
+  assert train_losses(workdir) == train_losses(reference_dir)  # Trained from step 0.
+  assert sorted(os.listdir(checkpoints)) == ["2", "4", "6"]
+
+
+def test_config_that_cannot_train_is_refused_before_any_work(data_dirs, tmp_path):
+  config = tiny_config(data_dirs, **{"optimizer.learning_rate": -0.01, "checkpoint_every": 0})
+  with pytest.raises(config_lib.ConfigError) as refused:
+    pretrain.train_and_evaluate(config, str(tmp_path / "w"))
+  assert "learning_rate=-0.01" in str(refused.value)
+  assert "checkpoint_every=0" in str(refused.value)
+  assert not (tmp_path / "w").exists()
 
 
 # -----------------------------------------------------------------------------
