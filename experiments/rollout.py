@@ -39,6 +39,7 @@ resumes: active sessions continue from their last completed step (also after
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -60,6 +61,13 @@ _HEADLESS = flags.DEFINE_bool("headless", False, "Run --episodes to the end and 
 _EPISODES = flags.DEFINE_integer("episodes", 1, "Episodes (sessions) to run.")
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 16, "Headless: sessions running at once.")
 _ENV = flags.DEFINE_enum("env", "research", ["research", "workspace"], "Environment.")
+_UNSAFE_NO_SANDBOX = flags.DEFINE_bool(
+  "unsafe_no_sandbox",
+  False,
+  "Operator only: where bubblewrap cannot run, workspace sessions run the agent's "
+  "commands unconfined instead of refusing to start (UNSAFE: they see the machine's "
+  "files, network and this service's environment). No request can set this.",
+)
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "test"], "Research task split.")
 _SEED_START = flags.DEFINE_integer("seed_start", 0, "Index of the first task seed in the split.")
 _BACKEND = flags.DEFINE_string(
@@ -390,11 +398,17 @@ def main(argv: list[str]) -> None:
 def _serve(token: str | None) -> None:
   """Runs the service on the locked --workdir: headless to the end, or until Ctrl-C."""
   store = storage.SQLiteStore(os.path.join(_WORKDIR.value, "trajectories.sqlite"))
+  env_factories = dict(manager_lib.ENV_FACTORIES)
+  if _UNSAFE_NO_SANDBOX.value:  # an operator's choice, never a request's env_options
+    env_factories["workspace"] = functools.partial(
+      env_factories["workspace"], unsafe_no_sandbox=True
+    )
   manager = manager_lib.SessionManager(
     store,
     workdir=_WORKDIR.value,
     backends=_backends(),
     envs=sorted({"research", _ENV.value, *_API_ENVS.value}),
+    env_factories=env_factories,
   )
   if _HEADLESS.value:
     server = app_lib.RolloutServer(manager, "127.0.0.1", 0, token=token).start()
