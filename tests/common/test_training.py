@@ -1,6 +1,7 @@
 """The trainers' shared step loop: logging, evaluation and checkpoint cadence, NaN, SIGTERM."""
 
 import os
+import shutil
 import signal
 
 import jax
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from apollo.common import checkpoint as checkpoint_lib
 from apollo.common import metrics as metrics_lib
 from apollo.common import training as train_lib
 from apollo.common.checkpoint import Checkpointer
@@ -146,3 +148,33 @@ def test_eval_every_zero_evaluates_only_at_the_end(tmp_path):
   finally:
     ckpt.close()
   assert seen == [4]
+
+
+def test_resume_or_init_needs_the_data_state_and_refuses_until_start_over(tmp_path):
+  def state(v):
+    return dict(params=jnp.full((4,), float(v)), step=jnp.int32(v))
+
+  abstract = jax.eval_shape(lambda: state(0))
+  ckpt = Checkpointer(tmp_path / "checkpoints", max_to_keep=5)
+  ckpt.save(2, state(2), data=dict(train_iterator={"position": 2}))
+  ckpt.save(4, state(4), data=dict(step=4))  # The iterator state is missing.
+  ckpt.close()
+
+  def resume(**kwargs):
+    ckpt = Checkpointer(tmp_path / "checkpoints", max_to_keep=5)
+    try:
+      return train_lib.resume_or_init(
+        ckpt, abstract, lambda: state(0), required_data=["train_iterator"], **kwargs
+      )
+    finally:
+      ckpt.close()
+
+  _, step, data = resume()
+  assert (step, data) == (2, dict(train_iterator={"position": 2}))  # Not 4 with a reset.
+  shutil.rmtree(tmp_path / "checkpoints" / "2" / "data")
+  for _ in range(2):
+    with pytest.raises(checkpoint_lib.CheckpointError, match="--start_over"):
+      resume()
+  restored, step, data = resume(start_over=True)
+  assert (step, data, float(restored["params"][0])) == (0, {}, 0.0)
+  assert sorted(os.listdir(tmp_path / "checkpoints.damaged" / "1")) == ["2.corrupt", "4.corrupt"]
