@@ -31,11 +31,17 @@ Initialisation (exactly one source, or none):
 * neither: random init of `config.model` (needs `data.tokenizer_path`).
 The weights are imported only for a new run; a resume restores its own.
 
-Data order: the training batches are a pure function of the step: epoch `e`
-visits the training examples in `permutation(seed, e)`, and step `s` takes the
-global positions `[s * B, (s + 1) * B)` of the concatenated epochs. The
-checkpoint records the position (`examples_seen`) and the split size, so a
-resume continues exactly, and a changed training set is refused.
+Batches and data order (`TrainOrder`): the training batches are a pure function
+of the step. Epoch `e` visits the training questions in `permutation([seed, e])`,
+`ceil(N / B)` steps; a short batch is padded with masked rows. With length buckets
+(`data.bucket_multiple`: padded lengths are its multiples up to `max_len`), each
+batch holds questions of one bucket (the epoch's leftovers share batches padded to
+their longest), cut to that bucket's length, so jit compiles one program per
+bucket and short questions do not pay for `max_len`; the batches of an epoch are
+then shuffled. Evaluation batches (`eval_batch_size` questions) go bucket by bucket.
+The checkpoint records the position (`examples_seen`), the split size and the
+padded lengths, so a resume continues exactly, and a changed training set or
+bucketing is refused.
 
 Evaluation (every `eval_every` steps and at the end) on `eval_splits`:
 accuracy per split (where labels exist), ReClor's Test-E / Test-H where the
@@ -59,6 +65,7 @@ import functools
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -167,12 +174,18 @@ class EncodedSplit:
   def has_labels(self) -> bool:
     return bool(len(self.label)) and bool(np.all(self.label >= 0))
 
-  def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
-    """The model inputs and labels of questions `index`."""
+  @functools.cached_property
+  def lengths(self) -> np.ndarray:
+    """[N] int: each question's longest sequence (of its options), special tokens included."""
+    return self.attention_mask.sum(-1).max(-1) if len(self) else np.zeros(0, np.int64)
+
+  def rows(self, index: np.ndarray, length: int | None = None) -> dict[str, np.ndarray]:
+    """The model inputs (cut to `length` tokens, which must hold every real one) of `index`."""
+    cut = slice(None, length)
     return dict(
-      input_ids=self.input_ids[index],
-      token_type_ids=self.token_type_ids[index],
-      attention_mask=self.attention_mask[index],
+      input_ids=self.input_ids[index, :, cut],
+      token_type_ids=self.token_type_ids[index, :, cut],
+      attention_mask=self.attention_mask[index, :, cut],
       label=self.label[index],
     )
 
@@ -243,16 +256,109 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def read_split(
   config: ml_collections.ConfigDict, directory: str, split: str
-) -> list[dict[str, Any]]:
-  reader, names = DATASETS[config.data.dataset]
-  path = os.path.join(directory, names[split])
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-      f"No {split} file for {config.data.dataset}: {path} (--config.data.data_dir)."
-    )
+) -> multiple_choice.Examples:
+  """One split's examples; its size is checked (and the reader's odd records reported).
+
+  Raises:
+    MissingSplitError: (a FileNotFoundError) no file for the split; the message names
+      the names looked for (in any case) and what the directory holds.
+  """
+  dataset = config.data.dataset
+  reader, names = DATASETS[dataset]
+  path = multiple_choice.find_split_file(
+    directory, dataset, split, names=(names[split],), hint="(--config.data.data_dir)"
+  )
   examples = reader(path)
-  multiple_choice.check_split_size(config.data.dataset, split, len(examples))
+  multiple_choice.check_split_size(dataset, split, len(examples), report=examples)
   return examples
+
+
+def bucket_lengths(max_len: int, multiple: int) -> tuple[int, ...]:
+  """The padded lengths batches use: the multiples of `multiple` below `max_len`, and `max_len`.
+
+  `multiple` <= 0 (or >= max_len) gives `(max_len,)`: every batch padded to the maximum.
+  """
+  if multiple <= 0 or multiple >= max_len:
+    return (max_len,)
+  return (*range(multiple, max_len, multiple), max_len)
+
+
+def _bucket_of(lengths: np.ndarray, buckets: Sequence[int]) -> np.ndarray:
+  """The index of the shortest bucket that holds each length (lengths never exceed the last)."""
+  return np.searchsorted(np.asarray(buckets), lengths, side="left")
+
+
+def _padded_rows(
+  split: EncodedSplit, index: np.ndarray, length: int, rows: int
+) -> dict[str, np.ndarray]:
+  """Questions `index` cut to `length` tokens, then padded to `rows` rows with example_mask 0."""
+  pad = rows - len(index)
+  take = np.concatenate([index, np.zeros(pad, np.int64)]).astype(np.int64)
+  example_mask = np.concatenate([np.ones(len(index), np.int32), np.zeros(pad, np.int32)])
+  return dict(split.rows(take, length), example_mask=example_mask)
+
+
+class TrainOrder:
+  """Which questions each training step takes, at which padded length: a function of the step.
+
+  Epoch `e` visits the questions in `permutation([seed, e])`, `ceil(N / B)` steps.
+  Without length buckets (one bucket, `max_len`) the steps take that order in slices
+  of B, the last one short. With buckets, each bucket's questions (in that order) fill
+  batches of B; the leftovers of all buckets, shortest first, fill the remaining
+  batches, each padded to its longest question's bucket; then the epoch's batches
+  are shuffled with `[seed, e, 1]`. A short batch is padded with rows whose
+  `example_mask` is 0 (no loss, no gradient), so every question counts once per epoch.
+  """
+
+  def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, buckets: Sequence[int]):
+    self.num_examples, self.batch_size, self.seed = len(lengths), batch_size, seed
+    self.buckets = tuple(int(b) for b in buckets)
+    self._bucket = _bucket_of(np.asarray(lengths), self.buckets)
+    self.steps_per_epoch = max(1, math.ceil(self.num_examples / batch_size))
+    self._plan: tuple[int, list[tuple[np.ndarray, int]]] | None = None
+
+  def epoch(self, epoch: int) -> list[tuple[np.ndarray, int]]:
+    """[(question indices, padded length)] of every step of `epoch`, in order."""
+    if self._plan is not None and self._plan[0] == epoch:
+      return self._plan[1]
+    n, size = self.num_examples, self.batch_size
+    order = np.random.default_rng([self.seed, epoch]).permutation(n)
+    if len(self.buckets) == 1:
+      plan = [(order[i : i + size], self.buckets[0]) for i in range(0, n, size)]
+    else:
+      plan, rest = [], []
+      for b, length in enumerate(self.buckets):
+        members = order[self._bucket[order] == b]
+        full = len(members) // size * size
+        plan += [(members[i : i + size], length) for i in range(0, full, size)]
+        rest.append(members[full:])
+      rest = np.concatenate(rest)
+      for i in range(0, len(rest), size):
+        chunk = rest[i : i + size]
+        plan.append((chunk, self.buckets[int(self._bucket[chunk].max())]))
+      shuffle = np.random.default_rng([self.seed, epoch, 1]).permutation(len(plan))
+      plan = [plan[i] for i in shuffle]
+    self._plan = (epoch, plan)
+    return plan
+
+  def step(self, step: int) -> tuple[np.ndarray, int]:
+    """(question indices, padded length) of 0-based `step`."""
+    epoch, k = divmod(step, self.steps_per_epoch)
+    return self.epoch(epoch)[k]
+
+  def examples_seen(self, steps: int) -> int:
+    """Questions visited by the first `steps` steps."""
+    epoch, k = divmod(steps, self.steps_per_epoch)
+    return epoch * self.num_examples + sum(len(i) for i, _ in self.epoch(epoch)[:k])
+
+  def batch(
+    self, split: EncodedSplit, step: int, shard_index: int = 0, shard_count: int = 1
+  ) -> dict[str, np.ndarray]:
+    """This host's rows of the global batch of 0-based `step` (B rows, padding masked)."""
+    index, length = self.step(step)
+    batch = _padded_rows(split, index, length, self.batch_size)
+    per_host = self.batch_size // shard_count
+    return {k: v[shard_index * per_host : (shard_index + 1) * per_host] for k, v in batch.items()}
 
 
 def train_batch(
@@ -262,26 +368,60 @@ def train_batch(
   seed: int,
   shard_index: int = 0,
   shard_count: int = 1,
+  buckets: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
-  """This host's part of the global batch of `step` (0-based); see the module docstring."""
-  n, per_host = len(split), batch_size // shard_count
-  positions = step * batch_size + shard_index * per_host + np.arange(per_host)
-  epochs, offsets = np.divmod(positions, n)
-  index = np.empty(per_host, np.int64)
-  for epoch in np.unique(epochs):
-    order = np.random.default_rng([seed, int(epoch)]).permutation(n)
-    index[epochs == epoch] = order[offsets[epochs == epoch]]
-  return dict(split.rows(index), example_mask=np.ones(per_host, np.int32))
+  """This host's part of the global batch of `step` (0-based); see `TrainOrder`.
+
+  `buckets` (from `bucket_lengths`): the padded lengths; None = the split's full length.
+  """
+  buckets = buckets or (split.input_ids.shape[-1],)
+  order = TrainOrder(split.lengths, batch_size, seed, buckets)
+  return order.batch(split, step, shard_index, shard_count)
 
 
-def eval_batches(split: EncodedSplit, batch_size: int):
-  """Batches in order; the last is padded with rows whose `example_mask` is 0."""
-  for start in range(0, len(split), batch_size):
-    index = np.arange(start, min(start + batch_size, len(split)))
-    pad = batch_size - len(index)
-    take = np.concatenate([index, np.zeros(pad, np.int64)])
-    example_mask = np.concatenate([np.ones(len(index), np.int32), np.zeros(pad, np.int32)])
-    yield dict(split.rows(take), example_mask=example_mask), len(index)
+def eval_batches(split: EncodedSplit, batch_size: int, buckets: Sequence[int] | None = None):
+  """(batch, question indices) of `batch_size` rows, by length bucket, in order within each.
+
+  A bucket's last batch is padded with rows whose `example_mask` is 0; `buckets` None =
+  everything at the split's full length, in split order.
+  """
+  buckets = buckets or (split.input_ids.shape[-1],)
+  bucket = _bucket_of(split.lengths, buckets)
+  for b, length in enumerate(buckets):
+    members = np.flatnonzero(bucket == b)
+    for start in range(0, len(members), batch_size):
+      index = members[start : start + batch_size]
+      yield _padded_rows(split, index, length, batch_size), index
+
+
+def padding_fraction(split: EncodedSplit, padded_lengths: np.ndarray) -> float:
+  """The share of the questions' token slots that are padding, at these per-question lengths."""
+  slots = float(np.sum(padded_lengths)) * multiple_choice.NUM_CHOICES
+  return 1.0 - float(split.attention_mask.sum()) / max(slots, 1.0)
+
+
+def batching_report(
+  split: EncodedSplit, buckets: Sequence[int], order: TrainOrder | None = None
+) -> dict[str, Any]:
+  """Questions per padded length and the padding share, bucketed and padded to the maximum.
+
+  With `order` (training) the lengths are those of epoch 0's batches (leftover
+  questions can be padded to a longer bucket); otherwise each question's own bucket.
+  """
+  if order is not None:
+    padded = np.zeros(len(split), np.int64)
+    for index, length in order.epoch(0):
+      padded[index] = length
+  else:
+    padded = np.asarray(buckets)[_bucket_of(split.lengths, buckets)]
+  values, counts = np.unique(padded, return_counts=True)
+  return dict(
+    questions_per_length={str(int(v)): int(c) for v, c in zip(values, counts)},
+    padding_fraction=padding_fraction(split, padded),
+    padding_fraction_at_max_len=padding_fraction(
+      split, np.full(len(split), split.input_ids.shape[-1])
+    ),
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -496,8 +636,8 @@ def _graft(target: dict, source: dict, where: str = "encoder") -> dict:
 def resolve_schedule(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
   """(train_steps, warmup_steps): from num_epochs and warmup_fraction where set."""
   steps = int(config.train_steps)
-  if steps <= 0:
-    steps = max(1, math.ceil(config.num_epochs * num_train / config.data.batch_size))
+  if steps <= 0:  # An epoch is ceil(N / B) steps (`TrainOrder`).
+    steps = max(1, math.ceil(config.num_epochs * math.ceil(num_train / config.data.batch_size)))
   warmup = int(config.optimizer.warmup_steps)
   if config.optimizer.warmup_fraction > 0:
     warmup = int(round(config.optimizer.warmup_fraction * steps))
@@ -578,6 +718,16 @@ def _leaf_names(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
   return names
 
 
+def data_buckets(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The padded lengths of the configured length buckets (`bucket_lengths`)."""
+  return bucket_lengths(config.data.max_len, config.data.bucket_multiple)
+
+
+def eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  """Questions per evaluation batch: `data.eval_batch_size`, or 0 = 4 x `data.batch_size`."""
+  return config.data.eval_batch_size or 4 * config.data.batch_size
+
+
 def _device_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   return mesh_lib.shard_batch({k: batch[k] for k in _DEVICE_KEYS}, mesh)
 
@@ -603,19 +753,25 @@ def evaluate_split(
   step: int,
 ) -> dict[str, float]:
   """Accuracy (and Test-E/H for ReClor test) of one split; writes its prediction files."""
-  logits_all, sums = [], dict(loss_sum=0.0, correct=0.0, count=0.0)
-  batch_size = config.data.eval_batch_size or config.data.batch_size
+  sums = dict(loss_sum=0.0, correct=0.0, count=0.0)
+  logits = np.zeros((len(split), multiple_choice.NUM_CHOICES), np.float32)
+  batch_size = eval_batch_size(config)
   per_host, host = batch_size // jax.process_count(), jax.process_index()
-  for batch, real in eval_batches(split, batch_size):
+  start = time.perf_counter()
+  for batch, index in eval_batches(split, batch_size, data_buckets(config)):
     # Every host builds the whole batch and passes its rows; outputs come back replicated.
     local = {k: v[host * per_host : (host + 1) * per_host] for k, v in batch.items()}
-    out, logits = jax.device_get(eval_fn(params, _device_batch(local, setup.mesh)))
+    out, batch_logits = jax.device_get(eval_fn(params, _device_batch(local, setup.mesh)))
     for k in sums:
       sums[k] += float(out[k])
-    logits_all.append(np.asarray(logits)[:real])
-  logits = np.concatenate(logits_all) if logits_all else np.zeros((0, multiple_choice.NUM_CHOICES))
+    logits[index] = np.asarray(batch_logits)[: len(index)]
+  seconds = time.perf_counter() - start
   predicted = logits.argmax(-1)
-  result = dict(examples=float(len(split)), truncated_sequences=float(split.truncated))
+  result = dict(
+    examples=float(len(split)),
+    truncated_sequences=float(split.truncated),
+    questions_per_s=len(split) / max(seconds, 1e-9),
+  )
   if sums["count"]:
     result["accuracy"] = sums["correct"] / sums["count"]
     result["loss"] = sums["loss_sum"] / sums["count"]
@@ -702,13 +858,24 @@ def train_and_evaluate(
   }
   if config.data.dataset == "reclor" and "test" in eval_splits:
     _check_reclor_test_ids(eval_splits["test"])
+  buckets = data_buckets(config)
+  train_order = TrainOrder(train_split.lengths, config.data.batch_size, config.seed, buckets)
+  batching = {
+    name: batching_report(split, buckets, train_order if name == "train" else None)
+    for name, split in (("train", train_split), *eval_splits.items())
+  }
   for name, split in (("train", train_split), *eval_splits.items()):
     logging.info(
-      "%s: %d questions, %d of %d sequences truncated to %d tokens.",
+      "%s: %d questions, %d of %d sequences truncated to %d tokens; padded lengths %s, "
+      "padding %.1f%% of token slots (%.1f%% if all were padded to %d).",
       name,
       len(split),
       split.truncated,
       len(split) * multiple_choice.NUM_CHOICES,
+      max_len,
+      batching[name]["questions_per_length"],
+      100 * batching[name]["padding_fraction"],
+      100 * batching[name]["padding_fraction_at_max_len"],
       max_len,
     )
 
@@ -761,6 +928,12 @@ def train_and_evaluate(
         f"questions, the training split now has {len(train_split)}; use a new "
         f"--workdir."
       )
+    if list(data.get("bucket_lengths", buckets)) != list(buckets):  # The order would change.
+      raise ValueError(
+        f"{ckpt.directory} was trained with padded lengths {data['bucket_lengths']}, "
+        f"--config.data.max_len / bucket_multiple now give {list(buckets)}; use a new "
+        f"--workdir or the old values."
+      )
     result = _train_loop(
       config,
       setup,
@@ -768,6 +941,7 @@ def train_and_evaluate(
       state,
       start_step,
       train_split,
+      train_order,
       eval_splits,
       ckpt,
       writer,
@@ -787,9 +961,23 @@ def train_and_evaluate(
           eval=result["eval"],
           best=result["best"],
           init=dict(kind=source.kind, path=source.path),
+          throughput=throughput(workdir, result["eval"]),
+          batching=dict(bucket_lengths=list(buckets), **batching),
         ),
       )
   return result
+
+
+def throughput(workdir: str, evaluation: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+  """Questions/s: training (the median over logged windows) and each split's last evaluation.
+
+  The median leaves out the windows slowed by compilation (one per padded length).
+  """
+  rates = [r["questions_per_s"] for r in metrics_lib.read_metrics(workdir, "train")]
+  return dict(
+    train_questions_per_s=float(np.median(rates)) if rates else None,
+    eval_questions_per_s={k: v.get("questions_per_s") for k, v in evaluation.items()},
+  )
 
 
 def best_evaluation(workdir: str) -> dict[str, Any]:
@@ -839,7 +1027,8 @@ def _train_loop(
   total: int,
   state,
   start_step,
-  train_split,
+  train_split: EncodedSplit,
+  train_order: TrainOrder,
   eval_splits,
   ckpt,
   writer,
@@ -857,7 +1046,7 @@ def _train_loop(
     out_shardings=NamedSharding(setup.mesh, PartitionSpec()),
   )
   batch_size = config.data.batch_size
-  steps_per_epoch = max(1, math.ceil(len(train_split) / batch_size))
+  steps_per_epoch = train_order.steps_per_epoch
   log = train_lib.TrainLog(
     writer,
     _TrainWindow,
@@ -866,18 +1055,19 @@ def _train_loop(
     every=config.log_every,
     units_per_step=batch_size,
     unit="questions",
-    extra=lambda step: dict(epoch=step * batch_size / len(train_split)),
+    extra=lambda step: dict(epoch=step / steps_per_epoch),
   )
   result: dict[str, Any] = dict(step=start_step, preempted=False, train={}, eval={})
   host, hosts = jax.process_index(), jax.process_count()
 
   def next_batch(step):
-    batch = train_batch(train_split, step - 1, batch_size, config.seed, host, hosts)
+    batch = train_order.batch(train_split, step - 1, host, hosts)
     return _device_batch(batch, setup.mesh), dict(
       step=step,
-      examples_seen=step * batch_size,
+      examples_seen=train_order.examples_seen(step),
       num_train_examples=len(train_split),
       seed=config.seed,
+      bucket_lengths=list(train_order.buckets),
     )
 
   def evaluate_now(step, params):
