@@ -6,7 +6,8 @@ Everything happens inside a per-episode working directory (`root`). Tools:
   named background session, inside a fresh sandbox (`apollo.agents.envs.sandbox`:
   bubblewrap; cwd = root) and waits up to `wait_s` seconds for it; returns the output
   so far and whether it is still running. Long jobs keep running in the background
-  while the agent does other things.
+  while the agent does other things; what a command leaves behind (`cmd &`, `setsid`,
+  orphans) ends when the command ends, so a long job gets a session of its own.
 - `read_output(session, max_chars)`: output produced since the last read.
 - `is_idle(session)`: whether the session's command has exited (and its exit code).
 - `kill_session(session)`: kills every process the session's command started (its
@@ -458,7 +459,8 @@ _SESSION = {"type": "string", "maxLength": 32}
 _TOOLS = (
   env_lib.tool(
     "run_command",
-    "Run a bash command in a background session and wait up to wait_s seconds for it.",
+    "Run a bash command in a background session and wait up to wait_s seconds for it. "
+    "Processes it leaves behind (`cmd &`) end when it ends: give a long job its own session.",
     {
       "command": {"type": "string", "maxLength": 10000},
       "session": _SESSION,
