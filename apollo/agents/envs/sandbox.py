@@ -67,6 +67,7 @@ import functools
 import glob
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -76,7 +77,7 @@ import time
 import zlib
 from collections.abc import Sequence
 
-BWRAP = "/usr/bin/bwrap"
+BWRAP = "/usr/bin/bwrap" if os.path.exists("/usr/bin/bwrap") else shutil.which("bwrap") or "bwrap"
 SETPRIV = "/usr/bin/setpriv"
 INNER_UID = 1000  # the agent's uid inside a user namespace (service not root)
 _UID_BASE, _UID_SPAN = 1_500_000_000, 100_000_000  # root: per-workspace uids
@@ -103,7 +104,7 @@ class SandboxUnavailable(RuntimeError):
 class Limits:
   """Resource limits of every sandboxed command."""
 
-  max_processes: int = 512  # tasks (processes + threads) in one sandbox
+  max_processes: int = 512  # tasks (processes + threads) of a sandbox (as root: of a workspace)
   max_memory_mb: int = 4096  # address space of one process
   max_cpu_s: int = 3600  # CPU seconds of one process
   max_file_mb: int = 1024  # largest file a command may write
@@ -368,7 +369,7 @@ class Sandbox:
 @functools.cache
 def _probe(bwrap: str, setpriv: str, euid: int) -> str | None:
   del euid  # part of the cache key: the mode depends on it
-  if not os.path.exists(bwrap):
+  if not os.path.isfile(bwrap):
     return f"bubblewrap is not installed ({bwrap} is missing; apt-get install bubblewrap)"
   if os.geteuid() == 0 and not os.path.exists(setpriv):
     return f"{setpriv} (util-linux) is missing; the sandbox needs it when running as root"

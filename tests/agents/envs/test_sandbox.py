@@ -1,8 +1,9 @@
 """The workspace sandbox: each probe that once got out of a workspace, kept working.
 
-Every test here reproduces an escape found by probing `WorkspaceEnv` when its commands
-ran as plain `bash -c` in a directory; all of them failed before the sandbox
-(`apollo.agents.envs.sandbox`). Tests that need bubblewrap skip, saying why, where it
+The tests reproduce the escapes found by probing `WorkspaceEnv` when its commands ran
+as plain `bash -c` in a directory, and each failed on that code; the last ones guard
+the sandbox's own mechanics (a command outlives the thread that started it; the env
+reports which sandbox it has). Tests that need bubblewrap skip, saying why, where it
 cannot run. Nothing here is unbounded: the fork test spawns at most 10,000 sleeping
 children, is stopped at a limit of 32, and every command has a short timeout.
 """
