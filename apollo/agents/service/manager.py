@@ -455,6 +455,7 @@ class SessionManager:
     error = None
     try:
       session = self.store.get_session(session_id)
+      # Operator-only options (e.g. unsafe_no_sandbox) are bound into the factory.
       env = self.env_factories[session.env_name](
         session_id=session_id, workdir=self.workdir, **session.config["env_options"]
       )
@@ -566,7 +567,10 @@ class SessionManager:
     ):
       # The thread died and the store could not be told: report what happened.
       data["status"], data["error"] = "failed", live.error
-    data["sandbox"] = self.sandbox(session_id)
+    description = self.describe_env(session_id)
+    data["sandbox"] = description.get("sandbox") if description else None
+    if detail and description:
+      data["environment"] = description
     data["num_steps"] = self.store.num_steps(session_id)
     if detail:
       guidance = self.store.list_guidance(session_id)
@@ -580,20 +584,23 @@ class SessionManager:
     return data
 
   def sandbox(self, session_id: str) -> Any:
-    """What the session's environment reports about its sandbox (its `sandbox`
-    attribute or `sandbox_info()`), or None when it has none or is not running here."""
+    """What the session's environment reports about its sandbox: the `sandbox` entry
+    of its `describe()` (e.g. "bubblewrap", or "NONE (unsafe)" where the operator
+    turned it off), or None when it reports nothing or does not run in this process."""
+    description = self.describe_env(session_id)
+    return description.get("sandbox") if description else None
+
+  def describe_env(self, session_id: str) -> dict[str, Any] | None:
+    """The running environment's `describe()` (confinement, limits), if it has one."""
     live = self._live.get(session_id)
     env = live.control.env if live is not None else None
-    if env is None:
+    describe = getattr(env, "describe", None)
+    if not callable(describe):
       return None
-    report = getattr(env, "sandbox_info", None)
-    value = report() if callable(report) else getattr(env, "sandbox", None)
-    if value is None or isinstance(value, (str, int, float, bool, list, dict)):
-      return value
-    if dataclasses.is_dataclass(value):
-      return dataclasses.asdict(value)
-    to_json = getattr(value, "to_json", None)
-    return to_json() if callable(to_json) else str(value)
+    try:
+      return dict(describe())
+    except Exception as e:  # pylint: disable=broad-except
+      return {"error": f"{type(e).__name__}: {e}"}
 
   def _require_active(self, session_id: str, what: str) -> storage_lib.SessionRecord:
     session = self.session(session_id)

@@ -121,6 +121,20 @@ def test_workspace_sessions_need_the_token_even_from_loopback(make_service):
   assert _raw(server, "POST", "/api/sessions", b'{"paused": true}', JSON)[0] == 201
   sid = client.create_session(env="workspace", paused=True)["session_id"]
   assert store.get_session(sid).env_name == "workspace"
+
+
+class _SandboxedEnv(research_env.ResearchEnv):
+  def describe(self):
+    return {"sandbox": "bubblewrap", "limits": {"max_processes": 64}}
+
+
+def test_sessions_show_what_their_environment_reports_about_its_sandbox(make_service):
+  factories = {"research": lambda session_id, workdir, **options: _SandboxedEnv(**options)}
+  _, _, _, client = make_service(env_factories=factories)
+  sid = client.create_session(paused=True)["session_id"]
+  wait_for(lambda: client.get_session(sid)["sandbox"] == "bubblewrap")
+  assert client.get_session(sid)["environment"]["limits"] == {"max_processes": 64}
+  assert client.list_sessions()[0]["sandbox"] == "bubblewrap"
   client.control(sid, "stop")
 
 
