@@ -853,7 +853,11 @@ def train_and_evaluate(
   if not train_split.has_labels or not len(train_split):
     raise ValueError(f"The training split in {directory} is empty or lacks labels.")
   eval_splits = {
-    name: encode_examples(read_split(config, directory, name), source.tokenizer, max_len)
+    name: encode_examples(
+      read_split(config, directory, name)[: config.data.max_eval_examples or None],
+      source.tokenizer,
+      max_len,
+    )
     for name in config.eval_splits
   }
   if config.data.dataset == "reclor" and "test" in eval_splits:

@@ -82,6 +82,7 @@ def _base_config() -> ml_collections.ConfigDict:
   c.data.logic_mc_test = 500  # logic_mc: test questions generated.
   c.data.logic_mc_seed = 0  # logic_mc: the benchmark's seed (not the training seed).
   c.data.max_train_examples = 0  # > 0 keeps only the first this many training questions.
+  c.data.max_eval_examples = 0  # > 0 evaluates only the first this many of each eval split.
   # tokenizer.json or a directory with it or vocab.json + merges.txt; "" = the init
   # source's (the pretraining workdir's or the checkpoint's). Required from scratch.
   c.data.tokenizer_path = ""
