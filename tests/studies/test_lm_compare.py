@@ -160,3 +160,23 @@ def test_plain_mlm_objective_masks_any_token_and_has_no_ecls(tmp_path):
   c.objective = "bert"
   with pytest.raises(ValueError, match="objective='bert'"):
     pretrain.train_and_evaluate(c, str(tmp_path / "w"))
+
+
+@pytest.mark.parametrize("name", ["lm_compare_cpu", "lm_compare_gpu"])
+def test_flagfiles_parse(tmp_path, name):
+  """Every flag in the flagfile exists (absl refuses unknown ones); a bad --arms after it
+  stops the run before any work, so this parses the file without running the study."""
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.lm_compare",
+      f"--flagfile=experiments/flags/{name}.flags",
+      f"--workdir={tmp_path}",
+      "--arms=x",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode != 0 and "--arms=x: unknown arm" in proc.stderr, proc.stderr[-2000:]
