@@ -116,6 +116,9 @@ LIMIT_CONCURRENCY = 1024  # open connections (event streams included); 503 beyon
 MAX_STREAMS = 512  # open event streams in all
 MAX_STREAMS_PER_CLIENT = 64  # open event streams per client address
 KEEPALIVE_COMMENT_S = 15.0  # an idle event stream sends a comment this often
+# An event stream sends at most this often: changes in between go out together, so
+# many consoles cost the rollouts little (each send takes the interpreter's lock).
+STREAM_INTERVAL_S = 0.05
 STEPS_PER_BATCH = 200
 CONSOLE_DIR = os.path.join(os.path.dirname(__file__), "console")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -465,6 +468,7 @@ class _Reads:
     self.shared = shared
     self._sessions: dict[str, tuple[int, dict[str, Any]]] = {}
     self._steps: dict[str, dict[int, tuple[int, list[tuple[int, str, tuple[int, ...]]]]]] = {}
+    self._rendered: dict[tuple[str, int], tuple[str, tuple[int, ...]]] = {}  # step events
     self._guidance: dict[str, tuple[int, list[Any]]] = {}
 
   def session(self, sid: str, version: int) -> dict[str, Any]:
@@ -482,19 +486,30 @@ class _Reads:
     hit = per_since.get(since)
     if hit is not None and hit[0] >= version:
       return hit[1]
-    batch = [
-      (
-        s.step_index,
-        _event("step", s.to_json(full=False), str(s.step_index)),
-        tuple(s.guidance_ids or ()),
-      )
-      for s in self.manager.store.get_steps(sid, since=since, limit=STEPS_PER_BATCH, full=False)
-    ]
+    batch = []
+    for step in self.manager.store.get_steps(sid, since=since, limit=STEPS_PER_BATCH, full=False):
+      key = (sid, step.step_index)
+      rendered = self._rendered.get(key)
+      if rendered is None:
+        rendered = (
+          _event("step", step.to_json(full=False), str(step.step_index)),
+          tuple(step.guidance_ids or ()),
+        )
+        if self.shared:
+          if len(self._rendered) >= 4096:
+            self._rendered.clear()
+          self._rendered[key] = rendered
+      batch.append((step.step_index, *rendered))
     if self.shared:
       if len(per_since) >= 16:
         per_since.clear()
       per_since[since] = (version, batch)
     return batch
+
+  def forget_step(self, sid: str, index: int) -> None:
+    """Drops a step's rendering (its flag changed)."""
+    self._rendered.pop((sid, index), None)
+    self._steps.pop(sid, None)
 
   def guidance(self, sid: str, version: int) -> list[Any]:
     hit = self._guidance.get(sid)
@@ -536,7 +551,10 @@ class _Stream:
       self.last = index
       guidance_ids.update(delivered)  # delivered at this step
     self.more = len(steps) == STEPS_PER_BATCH
-    for index in sorted({c["flag"] for c in changes if "flag" in c and c["flag"] <= sent_before}):
+    flagged = {c["flag"] for c in changes if "flag" in c}
+    for index in flagged:
+      reads.forget_step(sid, index)
+    for index in sorted(i for i in flagged if i <= sent_before):
       for step in manager.store.get_steps(sid, since=index - 1, limit=1, full=False):
         if step.step_index == index:  # flag changed on a step already sent
           out.append(_event("step", step.to_json(full=False), event_id=str(index)))
@@ -545,14 +563,17 @@ class _Stream:
       for message in reads.guidance(sid, version):
         if message.guidance_id in guidance_ids:
           out.append(_event("guidance", message.to_json()))
-    session = reads.session(sid, version)
-    fields = {k: session.get(k) for k in _SESSION_FIELDS}
-    if fields != self.shown:
-      out.append(_event("session", session))
-      self.shown = fields
+    if any("session" in c for c in changes) or not self.version >= 0 or not steps:
+      # Status, control or anything else: look at the session (steps, guidance and
+      # flags alone leave its fields as they were).
+      session = reads.session(sid, version)
+      fields = {k: session.get(k) for k in _SESSION_FIELDS}
+      if fields != self.shown:
+        out.append(_event("session", session))
+        self.shown = fields
     self.version = version
-    if fields["status"] not in storage_lib.ACTIVE_STATUSES and not steps:
-      out.append(_event("end", {"status": fields["status"]}))
+    if self.shown["status"] not in storage_lib.ACTIVE_STATUSES and not steps:
+      out.append(_event("end", {"status": self.shown["status"]}))
       self.ended = True
     return out
 
@@ -820,6 +841,8 @@ def create_app(
           return
         if stream.more:
           continue  # catching up: no waiting
+        if chunks:
+          await asyncio.sleep(STREAM_INTERVAL_S)
         await feed.wait(session_id, version, KEEPALIVE_COMMENT_S)
         if time.monotonic() - last_write > KEEPALIVE_COMMENT_S:
           yield ": keepalive\n\n"  # keeps proxies from closing an idle stream

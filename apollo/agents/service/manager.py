@@ -308,17 +308,16 @@ class SessionManager:
 
   # ------------------------------------------------------------------ change feed
   def notify(self, session_id: str, change: Mapping[str, Any] | None = None) -> None:
-    """Bumps the session's version; `change` (e.g. `{"guidance": 3}`, `{"flag": 7}`)
-    goes to its change log, for streams that send what changed. New steps and status
-    changes need no entry: streams read those from the store."""
+    """Bumps the session's version and logs `change` for streams that send what
+    changed: `{"step": 7}` (a new step), `{"guidance": 3}` (sent or delivered),
+    `{"flag": 7}`, or by default `{"session": True}` (status, control: anything)."""
     with self._changed:
       version = self._versions.get(session_id, 0) + 1
       self._versions[session_id] = version
-      if change is not None:
-        log = self._changes.setdefault(session_id, collections.deque(maxlen=CHANGE_LOG_SIZE))
-        if len(log) == log.maxlen:
-          self._forgotten[session_id] = log[0][0]
-        log.append((version, dict(change)))
+      log = self._changes.setdefault(session_id, collections.deque(maxlen=CHANGE_LOG_SIZE))
+      if len(log) == log.maxlen:
+        self._forgotten[session_id] = log[0][0]
+      log.append((version, dict(change) if change is not None else {"session": True}))
       self._changed.notify_all()
       watchers = list(self._watchers)
     for watcher in watchers:
@@ -468,7 +467,10 @@ class SessionManager:
         self.store,
         config,
         control=control,
-        listeners=[lambda step: self.notify(session_id), *self.listeners],
+        listeners=[
+          lambda step: self.notify(session_id, {"step": step.step_index}),
+          *self.listeners,
+        ],
         on_status=lambda status: self.notify(session_id),
       )
       rollout.run()
