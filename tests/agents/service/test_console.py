@@ -7,10 +7,12 @@ skipped with the reason when either is missing.
 
 import os
 import shutil
+import threading
 
 import pytest
 
 from apollo.agents import storage
+from apollo.agents.envs import research
 from apollo.agents.service import app as app_lib
 from apollo.agents.service import client as client_lib
 from apollo.agents.service import manager as manager_lib
@@ -37,9 +39,30 @@ CHROMIUM_ARGS = [
 ]
 
 
+class _GatedResearchEnv(research.ResearchEnv):
+  """The research env whose 7th step waits for `gate`: the session cannot finish
+  before the test has clicked pause, however slow the machine."""
+
+  gate = threading.Event()
+
+  def __init__(self, **options):
+    super().__init__(**options)
+    self._steps = 0
+
+  def step(self, action):
+    self._steps += 1
+    if self._steps == 7:
+      self.gate.wait(60)
+    return super().step(action)
+
+
 def test_console_steers_a_live_session(tmp_path):
   store = storage.SQLiteStore(os.path.join(tmp_path, "store.sqlite"))
-  manager = manager_lib.SessionManager(store)
+  gated = lambda session_id, workdir, **options: _GatedResearchEnv(**options)  # noqa: E731
+  _GatedResearchEnv.gate.clear()
+  manager = manager_lib.SessionManager(
+    store, env_factories={**manager_lib.ENV_FACTORIES, "research": gated}
+  )
   server = app_lib.RolloutServer(manager, "127.0.0.1", 0).start()
   client = client_lib.HttpClient(server.url)
   sid = client.create_session(
@@ -77,6 +100,8 @@ def test_console_steers_a_live_session(tmp_path):
         assert page.locator(button).bounding_box()["width"] > 20
 
       page.click("#pause-btn")
+      wait_for(lambda: manager.session_json(sid)["paused"], timeout=20)
+      _GatedResearchEnv.gate.set()  # the 7th step ends; the loop pauses before the 8th
       wait_for(lambda: store.get_session(sid).status == "paused", timeout=20)
       page.wait_for_selector("#status.paused", timeout=20_000)
 
@@ -99,6 +124,7 @@ def test_console_steers_a_live_session(tmp_path):
     assert errors == []
     assert store.get_session(sid).status == "stopped"
   finally:
+    _GatedResearchEnv.gate.set()
     server.stop()
     manager.shutdown()
     store.close()
