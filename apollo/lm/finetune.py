@@ -288,6 +288,28 @@ def _bucket_of(lengths: np.ndarray, buckets: Sequence[int]) -> np.ndarray:
   return np.searchsorted(np.asarray(buckets), lengths, side="left")
 
 
+def _bucket_batches(
+  order: np.ndarray, bucket: np.ndarray, buckets: Sequence[int], size: int
+) -> list[tuple[np.ndarray, int]]:
+  """Questions `order` in batches of `size` by bucket: [(indices, padded length)].
+
+  Each bucket's questions (in `order`) fill whole batches; the leftovers of all buckets,
+  shortest first, fill the last ones, each padded to its longest question's bucket: at
+  most one batch is short, and at most `len(buckets)` shapes.
+  """
+  plan, rest = [], []
+  for b, length in enumerate(buckets):
+    members = order[bucket[order] == b]
+    full = len(members) // size * size
+    plan += [(members[i : i + size], length) for i in range(0, full, size)]
+    rest.append(members[full:])
+  rest = np.concatenate(rest)
+  for i in range(0, len(rest), size):
+    chunk = rest[i : i + size]
+    plan.append((chunk, buckets[int(bucket[chunk].max())]))
+  return plan
+
+
 def _padded_rows(
   split: EncodedSplit, index: np.ndarray, length: int, rows: int
 ) -> dict[str, np.ndarray]:
@@ -326,16 +348,7 @@ class TrainOrder:
     if len(self.buckets) == 1:
       plan = [(order[i : i + size], self.buckets[0]) for i in range(0, n, size)]
     else:
-      plan, rest = [], []
-      for b, length in enumerate(self.buckets):
-        members = order[self._bucket[order] == b]
-        full = len(members) // size * size
-        plan += [(members[i : i + size], length) for i in range(0, full, size)]
-        rest.append(members[full:])
-      rest = np.concatenate(rest)
-      for i in range(0, len(rest), size):
-        chunk = rest[i : i + size]
-        plan.append((chunk, self.buckets[int(self._bucket[chunk].max())]))
+      plan = _bucket_batches(order, self._bucket, self.buckets, size)
       shuffle = np.random.default_rng([self.seed, epoch, 1]).permutation(len(plan))
       plan = [plan[i] for i in shuffle]
     self._plan = (epoch, plan)
@@ -380,18 +393,22 @@ def train_batch(
 
 
 def eval_batches(split: EncodedSplit, batch_size: int, buckets: Sequence[int] | None = None):
-  """(batch, question indices) of `batch_size` rows, by length bucket, in order within each.
+  """(batch, question indices) of `batch_size` rows, by length bucket (`_bucket_batches`).
 
-  A bucket's last batch is padded with rows whose `example_mask` is 0; `buckets` None =
+  The one short batch is padded with rows whose `example_mask` is 0; `buckets` None =
   everything at the split's full length, in split order.
   """
+  for index, length in eval_plan(split, batch_size, buckets):
+    yield _padded_rows(split, index, length, batch_size), index
+
+
+def eval_plan(
+  split: EncodedSplit, batch_size: int, buckets: Sequence[int] | None = None
+) -> list[tuple[np.ndarray, int]]:
+  """[(question indices, padded length)] of the evaluation batches (`eval_batches`)."""
   buckets = buckets or (split.input_ids.shape[-1],)
   bucket = _bucket_of(split.lengths, buckets)
-  for b, length in enumerate(buckets):
-    members = np.flatnonzero(bucket == b)
-    for start in range(0, len(members), batch_size):
-      index = members[start : start + batch_size]
-      yield _padded_rows(split, index, length, batch_size), index
+  return _bucket_batches(np.arange(len(split)), bucket, buckets, batch_size)
 
 
 def padding_fraction(split: EncodedSplit, padded_lengths: np.ndarray) -> float:
@@ -400,20 +417,14 @@ def padding_fraction(split: EncodedSplit, padded_lengths: np.ndarray) -> float:
   return 1.0 - float(split.attention_mask.sum()) / max(slots, 1.0)
 
 
-def batching_report(
-  split: EncodedSplit, buckets: Sequence[int], order: TrainOrder | None = None
-) -> dict[str, Any]:
-  """Questions per padded length and the padding share, bucketed and padded to the maximum.
+def batching_report(split: EncodedSplit, plan: Sequence[tuple[np.ndarray, int]]) -> dict[str, Any]:
+  """Questions per padded length and the padding share, in `plan` and padded to the maximum.
 
-  With `order` (training) the lengths are those of epoch 0's batches (leftover
-  questions can be padded to a longer bucket); otherwise each question's own bucket.
+  `plan`: [(question indices, padded length)], e.g. `TrainOrder.epoch(0)` or `eval_plan`.
   """
-  if order is not None:
-    padded = np.zeros(len(split), np.int64)
-    for index, length in order.epoch(0):
-      padded[index] = length
-  else:
-    padded = np.asarray(buckets)[_bucket_of(split.lengths, buckets)]
+  padded = np.zeros(len(split), np.int64)
+  for index, length in plan:
+    padded[index] = length
   values, counts = np.unique(padded, return_counts=True)
   return dict(
     questions_per_length={str(int(v)): int(c) for v, c in zip(values, counts)},
@@ -864,10 +875,9 @@ def train_and_evaluate(
     _check_reclor_test_ids(eval_splits["test"])
   buckets = data_buckets(config)
   train_order = TrainOrder(train_split.lengths, config.data.batch_size, config.seed, buckets)
-  batching = {
-    name: batching_report(split, buckets, train_order if name == "train" else None)
-    for name, split in (("train", train_split), *eval_splits.items())
-  }
+  batching = dict(train=batching_report(train_split, train_order.epoch(0)))
+  for name, split in eval_splits.items():
+    batching[name] = batching_report(split, eval_plan(split, eval_batch_size(config), buckets))
   for name, split in (("train", train_split), *eval_splits.items()):
     logging.info(
       "%s: %d questions, %d of %d sequences truncated to %d tokens; padded lengths %s, "

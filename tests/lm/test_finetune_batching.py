@@ -124,14 +124,17 @@ def test_bucketed_epoch_has_few_shapes_and_visits_every_question_once(skewed):
 
 def test_padding_fraction_drops_on_a_skewed_set(skewed):
   buckets = finetune.bucket_lengths(MAX_LEN, BUCKET)
-  report = finetune.batching_report(skewed, buckets)
+  report = finetune.batching_report(skewed, finetune.eval_plan(skewed, 8, buckets))
   assert report["padding_fraction"] < 0.5 * report["padding_fraction_at_max_len"]
   order = finetune.TrainOrder(skewed.lengths, 8, seed=0, buckets=buckets)
-  train = finetune.batching_report(skewed, buckets, order)
-  assert train["padding_fraction"] < report["padding_fraction_at_max_len"]
+  train = finetune.batching_report(skewed, order.epoch(0))
+  assert train["padding_fraction"] < 0.5 * report["padding_fraction_at_max_len"]
   assert sum(train["questions_per_length"].values()) == len(skewed)
-  flat = finetune.batching_report(skewed, (MAX_LEN,))
+  flat = finetune.batching_report(skewed, finetune.eval_plan(skewed, 8))
   assert flat["padding_fraction"] == flat["padding_fraction_at_max_len"]
+  # Leftovers of all buckets share batches: no more short batches than one.
+  plan = finetune.eval_plan(skewed, 16, buckets)
+  assert sum(len(i) < 16 for i, _ in plan) <= 1 and len(plan) == 3
 
 
 def test_bucketed_and_padded_to_max_give_the_same_loss_and_accuracy(skewed, tokenizer):
