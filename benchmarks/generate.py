@@ -26,7 +26,7 @@ slower on this shared 2-core machine while other processes held the cores.
     python -m benchmarks.generate --model=tiny --rounds=2 --new_tokens=8  # smoke run
     python -m benchmarks.generate --json_out=/tmp/generate.json
 
-The measured table is in the README ("Speed and memory").
+The measured table is in the README ("Generation speed").
 """
 
 from __future__ import annotations
