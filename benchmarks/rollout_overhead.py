@@ -18,6 +18,14 @@ The last row runs the same sessions with `--listeners` server-sent event streams
 (consoles watching, spread over the sessions, read by one selector thread) and also
 reports the fan-out latency: from the POST to the `guidance` event reaching a
 listener of that session.
+
+With `--model=smollm2-135m-instruct` (any name `apollo.models.load` takes) a second
+table runs the real model in process: 1 session and `--sessions` sessions, each for
+`--model_steps` steps with native tool calls, all sharing one decode batcher (as
+sessions of one service do). It reports steps/s, the speed-up of N sessions over 1,
+the model's mean turn time, the decode batch's mean rows, and the time a turn's
+request waits in the batcher's queue before its prefill starts (p50 / p90 / max).
+Compilation is excluded by a warm-up run of N sessions for one step first.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import threading
 import time
 
 from apollo.agents import storage
+from apollo.agents.backends import flax_policy
 from apollo.agents.service import app as app_lib
 from apollo.agents.service import client as client_lib
 from apollo.agents.service import manager as manager_lib
@@ -190,6 +199,60 @@ def run(
   }
 
 
+def run_model(
+  sessions: int, model: str, max_batch: int, steps: int, max_new_tokens: int, seed: int = 0
+) -> dict:
+  """`sessions` research sessions acting with `model` in process for `steps` steps."""
+  _, batcher = flax_policy.shared_checkpoint(model, max_batch=max_batch)
+  before = batcher.stats()
+  with tempfile.TemporaryDirectory() as tmp:
+    store = storage.SQLiteStore(os.path.join(tmp, "bench.sqlite"))
+    backends = {
+      "flax": manager_lib.BackendProfile("flax", {"model": model, "max_batch": max_batch})
+    }
+    manager = manager_lib.SessionManager(store, workdir=tmp, backends=backends)
+    ids = [
+      manager.create_session(
+        {
+          "seed": seed + i,
+          "backend": "flax",
+          "backend_options": {"max_new_tokens": max_new_tokens, "temperature": 0.7},
+          "agent": {"max_steps": steps},
+          "paused": True,
+        }
+      ).session_id
+      for i in range(sessions)
+    ]
+    began = time.perf_counter()
+    for sid in ids:
+      manager.resume(sid)
+    manager.join(ids, timeout=3600)
+    wall = time.perf_counter() - began
+    model_s, steps_total = [], 0
+    for sid in ids:
+      for step in store.get_steps(sid, full=False):
+        steps_total += 1
+        if step.kind == "action":
+          model_s.append(step.model_finished_at - step.model_started_at)
+    manager.shutdown()
+    store.close()
+  after = batcher.stats()
+  admitted = after["requests_admitted"] - before["requests_admitted"]
+  waits = batcher.recent_queue_waits()[-admitted:] if admitted else []
+  decode_steps = after["decode_steps"] - before["decode_steps"]
+  row_steps = (after["mean_batch_rows"] or 0) * after["decode_steps"] - (
+    before["mean_batch_rows"] or 0
+  ) * before["decode_steps"]
+  return {
+    "sessions": sessions,
+    "steps": steps_total,
+    "wall_s": wall,
+    "model_s": model_s,
+    "waits": waits,
+    "mean_batch_rows": row_steps / decode_steps if decode_steps else 0.0,
+  }
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sessions", type=int, default=16)
@@ -197,7 +260,42 @@ def main() -> None:
   parser.add_argument("--max_steps", type=int, default=100)
   parser.add_argument("--guidance_interval_s", type=float, default=0.02)
   parser.add_argument("--listeners", type=int, default=200, help="event streams, last row")
+  parser.add_argument(
+    "--model", default="", help="also the real-model table (e.g. smollm2-135m-instruct)"
+  )
+  parser.add_argument("--model_steps", type=int, default=3, help="real model: steps per session")
+  parser.add_argument("--max_new_tokens", type=int, default=48, help="real model: tokens per turn")
+  parser.add_argument("--skip_scripted", action="store_true", help="only the real-model table")
   args = parser.parse_args()
+  if not args.skip_scripted:
+    _scripted_table(args)
+  if args.model:
+    _model_table(args)
+
+
+def _model_table(args: argparse.Namespace) -> None:
+  print(f"\nreal model {args.model} in process, {args.model_steps} steps per session:")
+  run_model(args.sessions, args.model, args.sessions, 1, args.max_new_tokens, seed=100)  # warm-up
+  print(
+    "| sessions | steps | steps/s | x 1 session | model turn mean (s) | mean decode rows "
+    "| batcher queue wait p50 / p90 / max (s) |"
+  )
+  print("|---|---|---|---|---|---|---|")
+  base = None
+  for sessions in sorted({1, args.sessions}):
+    r = run_model(sessions, args.model, args.sessions, args.model_steps, args.max_new_tokens)
+    rate = r["steps"] / r["wall_s"]
+    base = base or rate
+    w = r["waits"]
+    waits = f"{_pct(w, 0.5):.2f} / {_pct(w, 0.9):.2f} / {max(w):.2f}" if w else "-"
+    print(
+      f"| {sessions} | {r['steps']} | {rate:.3f} | {rate / base:.2f} | "
+      f"{statistics.fmean(r['model_s']):.2f} | {r['mean_batch_rows']:.1f} | {waits} |",
+      flush=True,
+    )
+
+
+def _scripted_table(args: argparse.Namespace) -> None:
   print(f"cpu cores: {os.cpu_count()}")
   print(
     "| sessions | SSE listeners | model latency | steps | steps/s "

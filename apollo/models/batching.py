@@ -475,6 +475,12 @@ class DecodeBatcher:
       },
     }
 
+  def recent_queue_waits(self) -> list[float]:
+    """Queue waits (submit to prefill, seconds) of the last admitted requests, oldest
+    first: at most the last 1,000."""
+    with self._cond:
+      return list(self._recent_waits)
+
   def close(self, timeout: float | None = 30.0) -> None:
     """Stops the thread; unfinished generations end with ERROR."""
     with self._cond:

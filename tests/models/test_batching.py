@@ -106,6 +106,7 @@ def test_concurrent_requests_share_the_batch_and_equal_solo_runs(model, batcher)
   assert [g.stats.batch_rows for g in rest] == [MAX_BATCH] * 3
   assert all(g.stats.mean_batch_rows > 3 for g in rest)
   assert all(g.stats.queue_wait_s is not None and g.stats.queue_wait_s >= 0 for g in gens)
+  assert batcher.recent_queue_waits()[-4:] == [g.stats.queue_wait_s for g in gens]
 
 
 def test_request_joining_a_running_batch_equals_its_solo_run(model, batcher):
