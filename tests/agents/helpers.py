@@ -3,6 +3,7 @@ research episodes played from canned responses."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -12,6 +13,16 @@ from typing import Any
 from apollo.agents import agent
 from apollo.agents.backends import base as backends_lib
 from apollo.agents.envs import research as research_env
+
+
+def raw_request(server: Any, method: str, path: str, body: bytes = b"", headers=None):
+  """(status, JSON body or raw bytes) of one request to `server` (`.host`, `.port`)."""
+  conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+  conn.request(method, path, body=body, headers=headers or {})
+  reply = conn.getresponse()
+  data = reply.read()
+  conn.close()
+  return reply.status, (json.loads(data) if data.startswith(b"{") else data)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.005) -> Any:

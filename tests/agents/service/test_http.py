@@ -1,6 +1,5 @@
 """HTTP API, live events, concurrency, bad input, access control and the CLI."""
 
-import http.client
 import json
 import os
 
@@ -11,7 +10,7 @@ from apollo.agents.service import app as app_lib
 from apollo.agents.service import cli
 from apollo.agents.service import client as client_lib
 from apollo.agents.service import manager as manager_lib
-from tests.agents.helpers import wait_for
+from tests.agents.helpers import raw_request, wait_for
 
 
 @pytest.fixture
@@ -30,15 +29,6 @@ def stack(tmp_path):
   server.stop()
   manager.shutdown()
   store.close()
-
-
-def _raw(server, method, path, body=b"", headers=None):
-  conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
-  conn.request(method, path, body=body, headers=headers or {})
-  reply = conn.getresponse()
-  data = reply.read()
-  conn.close()
-  return reply.status, (json.loads(data) if data.startswith(b"{") else data)
 
 
 def _finished(client, sid):
@@ -173,7 +163,7 @@ def test_bad_input_gets_4xx_and_the_service_keeps_running(stack):
     ("DELETE", f"/api/sessions/{sid}", b"", {"X-Apollo-Request": "1"}, 405, "not allowed"),
   ]
   for method, path, body, headers, status, fragment in cases:
-    got, payload = _raw(server, method, path, body, headers)
+    got, payload = raw_request(server, method, path, body, headers)
     assert got == status, (method, path, got, payload)
     assert fragment in payload["error"], (path, payload)
   assert store.list_guidance(sid) == []  # nothing was stored by any refused request
@@ -258,12 +248,14 @@ def test_token_is_enforced_for_untrusted_clients(tmp_path):
     manager, "127.0.0.1", 0, token="s3cret", trust_loopback=False
   ).start()
   try:
-    status, payload = _raw(server, "GET", "/api/sessions")
+    status, payload = raw_request(server, "GET", "/api/sessions")
     assert status == 401 and "token" in payload["error"]
-    status, _ = _raw(server, "GET", "/api/sessions", headers={"Authorization": "Bearer wrong"})
+    status, _ = raw_request(
+      server, "GET", "/api/sessions", headers={"Authorization": "Bearer wrong"}
+    )
     assert status == 401
     assert client_lib.HttpClient(server.url, token="s3cret").list_sessions() == []
-    status, _ = _raw(server, "GET", "/?token=s3cret")
+    status, _ = raw_request(server, "GET", "/?token=s3cret")
     assert status == 200
   finally:
     server.stop()

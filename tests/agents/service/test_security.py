@@ -3,7 +3,6 @@ what runs, cross-site requests, exhaustion, and malformed input. Each probe got
 through (or crashed) the http.server API this replaced."""
 
 import contextlib
-import http.client
 import json
 import os
 import queue
@@ -20,7 +19,7 @@ from apollo.agents.envs import research as research_env
 from apollo.agents.service import app as app_lib
 from apollo.agents.service import client as client_lib
 from apollo.agents.service import manager as manager_lib
-from tests.agents.helpers import wait_for
+from tests.agents.helpers import raw_request, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 JSON = {"Content-Type": "application/json"}
@@ -45,15 +44,6 @@ def make_service(tmp_path):
     service.stop()
     manager.shutdown()
     store.close()
-
-
-def _raw(server, method, path, body=b"", headers=None):
-  conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
-  conn.request(method, path, body=body, headers=headers or {})
-  reply = conn.getresponse()
-  data = reply.read()
-  conn.close()
-  return reply.status, (json.loads(data) if data.startswith(b"{") else data)
 
 
 def _socket(server, source="127.0.0.1"):
@@ -112,13 +102,13 @@ def test_workspace_sessions_need_the_token_even_from_loopback(make_service):
   store, _, server, client = make_service(
     envs=("research", "workspace"), server={"token": "s3cret"}
   )
-  status, payload = _raw(
+  status, payload = raw_request(
     server, "POST", "/api/sessions", b'{"env": "workspace", "paused": true}', JSON
   )
   assert status == 401 and payload["field"] == "env"
   assert store.list_sessions() == []
   # Research sessions need no token from loopback; workspace ones do, and get it.
-  assert _raw(server, "POST", "/api/sessions", b'{"paused": true}', JSON)[0] == 201
+  assert raw_request(server, "POST", "/api/sessions", b'{"paused": true}', JSON)[0] == 201
   sid = client.create_session(env="workspace", paused=True)["session_id"]
   assert store.get_session(sid).env_name == "workspace"
 
@@ -163,13 +153,13 @@ def test_cross_site_requests_are_refused(make_service):
     ("GET", f"/api/sessions/{sid}/export.jsonl", b"", {"Origin": "http://attacker.example"}, 403),
   ]
   for method, path, body, headers, status in probes:
-    got, payload = _raw(server, method, path, body, headers)
+    got, payload = raw_request(server, method, path, body, headers)
     assert got == status, (method, path, headers, got, payload)
   assert len(store.list_sessions()) == 1
   assert store.get_session(sid).status == "running"
   assert not {"pause", "stop"} & {e["kind"] for e in store.list_events(sid)}
   # The console's own requests (same origin, JSON) still work.
-  assert _raw(server, "POST", f"/api/sessions/{sid}/stop", b"{}", own)[0] == 200
+  assert raw_request(server, "POST", f"/api/sessions/{sid}/stop", b"{}", own)[0] == 200
   wait_for(lambda: store.get_session(sid).status == "stopped", timeout=20)
 
 
@@ -238,7 +228,7 @@ def test_connections_and_event_streams_are_capped(make_service):
   # Connections beyond limit_concurrency get 503 (idle ones count too).
   idle = [_socket(server) for _ in range(8)]
   try:
-    wait_for(lambda: _raw(server, "GET", "/api/health")[0] == 503)
+    wait_for(lambda: raw_request(server, "GET", "/api/health")[0] == 503)
   finally:
     for sock in idle + streams:
       sock.close()
@@ -377,7 +367,7 @@ def test_malformed_requests_are_400s_that_name_the_field(make_service):
     ("GET", f"/api/sessions/{sid}/events?since=-" + big.decode(), b"", "since"),
   ]
   for method, path, body, field in probes:
-    status, payload = _raw(server, method, path, body, JSON if body else {})
+    status, payload = raw_request(server, method, path, body, JSON if body else {})
     assert status == 400 and payload["field"] == field, (path, body[:60], status, payload)
   with _socket(server) as sock:  # a negative Content-Length
     sock.sendall(
