@@ -476,6 +476,36 @@ class Encoder(nnx.Module):
 # -----------------------------------------------------------------------------
 
 
+@jax.custom_vjp
+def tied_decoder(x: jax.Array, embedding: jax.Array, bias: jax.Array) -> jax.Array:
+  """``x @ embedding.T + bias``: MLM logits [..., vocab] from the tied word embedding.
+
+  The same function as ``nnx.Embed.attend`` plus the bias, with a hand-written
+  gradient: XLA's CPU backend turned the automatic one into a transposed copy of
+  the [N, vocab] cotangent before the embedding's gradient and a slow column sum
+  for the bias'; here the embedding gradient contracts the cotangent in place and
+  the bias gradient is a vector-matrix product. Same arithmetic, same results.
+  """
+  return jnp.einsum("...d,vd->...v", x, embedding) + bias
+
+
+def _tied_decoder_fwd(x, embedding, bias):
+  return tied_decoder(x, embedding, bias), (x, embedding)
+
+
+def _tied_decoder_bwd(residuals, g):
+  x, embedding = residuals
+  rows_x = x.reshape(-1, x.shape[-1])
+  rows_g = g.reshape(-1, g.shape[-1])
+  d_x = jnp.einsum("...v,vd->...d", g, embedding)
+  d_embedding = jax.lax.dot_general(rows_g, rows_x, (((0,), (0,)), ((), ())))
+  d_bias = jnp.ones((rows_g.shape[0],), rows_g.dtype) @ rows_g
+  return d_x, d_embedding.astype(embedding.dtype), d_bias
+
+
+tied_decoder.defvjp(_tied_decoder_fwd, _tied_decoder_bwd)
+
+
 class MLMHead(nnx.Module):
   """HF RobertaLMHead / BertLMPredictionHead: dense, GELU, LayerNorm, tied decoder.
 
@@ -496,8 +526,8 @@ class MLMHead(nnx.Module):
   def __call__(self, hidden_states, word_embeddings: nnx.Embed):
     x = jax.nn.gelu(self.dense(hidden_states), approximate=False)
     x = self.layer_norm(x)
-    logits = word_embeddings.attend(x)
-    return logits + self.bias[...].astype(logits.dtype)
+    embedding = word_embeddings.embedding[...].astype(x.dtype)
+    return tied_decoder(x, embedding, self.bias[...].astype(x.dtype))
 
 
 class ClassificationHead(nnx.Module):
