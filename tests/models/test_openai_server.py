@@ -225,8 +225,33 @@ def test_streamed_completion_sends_chunks_then_done(server, tiny):
   assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
 
 
-def test_concurrent_requests_share_decode_steps(server, batcher):
+class _Gathering(_Recording):
+  """The real batcher, held at the first request's first token until `n` requests
+  were submitted: they then decode together however the threads were scheduled."""
+
+  def __init__(self, batcher, n):
+    super().__init__(batcher, delay=0.0)
+    self.n, self.all_in = n, threading.Event()
+
+  def submit(self, request, notify=None):
+    first = not self.generations
+
+    def held():
+      if first:
+        self.all_in.wait(60)
+      if notify is not None:
+        notify()
+
+    gen = self.batcher.submit(request, held)
+    self.generations.append(gen)
+    if len(self.generations) == self.n:
+      self.all_in.set()
+    return gen
+
+
+def test_concurrent_requests_share_decode_steps(tiny, batcher):
   before = batcher.stats()
+  server = _Server(serving.create_app(tiny, _Gathering(batcher, 4), model_name=MODEL))
   client = server.client()
   results = [None] * 4
 
@@ -243,10 +268,11 @@ def test_concurrent_requests_share_decode_steps(server, batcher):
     t.start()
   for t in threads:
     t.join(60)
+  server.close()
   after = batcher.stats()
-  rows = (after["decode_tokens_per_s"] * after["decode_seconds"]) - (
-    before["decode_tokens_per_s"] * before["decode_seconds"]
-  )
+  rows = (after["mean_batch_rows"] or 0) * after["decode_steps"] - (
+    before["mean_batch_rows"] or 0
+  ) * before["decode_steps"]
   steps = after["decode_steps"] - before["decode_steps"]
   assert rows / steps > 1.5  # Rows per step: the requests decoded together.
   assert max(float(r.headers["x-mean-batch-rows"]) for r in results) > 1.5
