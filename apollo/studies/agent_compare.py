@@ -133,6 +133,48 @@ def training_set(
   return TrainingSet(built, stats, len(episodes), sum(e.env_steps for e in episodes))
 
 
+def variant_training_sets(
+  store_path: str,
+  solo: Sequence[collect.Episode],
+  guided: Sequence[collect.Episode],
+  template: chat_lib.ChatTemplate,
+  history: int,
+  variants: Sequence[str] = ("b", "c", "d", "e"),
+) -> tuple[dict[str, TrainingSet], str]:
+  """The training sets of (b)..(e) from one seed's rollouts, and how (b) was filtered.
+
+  Judges every action of the `guided` rollouts (rules + the human's flags, which
+  decide where present), then: (b) the `solo` rollouts outcome-filtered (the
+  successes; if none, the best quartile with a score > 0), every parseable action
+  trained; (c) the guided ones, judged-bad actions masked, human messages removed;
+  (d) as (c), nothing masked but unparseable calls; (e) as (c), human messages kept.
+  (b)'s `env_steps` count every autonomous rollout, not only the kept ones.
+  Returns ({variant: TrainingSet} for the requested `variants`, 'success' or
+  'best_quartile').
+  """
+  with contextlib.closing(storage.SQLiteStore(store_path)) as store:
+    if guided:
+      judging.judge_sessions(store, [e.session_id for e in guided])
+    kept_ids = samples_lib.outcome_filter(
+      store, session_ids=[e.session_id for e in solo], best_fraction=0.25
+    )
+  by_id = {e.session_id: e for e in solo}
+  kept = [by_id[sid] for sid in kept_ids]
+  how = "success" if any(e.result.get("success") for e in solo) else "best_quartile"
+  build = {
+    "b": lambda: training_set(store_path, kept, template, history),
+    "c": lambda: training_set(store_path, guided, template, history, judged=True),
+    "d": lambda: training_set(store_path, guided, template, history),
+    "e": lambda: training_set(
+      store_path, guided, template, history, judged=True, keep_guidance=True
+    ),
+  }
+  sets = {v: build[v]() for v in variants if v in build}
+  if "b" in sets:
+    sets["b"].env_steps = sum(e.env_steps for e in solo)
+  return sets, how
+
+
 # -----------------------------------------------------------------------------
 # The comparison
 # -----------------------------------------------------------------------------
@@ -255,25 +297,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       p.human_delay_steps,
       p.human_budget,
     )
-    with contextlib.closing(storage.SQLiteStore(store_path)) as store:
-      judging.judge_sessions(store, [e.session_id for e in guided])  # rules + human flags
-      # (b): the successes; if none, the best quartile with a score > 0.
-      kept_ids = samples_lib.outcome_filter(
-        store, session_ids=[e.session_id for e in solo], best_fraction=0.25
-      )
-    by_id = {e.session_id: e for e in solo}
-    kept = [by_id[sid] for sid in kept_ids]
-    how = "success" if any(e.result.get("success") for e in solo) else "best_quartile"
-    sets = {
-      "b": training_set(store_path, kept, template, p.history_messages),
-      "c": training_set(store_path, guided, template, p.history_messages, judged=True),
-      "d": training_set(store_path, guided, template, p.history_messages),
-      "e": training_set(
-        store_path, guided, template, p.history_messages, judged=True, keep_guidance=True
-      ),
-    }
-    # (b) pays for every autonomous rollout, not only the kept ones.
-    sets["b"].env_steps = sum(e.env_steps for e in solo)
+    sets, how = variant_training_sets(store_path, solo, guided, template, p.history_messages)
     policy_dirs = {"a": base_dir}
     for v, data in sets.items():
       if not data.samples:
@@ -412,6 +436,14 @@ def write_reports(results: Mapping[str, Any], workdir: str) -> None:
   table = markdown_table(results)
   with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
     f.write(f"Rollout agent for the training data: {results.get('rollout_agent')}\n\n{table}")
+  plot_results(results, os.path.join(workdir, "results.png"))
+
+
+COLORS = {"a": "#999999", "b": "#6baed6", "c": "#d62728", "d": "#fd8d3c", "e": "#74c476"}
+
+
+def plot_results(results: Mapping[str, Any], path: str) -> None:
+  """Bars of the test score and success rate per variant, with the std over seeds."""
   names = list(results["variants"])
   fig = Figure(figsize=(9, 3.2))  # no pyplot: no global state, no GUI backend
   axes = fig.subplots(1, 2)
@@ -426,8 +458,8 @@ def write_reports(results: Mapping[str, Any], workdir: str) -> None:
       means,
       yerr=stds,
       capsize=4,
-      color=["#999999", "#6baed6", "#d62728", "#fd8d3c", "#74c476"],
+      color=[COLORS.get(v, "#999999") for v in names],
     )
     ax.set_title(label)
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "results.png"), dpi=120)
+  fig.savefig(path, dpi=120)

@@ -12,6 +12,7 @@ checkpoint's own chat template or ChatML over such a BPE.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -53,6 +54,7 @@ def run_episodes(
   max_steps: int,
   delay_steps: int = 2,
   budget: int = 4,
+  workers: int = 1,
 ) -> list[Episode]:
   """Runs (or, from the store, resumes / reuses) session `{prefix}-{seed}` per seed.
 
@@ -65,29 +67,36 @@ def run_episodes(
     max_steps: step cap per episode.
     delay_steps: the simulated human answers this many steps late.
     budget: its messages per episode at most.
+    workers: episodes played at once, each on its own thread (agents on one shared
+      decode batcher then decode in one batch); episodes come back in `seeds` order.
   """
   store = storage.SQLiteStore(store_path)
-  human = simulated_human.SimulatedHuman(
-    client_lib.LocalClient.for_store(store), delay_steps=delay_steps, budget=budget
-  )
-  episodes = []
+
+  def play(seed: int) -> Episode:
+    sid = f"{prefix}-{seed}"
+    # One human per episode: its delay and budget count per session.
+    human = simulated_human.SimulatedHuman(
+      client_lib.LocalClient.for_store(store), delay_steps=delay_steps, budget=budget
+    )
+    result = agent_lib.run_episode(
+      sid,
+      research_env.ResearchEnv(),
+      make_agent(seed),
+      store,
+      seed,
+      config=agent_lib.AgentConfig(max_steps=max_steps),
+      listeners=[human.on_step] if with_human else (),
+    )
+    messages = sum(1 for g in store.list_guidance(sid) if g.source == simulated_human.SOURCE)
+    return Episode(sid, seed, dict(result), messages, int(store.num_steps(sid)))
+
   try:
-    for seed in seeds:
-      sid = f"{prefix}-{seed}"
-      result = agent_lib.run_episode(
-        sid,
-        research_env.ResearchEnv(),
-        make_agent(seed),
-        store,
-        seed,
-        config=agent_lib.AgentConfig(max_steps=max_steps),
-        listeners=[human.on_step] if with_human else (),
-      )
-      messages = sum(1 for g in store.list_guidance(sid) if g.source == simulated_human.SOURCE)
-      episodes.append(Episode(sid, seed, dict(result), messages, int(store.num_steps(sid))))
+    if workers <= 1:
+      return [play(seed) for seed in seeds]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      return list(pool.map(play, seeds))
   finally:
     store.close()
-  return episodes
 
 
 def scripted_rollouts(
