@@ -148,6 +148,39 @@ def test_dropout_is_off_by_default_and_keyed(config, model):
   assert float(jnp.abs(a - c).max()) > 1e-3
 
 
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (2, 4, 16, 16)])
+def test_threefry_bernoulli_is_jax_bernoulli_bit_for_bit(shape):
+  key = jax.random.fold_in(jax.random.key(3), 7)
+  fast = jax.jit(M.threefry_bernoulli, static_argnums=(1, 2))(key, 0.9, shape)
+  np.testing.assert_array_equal(fast, jax.random.bernoulli(key, 0.9, shape))
+
+
+def test_dropout_masks_equal_nnx_dropout(config, model, monkeypatch):
+  ids, mask = _batch(config)
+  key = jax.random.PRNGKey(5)
+  fast = _jit_call(model, ids, mask, deterministic=False, rngs=key)
+  monkeypatch.setattr(M.Dropout, "__call__", nnx.Dropout.__call__)
+  reference = _jit_call(model, ids, mask, deterministic=False, rngs=key)
+  for a, b in zip(fast, reference):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_tied_decoder_gradient_matches_autodiff():
+  k = jax.random.split(jax.random.key(1), 4)
+  x = jax.random.normal(k[0], (3, 5, 16))
+  embedding, bias = jax.random.normal(k[1], (40, 16)), jax.random.normal(k[2], (40,))
+  cotangent = jax.random.normal(k[3], (3, 5, 40))
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)) * cotangent)
+  reference = lambda x, e, b: x @ e.T + b
+  got = jax.grad(loss(M.tied_decoder), (0, 1, 2))(x, embedding, bias)
+  want = jax.grad(loss(reference), (0, 1, 2))(x, embedding, bias)
+  np.testing.assert_allclose(
+    M.tied_decoder(x, embedding, bias), reference(x, embedding, bias), rtol=1e-5, atol=1e-5
+  )
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_reach_every_parameter(config, model):
   ids, mask = _batch(config)
   graphdef, state = nnx.split(model)
