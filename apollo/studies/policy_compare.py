@@ -25,7 +25,13 @@ checkpoint that can read and write (Apollo, Fu et al., arXiv 2510.27630, 2025):
 
 Resume by file presence (each written atomically): `seed*/collect_*.json` (the
 rollouts), `*/sft_*/done.json` (a trained policy), `seed*/eval_*.json` (a finished
-evaluation). `results['work']` counts what this call actually did.
+evaluation). Every such marker, and the `*.started.json` written before its work
+begins (the rollouts store and the SFT checkpoints resume too), records the config
+fields that determine that piece of work (`stage_fields`) and their fingerprint.
+Before any work the run checks every marker it would reuse and refuses a workdir made
+with other fields (`StaleWorkdirError`, naming the stage, the file and the fields):
+it never reuses or overwrites work made with another config. `results['work']`
+counts what this call actually did.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -164,6 +171,191 @@ def model_exists(model: str) -> bool:
 # -----------------------------------------------------------------------------
 
 
+class StaleWorkdirError(ValueError):
+  """The workdir holds work made with other config fields than this run's."""
+
+
+# Trainer fields that do not determine a fine-tune's result: set per fine-tune by
+# `_fine_tune` (seed, steps, init_from, learning rate), logging and checkpoint cadence,
+# and the device mesh (how the same training is laid out, not what it computes).
+_TRAINER_FIELDS_SET_PER_RUN = (
+  "seed",
+  "train_steps",
+  "init_from",
+  "optimizer.learning_rate",
+  "log_every",
+  "eval_every",
+  "checkpoint_every",
+  "max_checkpoints",
+)
+_TRAINER_SECTIONS_IGNORED = ("compare", "mesh")
+_WARMUP_CAP = "max(compare.max_steps, 30)"  # The warm-up rollouts' step cap.
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _jsonable(fields: Mapping[str, Any]) -> dict[str, Any]:
+  """`fields` as they read back from JSON (tuples become lists), keys sorted."""
+  return json.loads(json.dumps(dict(sorted(fields.items())), default=str))
+
+
+def fingerprint(fields: Mapping[str, Any]) -> str:
+  """A stable hash of `fields` (key order and tuple/list do not matter)."""
+  blob = json.dumps(_jsonable(fields), sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def trainer_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The non-`compare` fields that determine a fine-tune (model, data, optimizer, ...)."""
+  flat = _flat(json.loads(config.to_json_best_effort()))
+  return {
+    k: v
+    for k, v in flat.items()
+    if k not in _TRAINER_FIELDS_SET_PER_RUN and k.split(".")[0] not in _TRAINER_SECTIONS_IGNORED
+  }
+
+
+def stage_fields(
+  config: ml_collections.ConfigDict, stage: str, seed: int = 0, variant: str = ""
+) -> dict[str, Any]:
+  """The config fields that determine one piece of work (what its marker records).
+
+  stage: 'warmup_collect' (the scripted warm-up rollouts), 'base' (the policy every
+  variant starts from: the model, and the warm-up fine-tune if any), 'collect_solo' /
+  'collect_human' (seed's rollouts without / with the human), 'sft' (variant's
+  fine-tune: its base, its rollouts and the training fields) or 'eval' (variant's
+  evaluation: its policy and the evaluation fields). `seed` is the pipeline seed.
+  """
+  p = config.compare
+
+  def cmp(*names: str) -> dict[str, Any]:
+    return {f"compare.{n}": p[n] for n in names}
+
+  if stage == "warmup_collect":
+    return {**cmp("warmup_episodes"), _WARMUP_CAP: max(p.max_steps, 30)}
+  if stage == "base":
+    out = cmp("model", "warmup_demos")
+    if p.warmup_demos > 0:
+      out.update(stage_fields(config, "warmup_collect"))
+      out.update(cmp("warmup_steps", "warmup_learning_rate", "history_messages"))
+      out.update(trainer_fields(config))
+    return out
+  if stage in ("collect_solo", "collect_human"):
+    out = {"seed": seed, **cmp("collector", "collect_episodes", "max_steps")}
+    if stage == "collect_human":
+      out.update(cmp("human_delay_steps", "human_budget"))
+    if p.collector == "self":  # The base policy decodes them (a scripted policy: no model).
+      out.update(stage_fields(config, "base"))
+      out.update(cmp("collect_temperature", "max_new_tokens", "history_messages"))
+      out.update(cmp("max_batch", "max_len"), **{"model.dtype": config.model.dtype})
+    return out
+  if stage == "sft":
+    rollouts = "collect_solo" if variant == "b" else "collect_human"
+    out = {**stage_fields(config, "base"), **stage_fields(config, rollouts, seed)}
+    out.update(cmp("sft_steps", "sft_learning_rate", "history_messages"), variant=variant)
+    out.update(trainer_fields(config))
+    return out
+  if stage == "eval":
+    policy = stage_fields(config, "base" if variant == "a" else "sft", seed, variant)
+    out = {**policy, "seed": seed, "variant": variant}
+    out.update(cmp("eval_episodes", "max_steps", "max_new_tokens", "eval_temperature"))
+    out.update(
+      cmp("history_messages", "max_batch", "max_len"), **{"model.dtype": config.model.dtype}
+    )
+    return out
+  raise ValueError(f"Unknown stage {stage!r}.")
+
+
+def _stamp(fields: Mapping[str, Any], **data: Any) -> dict[str, Any]:
+  return dict(fingerprint=fingerprint(fields), made_with=_jsonable(fields), **data)
+
+
+def _started_path(marker: str) -> str:
+  """Written before the marker's work begins: the store and checkpoints resume too."""
+  return marker[: -len(".json")] + ".started.json"
+
+
+def _mismatch(path: str, fields: Mapping[str, Any]) -> str | None:
+  """None when `path` is absent or was made with `fields`, else what differs."""
+  if not os.path.isfile(path):
+    return None
+  data = _read_json(path)
+  if not isinstance(data, dict) or "fingerprint" not in data:
+    return "no recorded config (made before markers recorded one)"
+  if data["fingerprint"] == fingerprint(fields):
+    return None
+  old, new = data.get("made_with", {}), _jsonable(fields)
+  changed = [f"{k}={old[k]!r}, now {new[k]!r}" for k in old if k in new and old[k] != new[k]]
+  added = [f"{k}={new[k]!r}" for k in new if k not in old]
+  dropped = [f"{k}={old[k]!r}" for k in old if k not in new]
+  why = "; ".join(changed) or "other fields"
+  if added:
+    why += f" (now it also depends on {', '.join(added)})"
+  if dropped:
+    why += f" (it no longer depends on {', '.join(dropped)})"
+  return why
+
+
+def check_workdir(workdir: str, plan: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
+  """Refuses (StaleWorkdirError) when a planned (stage, marker, fields) disagrees on disk.
+
+  Checks the marker and its `.started.json`; names the workdir, the stage, the file
+  and the differing fields, and what to delete. Reads only: nothing is written.
+  """
+  bad = []
+  for stage, marker, fields in plan:
+    for path in (marker, _started_path(marker)):
+      why = _mismatch(path, fields)
+      if why:
+        bad.append((stage, os.path.relpath(path, workdir), why))
+        break
+  if not bad:
+    return
+  stage, rel, why = bad[0]
+  redo = sorted({os.path.join(workdir, r.split(os.sep)[0]) for _, r, _ in bad})
+  more = f"; {len(bad) - 1} more file(s) disagree too" if len(bad) > 1 else ""
+  raise StaleWorkdirError(
+    f"--workdir={workdir} holds work made with another config: the {stage} {rel} was "
+    f"made with {why}{more}. Refusing to reuse or overwrite it: use a new --workdir or "
+    f"delete {', '.join(redo)} (deleting only the marker is not enough: the rollouts "
+    "store and the fine-tune checkpoints resume too)."
+  )
+
+
+def plan_markers(
+  config: ml_collections.ConfigDict, workdir: str
+) -> list[tuple[str, str, dict[str, Any]]]:
+  """(stage, marker path, fields) of every marker this config's run reads or writes."""
+  plan = []
+
+  def add(stage: str, path: str, kind: str, seed: int = 0, variant: str = "") -> None:
+    plan.append((stage, os.path.join(workdir, path), stage_fields(config, kind, seed, variant)))
+
+  if config.compare.warmup_demos > 0:
+    add("warm-up collection", "warmup/collect_demo.json", "warmup_collect")
+    add("warm-up fine-tune", "warmup/sft/done.json", "base")
+  variants = variant_list(config)
+  for seed in config.compare.seeds:
+    if "b" in variants:
+      add("collection", f"seed{seed}/collect_solo.json", "collect_solo", seed)
+    if set(variants) & {"c", "d", "e"}:
+      add("collection", f"seed{seed}/collect_human.json", "collect_human", seed)
+    for v in variants:
+      if v != "a":
+        add("fine-tune", f"seed{seed}/sft_{v}/done.json", "sft", seed, v)
+    for v in variants:
+      add("evaluation", f"seed{seed}/eval_{v}.json", "eval", seed, v)
+  return plan
+
+
 def _write_json(path: str, data: Any) -> None:
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(data, f, indent=2, default=float)
@@ -175,12 +367,15 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
-def _cached_episodes(path: str, run: Callable[[], list[collect.Episode]], work) -> list:
+def _cached_episodes(
+  path: str, fields: Mapping[str, Any], run: Callable[[], list[collect.Episode]], work
+) -> list:
   if os.path.isfile(path):
-    return [collect.Episode(**e) for e in _read_json(path)]
+    return [collect.Episode(**e) for e in _read_json(path)["episodes"]]
+  _write_json(_started_path(path), _stamp(fields))
   episodes = run()
   work["collected_episodes"] += len(episodes)
-  _write_json(path, [dataclasses.asdict(e) for e in episodes])
+  _write_json(path, _stamp(fields, episodes=[dataclasses.asdict(e) for e in episodes]))
   return episodes
 
 
@@ -232,12 +427,15 @@ def _fine_tune(
   lr: float,
   seed: int,
   workdir: str,
+  fields: Mapping[str, Any],
   work: collections.Counter,
 ) -> str:
   """Full fine-tuning of `init_from` on `samples` (skipped when workdir/done.json exists)."""
   done = os.path.join(workdir, "done.json")
   if os.path.isfile(done):
     return _read_json(done)["policy_dir"]
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(_started_path(done), _stamp(fields))
   c = copy.deepcopy(config)
   with c.unlocked():
     del c["compare"]
@@ -250,7 +448,9 @@ def _fine_tune(
   work["trained_policies"] += 1
   _write_json(
     done,
-    dict(policy_dir=out["policy_dir"], loss=out["train"].get("loss"), samples=len(samples)),
+    _stamp(
+      fields, policy_dir=out["policy_dir"], loss=out["train"].get("loss"), samples=len(samples)
+    ),
   )
   return out["policy_dir"]
 
@@ -304,6 +504,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   model_dir = (
     os.fspath(registry.resolve(p.model)) if p.model in registry.NAMED_CHECKPOINTS else p.model
   )
+  check_workdir(workdir, plan_markers(config, workdir))  # Before any work: refuse, not reuse.
 
   # 0. The shared format warm-up (the base of every variant, (a) included).
   base_dir, warmup = model_dir, dict(demos=0, steps=0, env_steps=0)
@@ -314,6 +515,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     seeds = research_env.seeds_for("train", p.warmup_episodes, _WARMUP_SEED_START)
     demos = _cached_episodes(
       os.path.join(wdir, "collect_demo.json"),
+      stage_fields(config, "warmup_collect"),
       lambda: collect.run_episodes(
         store_path, "demo", seeds, _scripted_native, False, max(p.max_steps, 30)
       ),
@@ -330,6 +532,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       p.warmup_learning_rate,
       0,
       os.path.join(wdir, "sft"),
+      stage_fields(config, "base"),
       work,
     )
     warmup = dict(
@@ -367,6 +570,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       if "b" in needed:
         solo = _cached_episodes(
           os.path.join(sdir, "collect_solo.json"),
+          stage_fields(config, "collect_solo", seed),
           lambda: collect.run_episodes(
             store_path, "solo", train_seeds, collector(), False, p.max_steps, workers=workers
           ),
@@ -375,6 +579,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       if set(needed) & {"c", "d", "e"}:
         guided = _cached_episodes(
           os.path.join(sdir, "collect_human.json"),
+          stage_fields(config, "collect_human", seed),
           lambda: collect.run_episodes(
             store_path,
             "human",
@@ -408,6 +613,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         p.sft_learning_rate,
         seed,
         os.path.join(sdir, f"sft_{v}"),
+        stage_fields(config, "sft", seed, v),
         work,
       )
     timings[f"seed{seed}_train"] = time.time() - t_seed - timings[f"seed{seed}_collect"]
@@ -418,6 +624,8 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     for v in variants:
       path = os.path.join(sdir, f"eval_{v}.json")
       if not os.path.isfile(path):
+        fields = stage_fields(config, "eval", seed, v)
+        _write_json(_started_path(path), _stamp(fields))
         with policy_agents(policy_dirs[v], p, fmt, dtype, p.eval_temperature) as make:
           eps = collect.run_episodes(
             store_path,
@@ -428,9 +636,9 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
             p.max_steps,
             workers=p.max_batch,
           )
-        _write_json(path, _evaluation(store_path, eps))
+        _write_json(path, _stamp(fields, evaluation=_evaluation(store_path, eps)))
         work["evaluations"] += 1
-      evals[v] = _read_json(path)
+      evals[v] = _read_json(path)["evaluation"]
     human_msgs = sum(e.interventions for e in guided)
     row = dict(
       seed=seed,

@@ -2,8 +2,10 @@
 
 A small random Llama written as a local HF directory stands in for SmolLM2: every
 variant gets a row, the collector is named, a rerun reuses the rollouts, policies and
-evaluations, and bad flags are refused by name."""
+evaluations, a rerun with other fields is refused by name without touching the workdir,
+and bad flags are refused by name."""
 
+import copy
 import json
 import os
 import subprocess
@@ -58,11 +60,29 @@ def _config(checkpoint, **compare):
   return c
 
 
-def test_all_variants_with_the_scripted_collector_and_a_rerun_reuses_everything(
-  tmp_path, tiny_checkpoint
-):
-  config = _config(tiny_checkpoint, warmup_demos=0)  # the warm-up runs in the next test
-  first = policy_compare.run_comparison(config, str(tmp_path))
+@pytest.fixture(scope="module")
+def scripted_run(tmp_path_factory, tiny_checkpoint):
+  """One finished run (scripted collector, every variant), shared by the tests that read it.
+
+  Those tests leave its rollouts, policies and evaluations as they found them (a rerun
+  rewrites only results.*)."""
+  workdir = tmp_path_factory.mktemp("scripted-run")
+  config = _config(tiny_checkpoint, warmup_demos=0)  # the warm-up runs in the 'self' test
+  results = policy_compare.run_comparison(config, str(workdir))
+  return config, workdir, results
+
+
+def _files(workdir):
+  """Every file but the reports, with its modification time and size."""
+  return {
+    p: (p.stat().st_mtime_ns, p.stat().st_size)
+    for p in workdir.glob("**/*")
+    if p.is_file() and not p.name.startswith("results.")
+  }
+
+
+def test_all_variants_with_the_scripted_collector(scripted_run):
+  _, workdir, first = scripted_run
   assert list(first["variants"]) == list(agent_compare.VARIANTS)
   for v in agent_compare.VARIANTS:
     for key in ("score_mean", "success_rate_mean", "parse_rate_mean", "steps_per_episode_mean"):
@@ -70,26 +90,114 @@ def test_all_variants_with_the_scripted_collector_and_a_rerun_reuses_everything(
   assert first["work"]["collected_episodes"] > 0 and first["work"]["trained_policies"] > 0
   assert first["work"]["evaluations"] == 5
   assert first["collection"]["human_env_steps"] > 0
-  report = (tmp_path / "results.md").read_text()
+  report = (workdir / "results.md").read_text()
   assert "collector: scripted_drift" in report and "no format warm-up" in report
   assert "paper: +50%" in report
-  assert (tmp_path / "results.png").is_file()
-  stamps = {p: os.path.getmtime(p) for p in tmp_path.glob("**/*.json") if "results" not in p.name}
+  assert (workdir / "results.png").is_file()
 
-  again = policy_compare.run_comparison(config, str(tmp_path))
+
+def test_a_rerun_reuses_everything(scripted_run):
+  config, workdir, first = scripted_run
+  names = ("collect_*.json", "sft_*/done*.json", "eval_*.json")
+  markers = [p for name in names for p in workdir.glob(f"seed0/{name}")]
+  assert len(markers) == 2 * (2 + 3 + 5)  # each with its .started.json
+  assert all("fingerprint" in json.loads(p.read_text()) for p in markers)
+  # The rollouts store is opened again (its judgments are refreshed); nothing else changes.
+  before = {p: v for p, v in _files(workdir).items() if ".sqlite" not in p.name}
+  again = policy_compare.run_comparison(config, str(workdir))
   assert again["work"] == {}  # nothing recollected, retrained or re-evaluated
-  assert {p: os.path.getmtime(p) for p in stamps} == stamps
+  assert {p: v for p, v in _files(workdir).items() if ".sqlite" not in p.name} == before
   assert again["variants"]["c"]["score_mean"] == first["variants"]["c"]["score_mean"]
+  # Fewer variants need nothing new: each marker records only the fields of its work.
+  subset = policy_compare.run_comparison(_with(config, variants="a,c"), str(workdir))
+  assert subset["work"] == {} and list(subset["variants"]) == ["a", "c"]
+  assert {p: v for p, v in _files(workdir).items() if ".sqlite" not in p.name} == before
+
+
+def _with(config, **compare):
+  c = copy.deepcopy(config)
+  for k, v in compare.items():
+    c.compare[k] = v
+  return c
+
+
+@pytest.mark.parametrize(
+  "change, stage, marker, field",
+  [
+    (
+      dict(collector="self"),
+      "collection",
+      "collect_solo.json",
+      "compare.collector='scripted_drift', now 'self'",
+    ),
+    (
+      dict(collect_episodes=2),
+      "collection",
+      "collect_solo.json",
+      "compare.collect_episodes=1, now 2",
+    ),
+    (dict(warmup_demos=4), "fine-tune", "done.json", "compare.warmup_demos=0, now 4"),
+    (dict(sft_steps=2), "fine-tune", "done.json", "compare.sft_steps=1, now 2"),
+    (dict(eval_episodes=3), "evaluation", "eval_a.json", "compare.eval_episodes=2, now 3"),
+  ],
+)
+def test_a_rerun_with_other_fields_refuses_and_touches_nothing(
+  scripted_run, change, stage, marker, field
+):
+  config, workdir, _ = scripted_run
+  before = {**_files(workdir), **{p: p.stat().st_mtime_ns for p in workdir.glob("results.*")}}
+  with pytest.raises(policy_compare.StaleWorkdirError) as e:
+    policy_compare.run_comparison(_with(config, **change), str(workdir))
+  message = str(e.value)
+  assert f"--workdir={workdir}" in message and f"the {stage} seed0" in message, message
+  assert marker in message and field in message and "use a new --workdir" in message, message
+  after = {**_files(workdir), **{p: p.stat().st_mtime_ns for p in workdir.glob("results.*")}}
+  assert after == before  # nothing written, removed or overwritten
 
 
 def test_the_policy_collects_its_own_rollouts(tmp_path, tiny_checkpoint):
-  config = _config(tiny_checkpoint, collector="self", variants="a,c")
+  config = _config(tiny_checkpoint, collector="self", variants="c")
   results = policy_compare.run_comparison(config, str(tmp_path))
-  assert list(results["variants"]) == ["a", "c"]
+  assert list(results["variants"]) == ["c"]
   assert results["collector"] == "self" and results["warmup"]["demos"] > 0
   assert results["collection"]["human_env_steps"] > 0
   report = (tmp_path / "results.md").read_text()
   assert "collector: self" in report and "including (a)" in report
+
+
+def test_fingerprints_record_only_the_fields_of_the_work():
+  config = policy_compare.get_config("test")
+  fields = policy_compare.stage_fields
+  scripted = fields(config, "collect_human", seed=0)
+  assert "compare.model" not in scripted and "compare.sft_steps" not in scripted
+  assert "compare.human_budget" in scripted and scripted["seed"] == 0
+  own = fields(_with(config, collector="self"), "collect_human", seed=0)
+  assert own["compare.model"] == config.compare.model and "compare.warmup_steps" in own
+  sft = fields(config, "sft", seed=1, variant="c")
+  assert sft["compare.sft_steps"] == 1 and sft["data.seq_len"] == 512 and sft["seed"] == 1
+  assert "compare.eval_episodes" not in sft and "compare.variants" not in sft
+  assert "log_every" not in sft and "compare.seeds" not in sft
+  evaluation = fields(config, "eval", seed=0, variant="a")
+  assert evaluation["compare.eval_episodes"] == 2 and "compare.sft_steps" not in evaluation
+  fp = policy_compare.fingerprint
+  assert fp({"a": (1, 2), "b": "x"}) == fp({"b": "x", "a": [1, 2]}) != fp({"a": [1, 3], "b": "x"})
+
+
+def test_an_unfinished_or_unstamped_piece_of_work_is_refused_too(tmp_path):
+  config = policy_compare.get_config("test")
+  plan = policy_compare.plan_markers(config, str(tmp_path))
+  policy_compare.check_workdir(str(tmp_path), plan)  # an empty workdir: nothing to refuse
+  # A crash mid-fine-tune leaves only the started file; its checkpoints would resume.
+  (tmp_path / "seed0" / "sft_c").mkdir(parents=True)
+  other = policy_compare.stage_fields(_with(config, sft_steps=9), "sft", seed=0, variant="c")
+  started = tmp_path / "seed0" / "sft_c" / "done.started.json"
+  started.write_text(json.dumps(policy_compare._stamp(other)))
+  with pytest.raises(policy_compare.StaleWorkdirError, match=r"sft_steps=9, now 1"):
+    policy_compare.check_workdir(str(tmp_path), plan)
+  started.unlink()
+  (tmp_path / "seed0" / "eval_a.json").write_text(json.dumps({"score": 1.0}))
+  with pytest.raises(policy_compare.StaleWorkdirError, match="eval_a.json .*no recorded config"):
+    policy_compare.check_workdir(str(tmp_path), plan)
 
 
 def test_bad_variant_collector_or_model_names_the_flag(tiny_checkpoint):
