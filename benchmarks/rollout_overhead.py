@@ -15,7 +15,8 @@ running sessions. Reports:
   it. It is bounded below by the model call under way when the message arrives.
 
 The last row runs the same sessions with `--listeners` server-sent event streams open
-(consoles watching, spread over the sessions, read by one selector thread) and also
+(consoles watching, spread over the sessions, read by one selector in another process,
+as browsers are) and also
 reports the fan-out latency: from the POST to the `guidance` event reaching a
 listener of that session.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import selectors
@@ -40,6 +42,7 @@ import statistics
 import tempfile
 import threading
 import time
+from typing import Any
 
 from apollo.agents import storage
 from apollo.agents.backends import flax_policy
@@ -53,54 +56,62 @@ def _pct(values: list[float], q: float) -> float:
   return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def _listen(host: str, port: int, session_ids: list[str], n: int, stop: Any, out: Any) -> None:
+  """In its own process: `n` event streams over `session_ids` (round robin), read with
+  one selector until `stop` is set; then puts {guidance id: first-receive times} on `out`."""
+  selector = selectors.DefaultSelector()
+  first_seen: dict[int, list[float]] = {}
+  buffers: dict[socket.socket, bytes] = {}
+  seen: dict[socket.socket, set[int]] = {}
+  for i in range(n):
+    sock = socket.create_connection((host, port))
+    sid = session_ids[i % len(session_ids)]
+    sock.sendall(f"GET /api/sessions/{sid}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    sock.setblocking(False)
+    selector.register(sock, selectors.EVENT_READ)
+    buffers[sock], seen[sock] = b"", set()
+  while not stop.is_set():
+    for key, _ in selector.select(timeout=0.1):
+      sock = key.fileobj
+      try:
+        data = sock.recv(1 << 16)
+      except BlockingIOError:
+        continue
+      if not data:
+        selector.unregister(sock)
+        continue
+      now = time.time()
+      *events, buffers[sock] = (buffers[sock] + data).split(b"\n\n")
+      for event in events:
+        if b"event: guidance\n" not in event:
+          continue
+        payload = event.split(b"data: ", 1)[1].split(b"\r\n")[0]
+        gid = json.loads(payload)["guidance_id"]
+        if gid not in seen[sock]:
+          seen[sock].add(gid)
+          first_seen.setdefault(gid, []).append(now)
+  for sock in buffers:
+    sock.close()
+  out.put(first_seen)
+
+
 class _Listeners:
-  """`n` event streams over `session_ids` (round robin), read in one thread; records
-  when each listener first sees each guidance message."""
+  """`n` event streams read in another process, as consoles are: their reading does not
+  compete with the service for its interpreter lock."""
 
   def __init__(self, server: app_lib.RolloutServer, session_ids: list[str], n: int):
-    self.selector = selectors.DefaultSelector()
-    self.first_seen: dict[int, list[float]] = {}  # guidance id -> receive times
-    self.buffers: dict[socket.socket, bytes] = {}
-    self.seen: dict[socket.socket, set[int]] = {}
-    for i in range(n):
-      sock = socket.create_connection((server.host, server.port))
-      sid = session_ids[i % len(session_ids)]
-      sock.sendall(f"GET /api/sessions/{sid}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-      sock.setblocking(False)
-      self.selector.register(sock, selectors.EVENT_READ)
-      self.buffers[sock], self.seen[sock] = b"", set()
-    self.stop = threading.Event()
-    self.thread = threading.Thread(target=self._read, daemon=True)
-    self.thread.start()
-
-  def _read(self) -> None:
-    while not self.stop.is_set():
-      for key, _ in self.selector.select(timeout=0.1):
-        sock = key.fileobj
-        try:
-          data = sock.recv(1 << 16)
-        except BlockingIOError:
-          continue
-        if not data:
-          self.selector.unregister(sock)
-          continue
-        now = time.time()
-        buffer = self.buffers[sock] + data
-        *events, self.buffers[sock] = buffer.split(b"\n\n")
-        for event in events:
-          if b"event: guidance\n" not in event:
-            continue
-          payload = event.split(b"data: ", 1)[1].split(b"\r\n")[0]
-          gid = json.loads(payload)["guidance_id"]
-          if gid not in self.seen[sock]:
-            self.seen[sock].add(gid)
-            self.first_seen.setdefault(gid, []).append(now)
+    context = multiprocessing.get_context("spawn")
+    self.stop, self.out = context.Event(), context.Queue()
+    self.first_seen: dict[int, list[float]] = {}
+    self.process = context.Process(
+      target=_listen, args=(server.host, server.port, session_ids, n, self.stop, self.out)
+    )
+    self.process.start()
 
   def close(self) -> None:
     self.stop.set()
-    self.thread.join()
-    for sock in self.buffers:
-      sock.close()
+    self.first_seen = self.out.get(timeout=120)
+    self.process.join(30)
 
 
 def run(
