@@ -4,8 +4,8 @@
 
 Runs N research-task sessions at once in one service (SQLite store, HTTP API on
 127.0.0.1) with the scripted policy standing in for a model that takes
-`model_latency_s` per turn. Meanwhile a client sends guidance over HTTP to random
-running sessions. Reports:
+`model_latency_s` per turn. Meanwhile a client in another process (as a person's
+browser is) sends guidance over HTTP to random running sessions. Reports:
 
 - loop overhead per step: the time between the starts of consecutive steps minus
   the model call (prompt building, guidance lookup, parsing, environment step,
@@ -40,7 +40,6 @@ import selectors
 import socket
 import statistics
 import tempfile
-import threading
 import time
 from typing import Any
 
@@ -93,6 +92,26 @@ def _listen(host: str, port: int, session_ids: list[str], n: int, stop: Any, out
   for sock in buffers:
     sock.close()
   out.put(first_seen)
+
+
+def _send_guidance(
+  url: str, session_ids: list[str], interval_s: float, stop: Any, out: Any
+) -> None:
+  """In its own process: guidance to random sessions every `interval_s` until `stop`;
+  then puts {guidance id: time sent} on `out`."""
+  client = client_lib.HttpClient(url)
+  rng = random.Random(0)
+  sent: dict[int, float] = {}
+  while not stop.is_set():
+    sid = rng.choice(session_ids)
+    t0 = time.time()
+    try:
+      reply = client.send_guidance(sid, "Keep monitoring the run; report progress.")
+      sent[reply["guidance"]["guidance_id"]] = t0
+    except manager_lib.ApiError:
+      pass  # that session already finished
+    stop.wait(interval_s)
+  out.put(sent)
 
 
 class _Listeners:
@@ -148,27 +167,18 @@ def run(
     began = time.perf_counter()
     for sid in ids:
       client.control(sid, "resume")
-    sent: dict[int, float] = {}
-    stop = threading.Event()
-
-    def send_guidance() -> None:
-      rng = random.Random(0)
-      while not stop.is_set():
-        sid = rng.choice(ids)
-        t0 = time.time()
-        try:
-          reply = client.send_guidance(sid, "Keep monitoring the run; report progress.")
-          sent[reply["guidance"]["guidance_id"]] = t0
-        except manager_lib.ApiError:
-          pass  # that session already finished
-        stop.wait(guidance_interval_s)
-
-    sender = threading.Thread(target=send_guidance, daemon=True)
+    # The human's client is another process too, as a browser is.
+    context = multiprocessing.get_context("spawn")
+    stop, out = context.Event(), context.Queue()
+    sender = context.Process(
+      target=_send_guidance, args=(server.url, ids, guidance_interval_s, stop, out)
+    )
     sender.start()
     manager.join(ids, timeout=600)
     wall = time.perf_counter() - began
     stop.set()
-    sender.join()
+    sent: dict[int, float] = out.get(timeout=120)
+    sender.join(30)
     fanout = []
     if watchers is not None:
       watchers.close()

@@ -118,7 +118,7 @@ MAX_STREAMS_PER_CLIENT = 64  # open event streams per client address
 KEEPALIVE_COMMENT_S = 15.0  # an idle event stream sends a comment this often
 # An event stream sends at most this often: changes in between go out together, so
 # many consoles cost the rollouts little (each send takes the interpreter's lock).
-STREAM_INTERVAL_S = 0.05
+STREAM_INTERVAL_S = 0.25
 STEPS_PER_BATCH = 200
 CONSOLE_DIR = os.path.join(os.path.dirname(__file__), "console")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
