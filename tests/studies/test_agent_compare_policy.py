@@ -12,14 +12,11 @@ import subprocess
 import sys
 
 import pytest
-from flax import nnx
 
 from apollo.agents import env as env_lib
 from apollo.agents.backends import compact_view
 from apollo.agents.envs import research as research_env
 from apollo.models import chat_template
-from apollo.models.llama import model as decoder
-from apollo.models.llama import params as llama_params
 from apollo.studies import agent_compare, policy_compare
 from tests.agents.backends import native_helpers
 
@@ -34,21 +31,9 @@ def tiny_checkpoint(tmp_path_factory):
   tools = json.dumps(env_lib.tools_as_openai(research_env.ResearchEnv().tools()))
   texts = [*chat_template.DEMO_CORPUS, tools, compact_view.COMPACT_SYSTEM_PROMPT]
   tokenizer = chat_template.train_chat_tokenizer(texts, vocab_size=2000)
-  config = decoder.get_config(
-    "tiny",
-    vocab_size=tokenizer.get_vocab_size(),
-    hidden_size=32,
-    intermediate_size=64,
-    max_position_embeddings=8192,
+  return native_helpers.write_tiny_llama(
+    path, tokenizer, native_helpers.CHATML, max_position_embeddings=8192
   )
-  llama_params.export_hf(decoder.Decoder(config, rngs=nnx.Rngs(0)), path)
-  hf_config = json.loads((path / "config.json").read_text())
-  (path / "config.json").write_text(json.dumps({**hf_config, "eos_token_id": 2}))
-  template = chat_template.ChatTemplate(
-    tokenizer, template=native_helpers.CHATML, special_tokens={"eos_token": "<|im_end|>"}
-  )
-  template.save_pretrained(path)
-  return str(path)
 
 
 def _config(checkpoint, **compare):

@@ -4,8 +4,12 @@ generator that answers with canned text through the batcher's seam."""
 
 import json
 
+from flax import nnx
+
 from apollo.models import batching, registry
 from apollo.models import chat_template as chat_lib
+from apollo.models.llama import model as decoder
+from apollo.models.llama import params as llama_params
 
 # ChatML without tool support, as SmolLM2's template: the server describes tools in
 # the system message and turns tool results into <tool_response> user messages.
@@ -19,6 +23,26 @@ CHATML = (
 def hermes(name, **arguments):
   """A reply holding one Hermes-format call."""
   return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
+
+
+def write_tiny_llama(path, tokenizer, template, max_position_embeddings=128):
+  """A tiny random Llama (width 32) written as a HF directory at `path` with
+  `tokenizer` and the Jinja `template` (end of turn `<|im_end|>`, id 2); returns `path`
+  as a string, for `apollo.models.load`."""
+  config = decoder.get_config(
+    "tiny",
+    vocab_size=tokenizer.get_vocab_size(),
+    hidden_size=32,
+    intermediate_size=64,
+    max_position_embeddings=max_position_embeddings,
+  )
+  llama_params.export_hf(decoder.Decoder(config, rngs=nnx.Rngs(0)), path)
+  hf_config = json.loads((path / "config.json").read_text())
+  (path / "config.json").write_text(json.dumps({**hf_config, "eos_token_id": 2}))
+  chat_lib.ChatTemplate(
+    tokenizer, template=template, special_tokens={"eos_token": "<|im_end|>"}
+  ).save_pretrained(path)
+  return str(path)
 
 
 def tiny_checkpoint(directory, name="tiny-chat"):

@@ -32,7 +32,7 @@ from apollo.agents.training import sft
 from apollo.models import chat_template, inference
 from apollo.models import registry as model_registry
 from apollo.models.llama import model as decoder
-from apollo.models.llama import params as llama_params
+from tests.agents.backends import native_helpers
 
 
 def _samples(lengths, seed=0, vocab=60):
@@ -159,21 +159,7 @@ def tiny_checkpoint(tmp_path_factory):
   """A tiny random Llama as a Hugging Face directory, with SmolLM2's Jinja template."""
   path = tmp_path_factory.mktemp("tiny-llama")
   tokenizer = chat_template.train_chat_tokenizer(vocab_size=300)
-  config = decoder.get_config(
-    "tiny",
-    vocab_size=tokenizer.get_vocab_size(),
-    hidden_size=32,
-    intermediate_size=64,
-    max_position_embeddings=128,
-  )
-  llama_params.export_hf(decoder.Decoder(config, rngs=nnx.Rngs(0)), path)
-  hf_config = json.loads((path / "config.json").read_text())
-  (path / "config.json").write_text(json.dumps({**hf_config, "eos_token_id": 2}))
-  template = chat_template.ChatTemplate(
-    tokenizer, template=SMOLLM2_STYLE, special_tokens={"eos_token": "<|im_end|>"}
-  )
-  template.save_pretrained(path)
-  return str(path)
+  return native_helpers.write_tiny_llama(path, tokenizer, SMOLLM2_STYLE)
 
 
 def _config(steps=6, init_from=""):
