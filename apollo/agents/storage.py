@@ -811,33 +811,9 @@ _STEP_COLUMNS = (
   "call_json",
 )
 
-_LIGHT_COLUMNS = (
-  "session_id",
-  "step_index",
-  "kind",
-  "started_at",
-  "model_started_at",
-  "model_finished_at",
-  "finished_at",
-  "env_hours_before",
-  "env_hours_after",
-  "response",
-  "action_json",
-  "parse_error",
-  "observation",
-  "reward",
-  "done",
-  "prompt_tokens",
-  "completion_tokens",
-  "context_tokens",
-  "guidance_ids_json",
-  "info_json",
-  "human_flag",
-  "human_flag_reason",
-  "quality",
-  "quality_reason",
-  "assistant_json",
-  "call_json",
+# A light read (lists, event streams) skips the exact messages and the snapshots.
+_LIGHT_COLUMNS = tuple(
+  c for c in _STEP_COLUMNS if c not in ("messages_json", "env_state_json", "policy_state_json")
 )
 
 # What a light read selects instead of the message ids: their count.
