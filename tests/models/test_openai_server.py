@@ -8,7 +8,6 @@ SmolLM2-135M-Instruct for the capital of France.
 """
 
 import json
-import socket
 import threading
 import time
 
@@ -17,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from flax import nnx
 
 from apollo.models import batching, gguf, inference, registry, serving
@@ -25,6 +23,7 @@ from apollo.models import chat_template as chat_lib
 from apollo.models.llama import model as decoder_lib
 from apollo.models.llama import sampling
 from apollo.models.serving import prompts, protocol, replies
+from tests import servers
 
 MODEL = "tiny-chat"
 # ChatML without tool support (as SmolLM2's template): tools go to the system message.
@@ -49,27 +48,11 @@ HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-class _Server:
-  """uvicorn serving ``app`` on 127.0.0.1 in a daemon thread."""
-
-  def __init__(self, app):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    self._thread = threading.Thread(target=self._server.run, args=([sock],), daemon=True)
-    self._thread.start()
-    deadline = time.monotonic() + 30
-    while not self._server.started:
-      assert time.monotonic() < deadline, "uvicorn did not start"
-      time.sleep(0.01)
+class _Server(servers.ThreadedUvicorn):
+  """The app under test, with an official client pointed at it."""
 
   def client(self, **kwargs) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs)
-
-  def close(self):
-    self._server.should_exit = True
-    self._thread.join(10)
 
 
 class _Scripted:

@@ -4,18 +4,16 @@ project's own server (`apollo.models.serving`) with a canned generator."""
 import http.server
 import json
 import os
-import socket
 import threading
-import time
 
 import pytest
-import uvicorn
 
 from apollo.agents import agent, storage
 from apollo.agents.backends import base as backends_lib
 from apollo.agents.backends import openai_chat
 from apollo.agents.envs import research as research_env
 from apollo.models import serving
+from tests import servers
 from tests.agents.backends import native_helpers
 
 
@@ -177,26 +175,6 @@ def test_a_server_that_refuses_tools_names_the_text_fallback(fake):
   assert "--tool_mode" not in str(error.value) and len(server.requests) == 2
 
 
-class _Uvicorn:
-  """An ASGI app served on 127.0.0.1 (a free port) in a daemon thread."""
-
-  def __init__(self, app):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    self._thread = threading.Thread(target=self._server.run, args=([sock],), daemon=True)
-    self._thread.start()
-    deadline = time.monotonic() + 30
-    while not self._server.started:
-      assert time.monotonic() < deadline, "uvicorn did not start"
-      time.sleep(0.01)
-
-  def close(self):
-    self._server.should_exit = True
-    self._thread.join(10)
-
-
 def test_episode_against_the_projects_server_with_native_tool_calls(tmp_path):
   """The loop -> OpenAIChatBackend -> apollo.models.serving (Hermes parsing) -> back."""
   checkpoint = native_helpers.tiny_checkpoint(tmp_path)
@@ -214,11 +192,13 @@ def test_episode_against_the_projects_server_with_native_tool_calls(tmp_path):
       h("finish"),
     ],
   )
-  server = _Uvicorn(serving.create_app(checkpoint, generator, model_name="tiny-chat"))
+  server = servers.ThreadedUvicorn(
+    serving.create_app(checkpoint, generator, model_name="tiny-chat")
+  )
   store = storage.SQLiteStore(os.path.join(tmp_path, "store.sqlite"))
   try:
     backend = openai_chat.OpenAIChatBackend(
-      server.url, model="tiny-chat", timeout_s=10, max_tokens=256
+      server.url + "/v1", model="tiny-chat", timeout_s=10, max_tokens=256
     )
     result = agent.run_episode("e2e", research_env.ResearchEnv(), backend, store, seed=0)
     steps = store.get_steps("e2e")
